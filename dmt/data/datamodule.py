@@ -1,0 +1,275 @@
+"""Plain-text corpora as packed causal-LM blocks for Lightning.
+
+A corpus is a list of *documents*: each local text file is one document, and so is each row of a Hugging
+Face hub dataset. Documents are split into train and validation *by document* (never one document in
+both), so validation perplexity measures generalisation to unseen text rather than to unseen offsets of
+seen text. Each split is tokenised with ``datasets.Dataset.map``, every document is followed by the
+tokenizer's EOS token, and the token stream is cut into contiguous blocks of ``block_size`` tokens.
+
+Local files are read as UTF-8 with ``errors="replace"``: a stray non-UTF-8 byte becomes U+FFFD instead of
+aborting a long run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from datasets import Dataset, load_dataset
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+# Documents per ``Dataset.map`` batch. Packing runs per batch (as in Hugging Face's ``run_clm``), so each
+# batch drops at most ``block_size - 1`` tokens, while memory stays bounded for large hub datasets.
+PACK_DOCUMENTS = 1000
+
+
+def pack_blocks(token_lists: Sequence[Sequence[int]], block_size: int, eos_id: int) -> list[list[int]]:
+    """Concatenate documents, each followed by ``eos_id``, and cut the stream into full blocks.
+
+    Args:
+        token_lists: token ids of each document, without EOS
+        block_size: tokens per block
+        eos_id: separator appended after every document
+    Returns:
+        ``(N, block_size)`` as nested lists; the trailing partial block is dropped.
+    """
+    stream = [token for tokens in token_lists for token in (*tokens, eos_id)]
+    usable = len(stream) - len(stream) % block_size
+    return [stream[start : start + block_size] for start in range(0, usable, block_size)]
+
+
+def split_documents(n_documents: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of document indices into (train, validation), each non-empty and sorted.
+
+    The validation split gets ``round(val_fraction * n)`` documents, clamped to ``[1, n - 1]``.
+    """
+    if n_documents < 2:
+        raise ValueError(
+            f"need at least 2 documents to split train/validation by document, got {n_documents}; "
+            "add files or rows"
+        )
+    n_val = min(n_documents - 1, max(1, round(val_fraction * n_documents)))
+    order = torch.randperm(n_documents, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def resolve_files(paths: Sequence[str | os.PathLike[str]], glob: str) -> list[Path]:
+    """Text files named by ``paths``: files as given, folders expanded with ``glob`` (sorted, non-recursive).
+
+    Raises ``FileNotFoundError`` for a missing path or a folder with no file matching ``glob``.
+    """
+    files: list[Path] = []
+    for entry in paths:
+        path = Path(entry).expanduser()
+        if path.is_dir():
+            matches = sorted(p for p in path.glob(glob) if p.is_file())
+            if not matches:
+                raise FileNotFoundError(f"no file matching {glob!r} in folder {path}")
+            files.extend(matches)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"data path not found: {path}")
+    # A file listed both directly and through its folder is still one document.
+    return list(dict.fromkeys(files))
+
+
+def collate_blocks(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack packed blocks into a causal-LM batch.
+
+    Returns ``input_ids`` and ``attention_mask``, both ``(B, T)`` int64; the mask is all ones because
+    packed blocks contain no padding.
+    """
+    input_ids = torch.stack([row["input_ids"] for row in rows])  # (B, T)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def _tokenise_and_pack(
+    batch: dict[str, list[str]], tokenizer: PreTrainedTokenizerBase, block_size: int, eos_id: int
+) -> dict[str, list[list[int]]]:
+    """``Dataset.map`` function: a batch of documents → a (usually different) number of blocks."""
+    token_lists = tokenizer(batch["text"], return_attention_mask=False)["input_ids"]
+    return {"input_ids": pack_blocks(token_lists, block_size, eos_id)}
+
+
+class TextDataModule(pl.LightningDataModule):
+    """Train/validation blocks from local text files or a hub dataset, split by document.
+
+    Batches are ``{"input_ids": (B, T), "attention_mask": (B, T)}`` int64 tensors with ``T = block_size``;
+    Hugging Face causal LMs shift labels internally, so callers pass ``labels=input_ids``.
+
+    Args:
+        tokenizer: Hugging Face tokenizer with an EOS token
+        paths: text files and/or folders (exclusive with ``hub_dataset``)
+        glob: pattern for files inside folders (non-recursive)
+        hub_dataset, hub_config, hub_split: ``load_dataset(hub_dataset, hub_config, split=hub_split)``
+        text_column: hub dataset column holding the text
+        block_size: tokens per block
+        batch_size: training batch size
+        eval_batch_size: validation batch size (defaults to ``batch_size``)
+        val_fraction: share of documents held out for validation, in (0, 1)
+        max_train_blocks, max_val_blocks: keep a seeded random subset of at most this many blocks
+        num_workers: ``DataLoader`` workers
+        seed: seeds the document split, the block subsets and the training shuffle
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        paths: Sequence[str | os.PathLike[str]] | str | os.PathLike[str] | None = None,
+        glob: str = "*.txt",
+        hub_dataset: str | None = None,
+        hub_config: str | None = None,
+        hub_split: str = "train",
+        text_column: str = "text",
+        block_size: int = 128,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.1,
+        max_train_blocks: int | None = None,
+        max_val_blocks: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        # The tokenizer is an object, not a hyperparameter; the teacher config already records it.
+        self.save_hyperparameters(ignore=["tokenizer"])
+        if (paths is None) == (hub_dataset is None):
+            raise ValueError("give exactly one of data.paths or data.hub_dataset")
+        if block_size < 2:
+            raise ValueError(f"block_size must be >= 2 (a causal LM needs a next token), got {block_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        for name, cap in (("max_train_blocks", max_train_blocks), ("max_val_blocks", max_val_blocks)):
+            if cap is not None and cap < 1:
+                raise ValueError(f"{name} must be >= 1 or null, got {cap}")
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token to separate documents")
+        self.tokenizer = tokenizer
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        # Resolved now so that a typo fails at construction, not after a teacher has been loaded.
+        self.files = resolve_files(paths, glob) if paths is not None else []
+        self._corpus: Dataset | None = None  # column "text", one row per document
+        self._names: list[str] = []
+        self._split: tuple[list[int], list[int]] | None = None
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+
+    # -- documents ---------------------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Download the hub dataset into the Hugging Face cache (rank 0 only, per Lightning)."""
+        if self.hparams.hub_dataset is not None:
+            self._load_hub()
+
+    def _load_hub(self) -> Dataset:
+        hp = self.hparams
+        rows = load_dataset(hp.hub_dataset, hp.hub_config, split=hp.hub_split)
+        if hp.text_column not in rows.column_names:
+            raise ValueError(
+                f"hub dataset {hp.hub_dataset!r} has no column {hp.text_column!r} "
+                f"(columns: {', '.join(rows.column_names)}); set data.text_column"
+            )
+        return rows.select_columns([hp.text_column]).rename_column(hp.text_column, "text")
+
+    def _documents(self) -> tuple[Dataset, tuple[list[int], list[int]]]:
+        """The corpus and its (train, validation) document indices, loaded once."""
+        if self._corpus is None or self._split is None:
+            if self.files:
+                self._names = [str(path) for path in self.files]
+                texts = [path.read_text(encoding="utf-8", errors="replace") for path in self.files]
+                self._corpus = Dataset.from_dict({"text": texts})
+            else:
+                self._corpus = self._load_hub()
+                self._names = [f"{self.hparams.hub_split}[{i}]" for i in range(len(self._corpus))]
+            self._split = split_documents(len(self._corpus), self.hparams.val_fraction, self.hparams.seed)
+        return self._corpus, self._split
+
+    @property
+    def train_documents(self) -> list[str]:
+        """Names of the training documents: file paths, or ``split[row]`` for a hub dataset."""
+        train, _ = self._documents()[1]
+        return [self._names[i] for i in train]
+
+    @property
+    def val_documents(self) -> list[str]:
+        """Names of the validation documents: file paths, or ``split[row]`` for a hub dataset."""
+        _, val = self._documents()[1]
+        return [self._names[i] for i in val]
+
+    def val_texts(self) -> list[str]:
+        """Raw text of the validation documents, for document-level evaluation such as perplexity."""
+        corpus, (_, val) = self._documents()
+        return list(corpus.select(val, keep_in_memory=True)["text"])
+
+    # -- blocks ------------------------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        """Tokenise and pack both splits once; every stage uses the same blocks."""
+        if self.train_dataset is not None:
+            return
+        corpus, (train, val) = self._documents()
+        hp = self.hparams
+        self.train_dataset = self._blocks(
+            corpus.select(train, keep_in_memory=True), "train", hp.max_train_blocks
+        )
+        self.val_dataset = self._blocks(
+            corpus.select(val, keep_in_memory=True), "validation", hp.max_val_blocks
+        )
+
+    def _blocks(self, documents: Dataset, split: str, cap: int | None) -> Dataset:
+        """Packed ``(N, block_size)`` blocks of one split as a torch-formatted dataset."""
+        hp = self.hparams
+        # keep_in_memory: the result lives in RAM only, no cache files beside the hub download.
+        blocks = documents.map(
+            _tokenise_and_pack,
+            batched=True,
+            batch_size=PACK_DOCUMENTS,
+            remove_columns=documents.column_names,
+            keep_in_memory=True,
+            load_from_cache_file=False,
+            fn_kwargs={
+                "tokenizer": self.tokenizer,
+                "block_size": hp.block_size,
+                "eos_id": self.tokenizer.eos_token_id,
+            },
+            desc=f"tokenising {split}",
+        )
+        if len(blocks) == 0:
+            raise ValueError(
+                f"the {split} split ({len(documents)} documents) yields no block of "
+                f"block_size={hp.block_size} tokens; use a smaller block_size or more text"
+            )
+        if cap is not None and len(blocks) > cap:
+            # A random subset rather than the first blocks, so a capped run still sees every document.
+            blocks = blocks.shuffle(seed=hp.seed, keep_in_memory=True).select(range(cap), keep_in_memory=True)
+        return blocks.with_format("torch")
+
+    def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before requesting a dataloader")
+        return DataLoader(
+            dataset,  # type: ignore[arg-type]
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
+            collate_fn=collate_blocks,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
+        return self._loader(self.val_dataset, batch_size, shuffle=False)

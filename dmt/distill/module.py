@@ -1,0 +1,207 @@
+"""LightningModule that trains a memory student, by distillation from a frozen teacher or by plain LM loss."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from dmt.distill.losses import ce_loss, hidden_mse, kd_loss
+from dmt.layers import FeaturalMemory
+from dmt.model.families import get_mlp
+from dmt.model.persistence import memory_spec, memory_state, restore_memory_state
+from dmt.model.surgery import memory_layers
+
+
+@contextmanager
+def capture_outputs(modules: dict[int, nn.Module]) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the output of each module during the forward passes inside the block."""
+    outputs: dict[int, torch.Tensor] = {}
+    handles = [
+        module.register_forward_hook(lambda _m, _i, out, index=index: outputs.__setitem__(index, out))
+        for index, module in modules.items()
+    ]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class DistillationModule(pl.LightningModule):
+    """Loss ``α_kd · KL(teacher ‖ student)·T² + α_ce · CE + α_hidden · Σ_layers MSE(student, teacher)``.
+
+    With ``teacher=None`` only the CE term is used (plain language-model training, ``train.py``). The
+    teacher is frozen, runs under ``no_grad`` and is deliberately not a submodule, so it stays out of
+    checkpoints and the optimiser. The memory stores live outside ``state_dict``; checkpoints carry them
+    under ``checkpoint["dmt"]`` so weights and memory always come from the same step.
+    """
+
+    def __init__(
+        self,
+        student: PreTrainedModel,
+        teacher: PreTrainedModel | None = None,
+        *,
+        alpha_kd: float = 1.0,
+        alpha_ce: float = 0.0,
+        alpha_hidden: float = 0.0,
+        temperature: float = 2.0,
+        lr: float = 3e-4,
+        memory_lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 10,
+        min_lr_ratio: float = 0.1,
+        trainable: str = "all",
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if trainable not in ("all", "memory"):
+            raise ValueError(f"distill.trainable: expected all or memory, got {trainable!r}")
+        if teacher is None and alpha_ce <= 0:
+            raise ValueError("distill.alpha_ce must be > 0 when there is no teacher")
+        # run_config: the composed Hydra config, kept so `dmt.export` can rebuild tokenizer and model.
+        self.save_hyperparameters(ignore=["student", "teacher"])
+        self.student = student
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: see class docstring
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        if trainable == "memory":
+            student.requires_grad_(False)
+            for layer in memory_layers(student).values():
+                layer.requires_grad_(True)
+        self._teacher_val: tuple[float, int] | None = None
+        self._val_sums = torch.zeros(2, dtype=torch.float64)
+        self._teacher_val_sums = torch.zeros(2, dtype=torch.float64)
+
+    # ---- forward and losses -------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.student(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        hp = self.hparams
+        input_ids, mask = batch["input_ids"], batch["attention_mask"]
+        layers = memory_layers(self.student)
+        with capture_outputs(layers) as student_out:
+            logits = self(input_ids, mask)
+        out = {"ce": ce_loss(logits, input_ids, mask)}
+        if self.teacher is not None and (hp.alpha_kd > 0 or hp.alpha_hidden > 0):
+            teacher_mlps = {i: get_mlp(self.teacher, i) for i in layers}
+            with torch.no_grad(), capture_outputs(teacher_mlps) as teacher_out:
+                teacher_logits = self.teacher(input_ids=input_ids, attention_mask=mask).logits
+            out["kd"] = kd_loss(logits, teacher_logits, mask, hp.temperature)
+            if layers:
+                out["hidden"] = torch.stack(
+                    [hidden_mse(student_out[i], teacher_out[i], mask) for i in layers]
+                ).mean()
+        out["loss"] = (
+            hp.alpha_ce * out["ce"]
+            + hp.alpha_kd * out.get("kd", torch.zeros(()))
+            + hp.alpha_hidden * out.get("hidden", torch.zeros(()))
+        )
+        return out
+
+    # ---- Lightning hooks ----------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.losses(batch)
+        if not torch.isfinite(out["loss"]):
+            parts = {k: float(v) for k, v in out.items()}
+            raise FloatingPointError(
+                f"non-finite training loss at step {self.global_step} ({parts}); stopping before the "
+                "optimiser step writes it into the weights and the memory"
+            )
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=batch_size)
+        for name in ("kd", "ce", "hidden"):
+            if name in out:
+                self.log(f"train/{name}", out[name], batch_size=batch_size)
+        return out["loss"]
+
+    def on_after_backward(self) -> None:
+        # Stored values of featural layers learn by sparse SGD from the gradient of the returned values.
+        for layer in memory_layers(self.student).values():
+            if isinstance(layer, FeaturalMemory):
+                layer.apply_value_updates()
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums.zero_()
+        self._teacher_val_sums.zero_()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        input_ids, mask = batch["input_ids"], batch["attention_mask"]
+        tokens = float((mask[:, 1:] * mask[:, :-1]).sum())
+        self._val_sums += torch.tensor(
+            [float(ce_loss(self(input_ids, mask), input_ids, mask)) * tokens, tokens]
+        )
+        if self.teacher is not None and self._teacher_val is None:
+            with torch.no_grad():
+                logits = self.teacher(input_ids=input_ids, attention_mask=mask).logits
+            self._teacher_val_sums += torch.tensor([float(ce_loss(logits, input_ids, mask)) * tokens, tokens])
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_sums[1] == 0:
+            return
+        nll = float(self._val_sums[0] / self._val_sums[1])
+        self.log("val/loss", nll, prog_bar=True)
+        self.log("val/ppl_student", math.exp(min(nll, 50.0)), prog_bar=True)
+        if self.teacher is not None:
+            # The teacher is frozen: its validation loss is computed once (outside the sanity check).
+            if self._teacher_val is None and not self.trainer.sanity_checking:
+                self._teacher_val = (float(self._teacher_val_sums[0]), int(self._teacher_val_sums[1]))
+            sums = self._teacher_val or (float(self._teacher_val_sums[0]), int(self._teacher_val_sums[1]))
+            self.log("val/ppl_teacher", math.exp(min(sums[0] / max(sums[1], 1), 50.0)))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        memory_params = {id(p) for layer in memory_layers(self.student).values() for p in layer.parameters()}
+        groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "memory": []}
+        for name, param in self.student.named_parameters():
+            if not param.requires_grad:
+                continue
+            if id(param) in memory_params:
+                groups["memory"].append(param)
+            elif param.ndim < 2 or "norm" in name or "ln_" in name:
+                groups["no_decay"].append(param)
+            else:
+                groups["decay"].append(param)
+        param_groups = [
+            {"name": "dense", "params": groups["decay"], "lr": hp.lr, "weight_decay": hp.weight_decay},
+            {"name": "dense_no_decay", "params": groups["no_decay"], "lr": hp.lr, "weight_decay": 0.0},
+            {"name": "memory", "params": groups["memory"], "lr": hp.memory_lr, "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]], betas=tuple(hp.betas))
+        max_steps = (
+            self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, int(max_steps), hp.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["dmt"] = {
+            "model_config": self.student.config.to_dict(),
+            "memory_spec": memory_spec(self.student),
+            "memory_state": memory_state(self.student),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_memory_state(self.student, checkpoint["dmt"]["memory_state"])

@@ -1,0 +1,103 @@
+"""``distill(cfg)``: the whole run from a composed Hydra config, independent of ``@hydra.main``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from dmt.config import validate_config
+from dmt.distill.module import DistillationModule
+from dmt.model.loading import load_teacher, load_tokenizer
+from dmt.model.persistence import save_pretrained
+from dmt.model.surgery import build_student, count_parameters, memory_entries
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_all(group: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a ``callbacks``/``logger`` group."""
+    if not group:
+        return []
+    return [
+        instantiate(entry)
+        for entry in group.values()
+        if isinstance(entry, DictConfig) and "_target_" in entry
+    ]
+
+
+def uses_teacher(cfg: DictConfig) -> bool:
+    return cfg.distill.alpha_kd > 0 or cfg.distill.alpha_hidden > 0
+
+
+def distill(cfg: DictConfig) -> dict[str, Any]:
+    """Distil (or, with only ``alpha_ce``, train) a memory student; return the run summary."""
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    print(f"run directory: {output_dir}\n  tensorboard --logdir {output_dir / 'tensorboard'}")
+
+    # Everything that can fail on a bad value fails here, before a model is loaded.
+    layer_configs = validate_config(cfg)
+    tokenizer = load_tokenizer(cfg.teacher)
+    datamodule: pl.LightningDataModule = instantiate(cfg.data, tokenizer=tokenizer)
+
+    pl.seed_everything(cfg.seed, workers=True)
+    base = load_teacher(cfg.teacher)
+    student = build_student(base, layer_configs)
+    teacher = base if uses_teacher(cfg) else None
+    teacher_params, student_params = count_parameters(base), count_parameters(student)
+    print(
+        f"dense parameters: teacher {teacher_params:,}  student {student_params:,} "
+        f"({student_params / teacher_params:.1%}); memory layers at {sorted(layer_configs)}, "
+        f"{memory_entries(student):,} entries at start"
+    )
+
+    module = DistillationModule(
+        student,
+        teacher,
+        **OmegaConf.to_container(cfg.distill, resolve=True),
+        run_config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=_instantiate_all(cfg.get("callbacks")),
+        logger=_instantiate_all(cfg.get("logger")),
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    summary: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "steps": trainer.global_step,
+        "teacher_perplexity": metrics.get("val/ppl_teacher", math.nan),
+        "student_perplexity": metrics.get("val/ppl_student", math.nan),
+        "teacher_dense_parameters": teacher_params,
+        "student_dense_parameters": student_params,
+        "memory_entries": memory_entries(student),
+        "export_dir": None,
+    }
+    if cfg.get("export") and trainer.is_global_zero:
+        summary["export_dir"] = str(save_pretrained(student, tokenizer, output_dir / "export"))
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print_summary(summary)
+    return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    ratio = summary["student_dense_parameters"] / summary["teacher_dense_parameters"]
+    lines = [
+        "── summary " + "─" * 50,
+        f"steps                  {summary['steps']}",
+        f"teacher perplexity     {summary['teacher_perplexity']:.2f}",
+        f"student perplexity     {summary['student_perplexity']:.2f}",
+        f"dense parameters       {summary['student_dense_parameters']:,} ({ratio:.1%} of the teacher's)",
+        f"memory entries         {summary['memory_entries']:,}",
+        f"export                 {summary['export_dir']}",
+    ]
+    print("\n".join(lines))

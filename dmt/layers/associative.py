@@ -1,0 +1,38 @@
+"""Associative memory: tokens write their own key-value pairs and attend over the nearest stored ones."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dmt.layers.base import MemoryLayer, weighted_sum
+from dmt.layers.straight_through import retrieve_straight_through
+
+
+class AssociativeMemory(MemoryLayer):
+    """query, key, value projections → top-k stored keys → insert the novel keys and values →
+    attention of the queries over the returned keys and values → output projection.
+
+    The search runs before this step's inserts, so a token never retrieves an entry written in the same
+    forward (no leakage from later positions of the batch). Novelty is judged on the query's top-k
+    distances, saving a second search. Gradients cross the index with the straight-through rules of
+    :mod:`dmt.layers.straight_through`: the query projection and the key projection receive the gradient of
+    the returned keys, the value projection that of the returned values.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.key_proj = nn.Linear(self.d_model, self.heads * self.key_dim)
+        self.value_proj = nn.Linear(self.d_model, self.heads * self.value_dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_shape = hidden_states.shape[:-1]  # (B, T)
+        queries = self.split_heads(self.query_proj(hidden_states), self.key_dim)  # (N, Dk)
+        keys = self.split_heads(self.key_proj(hidden_states), self.key_dim)  # (N, Dk)
+        values = self.split_heads(self.value_proj(hidden_states), self.value_dim)  # (N, Dv)
+        result, found = self.search(queries)
+        keys_ret, values_ret = retrieve_straight_through(queries, keys, values, found.keys, found.values)
+        attended = weighted_sum(self.scores(queries, keys_ret), found.valid, values_ret, "softmax")
+        self.insert_novel(found.nearest, keys, values)
+        self.maybe_recombine(result)
+        return self.merge_heads(attended, batch_shape)  # (B, T, C)

@@ -1,0 +1,81 @@
+"""Typed settings of one memory layer, built from the ``memory`` Hydra group and stored with exports."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+from dmt.memory.metrics import check_metric
+
+LayerType = Literal["featural", "associative"]
+LAYER_TYPES: tuple[str, ...] = ("featural", "associative")
+INITS: tuple[str, ...] = ("empty", "ffn")
+WEIGHTINGS: tuple[str, ...] = ("softmax", "relu", "gelu", "silu")
+
+
+@dataclass
+class MemoryLayerConfig:
+    """Hyper-parameters of one ``FeaturalMemory`` or ``AssociativeMemory``.
+
+    ``novelty_threshold``: an entry is inserted when its query's nearest stored key is farther than this
+    (in the store's metric); ``None`` disables inserts. ``key_dim``/``value_dim`` are per head;
+    ``value_dim=None`` means ``d_model // heads``.
+    """
+
+    type: LayerType = "featural"
+    key_dim: int = 64
+    value_dim: int | None = None
+    heads: int = 1
+    topk: int = 32
+    temperature: float = 1.0
+    metric: str = "ip"
+    weighting: str = "softmax"
+    capacity: int = 65536
+    novelty_threshold: float | None = None
+    init: str = "empty"
+    lrfu_lambda: float = 0.5
+    recombine_distance: float | None = None
+    value_lr: float = 0.01
+    insert_during_eval: bool = False
+    index: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> ValueError:
+            return ValueError(f"memory.{key}: {why}")
+
+        if self.type not in LAYER_TYPES:
+            raise bad("type", f"unknown layer type {self.type!r}; expected one of {LAYER_TYPES}")
+        if self.init not in INITS:
+            raise bad("init", f"unknown init {self.init!r}; expected one of {INITS}")
+        if self.weighting not in WEIGHTINGS:
+            raise bad("weighting", f"unknown weighting {self.weighting!r}; expected one of {WEIGHTINGS}")
+        try:
+            check_metric(self.metric)
+        except ValueError as err:
+            raise bad("metric", str(err)) from None
+        for key in ("key_dim", "heads", "topk", "capacity"):
+            if int(getattr(self, key)) < 1:
+                raise bad(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.value_dim is not None and self.value_dim < 1:
+            raise bad("value_dim", f"must be >= 1 or null, got {self.value_dim}")
+        if self.topk > self.capacity:
+            raise bad("topk", f"k={self.topk} is larger than the capacity ({self.capacity})")
+        if self.temperature <= 0:
+            raise bad("temperature", f"must be > 0, got {self.temperature}")
+        if not 0.0 <= self.lrfu_lambda <= 1.0:
+            raise bad("lrfu_lambda", f"must lie in [0, 1], got {self.lrfu_lambda}")
+        if self.init == "ffn" and self.type != "featural":
+            raise bad("init", "init=ffn seeds a featural store; associative layers start empty")
+        if self.type == "associative" and self.weighting != "softmax":
+            raise bad("weighting", "associative layers attend with softmax")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MemoryLayerConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"memory: unknown layer setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,82 @@
+"""Featural memory: a learned query searches a store of fixed feature keys with learnable values."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dmt.layers.base import MemoryLayer, low_rank_factors, weighted_sum
+
+
+class FeaturalMemory(MemoryLayer):
+    """query projection → top-k stored keys → distance-weighted sum of their values → output projection.
+
+    Gradients: the query projection learns through the distances to the returned keys (exact given the
+    retrieved set — the keys are constants of the store). The returned values are leaves whose gradient is
+    written back into the store by :meth:`apply_value_updates` (sparse SGD at ``value_lr``), the way an
+    embedding table with sparse gradients learns. With ``novelty_threshold`` set, queries far from every
+    stored key are inserted as new keys with zero values, which the value updates then fill in.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # (ids (N, K), returned values (N, K, Dv) with .grad after backward) of the forwards since the
+        # last update.
+        self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_shape = hidden_states.shape[:-1]  # (B, T)
+        queries = self.split_heads(self.query_proj(hidden_states), self.key_dim)  # (N, Dk)
+        result, found = self.search(queries)
+        values = found.values
+        if self.training and torch.is_grad_enabled():
+            values.requires_grad_(True)
+            self._pending.append((found.ids, values))
+        mixed = weighted_sum(self.scores(queries, found.keys), found.valid, values, self.cfg.weighting)
+        self.insert_novel(found.nearest, queries, torch.zeros(len(queries), self.value_dim))
+        self.maybe_recombine(result)
+        return self.merge_heads(mixed, batch_shape)  # (B, T, C)
+
+    @torch.no_grad()
+    def apply_value_updates(self, lr: float | None = None) -> None:
+        """SGD step on the stored values that the pending forwards returned, then forget them."""
+        lr = self.cfg.value_lr if lr is None else lr
+        for ids, values in self._pending:
+            if values.grad is None:
+                continue
+            valid = ids.reshape(-1) >= 0
+            grads = values.grad.reshape(-1, self.value_dim)[torch.from_numpy(valid).to(values.device)]
+            self.store.update_values(ids.reshape(-1)[valid], (-lr * grads).float().cpu().numpy())
+        self._pending.clear()
+
+    @torch.no_grad()
+    def init_from_ffn(
+        self,
+        keys: torch.Tensor,
+        key_bias: torch.Tensor | None,
+        values: torch.Tensor,
+        out_bias: torch.Tensor | None,
+    ) -> None:
+        """Seed the store from an MLP read as a key-value memory (Geva et al., 2021).
+
+        ``MLP(x) = Σ_u act(k_u·x + b_u) v_u + b_out`` for ``keys (U, C)``, ``key_bias (U,)``,
+        ``values (U, C)``. The bias is folded in by appending a constant 1 to ``x``; the query projection
+        and stored keys are the truncated SVD of ``[keys | bias]`` (exact when ``key_dim >= C + 1``), the
+        output projection and stored values that of ``values`` (exact when ``value_dim >= C``). With an
+        inner-product store and the MLP's activation as ``weighting``, the layer then computes the MLP
+        restricted to its top-k units.
+        """
+        if self.heads != 1:
+            raise ValueError("memory.init=ffn needs memory.heads=1")
+        n_units, d_model = keys.shape
+        if n_units > self.store.capacity:
+            raise ValueError(f"memory.capacity={self.store.capacity} cannot hold the MLP's {n_units} units")
+        bias = key_bias if key_bias is not None else keys.new_zeros(n_units)
+        augmented = torch.cat([keys, bias[:, None]], dim=1)  # (U, C + 1)
+        key_coords, key_basis = low_rank_factors(augmented, self.key_dim)  # (U, Dk), (Dk, C + 1)
+        self.query_proj.weight.copy_(key_basis[:, :d_model])
+        self.query_proj.bias.copy_(key_basis[:, d_model])
+        value_coords, value_basis = low_rank_factors(values, self.value_dim)  # (U, Dv), (Dv, C)
+        self.out_proj.weight.copy_(value_basis.T)
+        self.out_proj.bias.copy_(out_bias if out_bias is not None else torch.zeros(d_model))
+        self.store.insert(key_coords.numpy(), value_coords.numpy())

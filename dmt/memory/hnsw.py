@@ -1,0 +1,212 @@
+"""The single hnswlib wrapper of the project: numpy in, numpy out.
+
+hnswlib facts this wrapper relies on (hnswlib 0.8.0):
+
+- Distances follow ``dmt.memory.metrics``: ``l2`` is squared L2, ``ip`` is ``1 - q·k``, ``cosine`` is
+  ``1 - cos`` (vectors are normalised on insertion, so the graph never stores the raw cosine keys).
+- ``add_items`` on an existing label, deleted or not, updates that point in place (and un-deletes it),
+  so with labels restricted to ``[0, capacity)`` the graph never grows beyond ``capacity`` elements.
+- Deleted points stay in the graph for navigation; hnswlib does not expose which labels are deleted,
+  so this wrapper mirrors that in a ``live`` mask which must be handed back on :meth:`load`.
+- ``knn_query`` raises ``RuntimeError`` when it finds fewer than k results for any row (always when
+  k > live points, occasionally with many deleted points); :meth:`search` pads instead.
+- ``ef`` is index-wide mutable state: concurrent searches from several Python threads race on it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+
+from dmt.memory.base import as_float_matrix
+from dmt.memory.metrics import Metric, check_metric
+
+
+class HnswIndex:
+    """Approximate kNN index over integer labels (store slots) ``0 .. capacity - 1``."""
+
+    def __init__(
+        self,
+        dim: int,
+        metric: str,
+        capacity: int,
+        M: int = 16,
+        ef_construction: int = 100,
+        ef_search: int = 64,
+        num_threads: int = -1,
+    ) -> None:
+        self._configure(dim, metric, capacity, ef_search, num_threads)
+        self._index.init_index(max_elements=capacity, M=M, ef_construction=ef_construction)
+
+    def _configure(self, dim: int, metric: str, capacity: int, ef_search: int, num_threads: int) -> None:
+        """Shared by ``__init__`` and :meth:`load`: everything except building/reading the graph."""
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if ef_search < 1:
+            raise ValueError(f"ef_search must be >= 1, got {ef_search}")
+        self.dim = dim
+        self.metric: Metric = check_metric(metric)
+        self.capacity = capacity
+        self.ef_search = ef_search
+        self.num_threads = num_threads
+        self._index = hnswlib.Index(space=self.metric, dim=dim)
+        self._live = np.zeros(capacity, dtype=bool)  # (capacity,) mirror of hnswlib's non-deleted labels
+
+    @property
+    def params(self) -> dict[str, int]:
+        """Constructor keyword arguments that reproduce this index (for manifests)."""
+        return {
+            "M": int(self._index.M),
+            "ef_construction": int(self._index.ef_construction),
+            "ef_search": self.ef_search,
+            "num_threads": self.num_threads,
+        }
+
+    def __len__(self) -> int:
+        """Number of live (added and not removed) points."""
+        return int(np.count_nonzero(self._live))
+
+    def set_ef(self, ef_search: int) -> None:
+        """Search breadth; raised to k per query, larger is slower and more exact."""
+        if ef_search < 1:
+            raise ValueError(f"ef_search must be >= 1, got {ef_search}")
+        self.ef_search = ef_search
+
+    def _check_labels(self, labels: np.ndarray) -> np.ndarray:
+        labels = np.asarray(labels, dtype=np.int64).ravel()
+        if labels.size and (labels.min() < 0 or labels.max() >= self.capacity):
+            raise ValueError(f"labels must lie in [0, {self.capacity}), got [{labels.min()}, {labels.max()}]")
+        return labels
+
+    def add(self, labels: np.ndarray, vectors: np.ndarray) -> None:
+        """Insert or overwrite ``vectors (N, D)`` under distinct ``labels (N,)``."""
+        labels = self._check_labels(labels)
+        vectors = as_float_matrix("vectors", vectors, self.dim)
+        if len(labels) != len(vectors):
+            raise ValueError(f"got {len(labels)} labels for {len(vectors)} vectors")
+        if len(np.unique(labels)) != len(labels):
+            # Threads would update the same point concurrently; the outcome would depend on scheduling.
+            raise ValueError("labels must be distinct within one add")
+        if len(labels):
+            self._index.add_items(vectors, labels, num_threads=self.num_threads)
+            self._live[labels] = True
+
+    def remove(self, labels: np.ndarray) -> None:
+        """Mark ``labels (M,)`` deleted; labels that are not live (including -1) are ignored."""
+        labels = np.asarray(labels, dtype=np.int64).ravel()
+        labels = labels[(labels >= 0) & (labels < self.capacity)]
+        for label in np.unique(labels[self._live[labels]]):
+            self._index.mark_deleted(int(label))
+        self._live[labels] = False
+
+    def _knn(self, queries: np.ndarray, k: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
+        self._index.set_ef(ef)
+        labels, distances = self._index.knn_query(queries, k=k, num_threads=self.num_threads)
+        return labels.astype(np.int64), distances
+
+    def _search_row(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Best-effort search of one ``query (1, D)``: widen ef, then shrink k until hnswlib answers."""
+        total = max(int(self._index.element_count), k)
+        ef = max(self.ef_search, k)
+        while True:
+            try:
+                return self._knn(query, k, ef)
+            except RuntimeError:
+                if ef >= total:
+                    break
+                ef = min(2 * ef, total)
+        # With ef covering every stored point the candidate set no longer depends on k, so success is
+        # monotone in k and a binary search finds the largest k that the graph can deliver.
+        best = (np.empty((1, 0), dtype=np.int64), np.empty((1, 0), dtype=np.float32))
+        lo, hi = 1, k - 1
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            try:
+                best, lo = self._knn(query, mid, total), mid + 1
+            except RuntimeError:
+                hi = mid - 1
+        return best
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest live labels of each of ``queries (N, D)``; never raises for lack of points.
+
+        Returns:
+            labels ``(N, k)`` int64 (-1 padding) and distances ``(N, k)`` float32 (+inf padding),
+            ascending per row.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        queries = as_float_matrix("queries", queries, self.dim)
+        labels = np.full((len(queries), k), -1, dtype=np.int64)
+        distances = np.full((len(queries), k), np.inf, dtype=np.float32)
+        k_live = min(k, len(self))
+        if k_live == 0 or len(queries) == 0:
+            return labels, distances
+        try:
+            ef = max(self.ef_search, k_live)
+            labels[:, :k_live], distances[:, :k_live] = self._knn(queries, k_live, ef)
+        except RuntimeError:
+            # Some row came back short (sparse graph after many deletions): redo rows one at a time.
+            for row in range(len(queries)):
+                found_labels, found_distances = self._search_row(queries[row : row + 1], k_live)
+                labels[row, : found_labels.shape[1]] = found_labels[0]
+                distances[row, : found_labels.shape[1]] = found_distances[0]
+        return labels, distances
+
+    def save(self, path: str | Path) -> None:
+        """Write the hnswlib graph (vectors, links, deletion marks) to ``path``."""
+        self._index.save_index(str(path))
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        dim: int,
+        metric: str,
+        capacity: int,
+        live: np.ndarray,
+        ef_search: int = 64,
+        num_threads: int = -1,
+        **_build_params: int,
+    ) -> HnswIndex:
+        """Read a graph written by :meth:`save`.
+
+        Args:
+            live: ``(capacity,)`` bool mask of live labels (hnswlib cannot report deletions).
+            _build_params: ``M``/``ef_construction`` are accepted (so :attr:`params` can be splatted)
+                and ignored: the file already holds them.
+        """
+        index = cls.__new__(cls)
+        index._configure(dim, metric, capacity, ef_search, num_threads)
+        index._index.load_index(str(path), max_elements=capacity)
+        live = np.asarray(live, dtype=bool)
+        if live.shape != (capacity,):
+            raise ValueError(f"live mask has shape {live.shape}, expected ({capacity},)")
+        stored = np.zeros(capacity, dtype=bool)
+        stored[np.asarray(index._index.get_ids_list(), dtype=np.int64)] = True
+        if (live & ~stored).any():
+            raise ValueError(f"live mask names labels that are not in the index file {path}")
+        index._live = live.copy()
+        return index
+
+    def to_bytes(self) -> np.ndarray:
+        """The :meth:`save` file as a ``(B,)`` uint8 array (for checkpoints)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "index.bin"
+            self.save(path)
+            return np.fromfile(path, dtype=np.uint8)
+
+    @classmethod
+    def from_bytes(
+        cls, data: np.ndarray, dim: int, metric: str, capacity: int, live: np.ndarray, **params: int
+    ) -> HnswIndex:
+        """Inverse of :meth:`to_bytes`; ``params`` as for :meth:`load`."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "index.bin"
+            np.asarray(data, dtype=np.uint8).tofile(path)
+            return cls.load(path, dim, metric, capacity, live, **params)

@@ -1,0 +1,138 @@
+"""Saving and loading students: Hugging Face-style export directories and memory inside checkpoints.
+
+An export directory holds::
+
+    config.json, generation_config.json   the base model's Hugging Face config
+    model.safetensors                     every dense weight of the student (memory layers included)
+    tokenizer files                       as written by ``tokenizer.save_pretrained``
+    dmt_config.json                       format version and the memory layer settings per block
+    memory/layer_XX/                      one store per memory layer (manifest + .npy arrays + index)
+
+Nothing here unpickles: weights are safetensors, settings JSON, stores ``.npy`` read without pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from dmt.layers import MemoryLayerConfig
+from dmt.memory import KNNStore
+from dmt.model.surgery import attach_memory_layers, memory_layers
+
+FORMAT_VERSION = 1
+DMT_CONFIG = "dmt_config.json"
+WEIGHTS = "model.safetensors"
+
+
+def layer_configs_of(model: PreTrainedModel) -> dict[int, MemoryLayerConfig]:
+    return {index: layer.cfg for index, layer in memory_layers(model).items()}
+
+
+def memory_spec(model: PreTrainedModel) -> dict[str, Any]:
+    """JSON-ready description of a student's memory layers."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "layers": {str(i): cfg.to_dict() for i, cfg in layer_configs_of(model).items()},
+    }
+
+
+def layer_configs_from_spec(spec: dict[str, Any]) -> dict[int, MemoryLayerConfig]:
+    version = spec.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{DMT_CONFIG}: format_version {version!r} is not supported (expected {FORMAT_VERSION})"
+        )
+    return {int(i): MemoryLayerConfig.from_dict(cfg) for i, cfg in spec["layers"].items()}
+
+
+def memory_state(model: PreTrainedModel) -> dict[str, dict[str, Any]]:
+    """Every store's state as tensors and plain values, for a checkpoint loadable with weights_only."""
+    return {
+        str(index): {
+            k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+            for k, v in layer.store.state_dict().items()
+        }
+        for index, layer in memory_layers(model).items()
+    }
+
+
+def restore_memory_state(model: PreTrainedModel, state: dict[str, dict[str, Any]]) -> None:
+    """Put the stores of :func:`memory_state` back into the memory layers of ``model``."""
+    layers = memory_layers(model)
+    if sorted(map(int, state)) != sorted(layers):
+        raise ValueError(
+            f"checkpoint memory has layers {sorted(map(int, state))}, the model {sorted(layers)}"
+        )
+    for index, store_state in state.items():
+        arrays = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in store_state.items()}
+        layers[int(index)].store = KNNStore.from_state_dict(arrays)
+
+
+def _replace_directory(tmp: Path, target: Path) -> None:
+    """Move a fully written ``tmp`` to ``target``; an existing ``target`` is replaced only afterwards."""
+    backup = None
+    if target.exists():
+        backup = target.with_name(f".{target.name}.old")
+        shutil.rmtree(backup, ignore_errors=True)
+        os.replace(target, backup)
+    os.replace(tmp, target)
+    if backup is not None:
+        shutil.rmtree(backup)
+
+
+def save_pretrained(model: PreTrainedModel, tokenizer: Any, directory: str | os.PathLike) -> Path:
+    """Write an export directory (see module docstring); written aside then moved into place."""
+    target = Path(directory).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / WEIGHTS))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / DMT_CONFIG).write_text(json.dumps(memory_spec(model), indent=2))
+        for index, layer in memory_layers(model).items():
+            layer.store.save(tmp / "memory" / f"layer_{index:02d}")
+        _replace_directory(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_pretrained(
+    directory: str | os.PathLike, *, mmap: bool = False, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, Any]:
+    """Load an export directory: ``(model in eval mode, tokenizer or None)``.
+
+    With ``mmap=True`` store values stay on disk, memory-mapped.
+    """
+    directory = Path(directory)
+    if not (directory / DMT_CONFIG).is_file():
+        raise FileNotFoundError(
+            f"{directory / DMT_CONFIG} not found: {directory} is not a dmt export directory"
+        )
+    spec = json.loads((directory / DMT_CONFIG).read_text())
+    configs = layer_configs_from_spec(spec)
+    stores = {i: KNNStore.load(directory / "memory" / f"layer_{i:02d}", mmap=mmap) for i in configs}
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
+    attach_memory_layers(model, configs, stores)
+    missing, unexpected = load_model(model, str(directory / WEIGHTS), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{directory / WEIGHTS}: missing keys {missing}, unexpected keys {unexpected}")
+    tokenizer = (
+        AutoTokenizer.from_pretrained(directory) if (directory / "tokenizer_config.json").exists() else None
+    )
+    return model.to(device).eval(), tokenizer

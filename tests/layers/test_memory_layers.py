@@ -1,0 +1,96 @@
+import pytest
+import torch
+from torch.testing import assert_close
+
+from dmt.layers import AssociativeMemory, FeaturalMemory, MemoryLayerConfig
+
+
+def make(layer_cls, d_model=16, **overrides):
+    cfg = MemoryLayerConfig(
+        type="associative" if layer_cls is AssociativeMemory else "featural",
+        key_dim=8,
+        heads=2,
+        topk=4,
+        capacity=256,
+        novelty_threshold=0.0,
+        **overrides,
+    )
+    torch.manual_seed(0)
+    return layer_cls(d_model, cfg)
+
+
+@pytest.mark.parametrize("layer_cls", [FeaturalMemory, AssociativeMemory])
+def test_drop_in_shape_and_cold_start(layer_cls):
+    layer = make(layer_cls).train()
+    x = torch.randn(2, 5, 16)
+    out = layer(x)
+    assert out.shape == x.shape
+    # Empty store: no neighbours, the layer outputs its output bias only.
+    assert_close(out, layer.out_proj.bias.expand_as(out))
+    # Every query was novel, so every token (× heads) was inserted.
+    assert len(layer.store) == 2 * 5 * 2
+    assert layer.memory_stats()["inserts"] == 20
+
+
+def test_associative_projections_receive_straight_through_gradients():
+    layer = make(AssociativeMemory).train()
+    x = torch.randn(2, 5, 16)
+    layer(x)  # fill the store
+    out = layer(torch.randn(2, 5, 16))
+    out.pow(2).sum().backward()
+    for proj in (layer.query_proj, layer.key_proj, layer.value_proj, layer.out_proj):
+        assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+
+
+def test_featural_values_learn_by_write_back():
+    layer = make(FeaturalMemory).train()
+    x = torch.randn(2, 5, 16)
+    target = torch.randn(2, 5, 16)
+    layer(x)  # inserts the queries as keys with zero values
+    loss_before = (layer(x) - target).pow(2).mean()
+    loss_before.backward()
+    layer.apply_value_updates(lr=0.5)
+    # The stored values moved along their gradient: the same input now fits the target better.
+    with torch.no_grad():
+        loss_after = (layer(x) - target).pow(2).mean()
+    assert loss_after < loss_before
+    # Once values are non-zero the output depends on the query, so the query projection learns too.
+    layer.zero_grad()
+    layer(x).pow(2).sum().backward()
+    assert layer.query_proj.weight.grad.abs().sum() > 0
+
+
+def test_eval_does_not_insert():
+    layer = make(FeaturalMemory).eval()
+    layer(torch.randn(1, 3, 16))
+    assert len(layer.store) == 0
+
+
+@pytest.mark.parametrize("d_model,key_dim,value_dim,exact", [(12, 13, 12, True), (12, 6, 6, False)])
+def test_ffn_init_reproduces_the_mlp_on_its_top_k(d_model, key_dim, value_dim, exact):
+    torch.manual_seed(0)
+    units = 48
+    keys, key_bias = torch.randn(units, d_model), torch.randn(units)
+    values, out_bias = torch.randn(units, d_model), torch.randn(d_model)
+    cfg = MemoryLayerConfig(
+        key_dim=key_dim, value_dim=value_dim, topk=units, capacity=units, weighting="relu", init="ffn"
+    )
+    layer = FeaturalMemory(d_model, cfg)
+    layer.init_from_ffn(keys, key_bias, values, out_bias)
+    x = torch.randn(3, 4, d_model)
+    mlp = torch.relu(x @ keys.T + key_bias) @ values + out_bias
+    with torch.no_grad():
+        out = layer.eval()(x)
+    if exact:  # full rank: every unit retrieved (k = units), so the layer is the MLP
+        assert_close(out, mlp, atol=1e-3, rtol=1e-3)
+    else:
+        assert torch.isfinite(out).all() and out.shape == mlp.shape
+
+
+def test_bad_settings_name_the_key():
+    with pytest.raises(ValueError, match="memory.topk"):
+        MemoryLayerConfig(topk=10, capacity=5)
+    with pytest.raises(ValueError, match="memory.metric"):
+        MemoryLayerConfig(metric="manhattan")
+    with pytest.raises(ValueError, match="memory.type"):
+        MemoryLayerConfig(type="dense")

@@ -1,0 +1,106 @@
+"""KNNStore persistence: directory save/load (with and without mmap) and state_dict round trips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from dmt.memory import KNNStore, QueryResult
+
+
+def _filled_store(value_dtype: str = "float32") -> KNNStore:
+    rng = np.random.default_rng(0)
+    store = KNNStore(8, 3, capacity=64, metric="cosine", lrfu_lambda=0.25, value_dtype=value_dtype)
+    for _ in range(3):  # 90 inserts into 64 slots: evictions and LRFU state worth saving
+        store.insert(rng.standard_normal((30, 8)), rng.standard_normal((30, 3)))
+        store.query(rng.standard_normal((4, 8)).astype(np.float32), k=5)
+    return store
+
+
+def _assert_same_results(a: QueryResult, b: QueryResult) -> None:
+    for field in ("ids", "keys", "values", "distances"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+
+def _assert_equivalent(store: KNNStore, restored: KNNStore) -> None:
+    queries = np.random.default_rng(1).standard_normal((10, 8)).astype(np.float32)
+    assert restored.stats == store.stats and restored.now == store.now
+    _assert_same_results(store.query(queries, k=6), restored.query(queries, k=6))
+    # LRFU state came along too: the same victims are evicted next.
+    keys, values = np.ones((20, 8), dtype=np.float32), np.zeros((20, 3), dtype=np.float32)
+    np.testing.assert_array_equal(store.insert(keys, values), restored.insert(keys, values))
+
+
+@pytest.mark.parametrize("value_dtype", ["float32", "float16"])
+def test_save_load_round_trip(tmp_path: Path, value_dtype: str) -> None:
+    store = _filled_store(value_dtype)
+    store.save(tmp_path / "mem")
+    names = {p.name for p in (tmp_path / "mem").iterdir()}
+    assert names == {
+        "manifest.json",
+        "index.bin",
+        "keys.npy",
+        "values.npy",
+        "live.npy",
+        "lrfu_crf.npy",
+        "lrfu_last.npy",
+    }
+    manifest = json.loads((tmp_path / "mem" / "manifest.json").read_text())
+    assert manifest["format_version"] == 1
+    assert (manifest["key_dim"], manifest["value_dim"], manifest["capacity"]) == (8, 3, 64)
+    assert (manifest["metric"], manifest["lrfu_lambda"], manifest["value_dtype"]) == (
+        "cosine",
+        0.25,
+        value_dtype,
+    )
+    assert manifest["entries"] == 64 and manifest["stats"]["evictions"] == 26
+    assert set(manifest["index_params"]) == {"M", "ef_construction", "ef_search", "num_threads"}
+    restored = KNNStore.load(tmp_path / "mem")
+    assert restored._values.dtype == np.dtype(value_dtype)
+    _assert_equivalent(store, restored)
+
+
+def test_mmap_load_writes_through_to_file(tmp_path: Path) -> None:
+    store = _filled_store()
+    store.save(tmp_path / "mem")
+    mapped = KNNStore.load(tmp_path / "mem", mmap=True)
+    assert isinstance(mapped._values, np.memmap)
+    _assert_equivalent(store, mapped)
+    mapped.update_values(np.array([0]), np.full((1, 3), 10.0, dtype=np.float32))
+    expected = mapped.get(np.array([0]))[1]
+    mapped.save(tmp_path / "mem")  # saving onto its own mapped file must flush, not truncate it
+    np.testing.assert_array_equal(KNNStore.load(tmp_path / "mem").get(np.array([0]))[1], expected)
+
+
+def test_load_rejects_mismatched_files(tmp_path: Path) -> None:
+    store = _filled_store()
+    store.save(tmp_path / "mem")
+    np.save(tmp_path / "mem" / "keys.npy", np.zeros((64, 7), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"keys\.npy.*shape"):
+        KNNStore.load(tmp_path / "mem")
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        KNNStore.load(tmp_path / "missing")
+
+
+def _assert_plain(value: Any) -> None:
+    if isinstance(value, dict):
+        for item in value.values():
+            _assert_plain(item)
+    else:
+        assert isinstance(value, (np.ndarray, int, float, str)) and not isinstance(value, np.memmap)
+        assert not (isinstance(value, np.ndarray) and value.dtype == object)
+
+
+def test_state_dict_round_trip() -> None:
+    store = _filled_store("float16")
+    state = store.state_dict()
+    _assert_plain(state)
+    assert state["index_bytes"].dtype == np.uint8
+    _assert_equivalent(store, KNNStore.from_state_dict(state))
+    state["live"] = state["live"][:10]
+    with pytest.raises(ValueError, match=r"state_dict\['live'\]"):
+        KNNStore.from_state_dict(state)

@@ -1,0 +1,159 @@
+"""KNNStore: validation, cold start, capacity/eviction, value updates and recombination."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dmt.memory import KNNStore, MemoryStats, QueryResult
+
+
+def _rand(n: int, dim: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"capacity": 0}, "capacity"),
+        ({"key_dim": 0}, "key_dim"),
+        ({"value_dim": -1}, "value_dim"),
+        ({"metric": "hamming"}, "metric"),
+        ({"lrfu_lambda": 1.5}, "lrfu_lambda"),
+        ({"value_dtype": "int8"}, "value_dtype"),
+    ],
+)
+def test_constructor_validation_names_argument(kwargs: dict, name: str) -> None:
+    args = {"key_dim": 4, "value_dim": 3, "capacity": 10, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        KNNStore(**args)
+
+
+def test_cold_start_and_query_validation() -> None:
+    store = KNNStore(4, 3, capacity=10)
+    result = store.query(_rand(2, 4, 0), k=5)
+    assert isinstance(result, QueryResult)
+    assert (result.ids == -1).all() and np.isinf(result.distances).all()
+    assert result.keys.shape == (2, 5, 4) and result.values.shape == (2, 5, 3)
+    assert not result.keys.any() and not result.values.any()
+    assert store.now == 1 and store.stats == MemoryStats(entries=0, queries=2)
+    with pytest.raises(ValueError, match=r"k=11.*capacity=10|capacity=10.*k=11"):
+        store.query(_rand(1, 4, 0), k=11)
+    with pytest.raises(ValueError, match=r"queries must have shape \(N, 4\)"):
+        store.query(_rand(2, 5, 0), k=1)
+    with pytest.raises(ValueError, match="floating-point"):
+        store.query(np.ones((2, 4), dtype=np.int64), k=1)
+    bad = _rand(2, 4, 0)
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        store.query(bad, k=1)
+
+
+def test_insert_validation() -> None:
+    store = KNNStore(4, 3, capacity=10, value_dtype="float16")
+    with pytest.raises(ValueError, match="values"):
+        store.insert(_rand(2, 4, 0), _rand(2, 2, 0))
+    with pytest.raises(ValueError, match="2 keys but 3 values"):
+        store.insert(_rand(2, 4, 0), _rand(3, 3, 0))
+    with pytest.raises(ValueError, match="float16"):  # 1e6 overflows float16 to inf
+        store.insert(_rand(1, 4, 0), np.full((1, 3), 1e6))
+    ids = store.insert(_rand(2, 4, 0).astype(np.float64), _rand(2, 3, 1).astype(np.float16))
+    np.testing.assert_array_equal(ids, [0, 1])
+    assert store.get(ids)[1].dtype == np.float32
+
+
+def test_query_returns_stored_entries() -> None:
+    store = KNNStore(8, 3, capacity=50, metric="l2")
+    keys, values = _rand(30, 8, 0), _rand(30, 3, 1)
+    ids = store.insert(keys, values)
+    result = store.query(keys[:5], k=3)
+    np.testing.assert_array_equal(result.ids[:, 0], ids[:5])  # each key is its own nearest neighbour
+    np.testing.assert_allclose(result.distances[:, 0], 0.0, atol=1e-5)
+    np.testing.assert_array_equal(result.keys[:, 0], keys[:5])
+    np.testing.assert_array_equal(result.values[:, 0], values[:5])
+    got_keys, got_values = store.get(result.ids[:, 1])
+    np.testing.assert_array_equal(got_keys, result.keys[:, 1])
+    np.testing.assert_array_equal(got_values, result.values[:, 1])
+
+
+def test_capacity_never_exceeded_and_evicted_entries_are_gone() -> None:
+    store = KNNStore(16, 4, capacity=500, metric="l2", index={"num_threads": 1})
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((97, 16)).astype(np.float32) for _ in range(30)]
+    stored_ids = []
+    for i, keys in enumerate(batches):
+        stored_ids.append(store.insert(keys, np.full((97, 4), i, dtype=np.float32)))
+        assert len(store) <= 500 and len(store._index) == len(store)
+        store.query(keys[:3], k=4)
+    stats = store.stats
+    assert stats == MemoryStats(entries=500, inserts=30 * 97, evictions=30 * 97 - 500, queries=90, merges=0)
+    all_keys = np.concatenate(batches)
+    all_ids = np.concatenate(stored_ids)
+    # A slot holds the latest key written to it; every older key written there has been evicted.
+    latest = {slot: row for row, slot in enumerate(all_ids)}
+    evicted = np.array([row for row, slot in enumerate(all_ids) if latest[slot] != row])
+    assert len(evicted) == stats.evictions
+    result = store.query(all_keys[evicted], k=1)
+    assert (result.distances[:, 0] > 1e-3).all()  # no exact match survives for an evicted key
+
+
+def test_lrfu_keeps_frequently_referenced_entries() -> None:
+    store = KNNStore(8, 2, capacity=100, metric="l2", lrfu_lambda=0.1)
+    keys = _rand(100, 8, 0)
+    ids = store.insert(keys, _rand(100, 2, 1))
+    hot = ids[:20]
+    for _ in range(5):
+        store.query(keys[:20], k=1)
+    store.query(keys[60:], k=1, reference=False)  # looked at but not referenced: no protection
+    new_ids = store.insert(_rand(50, 8, 2), _rand(50, 2, 3))
+    assert store.stats.evictions == 50 and len(store) == 100
+    assert not np.isin(hot, new_ids).any()  # every hot slot survived
+    np.testing.assert_array_equal(store.query(keys[:20], k=1).ids[:, 0], hot)
+
+
+def test_insert_more_than_capacity_keeps_last_rows() -> None:
+    store = KNNStore(4, 1, capacity=5)
+    keys = _rand(8, 4, 0)
+    ids = store.insert(keys, np.arange(8, dtype=np.float32)[:, None])
+    np.testing.assert_array_equal(ids[:3], -1)
+    assert sorted(ids[3:].tolist()) == list(range(5))
+    np.testing.assert_array_equal(store.get(ids[3:])[1][:, 0], np.arange(3, 8))
+    assert store.stats.inserts == 5 and len(store) == 5
+
+
+def test_update_values_accumulates_duplicates() -> None:
+    store = KNNStore(4, 2, capacity=10, value_dtype="float16")
+    ids = store.insert(_rand(3, 4, 0), np.zeros((3, 2), dtype=np.float32))
+    store.update_values(
+        np.array([ids[0], ids[2], ids[0], -1, ids[0]]),
+        np.array([[1.0, 2.0], [0.5, 0.5], [1.0, 2.0], [9.0, 9.0], [1.0, 2.0]], dtype=np.float32),
+    )
+    np.testing.assert_array_equal(store.get(ids)[1], [[3.0, 6.0], [0.0, 0.0], [0.5, 0.5]])
+    with pytest.raises(ValueError, match="ids"):
+        store.update_values(np.array([10]), np.ones((1, 2), dtype=np.float32))
+    with pytest.raises(ValueError, match="live"):
+        store.get(np.array([5]))
+
+
+def test_recombine_merges_near_keys() -> None:
+    store = KNNStore(4, 1, capacity=10, metric="l2")
+    keys = np.array([[1, 0, 0, 0], [1.1, 0, 0, 0], [0, 5, 0, 0]], dtype=np.float32)
+    ids = store.insert(keys, np.array([[1.0], [3.0], [100.0]], dtype=np.float32))
+    store.query(keys[1:2], k=1)  # an extra reference to entry 1
+    crf_before = store._lrfu.crf[ids[:2]].copy()
+    result = store.query(np.array([[1.02, 0, 0, 0]], dtype=np.float32), k=3, reference=False)
+    np.testing.assert_array_equal(result.ids[0], ids[[0, 1, 2]])
+    assert store.recombine(result, max_distance=0.5) == 1
+    assert store.recombine(result, max_distance=0.5) == 0  # the partner is gone now
+    assert len(store) == 2 and store.stats.merges == 1
+    w = 1.0 / (result.distances[0, :2] + 1e-6)
+    w /= w.sum()
+    merged_key, merged_value = store.get(ids[:1])
+    np.testing.assert_allclose(merged_key[0], w @ keys[:2], rtol=1e-5)
+    np.testing.assert_allclose(merged_value[0, 0], w @ [1.0, 3.0], rtol=1e-5)
+    # Histories of entries referenced at different times are decayed to the later one, then added.
+    lrfu = store._lrfu
+    assert lrfu.crf[ids[0]] == pytest.approx(crf_before[0] * 2 ** (-0.5) + crf_before[1])
+    after = store.query(merged_key, k=3)
+    assert after.ids[0, 0] == ids[0] and after.distances[0, 0] == pytest.approx(0.0, abs=1e-6)
+    assert set(after.ids[0].tolist()) == {ids[0], ids[2], -1}

@@ -1,0 +1,66 @@
+import pytest
+import torch
+from torch.testing import assert_close
+
+from dmt.model.persistence import load_pretrained, memory_state, restore_memory_state, save_pretrained
+from dmt.model.surgery import build_student, memory_layers, resolve_layer_configs
+
+TOKENS = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+def trained_student(teacher):
+    configs = resolve_layer_configs(
+        {
+            "layers": [0, 2],
+            "type": ["featural", "associative"],
+            "capacity": 256,
+            "topk": 4,
+            "key_dim": 8,
+            "novelty_threshold": 0.0,
+        },
+        4,
+    )
+    student = build_student(teacher, configs)
+    student(TOKENS)  # fills the stores
+    for layer in memory_layers(student).values():
+        assert len(layer.store) > 0
+    return student.eval()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
+@pytest.mark.parametrize("mmap", [False, True])
+def test_export_then_load_reproduces_logits_and_generates(fixture, mmap, request, tmp_path, gpt2_tokenizer):
+    student = trained_student(request.getfixturevalue(fixture))
+    with torch.no_grad():
+        expected = student(TOKENS).logits
+    save_pretrained(student, gpt2_tokenizer, tmp_path / "export")
+    loaded, tokenizer = load_pretrained(tmp_path / "export", mmap=mmap)
+    with torch.no_grad():
+        assert_close(loaded(TOKENS).logits, expected)
+    prompt = tokenizer("To be, or not to be", return_tensors="pt")
+    generated = loaded.generate(
+        **prompt, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.eos_token_id
+    )
+    assert generated.shape == (1, prompt.input_ids.shape[1] + 5)
+
+
+def test_export_overwrites_atomically(tiny_gpt2, tmp_path, gpt2_tokenizer):
+    student = trained_student(tiny_gpt2)
+    save_pretrained(student, gpt2_tokenizer, tmp_path / "export")
+    save_pretrained(student, gpt2_tokenizer, tmp_path / "export")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    with pytest.raises(FileNotFoundError, match="not a dmt export"):
+        load_pretrained(tmp_path)
+
+
+def test_checkpoint_memory_state_round_trip(tiny_gpt2, tmp_path):
+    student = trained_student(tiny_gpt2)
+    path = tmp_path / "memory.pt"
+    torch.save(memory_state(student), path)
+    with torch.no_grad():
+        expected = student(TOKENS).logits
+    fresh = trained_student(tiny_gpt2)
+    fresh.load_state_dict(student.state_dict())
+    restore_memory_state(fresh, torch.load(path, weights_only=True))
+    with torch.no_grad():
+        assert_close(fresh(TOKENS).logits, expected)
