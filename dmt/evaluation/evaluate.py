@@ -1,0 +1,315 @@
+"""Evaluate a student against its teacher: perplexity table, ablated teacher, side-by-side generations.
+
+The *ablated teacher* is the teacher with the MLPs that the student replaced by memory layers removed
+outright (their output zeroed, the residual stream passes through). It brackets the student from below:
+a student no better than the ablated teacher has learnt nothing useful in its memory.
+
+Students load from an export directory (:func:`dmt.model.persistence.load_pretrained`) or straight from a
+Lightning checkpoint, read with ``torch.load(weights_only=True)`` so no arbitrary object is unpickled.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from dmt.evaluation.perplexity import PerplexityResult, perplexity
+from dmt.model.families import family_of, set_mlp
+from dmt.model.loading import load_tokenizer
+from dmt.model.persistence import (
+    DMT_CONFIG,
+    layer_configs_from_spec,
+    load_pretrained,
+    restore_memory_state,
+    save_pretrained,
+)
+from dmt.model.surgery import attach_memory_layers
+
+STUDENT_PREFIX = "student."
+CACHE_VERSION = 1  # bump when the cached teacher result changes meaning
+
+
+# -- loading students ----------------------------------------------------------------------------------
+
+
+def _model_config(config_dict: dict[str, Any]) -> PretrainedConfig:
+    """A ``transformers`` config from ``PretrainedConfig.to_dict()`` output, without any hub access."""
+    model_type = config_dict.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"checkpoint model_config: unknown model_type {model_type!r}")
+    return CONFIG_MAPPING[model_type].from_dict(dict(config_dict))
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError or RuntimeError depending on the payload
+        raise ValueError(f"{path}: cannot be read as a weights-only checkpoint: {err}") from err
+    for key in ("state_dict", "dmt"):
+        if key not in checkpoint:
+            raise ValueError(f"{path}: not a dmt checkpoint (no {key!r} entry)")
+    return checkpoint
+
+
+def student_from_checkpoint(checkpoint: dict[str, Any], where: str = "checkpoint") -> PreTrainedModel:
+    """Rebuild the student of a loaded Lightning checkpoint dict (see module docstring), in eval mode.
+
+    Keys of ``state_dict`` outside ``student.*`` (the frozen teacher's) are ignored; within it the load is
+    strict and a mismatch raises ``ValueError`` naming the missing and unexpected keys.
+    """
+    dmt = checkpoint["dmt"]
+    model = AutoModelForCausalLM.from_config(_model_config(dmt["model_config"]))
+    # Fresh stores first (stores=None), replaced right away by the checkpoint's, so the layer objects
+    # are built by the same code path as in training.
+    attach_memory_layers(model, layer_configs_from_spec(dmt["memory_spec"]), stores=None)
+    restore_memory_state(model, dmt["memory_state"])
+    weights = {
+        key[len(STUDENT_PREFIX) :]: value
+        for key, value in checkpoint["state_dict"].items()
+        if key.startswith(STUDENT_PREFIX)
+    }
+    if not weights:
+        raise ValueError(f"{where}: state_dict has no '{STUDENT_PREFIX}*' key")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{where}: student weights do not match the model rebuilt from checkpoint['dmt']: "
+            f"missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}"
+        )
+    return model.eval()
+
+
+def _checkpoint_tokenizer(checkpoint: dict[str, Any]) -> PreTrainedTokenizerBase | None:
+    """The run's teacher tokenizer, or ``None`` if the checkpoint records no run config."""
+    run_config = (checkpoint.get("hyper_parameters") or {}).get("run_config")
+    if not run_config or not run_config.get("teacher"):
+        return None
+    return load_tokenizer(OmegaConf.create(run_config["teacher"]))
+
+
+def load_student(path: str | os.PathLike) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """``(student in eval mode, tokenizer or None)`` from an export directory or a ``.ckpt`` file."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / DMT_CONFIG).is_file():
+            raise FileNotFoundError(f"{path} is a directory without {DMT_CONFIG}: not a dmt export")
+        return load_pretrained(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"student not found: {path}")
+    checkpoint = _read_checkpoint(path)
+    return student_from_checkpoint(checkpoint, str(path)), _checkpoint_tokenizer(checkpoint)
+
+
+def export_checkpoint(ckpt: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write the student of a Lightning checkpoint as an export directory; returns its resolved path."""
+    model, tokenizer = load_student(ckpt)
+    return save_pretrained(model, tokenizer, out_dir)
+
+
+# -- ablation ------------------------------------------------------------------------------------------
+
+
+class ZeroMLP(nn.Module):
+    """Stands in for a removed MLP: returns zeros shaped like its input ``(B, T, C)``."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
+def ablate_mlps(model: PreTrainedModel, indices: Iterable[int]) -> PreTrainedModel:
+    """Deep copy of ``model`` whose blocks ``indices`` have their MLP replaced by :class:`ZeroMLP`.
+
+    ``model`` itself is left untouched. Raises ``ValueError`` for an index outside ``[0, num_blocks)``.
+    """
+    indices = sorted(set(indices))
+    num_blocks = len(family_of(model.config).blocks(model))
+    bad = [i for i in indices if not 0 <= i < num_blocks]
+    if bad:
+        raise ValueError(f"ablate_layers: blocks {bad} do not exist; the model has {num_blocks} blocks")
+    ablated = copy.deepcopy(model)
+    for index in indices:
+        set_mlp(ablated, index, ZeroMLP())
+    return ablated.eval()
+
+
+# -- evaluation ----------------------------------------------------------------------------------------
+
+
+def teacher_cache_key(teacher_id: str, texts: Sequence[str], window: int, stride: int) -> str:
+    """Hex digest identifying a teacher perplexity computation."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([CACHE_VERSION, teacher_id, window, stride, len(texts)]).encode())
+    for text in texts:
+        # Length-prefixed so that text boundaries are part of the key.
+        encoded = text.encode("utf-8", errors="surrogatepass")
+        digest.update(len(encoded).to_bytes(8, "little") + encoded)
+    return digest.hexdigest()
+
+
+def _write_json_atomically(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2)
+    os.replace(tmp, path)
+
+
+def _teacher_perplexity(
+    teacher: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    window: int,
+    stride: int,
+    batch_size: int,
+    cache_dir: str | os.PathLike | None,
+    teacher_id: str | None,
+) -> tuple[PerplexityResult, bool]:
+    """Teacher perplexity and whether it came from the cache (used only with both cache_dir and id)."""
+    if cache_dir is None or teacher_id is None:
+        return perplexity(teacher, tokenizer, list(texts), window, stride, batch_size), False
+    path = Path(cache_dir) / f"teacher-ppl-{teacher_cache_key(teacher_id, texts, window, stride)[:32]}.json"
+    if path.is_file():
+        try:
+            cached = json.loads(path.read_text())["result"]
+            hit: PerplexityResult = {
+                "perplexity": float(cached["perplexity"]),
+                "nll": float(cached["nll"]),
+                "tokens": int(cached["tokens"]),
+            }
+            return hit, True
+        except (OSError, ValueError, KeyError):
+            pass  # a corrupt entry is recomputed and overwritten
+    result = perplexity(teacher, tokenizer, list(texts), window, stride, batch_size)
+    record = {"teacher_id": teacher_id, "window": window, "stride": stride, "texts": len(texts)}
+    _write_json_atomically(path, {**record, "result": dict(result)})
+    return result, False
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int
+) -> str:
+    """Greedy continuation of ``prompt`` (the new text only)."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        encoded = tokenizer(prompt, return_tensors="pt").to(device)  # input_ids (1, P)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        output = model.generate(
+            **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id
+        )  # (1, P + new)
+    finally:
+        model.train(was_training)
+    return tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def evaluate(
+    teacher: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    student: PreTrainedModel | None = None,
+    ablate_layers: Iterable[int] | None = None,
+    window: int,
+    stride: int,
+    batch_size: int,
+    cache_dir: str | os.PathLike | None = None,
+    teacher_id: str | None = None,
+    generation_prompts: Sequence[str] | None = None,
+    max_new_tokens: int = 32,
+) -> dict[str, Any]:
+    """Perplexity of the teacher, the student and the ablated teacher on ``texts``, plus generations.
+
+    Args:
+        teacher, tokenizer: the reference model and the tokenizer every model shares
+        texts: documents, each scored on its own with sliding windows (see ``perplexity``)
+        student: optional memory student
+        ablate_layers: blocks whose MLPs the ablated teacher lacks; none or empty: no ablated row
+        window, stride, batch_size: sliding-window settings
+        cache_dir, teacher_id: the teacher's perplexity is cached in ``cache_dir`` under a hash of
+            ``(teacher_id, texts, window, stride)``; ``teacher_id`` must identify the weights (e.g. the
+            resolved teacher config), and without it nothing is cached
+        generation_prompts, max_new_tokens: greedy continuations of each prompt by each model
+    Returns:
+        ``{"rows": [{name, perplexity, ratio_to_teacher, tokens, nll}], "settings": {...},
+        "generations": [{"prompt", "teacher", "student"?, "ablated"?}]}``, JSON-ready.
+    """
+    if student is not None and student.config.vocab_size != teacher.config.vocab_size:
+        raise ValueError(
+            f"student vocabulary ({student.config.vocab_size}) differs from the teacher's "
+            f"({teacher.config.vocab_size})"
+        )
+    ablate = sorted(set(ablate_layers or []))
+    models: dict[str, PreTrainedModel] = {"teacher": teacher}
+    if student is not None:
+        models["student"] = student
+    if ablate:
+        models["ablated"] = ablate_mlps(teacher, ablate)
+
+    teacher_result, cached = _teacher_perplexity(
+        teacher, tokenizer, texts, window, stride, batch_size, cache_dir, teacher_id
+    )
+    results: dict[str, PerplexityResult] = {"teacher": teacher_result}
+    for name, model in models.items():
+        if name != "teacher":
+            results[name] = perplexity(model, tokenizer, list(texts), window, stride, batch_size)
+    rows = [
+        {
+            "name": name,
+            "perplexity": result["perplexity"],
+            "ratio_to_teacher": result["perplexity"] / teacher_result["perplexity"],
+            "tokens": result["tokens"],
+            "nll": result["nll"],
+        }
+        for name, result in results.items()
+    ]
+    generations = [
+        {
+            "prompt": prompt,
+            **{name: greedy_generate(m, tokenizer, prompt, max_new_tokens) for name, m in models.items()},
+        }
+        for prompt in generation_prompts or []
+    ]
+    settings = {
+        "window": window,
+        "stride": stride,
+        "batch_size": batch_size,
+        "texts": len(texts),
+        "ablate_layers": ablate,
+        "max_new_tokens": max_new_tokens,
+        "teacher_id": teacher_id,
+        "teacher_cached": cached,
+    }
+    return {"rows": rows, "settings": settings, "generations": generations}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The perplexity rows of :func:`evaluate` as a fixed-width text table."""
+    lines = [f"{'model':<10} {'perplexity':>12} {'vs teacher':>10} {'tokens':>10}"]
+    for row in result["rows"]:
+        ppl, ratio = row["perplexity"], row["ratio_to_teacher"]
+        lines.append(f"{row['name']:<10} {ppl:>12.3f} {ratio:>10.3f} {row['tokens']:>10,}")
+    return "\n".join(lines)
+
+
+def format_generations(result: dict[str, Any]) -> str:
+    """Each prompt followed by every model's continuation, for reading side by side."""
+    blocks = []
+    for entry in result["generations"]:
+        lines = [f"prompt: {entry['prompt']!r}"]
+        lines += [f"  {name:<8} {text!r}" for name, text in entry.items() if name != "prompt"]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
