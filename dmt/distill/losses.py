@@ -39,5 +39,11 @@ def ce_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -
 
 
 def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between layer outputs ``(B, T, C)``, averaged over channels and real tokens."""
-    return _masked_mean((student.float() - teacher.float()).pow(2).mean(-1), mask)
+    """Relative squared error ``Σ‖s − t‖² / Σ‖t‖²`` between layer outputs ``(B, T, C)`` over real tokens.
+
+    Normalised by the teacher output's energy so that layers whose MLP outputs differ by orders of magnitude
+    (the last blocks of Llama-family models) weigh alike; 1.0 is the error of outputting zeros.
+    """
+    mask = mask.to(torch.float32).unsqueeze(-1)  # (B, T, 1)
+    error = ((student.float() - teacher.float()).pow(2) * mask).sum()
+    return error / (teacher.float().pow(2) * mask).sum().clamp(min=1e-12)

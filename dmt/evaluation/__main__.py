@@ -30,7 +30,7 @@ def eval_texts(cfg: DictConfig, tokenizer: Any) -> list[str]:
     if cfg.texts is None:
         return instantiate(cfg.data, tokenizer=tokenizer).val_texts()
     paths = [cfg.texts] if isinstance(cfg.texts, str) else list(cfg.texts)
-    files = resolve_files(paths, cfg.data.get("glob", "*.txt"))
+    files = resolve_files(paths, cfg.texts_glob)
     return [path.read_text(encoding="utf-8", errors="replace") for path in files]
 
 

@@ -24,3 +24,5 @@ def test_padding_is_masked():
     ids = torch.tensor([[1, 2, 3, 4]])
     assert_close(ce_loss(s, ids, mask), F.cross_entropy(s[0, :2], ids[0, 1:3]))
     assert_close(hidden_mse(s, s_garbage, mask), torch.tensor(0.0))
+    assert_close(hidden_mse(torch.zeros_like(t), t, mask), torch.tensor(1.0))
+    assert_close(hidden_mse(100 * s, 100 * t, mask), hidden_mse(s, t, mask))

@@ -8,15 +8,17 @@ import math
 
 import pytest
 import torch
+from conftest import REPO, tiny_teacher_cfg
+from omegaconf import OmegaConf
 from torch.testing import assert_close
 
 import dmt.evaluation.evaluate as evaluate_module
 from dmt.evaluation.evaluate import ZeroMLP, ablate_mlps, evaluate, format_table, load_student
 from dmt.export import main as export_main
 from dmt.model.families import get_mlp
+from dmt.model.loading import load_teacher
 from dmt.model.persistence import memory_spec, memory_state, save_pretrained
 from dmt.model.surgery import build_student, memory_layers, resolve_layer_configs
-from tests.conftest import REPO, tiny_teacher_cfg
 
 TEXTS = [
     "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him. "
@@ -76,7 +78,7 @@ def write_checkpoint(student, path, teacher_cfg=None, teacher=None) -> None:
     state = {f"student.{k}": v for k, v in student.state_dict().items()}
     if teacher is not None:  # distillation checkpoints also hold the frozen teacher
         state.update({f"teacher.{k}": v for k, v in teacher.state_dict().items()})
-    run_config = {"teacher": dict(teacher_cfg)} if teacher_cfg is not None else {}
+    run_config = {"teacher": OmegaConf.to_container(teacher_cfg)} if teacher_cfg is not None else {}
     torch.save(
         {
             "state_dict": state,
@@ -223,9 +225,10 @@ def test_hydra_entry_point(tmp_path, text_dir, monkeypatch):
     from dmt.evaluation.__main__ import run_eval
 
     monkeypatch.chdir(tmp_path)
-    student = tiny_student(__import__("dmt.model.loading").model.loading.load_teacher(tiny_teacher_cfg()))
+    student = tiny_student(load_teacher(tiny_teacher_cfg()))
     save_pretrained(student, None, tmp_path / "export")
-    doc = sorted(text_dir.iterdir())[0]
+    doc = tmp_path / "doc.txt"  # short: the entry point, not the arithmetic, is under test here
+    doc.write_text(sorted(text_dir.iterdir())[0].read_text()[:2000])
     overrides = [
         "teacher=tiny_gpt2",
         # The tiny_gpt2 teacher config but with the fixture's sizes, so the export matches it.
