@@ -15,9 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from dmt.config import validate_config
 from dmt.distill.module import DistillationModule
+from dmt.evaluation.evaluate import evaluate, format_generations, format_table, truncate_texts
 from dmt.model.loading import load_teacher, load_tokenizer
 from dmt.model.persistence import save_pretrained
-from dmt.model.surgery import build_student, count_parameters, memory_entries
+from dmt.model.surgery import build_student, count_parameters, memory_entries, memory_layers
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,38 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     }
     if cfg.get("export") and trainer.is_global_zero:
         summary["export_dir"] = str(save_pretrained(student, tokenizer, output_dir / "export"))
+    if cfg.evaluate.enabled and trainer.is_global_zero:
+        summary["evaluation"] = evaluate_on_held_out(cfg, base, student, tokenizer, datamodule, output_dir)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary)
     return summary
+
+
+def evaluate_on_held_out(
+    cfg: DictConfig, teacher: Any, student: Any, tokenizer: Any, datamodule: Any, output_dir: Path
+) -> dict[str, Any]:
+    """Sliding-window perplexity of teacher, student and ablated teacher on the validation documents."""
+    settings = cfg.evaluate
+    texts = truncate_texts(datamodule.val_texts(), tokenizer, settings.max_tokens_per_text)
+    result = evaluate(
+        teacher,
+        tokenizer,
+        texts,
+        student=student.eval(),
+        ablate_layers=sorted(memory_layers(student)),
+        window=settings.window,
+        stride=settings.stride,
+        batch_size=settings.batch_size,
+        cache_dir=settings.cache_dir,
+        teacher_id=json.dumps(OmegaConf.to_container(cfg.teacher, resolve=True), sort_keys=True),
+        generation_prompts=list(settings.prompts or []),
+        max_new_tokens=settings.max_new_tokens,
+    )
+    (output_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    print(format_table(result))
+    if result["generations"]:
+        print(format_generations(result))
+    return {row["name"]: row["perplexity"] for row in result["rows"]}
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -105,4 +135,6 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"memory entries         {summary['memory_entries']:,}",
         f"export                 {summary['export_dir']}",
     ]
+    for name, value in summary.get("evaluation", {}).items():
+        lines.append(f"held-out ppl {name:<10} {value:.2f}")
     print("\n".join(lines))

@@ -313,3 +313,16 @@ def format_generations(result: dict[str, Any]) -> str:
         lines += [f"  {name:<8} {text!r}" for name, text in entry.items() if name != "prompt"]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+def truncate_texts(
+    texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_tokens: int | None
+) -> list[str]:
+    """Each text cut after its first ``max_tokens`` tokens (at a token boundary), to bound evaluation time."""
+    if max_tokens is None:
+        return list(texts)
+    cut = []
+    for text in texts:
+        offsets = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
+        cut.append(text if len(offsets) <= max_tokens else text[: offsets[max_tokens - 1][1]])
+    return cut

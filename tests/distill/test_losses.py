@@ -10,7 +10,9 @@ def test_kd_is_zero_for_identical_logits_and_matches_kl():
     s, t = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
     mask = torch.ones(2, 3)
     assert kd_loss(t, t, mask, 2.0).abs() < 1e-6
-    expected = (F.softmax(t / 2, -1) * (F.log_softmax(t / 2, -1) - F.log_softmax(s / 2, -1))).sum(-1).mean() * 4
+    expected = (F.softmax(t / 2, -1) * (F.log_softmax(t / 2, -1) - F.log_softmax(s / 2, -1))).sum(
+        -1
+    ).mean() * 4
     assert_close(kd_loss(s, t, mask, 2.0), expected)
 
 

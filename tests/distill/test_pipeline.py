@@ -44,8 +44,16 @@ def scalars(log_dir: Path) -> dict[str, list[float]]:
 def test_short_distillation_logs_exports_and_reloads(tmp_path, text_dir):
     summary = run.distill(compose_cfg(*small_run_overrides(tmp_path, text_dir)))
     logged = scalars(tmp_path / "tensorboard")
-    for tag in ("train/loss", "train/kd", "train/ce", "train/hidden", "val/ppl_student", "val/ppl_teacher",
-                "lr-AdamW/dense", "lr-AdamW/memory"):
+    for tag in (
+        "train/loss",
+        "train/kd",
+        "train/ce",
+        "train/hidden",
+        "val/ppl_student",
+        "val/ppl_teacher",
+        "lr-AdamW/dense",
+        "lr-AdamW/memory",
+    ):
         assert tag in logged, f"{tag} not logged; have {sorted(logged)}"
     for index in (1, 3):
         for stat in ("entries", "inserts", "evictions", "mean_topk_distance"):
@@ -73,7 +81,9 @@ def test_resume_from_checkpoint_restores_memory(tmp_path, text_dir):
     first = run.distill(compose_cfg(*overrides))
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     resumed = run.distill(
-        compose_cfg(*small_run_overrides(tmp_path / "b", text_dir), f"ckpt_path={ckpt}", "trainer.max_steps=12")
+        compose_cfg(
+            *small_run_overrides(tmp_path / "b", text_dir), f"ckpt_path={ckpt}", "trainer.max_steps=12"
+        )
     )
     # Nothing left to train: the resumed student is the checkpointed one, memory included.
     assert resumed["steps"] == first["steps"] == 12
@@ -85,7 +95,12 @@ def test_resume_from_checkpoint_restores_memory(tmp_path, text_dir):
 
 
 def test_train_entry_uses_no_teacher(tmp_path, text_dir):
-    cfg = compose_cfg(*small_run_overrides(tmp_path, text_dir), "trainer.max_steps=3", "distill.alpha_hidden=0", name="train")
+    cfg = compose_cfg(
+        *small_run_overrides(tmp_path, text_dir),
+        "trainer.max_steps=3",
+        "distill.alpha_hidden=0",
+        name="train",
+    )
     assert cfg.distill.alpha_kd == 0 and cfg.distill.alpha_ce == 1
     assert not run.uses_teacher(cfg)
     summary = run.distill(cfg)
