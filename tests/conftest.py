@@ -61,3 +61,23 @@ def text_dir(tmp_path_factory) -> Path:
     for path in sorted(src.glob("*_gut.txt"))[:6]:
         (out / path.name).write_text(path.read_text(encoding="utf-8", errors="replace")[:20000])
     return out
+
+
+def tiny_student(teacher, tokens):
+    """A student with filled memory at blocks 0 (featural) and 2 (associative), in eval mode."""
+    from dmt.model.surgery import build_student, resolve_layer_configs
+
+    configs = resolve_layer_configs(
+        {
+            "layers": [0, 2],
+            "type": ["featural", "associative"],
+            "capacity": 256,
+            "topk": 4,
+            "key_dim": 8,
+            "novelty_threshold": 0.0,
+        },
+        4,
+    )
+    student = build_student(teacher, configs)
+    student(tokens)  # training mode: fills the stores
+    return student.eval()

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import REPO, tiny_teacher_cfg
+from conftest import REPO, tiny_student, tiny_teacher_cfg
 from omegaconf import OmegaConf
 from torch.testing import assert_close
 
@@ -18,7 +18,7 @@ from dmt.export import main as export_main
 from dmt.model.families import get_mlp
 from dmt.model.loading import load_teacher
 from dmt.model.persistence import memory_spec, memory_state, save_pretrained
-from dmt.model.surgery import build_student, memory_layers, resolve_layer_configs
+from dmt.model.surgery import memory_layers
 
 TEXTS = [
     "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him. "
@@ -53,24 +53,6 @@ def hf_docs_perplexity(model, tokenizer, texts: list[str], window: int, stride: 
             if end_loc == seq_len:
                 break
     return math.exp(nll_sum / n_tokens)
-
-
-def tiny_student(teacher):
-    """A student with filled memory at blocks 0 (featural) and 2 (associative), in eval mode."""
-    configs = resolve_layer_configs(
-        {
-            "layers": [0, 2],
-            "type": ["featural", "associative"],
-            "capacity": 256,
-            "topk": 4,
-            "key_dim": 8,
-            "novelty_threshold": 0.0,
-        },
-        4,
-    )
-    student = build_student(teacher, configs)
-    student(TOKENS)  # training mode: fills the stores
-    return student.eval()
 
 
 def write_checkpoint(student, path, teacher_cfg=None, teacher=None) -> None:
@@ -150,7 +132,7 @@ def test_teacher_perplexity_is_cached(tiny_gpt2, gpt2_tokenizer, tmp_path, monke
 
 
 def test_evaluate_rows_generations_and_table(tiny_gpt2, gpt2_tokenizer):
-    student = tiny_student(tiny_gpt2)
+    student = tiny_student(tiny_gpt2, TOKENS)
     result = evaluate(
         tiny_gpt2,
         gpt2_tokenizer,
@@ -177,7 +159,7 @@ def test_evaluate_rows_generations_and_table(tiny_gpt2, gpt2_tokenizer):
 @pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
 def test_student_from_export_and_checkpoint_agree(fixture, request, tmp_path, gpt2_tokenizer):
     teacher = request.getfixturevalue(fixture)
-    student = tiny_student(teacher)
+    student = tiny_student(teacher, TOKENS)
     with torch.no_grad():
         expected = student(TOKENS).logits
     save_pretrained(student, gpt2_tokenizer, tmp_path / "export")
@@ -193,7 +175,7 @@ def test_student_from_export_and_checkpoint_agree(fixture, request, tmp_path, gp
 
 
 def test_checkpoint_weight_mismatch_is_reported(tiny_gpt2, tmp_path):
-    student = tiny_student(tiny_gpt2)
+    student = tiny_student(tiny_gpt2, TOKENS)
     write_checkpoint(student, tmp_path / "run.ckpt")
     checkpoint = torch.load(tmp_path / "run.ckpt", weights_only=True)
     del checkpoint["state_dict"]["student.lm_head.weight"]
@@ -206,7 +188,7 @@ def test_checkpoint_weight_mismatch_is_reported(tiny_gpt2, tmp_path):
 
 
 def test_export_cli_writes_a_loadable_directory(tiny_gpt2, tmp_path):
-    student = tiny_student(tiny_gpt2)
+    student = tiny_student(tiny_gpt2, TOKENS)
     write_checkpoint(student, tmp_path / "run.ckpt", tiny_teacher_cfg("gpt2"))
     export_main([str(tmp_path / "run.ckpt"), str(tmp_path / "out")])
     assert (tmp_path / "out" / "dmt_config.json").is_file()
@@ -225,7 +207,7 @@ def test_hydra_entry_point(tmp_path, text_dir, monkeypatch):
     from dmt.evaluation.__main__ import run_eval
 
     monkeypatch.chdir(tmp_path)
-    student = tiny_student(load_teacher(tiny_teacher_cfg()))
+    student = tiny_student(load_teacher(tiny_teacher_cfg()), TOKENS)
     save_pretrained(student, None, tmp_path / "export")
     doc = tmp_path / "doc.txt"  # short: the entry point, not the arithmetic, is under test here
     doc.write_text(sorted(text_dir.iterdir())[0].read_text()[:2000])

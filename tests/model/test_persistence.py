@@ -1,30 +1,19 @@
 import pytest
 import torch
+from conftest import tiny_student
 from torch.testing import assert_close
 
 from dmt.model.persistence import load_pretrained, memory_state, restore_memory_state, save_pretrained
-from dmt.model.surgery import build_student, memory_layers, resolve_layer_configs
+from dmt.model.surgery import memory_layers
 
 TOKENS = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
 
 
 def trained_student(teacher):
-    configs = resolve_layer_configs(
-        {
-            "layers": [0, 2],
-            "type": ["featural", "associative"],
-            "capacity": 256,
-            "topk": 4,
-            "key_dim": 8,
-            "novelty_threshold": 0.0,
-        },
-        4,
-    )
-    student = build_student(teacher, configs)
-    student(TOKENS)  # fills the stores
+    student = tiny_student(teacher, TOKENS)
     for layer in memory_layers(student).values():
         assert len(layer.store) > 0
-    return student.eval()
+    return student
 
 
 @pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
