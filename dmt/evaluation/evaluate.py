@@ -32,8 +32,8 @@ from dmt.model.persistence import (
     DMT_CONFIG,
     layer_configs_from_spec,
     load_pretrained,
-    restore_memory_state,
     save_pretrained,
+    stores_from_state,
 )
 from dmt.model.surgery import attach_memory_layers
 
@@ -71,10 +71,10 @@ def student_from_checkpoint(checkpoint: dict[str, Any], where: str = "checkpoint
     """
     dmt = checkpoint["dmt"]
     model = AutoModelForCausalLM.from_config(_model_config(dmt["model_config"]))
-    # Fresh stores first (stores=None), replaced right away by the checkpoint's, so the layer objects
-    # are built by the same code path as in training.
-    attach_memory_layers(model, layer_configs_from_spec(dmt["memory_spec"]), stores=None)
-    restore_memory_state(model, dmt["memory_state"])
+    # The checkpoint's stores go in directly: no fresh store is built or seeded (init: ffn) to be replaced.
+    attach_memory_layers(
+        model, layer_configs_from_spec(dmt["memory_spec"]), stores=stores_from_state(dmt["memory_state"])
+    )
     weights = {
         key[len(STUDENT_PREFIX) :]: value
         for key, value in checkpoint["state_dict"].items()

@@ -66,16 +66,24 @@ def memory_state(model: PreTrainedModel) -> dict[str, dict[str, Any]]:
     }
 
 
+def stores_from_state(state: dict[str, dict[str, Any]]) -> dict[int, KNNStore]:
+    """The stores of a :func:`memory_state` dict, by block index."""
+    return {
+        int(index): KNNStore.from_state_dict(
+            {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in store_state.items()}
+        )
+        for index, store_state in state.items()
+    }
+
+
 def restore_memory_state(model: PreTrainedModel, state: dict[str, dict[str, Any]]) -> None:
     """Put the stores of :func:`memory_state` back into the memory layers of ``model``."""
     layers = memory_layers(model)
-    if sorted(map(int, state)) != sorted(layers):
-        raise ValueError(
-            f"checkpoint memory has layers {sorted(map(int, state))}, the model {sorted(layers)}"
-        )
-    for index, store_state in state.items():
-        arrays = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in store_state.items()}
-        layers[int(index)].store = KNNStore.from_state_dict(arrays)
+    stores = stores_from_state(state)
+    if sorted(stores) != sorted(layers):
+        raise ValueError(f"checkpoint memory has layers {sorted(stores)}, the model {sorted(layers)}")
+    for index, store in stores.items():
+        layers[index].store = store
 
 
 def _replace_directory(tmp: Path, target: Path) -> None:
