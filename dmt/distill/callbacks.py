@@ -6,8 +6,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-from dmt.model.surgery import memory_layers
-
 
 class MemoryMonitor(pl.Callback):
     """Logs ``memory/layer_XX/{entries,inserts,evictions,merges,mean_topk_distance}`` every few steps."""
@@ -18,6 +16,6 @@ class MemoryMonitor(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
         if trainer.global_step % self.every_n_steps:
             return
-        for index, layer in memory_layers(module.student).items():
+        for index, layer in module.memory_layers.items():
             for name, value in layer.memory_stats().items():
                 module.log(f"memory/layer_{index:02d}/{name}", value, on_step=True, on_epoch=False)

@@ -80,13 +80,17 @@ class DistillationModule(pl.LightningModule):
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see class docstring
         if teacher is not None:
             teacher.eval().requires_grad_(False)
+        # A plain dict, not a ModuleDict: the layers are already registered inside the student.
+        self.memory_layers = memory_layers(student)
         if trainable == "memory":
             student.requires_grad_(False)
-            for layer in memory_layers(student).values():
+            for layer in self.memory_layers.values():
                 layer.requires_grad_(True)
-        self._teacher_val: tuple[float, int] | None = None
+        # Summed validation NLL and scored tokens of this epoch; the frozen teacher's NLL per token is
+        # computed in the first real validation and reused afterwards.
         self._val_sums = torch.zeros(2, dtype=torch.float64)
         self._teacher_val_sums = torch.zeros(2, dtype=torch.float64)
+        self._teacher_val_nll: float | None = None
 
     # ---- forward and losses -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,7 +99,7 @@ class DistillationModule(pl.LightningModule):
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         hp = self.hparams
         input_ids, mask = batch["input_ids"], batch["attention_mask"]
-        layers = memory_layers(self.student)
+        layers = self.memory_layers
         with capture_outputs(layers) as student_out:
             logits = self(input_ids, mask)
         out = {"ce": ce_loss(logits, input_ids, mask)}
@@ -137,7 +141,7 @@ class DistillationModule(pl.LightningModule):
 
     def on_after_backward(self) -> None:
         # Stored values of featural layers learn by sparse SGD from the gradient of the returned values.
-        for layer in memory_layers(self.student).values():
+        for layer in self.memory_layers.values():
             if isinstance(layer, FeaturalMemory):
                 layer.apply_value_updates()
 
@@ -147,14 +151,19 @@ class DistillationModule(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         input_ids, mask = batch["input_ids"], batch["attention_mask"]
-        tokens = float((mask[:, 1:] * mask[:, :-1]).sum())
-        self._val_sums += torch.tensor(
-            [float(ce_loss(self(input_ids, mask), input_ids, mask)) * tokens, tokens]
-        )
-        if self.teacher is not None and self._teacher_val is None:
+        tokens = float((mask[:, 1:] * mask[:, :-1]).sum())  # scored next-token pairs
+
+        def nll_sums(logits: torch.Tensor) -> torch.Tensor:
+            return torch.tensor(
+                [float(ce_loss(logits, input_ids, mask)) * tokens, tokens], dtype=torch.float64
+            )
+
+        self._val_sums += nll_sums(self(input_ids, mask))
+        if self.teacher is not None and self._teacher_val_nll is None:
             with torch.no_grad():
-                logits = self.teacher(input_ids=input_ids, attention_mask=mask).logits
-            self._teacher_val_sums += torch.tensor([float(ce_loss(logits, input_ids, mask)) * tokens, tokens])
+                self._teacher_val_sums += nll_sums(
+                    self.teacher(input_ids=input_ids, attention_mask=mask).logits
+                )
 
     def on_validation_epoch_end(self) -> None:
         if self._val_sums[1] == 0:
@@ -163,15 +172,16 @@ class DistillationModule(pl.LightningModule):
         self.log("val/loss", nll, prog_bar=True)
         self.log("val/ppl_student", math.exp(min(nll, 50.0)), prog_bar=True)
         if self.teacher is not None:
-            # The teacher is frozen: its validation loss is computed once (outside the sanity check).
-            if self._teacher_val is None and not self.trainer.sanity_checking:
-                self._teacher_val = (float(self._teacher_val_sums[0]), int(self._teacher_val_sums[1]))
-            sums = self._teacher_val or (float(self._teacher_val_sums[0]), int(self._teacher_val_sums[1]))
-            self.log("val/ppl_teacher", math.exp(min(sums[0] / max(sums[1], 1), 50.0)))
+            teacher_nll = self._teacher_val_nll
+            if teacher_nll is None:
+                teacher_nll = float(self._teacher_val_sums[0] / self._teacher_val_sums[1])
+                if not self.trainer.sanity_checking:  # the sanity check sees only part of the split
+                    self._teacher_val_nll = teacher_nll
+            self.log("val/ppl_teacher", math.exp(min(teacher_nll, 50.0)))
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        memory_params = {id(p) for layer in memory_layers(self.student).values() for p in layer.parameters()}
+        memory_params = {id(p) for layer in self.memory_layers.values() for p in layer.parameters()}
         groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "memory": []}
         for name, param in self.student.named_parameters():
             if not param.requires_grad:

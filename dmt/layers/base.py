@@ -100,16 +100,23 @@ class MemoryLayer(nn.Module):
         )
         return result, retrieved
 
-    def insert_novel(self, nearest: np.ndarray, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Insert the rows of ``keys (N, Dk)`` / ``values (N, Dv)`` whose nearest neighbour is far enough."""
+    def insert_novel(self, nearest: np.ndarray, keys: torch.Tensor, values: torch.Tensor | None) -> None:
+        """Insert the rows of ``keys (N, Dk)`` / ``values (N, Dv)`` whose nearest neighbour is far enough.
+
+        ``values=None`` inserts zero values (featural layers learn them afterwards).
+        """
         if not self.inserting:
             return
         novel = nearest > self.cfg.novelty_threshold  # +inf (no neighbour) is always novel
         if novel.any():
             mask = torch.from_numpy(novel).to(keys.device)
-            self.store.insert(
-                keys.detach()[mask].float().cpu().numpy(), values.detach()[mask].float().cpu().numpy()
-            )
+            new_keys = keys.detach()[mask].float().cpu().numpy()  # (M, Dk)
+            new_values = (
+                np.zeros((len(new_keys), self.value_dim), dtype=np.float32)
+                if values is None
+                else values.detach()[mask].float().cpu().numpy()
+            )  # (M, Dv)
+            self.store.insert(new_keys, new_values)
 
     def maybe_recombine(self, result: QueryResult) -> None:
         if self.training and self.cfg.recombine_distance is not None:

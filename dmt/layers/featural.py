@@ -33,7 +33,7 @@ class FeaturalMemory(MemoryLayer):
             values.requires_grad_(True)
             self._pending.append((found.ids, values))
         mixed = weighted_sum(self.scores(queries, found.keys), found.valid, values, self.cfg.weighting)
-        self.insert_novel(found.nearest, queries, torch.zeros(len(queries), self.value_dim))
+        self.insert_novel(found.nearest, queries, values=None)
         self.maybe_recombine(result)
         return self.merge_heads(mixed, batch_shape)  # (B, T, C)
 
