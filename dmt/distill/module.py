@@ -9,13 +9,15 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import PreTrainedModel
 
 from dmt.distill.losses import ce_loss, hidden_mse, kd_loss
 from dmt.layers import FeaturalMemory
+from dmt.layers.base import apply_writes
 from dmt.model.families import get_mlp
-from dmt.model.persistence import memory_spec, memory_state, restore_memory_state
+from dmt.model.persistence import memory_digest, memory_spec, memory_state, restore_memory_state
 from dmt.model.surgery import memory_layers
 
 
@@ -123,6 +125,33 @@ class DistillationModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.teacher is not None:
             self.teacher.to(self.device)
+        for layer in self.memory_layers.values():
+            layer.deferred_writes = True
+
+    def on_fit_end(self) -> None:
+        self.commit_memory_writes()
+        for layer in self.memory_layers.values():
+            layer.deferred_writes = False
+
+    def commit_memory_writes(self) -> None:
+        """Apply the memory writes recorded since the last commit, the same on every replica.
+
+        Under data parallelism each rank searched and computed value updates on its own batch; the
+        records of all ranks are gathered and applied in rank order, so every replica's stores stay
+        identical and a checkpoint written by rank 0 holds everyone's memory.
+        """
+        writes = {index: layer.take_writes() for index, layer in self.memory_layers.items()}
+        gathered = [writes]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, writes)
+        for index, layer in self.memory_layers.items():
+            apply_writes(layer.store, [rank_writes[index] for rank_writes in gathered])
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Weights and memory advance together: a checkpoint taken after this step holds both.
+        self.commit_memory_writes()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.losses(batch)
@@ -141,9 +170,11 @@ class DistillationModule(pl.LightningModule):
 
     def on_after_backward(self) -> None:
         # Stored values of featural layers learn by sparse SGD from the gradient of the returned values.
+        # Data-parallel ranks' updates are all applied (see commit_memory_writes): dividing by the world
+        # size averages them, as DDP averages dense gradients.
         for layer in self.memory_layers.values():
             if isinstance(layer, FeaturalMemory):
-                layer.apply_value_updates()
+                layer.apply_value_updates(layer.cfg.value_lr / self.trainer.world_size)
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums.zero_()
@@ -165,16 +196,24 @@ class DistillationModule(pl.LightningModule):
                     self.teacher(input_ids=input_ids, attention_mask=mask).logits
                 )
 
+    def on_validation_batch_end(self, *args: Any) -> None:
+        self.commit_memory_writes()  # references (and inserts, with insert_during_eval)
+
     def on_validation_epoch_end(self) -> None:
-        if self._val_sums[1] == 0:
+        # Sum over data-parallel ranks, so every rank logs the perplexity of the whole validation split.
+        val_sums = self.trainer.strategy.reduce(self._val_sums.to(self.device), reduce_op="sum").cpu()
+        teacher_sums = self.trainer.strategy.reduce(
+            self._teacher_val_sums.to(self.device), reduce_op="sum"
+        ).cpu()
+        if val_sums[1] == 0:
             return
-        nll = float(self._val_sums[0] / self._val_sums[1])
+        nll = float(val_sums[0] / val_sums[1])
         self.log("val/loss", nll, prog_bar=True)
         self.log("val/ppl_student", math.exp(min(nll, 50.0)), prog_bar=True)
         if self.teacher is not None:
             teacher_nll = self._teacher_val_nll
             if teacher_nll is None:
-                teacher_nll = float(self._teacher_val_sums[0] / self._teacher_val_sums[1])
+                teacher_nll = float(teacher_sums[0] / teacher_sums[1])
                 if not self.trainer.sanity_checking:  # the sanity check sees only part of the split
                     self._teacher_val_nll = teacher_nll
             self.log("val/ppl_teacher", math.exp(min(teacher_nll, 50.0)))
@@ -207,11 +246,23 @@ class DistillationModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Writes are committed right after each optimiser step and validation batch, so the stores here
+        # belong to the same step as the weights; an unfinished step's writes are left out, as its update is.
         checkpoint["dmt"] = {
             "model_config": self.student.config.to_dict(),
             "memory_spec": memory_spec(self.student),
             "memory_state": memory_state(self.student),
+            "global_step": self.global_step,
+            "memory_digest": memory_digest(self.student),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        restore_memory_state(self.student, checkpoint["dmt"]["memory_state"])
+        state = checkpoint["dmt"]
+        restore_memory_state(self.student, state["memory_state"])
+        if memory_digest(self.student) != state["memory_digest"]:
+            raise ValueError(
+                "checkpoint memory does not match the digest saved with it (corrupt or edited checkpoint)"
+            )
+        if state["global_step"] != checkpoint.get("global_step", state["global_step"]):
+            steps = state["global_step"], checkpoint["global_step"]
+            raise ValueError(f"checkpoint memory is from step {steps[0]}, its weights from step {steps[1]}")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch.distributed as dist
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -17,7 +18,7 @@ from dmt.config import validate_config
 from dmt.distill.module import DistillationModule
 from dmt.evaluation.evaluate import evaluate, format_generations, format_table, truncate_texts
 from dmt.model.loading import load_teacher, load_tokenizer
-from dmt.model.persistence import save_pretrained
+from dmt.model.persistence import memory_digest, save_pretrained
 from dmt.model.surgery import build_student, count_parameters, memory_entries, memory_layers
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,15 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
         for entry in group.values()
         if isinstance(entry, DictConfig) and "_target_" in entry
     ]
+
+
+def gather_from_ranks(value: str) -> list[str]:
+    """``value`` of every data-parallel rank, in rank order (just ``[value]`` in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def uses_teacher(cfg: DictConfig) -> bool:
@@ -77,6 +87,9 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
+    digests = gather_from_ranks(memory_digest(student))
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"memory replicas diverged across ranks: digests {digests}")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     summary: dict[str, Any] = {
         "output_dir": str(output_dir),
@@ -87,10 +100,14 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         "student_dense_parameters": student_params,
         "memory_entries": memory_entries(student),
         "export_dir": None,
+        "world_size": trainer.world_size,
+        "memory_digests": digests,
     }
-    if cfg.get("export") and trainer.is_global_zero:
+    if not trainer.is_global_zero:
+        return summary
+    if cfg.get("export"):
         summary["export_dir"] = str(save_pretrained(student, tokenizer, output_dir / "export"))
-    if cfg.evaluate.enabled and trainer.is_global_zero:
+    if cfg.evaluate.enabled:
         summary["evaluation"] = evaluate_on_held_out(cfg, base, student, tokenizer, datamodule, output_dir)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary)

@@ -12,6 +12,7 @@ until inserts fill the store.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +22,27 @@ from torch import nn
 from dmt.layers.config import MemoryLayerConfig
 from dmt.memory import KNNStore, QueryResult
 from dmt.memory.metrics import distance
+
+# A store mutation recorded by a layer: (operation, arguments of the store method).
+WriteOp = tuple[str, tuple[Any, ...]]
+# Store method of each operation, in the order a commit applies them: references and value updates name
+# ids from the step's searches, so they go before recombination and inserts can free or reuse slots.
+WRITE_METHODS: dict[str, str] = {
+    "reference": "reference",
+    "update": "update_values",
+    "recombine": "recombine",
+    "insert": "insert",
+}
+
+
+def apply_writes(store: KNNStore, writes_per_rank: list[list[WriteOp]]) -> None:
+    """Apply the recorded writes of every rank to ``store``: operation by operation (see
+    ``WRITE_METHODS``), rank by rank. Every replica applying the same lists ends with the same store."""
+    for op, method in WRITE_METHODS.items():
+        for writes in writes_per_rank:
+            for name, args in writes:
+                if name == op:
+                    getattr(store, method)(*args)
 
 
 @dataclass
@@ -76,6 +98,22 @@ class MemoryLayer(nn.Module):
         self.query_proj = nn.Linear(d_model, self.heads * self.key_dim)
         self.out_proj = nn.Linear(self.heads * self.value_dim, d_model)
         self.last_topk_distance = float("nan")
+        # When set (by the training loop), store writes wait in `_writes` for `take_writes()`, so that
+        # they can be applied once per optimiser step, identically on every data-parallel replica.
+        self.deferred_writes = False
+        self._writes: list[WriteOp] = []
+
+    def write(self, op: str, *args: Any) -> None:
+        """Mutate the store now, or record the mutation when writes are deferred."""
+        if self.deferred_writes:
+            self._writes.append((op, args))
+        else:
+            apply_writes(self.store, [[(op, args)]])
+
+    def take_writes(self) -> list[WriteOp]:
+        """The recorded writes since the last call, in order; the record is emptied."""
+        writes, self._writes = self._writes, []
+        return writes
 
     @property
     def inserting(self) -> bool:
@@ -83,8 +121,9 @@ class MemoryLayer(nn.Module):
 
     def search(self, queries: torch.Tensor) -> tuple[QueryResult, Retrieved]:
         """Batched top-k search for ``queries (N, Dk)``; results on the queries' device and dtype."""
-        result = self.store.query(queries.detach().float().cpu().numpy(), self.cfg.topk)
+        result = self.store.query(queries.detach().float().cpu().numpy(), self.cfg.topk, reference=False)
         found = result.ids >= 0
+        self.write("reference", result.ids[found])  # LRFU: every returned entry was referenced
         if found.any():
             self.last_topk_distance = float(result.distances[found].mean())
 
@@ -116,11 +155,11 @@ class MemoryLayer(nn.Module):
                 if values is None
                 else values.detach()[mask].float().cpu().numpy()
             )  # (M, Dv)
-            self.store.insert(new_keys, new_values)
+            self.write("insert", new_keys, new_values)
 
     def maybe_recombine(self, result: QueryResult) -> None:
         if self.training and self.cfg.recombine_distance is not None:
-            self.store.recombine(result, self.cfg.recombine_distance)
+            self.write("recombine", result, self.cfg.recombine_distance)
 
     def scores(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Similarity ``(N, K)`` of each query to its neighbours, scaled by the temperature."""

@@ -46,7 +46,7 @@ class FeaturalMemory(MemoryLayer):
                 continue
             valid = ids.reshape(-1) >= 0
             grads = values.grad.reshape(-1, self.value_dim)[torch.from_numpy(valid).to(values.device)]
-            self.store.update_values(ids.reshape(-1)[valid], (-lr * grads).float().cpu().numpy())
+            self.write("update", ids.reshape(-1)[valid], (-lr * grads).float().cpu().numpy())
         self._pending.clear()
 
     @torch.no_grad()

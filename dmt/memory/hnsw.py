@@ -93,7 +93,9 @@ class HnswIndex:
             # Threads would update the same point concurrently; the outcome would depend on scheduling.
             raise ValueError("labels must be distinct within one add")
         if len(labels):
-            self._index.add_items(vectors, labels, num_threads=self.num_threads)
+            # One thread: a multi-threaded build gives a graph that depends on thread timing, and replicas
+            # that apply the same inserts (data-parallel training) must end with the same index.
+            self._index.add_items(vectors, labels, num_threads=1)
             self._live[labels] = True
 
     def remove(self, labels: np.ndarray) -> None:

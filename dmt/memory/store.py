@@ -9,8 +9,9 @@ slot may be reused for a different entry, so ids must not be kept across inserts
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import asdict, replace
+import numbers
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,26 @@ import numpy as np
 
 from dmt.memory.base import MemoryStats, QueryResult, as_float_matrix
 from dmt.memory.hnsw import HnswIndex
+from dmt.memory.integrity import (
+    MANIFEST,
+    MemoryStoreError,
+    file_record,
+    fsync_path,
+    read_manifest,
+    verify_files,
+    write_array,
+    write_directory,
+)
 from dmt.memory.lrfu import LRFU
 from dmt.memory.metrics import Metric, check_metric
 
-FORMAT_VERSION = 1
+# Directory format 2 added the per-file integrity records ("files") to the manifest; format 1
+# directories (no records) still load, checked for shapes and counts only.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
+# The state_dict layout did not change with the directory format, so checkpoints keep version 1.
+STATE_FORMAT_VERSION = 1
 VALUE_DTYPES = ("float32", "float16")
-MANIFEST = "manifest.json"
 INDEX_FILE = "index.bin"
 # Array name → file name in a saved directory; the same names are the keys of ``state_dict``.
 ARRAY_FILES = {
@@ -33,6 +48,8 @@ ARRAY_FILES = {
     "lrfu_crf": "lrfu_crf.npy",
     "lrfu_last": "lrfu_last.npy",
 }
+# Every file of a saved directory but the manifest, by the name ``_restore`` errors use for it.
+STORE_FILES = {**ARRAY_FILES, "index_bytes": INDEX_FILE}
 
 
 class KNNStore:
@@ -104,10 +121,12 @@ class KNNStore:
     def query(self, queries: np.ndarray, k: int, reference: bool = True) -> QueryResult:
         """The ``k`` nearest entries of each of ``queries (N, key_dim)``.
 
-        An empty store (cold start) answers with all ids -1. Advances the clock by one; with
-        ``reference`` every returned id counts as one LRFU reference (duplicates across rows each count).
+        An empty store (cold start) answers with all ids -1, and ``N = 0`` with empty ``(0, k)`` results.
+        Advances the clock by one per call (also for ``N = 0``, so the clock counts calls alike on every
+        data-parallel replica); with ``reference`` every returned id counts as one LRFU reference
+        (duplicates across rows each count).
         """
-        if not isinstance(k, (int, np.integer)) or k < 1 or k > self.capacity:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or k > self.capacity:
             raise ValueError(f"k must be an integer in [1, capacity={self.capacity}], got k={k!r}")
         queries = as_float_matrix("queries", queries, self.key_dim)
         self._now += 1
@@ -158,11 +177,25 @@ class KNNStore:
         self._live[slots] = False
 
     def _check_ids(self, ids: np.ndarray) -> np.ndarray:
-        """``ids`` as int64, raising ``ValueError`` unless every id is in range."""
-        ids = np.asarray(ids, dtype=np.int64).ravel()
+        """``ids`` as flat int64, raising ``ValueError`` unless they are integers in range."""
+        ids = np.asarray(ids)
+        # Casting floats or bools would silently turn 1.7 into slot 1 and True into slot 1.
+        if ids.size and ids.dtype.kind not in "iu":
+            raise ValueError(f"ids must be an integer array, got dtype {ids.dtype}")
+        ids = ids.astype(np.int64).ravel()
         if ids.size and (ids.min() < -1 or ids.max() >= self.capacity):
             raise ValueError(f"ids must lie in [-1, {self.capacity}), got [{ids.min()}, {ids.max()}]")
         return ids
+
+    def reference(self, ids: np.ndarray) -> None:
+        """Count one LRFU reference at the current clock per element of ``ids (M,)`` (-1 ignored).
+
+        For callers that search with ``query(..., reference=False)`` and apply references later, e.g. once
+        per training step on every data-parallel replica.
+        """
+        ids = self._check_ids(ids)
+        ids = ids[ids >= 0]
+        self._lrfu.reference(ids[self._live[ids]], self._now)
 
     def update_values(self, ids: np.ndarray, deltas: np.ndarray) -> None:
         """``values[ids] += deltas`` for ``ids (M,)``, ``deltas (M, value_dim)`` (sparse SGD step).
@@ -197,8 +230,17 @@ class KNNStore:
         removed. Entries merged away earlier in the call are skipped; the distances are those of the
         query, i.e. not recomputed after an earlier row moved a key.
         """
+        all_distances = np.asarray(result.distances)
+        if np.ndim(result.ids) != 2 or np.shape(result.ids) != all_distances.shape:
+            raise ValueError(
+                f"result ids and distances must have the same (N, k) shape, "
+                f"got {np.shape(result.ids)} and {all_distances.shape}"
+            )
+        if not isinstance(max_distance, numbers.Real) or np.isnan(max_distance):
+            raise ValueError(f"max_distance must be a number, got {max_distance!r}")
+        all_ids = self._check_ids(result.ids).reshape(all_distances.shape)
         removed = 0
-        for ids, distances in zip(result.ids, result.distances, strict=True):
+        for ids, distances in zip(all_ids, all_distances, strict=True):
             near = (ids >= 0) & (distances <= max_distance)
             near[near] = self._live[ids[near]]
             if np.count_nonzero(near) < 2:
@@ -221,8 +263,8 @@ class KNNStore:
     # ------------------------------------------------------------------ persistence
 
     def _manifest(self) -> dict[str, Any]:
+        """Settings, counters and clock: what a saved manifest and a state dict share besides arrays."""
         return {
-            "format_version": FORMAT_VERSION,
             "key_dim": self.key_dim,
             "value_dim": self.value_dim,
             "capacity": self.capacity,
@@ -245,48 +287,82 @@ class KNNStore:
         }
 
     def save(self, directory: str | Path) -> None:
-        """Write ``manifest.json``, one ``.npy`` per array and ``index.bin`` into ``directory``.
+        """Atomically write the store to ``directory``: ``manifest.json``, one ``.npy`` per array and
+        ``index.bin``, with the size and SHA-256 of every file recorded in the manifest.
 
-        The manifest is written last, so a directory without one is an interrupted save.
+        Everything is written and fsynced in a temporary sibling of ``directory`` that then replaces it
+        (:func:`dmt.memory.integrity.write_directory`): a failed save (full disk, crash) leaves the
+        previous store loadable and no temporary directory behind. An existing ``directory`` holding
+        files that are not part of a store is refused rather than deleted.
+
+        A store loaded with ``mmap=True`` follows its latest save: its values are then mapped from the
+        new ``directory/values.npy`` (the file it was loaded from may just have been deleted), so later
+        value writes land there. The mapping follows the file if ``directory`` is moved afterwards.
+
+        Raises:
+            OSError: naming ``directory`` when writing fails; the original error is the cause.
         """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        for name, array in self._arrays().items():
-            path = directory / ARRAY_FILES[name]
-            if isinstance(array, np.memmap) and Path(array.filename).resolve() == path.resolve():
-                array.flush()  # rewriting the file under its own memory map would corrupt it
-            else:
-                np.save(path, array, allow_pickle=False)
-        self._index.save(directory / INDEX_FILE)
-        (directory / MANIFEST).write_text(json.dumps(self._manifest(), indent=2))
+        write_directory(directory, self._write_files, known_names=(MANIFEST, *STORE_FILES.values()))
+        if isinstance(self._values, np.memmap):
+            self._values = np.load(directory / STORE_FILES["values"], mmap_mode="r+")
+
+    def _write_files(self, directory: Path) -> None:
+        """Write every file of a save into the empty ``directory``, the manifest with their records last."""
+        files = {
+            STORE_FILES[name]: write_array(directory / STORE_FILES[name], array)
+            for name, array in self._arrays().items()
+        }
+        index_path = directory / INDEX_FILE
+        self._index.save(index_path)
+        fsync_path(index_path)
+        files[INDEX_FILE] = file_record(index_path)
+        manifest_path = directory / MANIFEST
+        manifest_path.write_text(
+            json.dumps({"format_version": FORMAT_VERSION, **self._manifest(), "files": files}, indent=2)
+        )
+        fsync_path(manifest_path)
 
     @classmethod
-    def load(cls, directory: str | Path, mmap: bool = False) -> KNNStore:
-        """Read a :meth:`save` directory (never unpickles).
+    def load(cls, directory: str | Path, mmap: bool = False, verify: bool = True) -> KNNStore:
+        """Read a :meth:`save` directory (never unpickles), checking it against its manifest.
+
+        Every file's size is always compared with the manifest, and shapes, dtypes and the live count
+        with the manifest's settings. ``verify`` also hashes every file: one extra full read of the store
+        (about a second per GB). ``verify=False`` skips only that pass, for huge stores on trusted disks;
+        a corruption that keeps a file's size then goes unnoticed.
 
         With ``mmap`` the values stay in ``values.npy`` and are memory-mapped read/write, so a store may
-        exceed RAM; every later value write (``insert``, ``update_values``, ``recombine``) then goes
-        straight to that file.
+        exceed RAM; every later value write (``insert``, ``update_values``, ``recombine``) goes straight
+        to that file. The file then no longer matches its checksum until the next :meth:`save`: if the
+        process stops before that, the directory loads only with ``verify=False``.
+
+        Raises:
+            FileNotFoundError: ``directory`` has no ``manifest.json``.
+            MemoryStoreError: a ``ValueError`` naming the file that is unreadable, missing, truncated,
+                changed or inconsistent with the manifest.
         """
         directory = Path(directory)
-        manifest_path = directory / MANIFEST
-        if not manifest_path.is_file():
-            raise FileNotFoundError(
-                f"{manifest_path} is missing (not a saved KNNStore, or an interrupted save)"
+        manifest = read_manifest(directory)
+        version = manifest.get("format_version")
+        if type(version) is not int or version not in READABLE_FORMAT_VERSIONS:
+            raise MemoryStoreError(
+                f"{directory / MANIFEST}: format_version {version!r} is not supported "
+                f"(readable: {', '.join(map(str, READABLE_FORMAT_VERSIONS))})"
             )
-        manifest = json.loads(manifest_path.read_text())
+        if version >= 2:  # format 1 predates the integrity records
+            verify_files(directory, manifest.get("files"), STORE_FILES.values(), checksums=verify)
         arrays = {
-            name: np.load(
-                directory / file, allow_pickle=False, mmap_mode="r+" if mmap and name == "values" else None
-            )
-            for name, file in ARRAY_FILES.items()
+            name: _load_npy(directory / STORE_FILES[name], mmap=mmap and name == "values")
+            for name in ARRAY_FILES
         }
         index_path = directory / INDEX_FILE
         return cls._restore(
             manifest,
             arrays,
             lambda live: HnswIndex.load(index_path, **cls._index_args(manifest), live=live),
-            where=lambda name: str(directory / ARRAY_FILES[name]),
+            where=lambda name: str(directory / STORE_FILES[name]),
+            source=str(directory / MANIFEST),
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -297,21 +373,45 @@ class KNNStore:
         ``torch.from_numpy`` (and back with ``.numpy()``); this dict stays numpy-only.
         """
         arrays = {name: np.array(array) for name, array in self._arrays().items()}  # copies, not memmaps
-        return {**self._manifest(), **arrays, "index_bytes": self._index.to_bytes()}
+        return {
+            "format_version": STATE_FORMAT_VERSION,
+            **self._manifest(),
+            **arrays,
+            "index_bytes": self._index.to_bytes(),
+        }
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> KNNStore:
-        """Inverse of :meth:`state_dict`; arrays may be anything ``np.asarray`` accepts."""
-        arrays = {name: np.asarray(state[name]) for name in ARRAY_FILES}
+    def from_state_dict(cls, state: Mapping[str, Any]) -> KNNStore:
+        """Inverse of :meth:`state_dict`; arrays may be anything ``np.asarray`` accepts.
+
+        Raises:
+            MemoryStoreError: a ``ValueError`` naming the entry that is missing or of the wrong type,
+                shape or dtype.
+        """
+        if not isinstance(state, Mapping):
+            raise MemoryStoreError(f"state_dict: expected a mapping, got {type(state).__name__}")
+        if state.get("format_version") != STATE_FORMAT_VERSION:
+            raise MemoryStoreError(
+                f"state_dict['format_version']: {state.get('format_version')!r} is not supported "
+                f"(expected {STATE_FORMAT_VERSION})"
+            )
+        arrays = {name: _state_array(state, name) for name in STORE_FILES}
+        index_bytes = arrays.pop("index_bytes")
+        if index_bytes.ndim != 1 or index_bytes.dtype != np.uint8:
+            raise MemoryStoreError(
+                f"state_dict['index_bytes']: expected a 1-D uint8 array, "
+                f"got shape {index_bytes.shape} dtype {index_bytes.dtype.name}"
+            )
         return cls._restore(
             state,
             arrays,
-            lambda live: HnswIndex.from_bytes(state["index_bytes"], **cls._index_args(state), live=live),
+            lambda live: HnswIndex.from_bytes(index_bytes, **cls._index_args(state), live=live),
             where=lambda name: f"state_dict[{name!r}]",
+            source="state_dict",
         )
 
     @staticmethod
-    def _index_args(manifest: dict[str, Any]) -> dict[str, Any]:
+    def _index_args(manifest: Mapping[str, Any]) -> dict[str, Any]:
         return {
             "dim": manifest["key_dim"],
             "metric": manifest["metric"],
@@ -322,28 +422,36 @@ class KNNStore:
     @classmethod
     def _restore(
         cls,
-        manifest: dict[str, Any],
+        manifest: Mapping[str, Any],
         arrays: dict[str, np.ndarray],
         make_index: Callable[[np.ndarray], HnswIndex],
         where: Callable[[str], str],
+        source: str,
     ) -> KNNStore:
-        """Build a store from a manifest and its arrays, checking every array against the manifest.
+        """Build a store from a manifest and its arrays, checking every field and array against it.
 
         Args:
+            manifest: the :meth:`_manifest` fields (settings, counters, clock).
+            arrays: every ``ARRAY_FILES`` name → its array.
             make_index: reads the hnswlib graph given the ``(capacity,)`` live mask.
-            where: names an array's origin (file or state key) in error messages.
+            where: names the origin (file or state key) of an array or of ``"index_bytes"`` in errors.
+            source: names the origin of the manifest fields in errors.
+        Raises:
+            MemoryStoreError: naming the field or the array that is wrong.
         """
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"unsupported KNNStore format_version {manifest.get('format_version')!r}")
+        _check_manifest_fields(manifest, source)
         store = cls.__new__(cls)
-        store._configure(
-            manifest["key_dim"],
-            manifest["value_dim"],
-            manifest["capacity"],
-            manifest["metric"],
-            manifest["lrfu_lambda"],
-            manifest["value_dtype"],
-        )
+        try:
+            store._configure(
+                manifest["key_dim"],
+                manifest["value_dim"],
+                manifest["capacity"],
+                manifest["metric"],
+                manifest["lrfu_lambda"],
+                manifest["value_dtype"],
+            )
+        except ValueError as error:
+            raise MemoryStoreError(f"{source}: {error}") from error
         capacity = store.capacity
         expected = {
             "keys": ((capacity, store.key_dim), np.float32),
@@ -355,20 +463,85 @@ class KNNStore:
         for name, (shape, dtype) in expected.items():
             array = arrays[name]
             if array.shape != shape or array.dtype != dtype:
-                raise ValueError(
-                    f"{where(name)}: expected shape {shape} dtype {np.dtype(dtype).name}, "
+                raise MemoryStoreError(
+                    f"{where(name)}: expected shape {shape} dtype {np.dtype(dtype).name} (from {source}), "
                     f"got shape {array.shape} dtype {array.dtype.name}"
                 )
         live = arrays["live"]
         if int(np.count_nonzero(live)) != manifest["entries"]:
-            raise ValueError(
-                f"{where('live')}: {np.count_nonzero(live)} live entries, manifest says {manifest['entries']}"
+            raise MemoryStoreError(
+                f"{where('live')}: {np.count_nonzero(live)} live entries, {source} says {manifest['entries']}"
             )
         store._keys, store._values, store._live = arrays["keys"], arrays["values"], live.copy()
         store._lrfu.load_state_dict(
             {"crf": arrays["lrfu_crf"], "last": arrays["lrfu_last"], "lam": store.lrfu_lambda}
         )
-        store._index = make_index(live)
+        try:
+            store._index = make_index(live)
+        except (RuntimeError, ValueError) as error:  # hnswlib reports a corrupt graph as RuntimeError
+            raise MemoryStoreError(f"{where('index_bytes')}: not a usable hnswlib index ({error})") from error
         store._now = int(manifest["now"])
-        store._stats = MemoryStats(**manifest["stats"])
+        store._stats = MemoryStats(**{name: int(count) for name, count in manifest["stats"].items()})
         return store
+
+
+# Manifest field → accepted types (bools are rejected separately although they are Integral).
+_MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "key_dim": numbers.Integral,
+    "value_dim": numbers.Integral,
+    "capacity": numbers.Integral,
+    "metric": str,
+    "lrfu_lambda": numbers.Real,
+    "value_dtype": str,
+    "index_params": Mapping,
+    "entries": numbers.Integral,
+    "now": numbers.Integral,
+    "stats": Mapping,
+}
+# Integer-valued sub-dicts of the manifest → the names they may hold.
+_COUNTER_FIELDS = {
+    "stats": tuple(field.name for field in fields(MemoryStats)),
+    "index_params": ("M", "ef_construction", "ef_search", "num_threads"),
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_manifest_fields(manifest: Mapping[str, Any], source: str) -> None:
+    """Presence and types of the manifest fields; their values are checked by ``_configure`` and
+    against the arrays."""
+    for name, kind in _MANIFEST_FIELDS.items():
+        if name not in manifest:
+            raise MemoryStoreError(f"{source}: missing field {name!r}")
+        value = manifest[name]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise MemoryStoreError(f"{source}: field {name!r} has the wrong type ({value!r})")
+    for name, allowed in _COUNTER_FIELDS.items():
+        counters = manifest[name]
+        if not set(counters) <= set(allowed) or not all(map(_is_int, counters.values())):
+            raise MemoryStoreError(
+                f"{source}: field {name!r} must map some of {', '.join(allowed)} to integers, "
+                f"got {dict(counters)!r}"
+            )
+    if manifest["now"] < 0:
+        raise MemoryStoreError(f"{source}: field 'now' must be >= 0, got {manifest['now']}")
+
+
+def _load_npy(path: Path, mmap: bool) -> np.ndarray:
+    """The array saved at ``path`` (never unpickled); memory-mapped read/write with ``mmap``."""
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode="r+" if mmap else None)
+    except (OSError, ValueError, EOFError) as error:
+        raise MemoryStoreError(f"{path}: not a readable .npy array ({error})") from error
+
+
+def _state_array(state: Mapping[str, Any], name: str) -> np.ndarray:
+    """``state[name]`` as a numpy array, naming the entry if it is missing or not array-like."""
+    if name not in state:
+        raise MemoryStoreError(f"state_dict: missing entry {name!r}")
+    try:
+        return np.asarray(state[name])
+    except (TypeError, ValueError) as error:  # e.g. ragged nested lists
+        raise MemoryStoreError(f"state_dict[{name!r}]: not an array ({error})") from error

@@ -13,6 +13,7 @@ Nothing here unpickles: weights are safetensors, settings JSON, stores ``.npy`` 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -64,6 +65,21 @@ def memory_state(model: PreTrainedModel) -> dict[str, dict[str, Any]]:
         }
         for index, layer in memory_layers(model).items()
     }
+
+
+def memory_digest(model: PreTrainedModel) -> str:
+    """SHA-256 over every store's state (index graph included): equal digests, identical memory."""
+    digest = hashlib.sha256()
+    for index, layer in sorted(memory_layers(model).items()):
+        digest.update(str(index).encode())
+        for name, value in sorted(layer.store.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(
+                np.ascontiguousarray(value).tobytes()
+                if isinstance(value, np.ndarray)
+                else repr(value).encode()
+            )
+    return digest.hexdigest()
 
 
 def stores_from_state(state: dict[str, dict[str, Any]]) -> dict[int, KNNStore]:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from dmt.memory import KNNStore, QueryResult
+from dmt.memory.integrity import file_record
 
 
 def _filled_store(value_dtype: str = "float32") -> KNNStore:
@@ -50,7 +51,8 @@ def test_save_load_round_trip(tmp_path: Path, value_dtype: str) -> None:
         "lrfu_last.npy",
     }
     manifest = json.loads((tmp_path / "mem" / "manifest.json").read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
+    assert set(manifest["files"]) == names - {"manifest.json"}
     assert (manifest["key_dim"], manifest["value_dim"], manifest["capacity"]) == (8, 3, 64)
     assert (manifest["metric"], manifest["lrfu_lambda"], manifest["value_dtype"]) == (
         "cosine",
@@ -79,7 +81,12 @@ def test_mmap_load_writes_through_to_file(tmp_path: Path) -> None:
 def test_load_rejects_mismatched_files(tmp_path: Path) -> None:
     store = _filled_store()
     store.save(tmp_path / "mem")
-    np.save(tmp_path / "mem" / "keys.npy", np.zeros((64, 7), dtype=np.float32))
+    # A well-formed file of the wrong shape, recorded as such: integrity passes, the shape check not.
+    keys = tmp_path / "mem" / "keys.npy"
+    np.save(keys, np.zeros((64, 7), dtype=np.float32))
+    manifest = json.loads((tmp_path / "mem" / "manifest.json").read_text())
+    manifest["files"]["keys.npy"] = file_record(keys)
+    (tmp_path / "mem" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"keys\.npy.*shape"):
         KNNStore.load(tmp_path / "mem")
     with pytest.raises(FileNotFoundError, match="manifest"):
