@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from dmt.distill.checkpoint_io import AtomicCheckpointIO
+from dmt.distill.module import DistillationModule
 from dmt.layers import AssociativeMemory, FeaturalMemory, MemoryLayerConfig
 from dmt.layers.base import apply_writes
+from dmt.model.surgery import build_student, resolve_layer_configs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -132,3 +134,41 @@ def test_two_process_ddp_ends_with_identical_memory(tmp_path, text_dir):
     digests = summary["memory_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
     assert summary["memory_entries"] > 0
+
+
+def test_nan_loss_stops_before_the_memory_is_touched(tiny_gpt2):
+    configs = resolve_layer_configs(
+        {"layers": [1], "capacity": 64, "topk": 4, "key_dim": 8, "novelty_threshold": 0.0}, 4
+    )
+    student = build_student(tiny_gpt2, configs)
+    module = DistillationModule(student, tiny_gpt2, alpha_kd=1.0, alpha_ce=0.5)
+    module.on_fit_start()  # writes are deferred to the optimiser step, as in training
+    with torch.no_grad():
+        student.transformer.ln_f.weight.fill_(float("nan"))  # after the memory layer: a NaN loss only
+    batch = {
+        "input_ids": torch.randint(0, 1000, (2, 8)),
+        "attention_mask": torch.ones(2, 8, dtype=torch.long),
+    }
+    entries = len(module.memory_layers[1].store)
+    with pytest.raises(FloatingPointError, match="non-finite training loss"):
+        module.training_step(batch, 0)
+    # The step's inserts were recorded but never committed: the memory is as before the bad step.
+    assert any(op == "insert" for op, _ in module.memory_layers[1]._writes)
+    assert len(module.memory_layers[1].store) == entries
+
+
+def test_checkpoint_with_tampered_memory_is_rejected(tiny_gpt2):
+    configs = resolve_layer_configs(
+        {"layers": [1], "capacity": 64, "topk": 4, "key_dim": 8, "novelty_threshold": 0.0}, 4
+    )
+    module = DistillationModule(build_student(tiny_gpt2, configs), tiny_gpt2)
+    module.student(torch.randint(0, 1000, (1, 8)))  # fill the store
+    checkpoint: dict = {"global_step": 0}
+    module.on_save_checkpoint(checkpoint)
+    module.on_load_checkpoint(checkpoint)  # round trip accepted
+    checkpoint["dmt"]["memory_state"]["1"]["values"][0, 0] += 1.0
+    with pytest.raises(ValueError, match="digest"):
+        module.on_load_checkpoint(checkpoint)
+    checkpoint["global_step"] = 5
+    with pytest.raises(ValueError, match="step"):
+        module.on_save_checkpoint(checkpoint) or module.on_load_checkpoint(checkpoint)
