@@ -57,17 +57,24 @@ class Retrieved:
 
 
 def weighted_sum(
-    scores: torch.Tensor, valid: torch.Tensor, values: torch.Tensor, weighting: str
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    values: torch.Tensor,
+    weighting: str,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Combine neighbour values ``(N, K, Dv)`` with weights from ``scores (N, K)``; invalid ones get 0.
 
     ``softmax`` normalises over the neighbours; ``relu``/``gelu``/``silu`` apply the activation to each
-    score independently, which makes a store seeded from an MLP's rows compute a top-k MLP.
+    score independently, which makes a store seeded from an MLP's rows compute a top-k MLP. ``gate (N, K)``,
+    if given, multiplies the weights (a gated, SwiGLU-like memory).
     """
     if weighting == "softmax":
         weights = scores.masked_fill(~valid, torch.finfo(scores.dtype).min).softmax(dim=-1)
     else:
         weights = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[weighting](scores)
+    if gate is not None:
+        weights = weights * gate
     weights = weights * valid  # rows without any neighbour sum to zero
     return torch.einsum("nk,nkd->nd", weights, values)
 
@@ -82,18 +89,20 @@ class MemoryLayer(nn.Module):
         self.heads = cfg.heads
         self.key_dim = cfg.key_dim
         self.value_dim = cfg.value_dim or d_model // cfg.heads
+        # What a store entry holds besides its key: the value, then (gated featural memory) the gate key.
+        self.entry_dim = self.value_dim + cfg.glu_dim
         self.store = store or KNNStore(
             key_dim=self.key_dim,
-            value_dim=self.value_dim,
+            value_dim=self.entry_dim,
             capacity=cfg.capacity,
             metric=cfg.metric,
             lrfu_lambda=cfg.lrfu_lambda,
             index=dict(cfg.index),
         )
-        if (self.store.key_dim, self.store.value_dim) != (self.key_dim, self.value_dim):
+        if (self.store.key_dim, self.store.value_dim) != (self.key_dim, self.entry_dim):
             raise ValueError(
                 f"store dims (key {self.store.key_dim}, value {self.store.value_dim}) do not match the "
-                f"layer's (key {self.key_dim}, value {self.value_dim})"
+                f"layer's (key {self.key_dim}, value {self.entry_dim})"
             )
         self.query_proj = nn.Linear(d_model, self.heads * self.key_dim)
         self.out_proj = nn.Linear(self.heads * self.value_dim, d_model)
@@ -151,7 +160,7 @@ class MemoryLayer(nn.Module):
             mask = torch.from_numpy(novel).to(keys.device)
             new_keys = keys.detach()[mask].float().cpu().numpy()  # (M, Dk)
             new_values = (
-                np.zeros((len(new_keys), self.value_dim), dtype=np.float32)
+                np.zeros((len(new_keys), self.entry_dim), dtype=np.float32)
                 if values is None
                 else values.detach()[mask].float().cpu().numpy()
             )  # (M, Dv)

@@ -19,7 +19,9 @@ class MemoryLayerConfig:
 
     ``novelty_threshold``: an entry is inserted when its query's nearest stored key is farther than this
     (in the store's metric); ``None`` disables inserts. ``key_dim``/``value_dim`` are per head;
-    ``value_dim=None`` means ``d_model // heads``.
+    ``value_dim=None`` means ``d_model // heads``. ``glu_dim > 0`` makes a featural memory gated: each
+    entry also stores a ``glu_dim`` key whose dot product with a second query projection scales the entry's
+    weight, as the up projection does in a SwiGLU MLP.
     """
 
     type: LayerType = "featural"
@@ -30,6 +32,7 @@ class MemoryLayerConfig:
     temperature: float = 1.0
     metric: str = "ip"
     weighting: str = "softmax"
+    glu_dim: int = 0
     capacity: int = 65536
     novelty_threshold: float | None = None
     init: str = "empty"
@@ -56,6 +59,10 @@ class MemoryLayerConfig:
         for key in ("key_dim", "heads", "topk", "capacity"):
             if int(getattr(self, key)) < 1:
                 raise bad(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.glu_dim < 0:
+            raise bad("glu_dim", f"must be >= 0, got {self.glu_dim}")
+        if self.glu_dim and self.type != "featural":
+            raise bad("glu_dim", "gating is a featural-memory option")
         if self.value_dim is not None and self.value_dim < 1:
             raise bad("value_dim", f"must be >= 1 or null, got {self.value_dim}")
         if self.topk > self.capacity:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
 from dmt.layers.base import MemoryLayer, low_rank_factors, weighted_sum
 
@@ -20,6 +21,8 @@ class FeaturalMemory(MemoryLayer):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        glu_dim = self.cfg.glu_dim
+        self.glu_query_proj = nn.Linear(self.d_model, self.heads * glu_dim) if glu_dim else None
         # (ids (N, K), returned values (N, K, Dv) with .grad after backward) of the forwards since the
         # last update.
         self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
@@ -28,11 +31,16 @@ class FeaturalMemory(MemoryLayer):
         batch_shape = hidden_states.shape[:-1]  # (B, T)
         queries = self.split_heads(self.query_proj(hidden_states), self.key_dim)  # (N, Dk)
         result, found = self.search(queries)
-        values = found.values
+        entries = found.values  # (N, K, Dv + G): value, then gate key
         if self.training and torch.is_grad_enabled():
-            values.requires_grad_(True)
-            self._pending.append((found.ids, values))
-        mixed = weighted_sum(self.scores(queries, found.keys), found.valid, values, self.cfg.weighting)
+            entries.requires_grad_(True)
+            self._pending.append((found.ids, entries))
+        gate = None
+        if self.glu_query_proj is not None:
+            glu_queries = self.split_heads(self.glu_query_proj(hidden_states), self.cfg.glu_dim)  # (N, G)
+            gate = torch.einsum("ng,nkg->nk", glu_queries, entries[..., self.value_dim :])
+        values = entries[..., : self.value_dim]
+        mixed = weighted_sum(self.scores(queries, found.keys), found.valid, values, self.cfg.weighting, gate)
         self.insert_novel(found.nearest, queries, values=None)
         self.maybe_recombine(result)
         return self.merge_heads(mixed, batch_shape)  # (B, T, C)
@@ -45,7 +53,7 @@ class FeaturalMemory(MemoryLayer):
             if values.grad is None:
                 continue
             valid = ids.reshape(-1) >= 0
-            grads = values.grad.reshape(-1, self.value_dim)[torch.from_numpy(valid).to(values.device)]
+            grads = values.grad.reshape(-1, self.entry_dim)[torch.from_numpy(valid).to(values.device)]
             self.write("update", ids.reshape(-1)[valid], (-lr * grads).float().cpu().numpy())
         self._pending.clear()
 
@@ -56,6 +64,7 @@ class FeaturalMemory(MemoryLayer):
         key_bias: torch.Tensor | None,
         values: torch.Tensor,
         out_bias: torch.Tensor | None,
+        gate_keys: torch.Tensor | None = None,
     ) -> None:
         """Seed the store from an MLP read as a key-value memory (Geva et al., 2021).
 
@@ -64,7 +73,8 @@ class FeaturalMemory(MemoryLayer):
         and stored keys are the truncated SVD of ``[keys | bias]`` (exact when ``key_dim >= C + 1``), the
         output projection and stored values that of ``values`` (exact when ``value_dim >= C``). With an
         inner-product store and the MLP's activation as ``weighting``, the layer then computes the MLP
-        restricted to its top-k units.
+        restricted to its top-k units. A gated MLP ``Σ_u act(k_u·x) (g_u·x) v_u`` (SwiGLU) also passes
+        ``gate_keys (U, C)``; with ``glu_dim >= C`` the gated layer reproduces it the same way.
         """
         if self.heads != 1:
             raise ValueError("memory.init=ffn needs memory.heads=1")
@@ -79,4 +89,12 @@ class FeaturalMemory(MemoryLayer):
         value_coords, value_basis = low_rank_factors(values, self.value_dim)  # (U, Dv), (Dv, C)
         self.out_proj.weight.copy_(value_basis.T)
         self.out_proj.bias.copy_(out_bias if out_bias is not None else torch.zeros(d_model))
-        self.store.insert(key_coords.numpy(), value_coords.numpy())
+        entries = value_coords  # (U, Dv)
+        if self.glu_query_proj is not None:
+            if gate_keys is None:
+                raise ValueError("memory.glu_dim > 0 needs a gated MLP (SwiGLU) to initialise from")
+            gate_coords, gate_basis = low_rank_factors(gate_keys, self.cfg.glu_dim)  # (U, G), (G, C)
+            self.glu_query_proj.weight.copy_(gate_basis)
+            self.glu_query_proj.bias.zero_()
+            entries = torch.cat([value_coords, gate_coords], dim=1)  # (U, Dv + G)
+        self.store.insert(key_coords.numpy(), entries.numpy())

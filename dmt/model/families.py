@@ -15,13 +15,14 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 @dataclass(frozen=True)
 class FFNWeights:
-    """An MLP as ``Σ_u act(k_u·x + b_u) v_u + b_out`` (Geva et al., 2021)."""
+    """An MLP as ``Σ_u act(k_u·x + b_u) [g_u·x] v_u + b_out`` (Geva et al., 2021); ``[g_u·x]`` if gated."""
 
     keys: torch.Tensor  # (U, C)
     key_bias: torch.Tensor | None  # (U,)
     values: torch.Tensor  # (U, C)
     out_bias: torch.Tensor | None  # (C,)
     activation: str
+    gate_keys: torch.Tensor | None = None  # (U, C): gated MLPs scale unit u by gate_keys[u]·x
 
 
 @dataclass(frozen=True)
@@ -44,14 +45,15 @@ def _gpt2_ffn(mlp: nn.Module) -> FFNWeights:
 
 
 def _gated_ffn(mlp: nn.Module) -> FFNWeights:
-    # SwiGLU: down(silu(gate·x) * up·x). Read as a memory, the gate rows are the keys and the down columns
-    # the values; the up projection's per-token scale has no place in a key-value read and is dropped.
+    # SwiGLU: down(silu(gate·x) * up·x). Read as a memory, the gate rows are the keys (they choose the
+    # units), the down columns the values, and the up rows each unit's multiplicative gate key.
     return FFNWeights(
         keys=mlp.gate_proj.weight.detach(),
         key_bias=None,
         values=mlp.down_proj.weight.detach().T,
         out_bias=None,
         activation="silu",
+        gate_keys=mlp.up_proj.weight.detach(),
     )
 
 

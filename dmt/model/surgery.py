@@ -116,7 +116,7 @@ def attach_memory_layers(
         if store is None and cfg.init == "ffn":
             assert isinstance(layer, FeaturalMemory)
             ffn = family.ffn_weights(get_mlp(model, index))
-            layer.init_from_ffn(ffn.keys, ffn.key_bias, ffn.values, ffn.out_bias)
+            layer.init_from_ffn(ffn.keys, ffn.key_bias, ffn.values, ffn.out_bias, ffn.gate_keys)
         set_mlp(model, index, layer.to(device))
     return model
 

@@ -102,3 +102,26 @@ def test_unsupported_family_is_named(tiny_gpt2):
     tiny_gpt2.config.model_type = "bloom"
     with pytest.raises(ValueError, match="bloom"):
         build_student(tiny_gpt2, {0: MemoryLayerConfig(capacity=64, topk=4)})
+
+
+def test_gated_ffn_init_on_llama_reproduces_the_swiglu_mlp(tiny_llama):
+    # key_dim >= C + 1, glu_dim = value_dim = C, k = every unit: the gated memory layer is the SwiGLU MLP.
+    c, units = tiny_llama.config.hidden_size, tiny_llama.config.intermediate_size
+    configs = resolve_layer_configs(
+        {
+            "layers": [1],
+            "init": "ffn",
+            "key_dim": c + 1,
+            "glu_dim": c,
+            "topk": units,
+            "capacity": units,
+            "weighting": "silu",
+            "metric": "ip",
+            "index": {"ef_search": units},
+        },
+        4,
+    )
+    student = build_student(tiny_llama, configs).eval()
+    x = torch.randn(2, 3, c)
+    with torch.no_grad():
+        assert_close(get_mlp(student, 1)(x), get_mlp(tiny_llama, 1)(x), atol=1e-4, rtol=1e-4)

@@ -1,0 +1,186 @@
+"""``python -m dmt.bench``: run every measurement in one process, print a table and write JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import GPT2Config
+
+from dmt.bench.measure import (
+    distillation_throughput,
+    layer_benchmarks,
+    memory_footprint,
+)
+
+GIB = 2**30
+# Targets are fixed by the project plan; they are printed beside the measurements, never tuned.
+TARGETS = {
+    "layer_vs_mlp_max_ratio_at_largest": 1.0,
+    "recall_at_k_min": 0.95,
+    "distill_throughput_min_ratio": 0.8,
+    "store_resident_max_bytes": 2 * GIB,
+}
+LAYER_KINDS = ("featural", "associative")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m dmt.bench", description=__doc__)
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes and models: a seconds-long smoke run"
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", help="store sizes (default 65536 1048576)")
+    parser.add_argument("--repeats", type=int, help="timed repeats per measurement (default 5)")
+    parser.add_argument("--warmup", type=int, help="untimed warm-up iterations (default 2)")
+    parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON report path")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "dmt_bench_cache",
+        help="where built stores are saved and reused",
+    )
+    args = parser.parse_args(argv)
+    defaults = (
+        {"sizes": [2048], "repeats": 1, "warmup": 1, "batch": 1, "seq": 32, "queries": 32}
+        if args.quick
+        else {"sizes": [65536, 1048576], "repeats": 5, "warmup": 2, "batch": 4, "seq": 256, "queries": 200}
+    )
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+def distill_model(quick: bool) -> GPT2Config:
+    """GPT-2 architecture, random init: 4 blocks of GPT-2 (124M) width, or a toy for ``--quick``."""
+    if quick:
+        return GPT2Config(
+            n_layer=2, n_embd=64, n_head=4, vocab_size=1024, n_positions=64, bos_token_id=0, eos_token_id=0
+        )
+    return GPT2Config(n_layer=4, n_embd=768, n_head=12)
+
+
+def machine_info() -> dict[str, Any]:
+    packages = ("torch", "numpy", "hnswlib", "transformers", "pytorch-lightning")
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+        # Other processes on a shared host slow every measurement; the ratios are interleaved against it.
+        "load_average_1_5_15": os.getloadavg(),
+        "versions": {name: version(name) for name in packages},
+    }
+
+
+def write_report(report: dict[str, Any], path: Path) -> None:
+    """Rewritten after every section, so an interrupted run still leaves what it measured."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str))
+
+
+def mark(ok: bool) -> str:
+    return "meets" if ok else "MISSES"
+
+
+def table(report: dict[str, Any]) -> str:
+    """The short human summary of a report."""
+    settings = report["settings"]
+    lines = [
+        f"fwd+bwd on B={settings['batch']} T={settings['seq']} (median of {settings['repeats']}), "
+        "beside the GPT-2 MLP (768-3072-768) interleaved",
+        f"{'layer':<12}{'size':>9}{'ms':>9}{'MLP ms':>9}{'us/tok':>9}{'x MLP':>8}{'recall near/rand':>18}"
+        f"{'query/s':>10}{'build ins/s':>12}{'churn ins/s':>12}  dominant (fraction)",
+    ]
+    largest = max(r["size"] for r in report["layers"])
+    for r in report["layers"]:
+        index, profile = r["index"], r["profile"]
+        dominant = profile["dominant"]
+        lines.append(
+            f"{r['layer']:<12}{r['size']:>9}{r['median_s'] * 1e3:>9.1f}{r['mlp_median_s'] * 1e3:>9.1f}"
+            f"{r['per_token_us']:>9.1f}"
+            f"{r['ratio_vs_mlp']:>8.2f}{index['recall_near']:>9.3f}/{index['recall_random']:.3f}"
+            f"{index['queries_per_s']:>10.0f}{r['store_build']['last_batch_inserts_per_s']:>12.0f}"
+            f"{index['churn_inserts_per_s']:>12.0f}  {dominant} ({profile['fractions'][dominant]:.2f})"
+        )
+        if r["size"] == largest:
+            ok = (
+                r["ratio_vs_mlp"] <= TARGETS["layer_vs_mlp_max_ratio_at_largest"]
+                and min(index["recall_near"], index["recall_random"]) >= TARGETS["recall_at_k_min"]
+            )
+            lines.append(f"{'':<12}target <= 1.0x MLP with recall >= 0.95 at {largest}: {mark(ok)}")
+    for r in report["layers"]:
+        if r["size"] == largest:
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in r["profile"]["fractions"].items())
+            lines.append(f"profile {r['layer']} @ {largest}: {parts}")
+    if "distillation" in report:
+        d = report["distillation"]
+        lines.append(
+            f"distillation tokens/s: memory {d['memory']['tokens_per_s']:.0f} / dense "
+            f"{d['dense']['tokens_per_s']:.0f} = {d['ratio_vs_dense']:.2f}x "
+            f"(target >= 0.8x: {mark(d['ratio_vs_dense'] >= TARGETS['distill_throughput_min_ratio'])})"
+        )
+    if "footprint" in report:
+        f = report["footprint"]
+        lines.append(
+            f"store {f['size']} x (key {f['key_dim']}, value {f['value_dim']}): build peak +"
+            f"{f['build']['build_peak_rss_delta_bytes'] / GIB:.2f} GiB in {f['build']['build_s']:.0f} s"
+        )
+        for dtype in ("float32", "float16"):
+            held = f[dtype]["load"]["held_delta_bytes"]
+            lines.append(
+                f"  {dtype}: resident +{held / GIB:.2f} GiB, mmap +"
+                f"{f[dtype]['load_mmap']['held_delta_bytes'] / GIB:.2f} GiB, disk "
+                f"{f[dtype]['disk_bytes'] / GIB:.2f} GiB (target < 2 GiB resident: "
+                f"{mark(held < TARGETS['store_resident_max_bytes'])})"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    timing = {"warmup": args.warmup, "repeats": args.repeats}
+    report: dict[str, Any] = {
+        "command": " ".join(["python -m dmt.bench", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine_info(),
+        "settings": {
+            "batch": args.batch,
+            "seq": args.seq,
+            "sizes": args.sizes,
+            "queries": args.queries,
+            **timing,
+        },
+        "targets": TARGETS,
+    }
+    started = time.perf_counter()
+    report["layers"] = []
+    for size in args.sizes:
+        for kind in LAYER_KINDS:
+            result = layer_benchmarks(
+                kind, size, args.cache_dir, args.batch, args.seq, **timing, n_queries=args.queries
+            )
+            report["layers"].append(result)
+            report["machine"]["hnswlib_params"] = result["store_build"]["index_params"]
+            write_report(report, args.out)
+    report["distillation"] = distillation_throughput(
+        distill_model(args.quick), args.cache_dir, min(args.sizes), args.batch, args.seq, **timing
+    )
+    write_report(report, args.out)
+    report["footprint"] = memory_footprint(max(args.sizes), args.cache_dir)
+    report["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    report["wall_s"] = time.perf_counter() - started
+    report["machine"]["load_average_at_end"] = os.getloadavg()
+    write_report(report, args.out)
+    print(table(report))
+    return 0

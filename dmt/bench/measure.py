@@ -1,0 +1,327 @@
+"""The measurements: layer vs dense MLP, a profiled layer step, index quality, distillation, footprint."""
+
+from __future__ import annotations
+
+import copy
+import cProfile
+import gc
+import pstats
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+
+from dmt.bench.stores import PeakRSS, StoreSpec, cached_store, directory_bytes, float16_copy, layer_config
+from dmt.distill.module import DistillationModule
+from dmt.layers import FeaturalMemory, MemoryLayer, MemoryLayerConfig, build_memory_layer
+from dmt.memory import KNNStore
+from dmt.memory.metrics import pairwise_distance_np
+from dmt.model.surgery import attach_memory_layers, memory_layers
+
+GPT2_WIDTH = 768
+
+
+def median_seconds(step: Callable[[], Any], warmup: int, repeats: int) -> float:
+    """Median wall time of ``step`` over ``repeats`` calls after ``warmup`` untimed ones."""
+    return paired_median_seconds({"step": step}, warmup, repeats)["step"]
+
+
+def paired_median_seconds(steps: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, float]:
+    """Median wall time of each of ``steps``, run in turn within every repeat.
+
+    Interleaving makes the compared steps share whatever else loads the machine at the time, so their
+    ratio stays fair on a shared host.
+    """
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def train_step(module: nn.Module, hidden: torch.Tensor, grad: torch.Tensor) -> None:
+    """Forward and backward of a block MLP (dense or memory) on ``hidden (B, T, C)``.
+
+    A featural layer's backward ends by writing the returned values' gradient into its store (sparse
+    SGD), so that write-back is part of its step, as in training.
+    """
+    module.zero_grad(set_to_none=True)
+    module(hidden).backward(grad)
+    if isinstance(module, FeaturalMemory):
+        module.apply_value_updates()
+
+
+def gpt2_mlp() -> GPT2MLP:
+    """The MLP of a GPT-2 (124M) block: 768 → 3072 → 768, GELU, dropout (training mode)."""
+    config = GPT2Config()
+    return GPT2MLP(4 * config.n_embd, config).train()
+
+
+def memory_layer(cfg: MemoryLayerConfig, store: KNNStore) -> MemoryLayer:
+    """A GPT-2-width memory layer of ``cfg`` around a prefilled ``store``, in training mode."""
+    torch.manual_seed(0)
+    return build_memory_layer(GPT2_WIDTH, cfg, store).train()
+
+
+def layer_inputs(batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states ``(B, T, 768)`` (with grad, as inside a network) and an upstream gradient."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(batch, seq, GPT2_WIDTH, generator=generator).requires_grad_(True)
+    return hidden, torch.randn(batch, seq, GPT2_WIDTH, generator=generator)
+
+
+# Profile phase → (file suffix, function name) of the functions whose cumulative time it is.
+PROFILE_FUNCTIONS: dict[str, list[tuple[str, str]]] = {
+    "projections": [("torch/nn/modules/linear.py", "forward")],
+    "layer_search": [("dmt/layers/base.py", "search")],
+    "store_query": [("dmt/memory/store.py", "query")],
+    "search": [("dmt/memory/hnsw.py", "search")],
+    "lrfu_reference": [("dmt/memory/store.py", "reference")],
+    "weighted_sum": [
+        ("dmt/layers/base.py", "weighted_sum"),
+        ("dmt/layers/base.py", "scores"),
+        ("dmt/layers/straight_through.py", "retrieve_straight_through"),
+    ],
+    "insert": [("dmt/layers/base.py", "insert_novel")],
+    "backward": [("torch/_tensor.py", "backward")],
+    "value_update": [("dmt/layers/featural.py", "apply_value_updates")],
+}
+
+
+def profile_step(layer: MemoryLayer, hidden: torch.Tensor, grad: torch.Tensor) -> dict[str, Any]:
+    """Split one (warm) training step of ``layer`` into phases by cProfile cumulative times.
+
+    The store query is split into the hnswlib search and the gather of the returned keys/values; the
+    layer's search adds the LRFU bookkeeping and the copy into torch tensors, which joins the gather.
+    """
+    train_step(layer, hidden, grad)  # warm caches and allocator
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.runcall(train_step, layer, hidden, grad)
+    total = time.perf_counter() - start
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    cumulative = {
+        phase: sum(
+            entry[3]
+            for (path, _line, name), entry in stats.items()
+            if any(path.endswith(suffix) and name == fn for suffix, fn in functions)
+        )
+        for phase, functions in PROFILE_FUNCTIONS.items()
+    }
+    seconds = {
+        "projections": cumulative["projections"],
+        "search": cumulative["search"],
+        "gather_copy": cumulative["layer_search"] - cumulative["search"] - cumulative["lrfu_reference"],
+        "lrfu_reference": cumulative["lrfu_reference"],
+        "weighted_sum": cumulative["weighted_sum"],
+        "insert": cumulative["insert"],
+        "backward": cumulative["backward"],
+        "value_update": cumulative["value_update"],
+    }
+    seconds["other"] = max(total - sum(seconds.values()), 0.0)
+    fractions = {phase: value / total for phase, value in seconds.items()}
+    return {
+        "total_s": total,
+        "seconds": seconds,
+        "fractions": fractions,
+        "dominant": max(fractions, key=fractions.__getitem__),
+    }
+
+
+def recall_at_k(store: KNNStore, keys: np.ndarray, queries: np.ndarray, k: int) -> float:
+    """Mean overlap of the store's top ``k`` with the exact top ``k`` over all ``keys`` (slot = row)."""
+    approx = store.query(queries, k, reference=False).ids
+    hits = 0
+    for begin in range(0, len(queries), 64):  # 64 × 1M distances at a time bounds the memory
+        distances = pairwise_distance_np(queries[begin : begin + 64], keys, store.metric)
+        exact = np.argpartition(distances, k - 1, axis=1)[:, :k]
+        hits += sum(len(np.intersect1d(a, e)) for a, e in zip(approx[begin : begin + 64], exact, strict=True))
+    return hits / (len(queries) * k)
+
+
+def live_keys(store: KNNStore) -> np.ndarray:
+    """All keys of a full store by slot, read in chunks so the values are never copied at once."""
+    chunks = [
+        store.get(np.arange(b, min(b + 65536, store.capacity)))[0] for b in range(0, store.capacity, 65536)
+    ]
+    return np.concatenate(chunks)
+
+
+def index_quality(
+    store: KNNStore, k: int, n_queries: int, batch: int, warmup: int, repeats: int
+) -> dict[str, float]:
+    """Recall@k (queries near stored keys and random ones), query and insert throughput of a full store.
+
+    Churn inserts go last: the store is full, so every one evicts an LRFU victim and replaces its key.
+    """
+    rng = np.random.default_rng(1)
+    keys = live_keys(store)
+    stored = keys[rng.choice(len(keys), n_queries, replace=False)]
+    # Noise of 10% of a key's norm per vector: near, but not on, a stored key.
+    near = stored + 0.1 * rng.standard_normal(stored.shape, dtype=np.float32) * np.linalg.norm(
+        stored, axis=1, keepdims=True
+    ) / np.sqrt(store.key_dim)
+    random = rng.standard_normal((n_queries, store.key_dim), dtype=np.float32)
+    queries = rng.standard_normal((batch, store.key_dim), dtype=np.float32)
+    query_s = median_seconds(lambda: store.query(queries, k, reference=False), warmup, repeats)
+    # Fresh rows per call: re-inserting a batch would find its own keys already stored.
+    fresh = iter(
+        [
+            (
+                rng.standard_normal((batch, store.key_dim), dtype=np.float32),
+                rng.standard_normal((batch, store.value_dim), dtype=np.float32),
+            )
+            for _ in range(warmup + repeats)
+        ]
+    )
+    churn_s = median_seconds(lambda: store.insert(*next(fresh)), warmup, repeats)
+    return {
+        "k": float(k),
+        "recall_near": recall_at_k(store, keys, near, k),
+        "recall_random": recall_at_k(store, keys, random, k),
+        "queries_per_s": batch / query_s,
+        "churn_inserts_per_s": batch / churn_s,
+    }
+
+
+def layer_benchmarks(
+    kind: str, size: int, cache_dir: Path, batch: int, seq: int, warmup: int, repeats: int, n_queries: int
+) -> dict[str, Any]:
+    """Index quality, fwd+bwd time beside the GPT-2 MLP's (same batch, interleaved) and a profile of one
+    ``kind`` layer over a full ``size``-entry store."""
+    cfg = layer_config(kind, size)
+    store, build = cached_store(StoreSpec.for_layer(cfg, GPT2_WIDTH), cache_dir)
+    index = index_quality(store, cfg.topk, n_queries, batch * seq, warmup, repeats)
+    layer = memory_layer(cfg, store)
+    torch.manual_seed(0)
+    mlp = gpt2_mlp()
+    hidden, grad = layer_inputs(batch, seq)
+    seconds = paired_median_seconds(
+        {"layer": lambda: train_step(layer, hidden, grad), "mlp": lambda: train_step(mlp, hidden, grad)},
+        warmup,
+        repeats,
+    )
+    return {
+        "layer": kind,
+        "size": size,
+        "settings": cfg.to_dict(),
+        "store_build": build,
+        "index": index,
+        "median_s": seconds["layer"],
+        "mlp_median_s": seconds["mlp"],
+        "ratio_vs_mlp": seconds["layer"] / seconds["mlp"],
+        "per_token_us": seconds["layer"] / (batch * seq) * 1e6,
+        "mlp_per_token_us": seconds["mlp"] / (batch * seq) * 1e6,
+        "profile": profile_step(layer, hidden, grad),
+    }
+
+
+def distillation_students(
+    teacher: GPT2LMHeadModel, cache_dir: Path, size: int
+) -> dict[str, DistillationModule]:
+    """Dense and memory students of ``teacher``: the memory one has a featural layer in block n/2 and an
+    associative one in the top block (upper half), both over full ``size``-entry stores."""
+    n_layer = teacher.config.n_layer
+    kinds = {n_layer // 2: "featural", n_layer - 1: "associative"}
+    configs = {index: layer_config(kind, size) for index, kind in kinds.items()}
+    stores = {
+        index: cached_store(StoreSpec.for_layer(cfg, teacher.config.n_embd), cache_dir)[0]
+        for index, cfg in configs.items()
+    }
+    students = {}
+    for name, layers in (("dense", {}), ("memory", configs)):
+        torch.manual_seed(0)
+        # build_student without its fresh (empty) stores: the memory student starts from full ones.
+        student = copy.deepcopy(teacher).train().requires_grad_(True)
+        attach_memory_layers(student, layers, stores)
+        module = DistillationModule(student, teacher)
+        module.on_fit_start()  # deferred writes, committed after each optimiser step as in training
+        students[name] = module
+    return students
+
+
+def distillation_step(module: DistillationModule, optimizer: torch.optim.Optimizer, batch: dict) -> None:
+    """One training step as Lightning runs it: loss, backward, value write-back, AdamW, commit."""
+    optimizer.zero_grad(set_to_none=True)
+    module.losses(batch)["loss"].backward()
+    for layer in memory_layers(module.student).values():
+        if isinstance(layer, FeaturalMemory):
+            layer.apply_value_updates()
+    optimizer.step()
+    module.commit_memory_writes()
+
+
+def distillation_throughput(
+    model: GPT2Config, cache_dir: Path, size: int, batch: int, seq: int, warmup: int, repeats: int
+) -> dict[str, Any]:
+    """Tokens/s of distillation steps of the memory student and of the dense student, same teacher."""
+    torch.manual_seed(0)
+    teacher = GPT2LMHeadModel(model).eval()
+    generator = torch.Generator().manual_seed(0)
+    tokens = {
+        "input_ids": torch.randint(0, model.vocab_size, (batch, seq), generator=generator),
+        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+    }
+    result: dict[str, Any] = {"model": model.to_diff_dict(), "store_size": size, "batch": batch, "seq": seq}
+    modules = distillation_students(teacher, cache_dir, size)
+    optimizers = {name: torch.optim.AdamW(m.student.parameters(), lr=3e-4) for name, m in modules.items()}
+    seconds = paired_median_seconds(
+        {name: partial(distillation_step, m, optimizers[name], tokens) for name, m in modules.items()},
+        warmup,
+        repeats,
+    )
+    for name, module in modules.items():
+        result[name] = {
+            "median_s": seconds[name],
+            "tokens_per_s": batch * seq / seconds[name],
+            "memory_layers": {i: layer.cfg.type for i, layer in memory_layers(module.student).items()},
+        }
+    result["ratio_vs_dense"] = result["memory"]["tokens_per_s"] / result["dense"]["tokens_per_s"]
+    return result
+
+
+def resident_after_load(directory: Path, mmap: bool) -> dict[str, float]:
+    """RSS growth of this process while loading the store in ``directory`` and once it is held."""
+    gc.collect()
+    with PeakRSS() as rss:
+        store = KNNStore.load(directory, mmap=mmap, verify=False)
+    held = rss.end - rss.start
+    del store
+    gc.collect()
+    return {"peak_delta_bytes": float(rss.peak - rss.start), "held_delta_bytes": float(held)}
+
+
+def memory_footprint(size: int, cache_dir: Path) -> dict[str, Any]:
+    """Build peak, held and memory-mapped RSS and disk size of a ``size``-entry featural store with
+    GPT-2-width (768-d) values, in float32 and float16."""
+    spec = StoreSpec.for_layer(layer_config("featural", size), GPT2_WIDTH)
+    store, build = cached_store(spec, cache_dir, mmap=True)  # a build here is measured in `build`
+    directories = {"float32": Path(cache_dir) / spec.name / "store"}
+    del store
+    directories["float16"] = float16_copy(spec, cache_dir)
+    result: dict[str, Any] = {
+        "size": size,
+        "key_dim": spec.key_dim,
+        "value_dim": spec.value_dim,
+        "build": {k: build[k] for k in ("build_s", "build_peak_rss_delta_bytes", "from_cache")},
+    }
+    for dtype, directory in directories.items():
+        result[dtype] = {
+            "disk_bytes": float(directory_bytes(directory)),
+            "load": resident_after_load(directory, mmap=False),
+            "load_mmap": resident_after_load(directory, mmap=True),
+        }
+    return result

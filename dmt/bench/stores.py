@@ -1,0 +1,187 @@
+"""Layer settings from ``conf/memory`` and prefilled, disk-cached ``KNNStore``s of a given size.
+
+Filling a store goes through ``KNNStore.insert``, which adds to hnswlib on one thread, so a 1M-entry store
+takes minutes to build; built stores are therefore saved once under a cache directory and loaded later.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+from omegaconf import OmegaConf
+
+from dmt.layers import MemoryLayerConfig
+from dmt.memory import KNNStore
+from dmt.model.surgery import resolve_layer_configs
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "memory"
+# Rows per insert call while filling: large enough that per-call costs (live-mask scans) vanish.
+FILL_BATCH = 65536
+BUILD_INFO = "build.json"
+
+
+def layer_config(kind: str, capacity: int) -> MemoryLayerConfig:
+    """The project default settings of a ``featural`` or ``associative`` layer with ``capacity`` entries.
+
+    ``associative.yaml`` extends ``featural.yaml`` through a Hydra defaults list, merged here by hand.
+    """
+    merged = OmegaConf.load(CONF_DIR / "featural.yaml")
+    if kind == "associative":
+        override = OmegaConf.load(CONF_DIR / "associative.yaml")
+        override.pop("defaults")
+        merged = OmegaConf.merge(merged, override)
+    settings: dict[str, Any] = OmegaConf.to_container(merged, resolve=True)  # type: ignore[assignment]
+    settings.update(layers=[0], type=kind, capacity=capacity)
+    return resolve_layer_configs(settings, num_layers=1)[0]
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """Everything that determines a prefilled store's contents (and so its cache entry)."""
+
+    key_dim: int
+    value_dim: int
+    size: int
+    metric: str
+    index: tuple[tuple[str, int], ...]
+    value_dtype: str = "float32"
+    seed: int = 0
+
+    @classmethod
+    def for_layer(cls, cfg: MemoryLayerConfig, d_model: int, value_dtype: str = "float32") -> StoreSpec:
+        """A full store (``size == capacity``) shaped for a layer of ``cfg`` on a ``d_model`` stream."""
+        value_dim = cfg.value_dim or d_model // cfg.heads
+        index = tuple(sorted((k, int(v)) for k, v in cfg.index.items()))
+        return cls(cfg.key_dim, value_dim, cfg.capacity, cfg.metric, index, value_dtype)
+
+    @property
+    def name(self) -> str:
+        params = "_".join(f"{k}{v}" for k, v in self.index)
+        return (
+            f"k{self.key_dim}_v{self.value_dim}_n{self.size}_{self.metric}_{params}_{self.value_dtype}"
+            f"_s{self.seed}"
+        )
+
+    def empty_store(self) -> KNNStore:
+        return KNNStore(
+            self.key_dim,
+            self.value_dim,
+            self.size,
+            self.metric,
+            value_dtype=self.value_dtype,
+            index=dict(self.index),
+        )
+
+
+class PeakRSS:
+    """Context manager sampling this process's resident set size in a thread; the peak is kept.
+
+    Polling (not ``ru_maxrss``) because the process-wide high-water mark cannot be reset between phases.
+    """
+
+    def __init__(self, interval_s: float = 0.01) -> None:
+        self._process = psutil.Process()
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self.start = self.peak = self.end = 0
+
+    def rss(self) -> int:
+        return int(self._process.memory_info().rss)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self.peak = max(self.peak, self.rss())
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = self.rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.end = self.rss()
+        self.peak = max(self.peak, self.end)
+
+
+def fill_store(spec: StoreSpec) -> tuple[KNNStore, dict[str, float]]:
+    """A store of ``spec`` filled with random N(0, 1) keys and values in ``FILL_BATCH`` inserts.
+
+    Returns the store and build facts: seconds, inserts/s overall and of the last batch (a nearly full
+    graph, the rate a long-running store sees), and the peak RSS growth while building.
+    """
+    rng = np.random.default_rng(spec.seed)
+    with PeakRSS() as rss:
+        start = time.perf_counter()
+        store = spec.empty_store()
+        last_rate = 0.0
+        for begin in range(0, spec.size, FILL_BATCH):
+            rows = min(FILL_BATCH, spec.size - begin)
+            keys = rng.standard_normal((rows, spec.key_dim), dtype=np.float32)
+            values = rng.standard_normal((rows, spec.value_dim), dtype=np.float32)
+            batch_start = time.perf_counter()
+            store.insert(keys, values)
+            last_rate = rows / (time.perf_counter() - batch_start)
+        seconds = time.perf_counter() - start
+    info = {
+        "build_s": seconds,
+        "inserts_per_s": spec.size / seconds,
+        "last_batch_inserts_per_s": last_rate,
+        "build_peak_rss_delta_bytes": float(rss.peak - rss.start),
+    }
+    return store, info
+
+
+def directory_bytes(directory: Path) -> int:
+    return sum(path.stat().st_size for path in directory.iterdir() if path.is_file())
+
+
+def cached_store(spec: StoreSpec, cache_dir: Path, mmap: bool = False) -> tuple[KNNStore, dict[str, Any]]:
+    """The prefilled store of ``spec``: loaded from ``cache_dir`` if present, else built and saved there.
+
+    The returned info holds the build facts (from the original build when cached, ``from_cache`` says so),
+    the on-disk size and the hnswlib parameters as saved. A store loaded with ``mmap`` writes values back
+    to the cache file, so callers that mutate the store must not ask for it.
+    """
+    entry = cache_dir / spec.name
+    store_dir, info_path = entry / "store", entry / BUILD_INFO
+    if info_path.exists():
+        info = json.loads(info_path.read_text())
+        # verify=False: the cache is this tool's own output; hashing 3 GB would add seconds per load.
+        store = KNNStore.load(store_dir, mmap=mmap, verify=False)
+        info["from_cache"] = True
+    else:
+        store, info = fill_store(spec)
+        store.save(store_dir)
+        info["disk_bytes"] = directory_bytes(store_dir)
+        info["index_params"] = json.loads((store_dir / "manifest.json").read_text())["index_params"]
+        info_path.write_text(json.dumps(info, indent=2))  # written last: marks the entry complete
+        info["from_cache"] = False
+        if mmap:
+            store = KNNStore.load(store_dir, mmap=True, verify=False)
+    return store, info
+
+
+def float16_copy(spec: StoreSpec, cache_dir: Path) -> Path:
+    """Directory of the ``float16``-values twin of the float32 store of ``spec`` (cached).
+
+    Converted through ``state_dict`` so the hnswlib graph (keys only) is reused instead of rebuilt.
+    """
+    twin = StoreSpec(**{**spec.__dict__, "value_dtype": "float16"})
+    directory = cache_dir / twin.name / "store"
+    if not (directory / "manifest.json").exists():
+        store, _ = cached_store(spec, cache_dir, mmap=True)
+        state = store.state_dict()
+        del store
+        state["values"] = state["values"].astype(np.float16)
+        state["value_dtype"] = "float16"
+        KNNStore.from_state_dict(state).save(directory)
+    return directory
