@@ -5,11 +5,11 @@ from __future__ import annotations
 import copy
 import cProfile
 import gc
+import itertools
 import pstats
 import statistics
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -76,18 +76,30 @@ def memory_layer(cfg: MemoryLayerConfig, store: KNNStore) -> MemoryLayer:
     return build_memory_layer(GPT2_WIDTH, cfg, store).train()
 
 
-def layer_inputs(batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states ``(B, T, 768)`` (with grad, as inside a network) and an upstream gradient."""
+def layer_inputs(batch: int, seq: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` batches of hidden states ``(B, T, 768)`` (with grad, as inside a network) and upstream
+    gradients. Steps take a new batch each, as in training: a repeated batch would find its own
+    previous inserts in the store and skip the insert work."""
     generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(batch, seq, GPT2_WIDTH, generator=generator).requires_grad_(True)
-    return hidden, torch.randn(batch, seq, GPT2_WIDTH, generator=generator)
+    return [
+        (
+            torch.randn(batch, seq, GPT2_WIDTH, generator=generator).requires_grad_(True),
+            torch.randn(batch, seq, GPT2_WIDTH, generator=generator),
+        )
+        for _ in range(count)
+    ]
+
+
+def feeding(module: nn.Module, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
+    """A step that trains ``module`` on the next of ``inputs`` at each call (cycling)."""
+    feed = itertools.cycle(inputs)
+    return lambda: train_step(module, *next(feed))
 
 
 # Profile phase → (file suffix, function name) of the functions whose cumulative time it is.
 PROFILE_FUNCTIONS: dict[str, list[tuple[str, str]]] = {
     "projections": [("torch/nn/modules/linear.py", "forward")],
     "layer_search": [("dmt/layers/base.py", "search")],
-    "store_query": [("dmt/memory/store.py", "query")],
     "search": [("dmt/memory/hnsw.py", "search")],
     "lrfu_reference": [("dmt/memory/store.py", "reference")],
     "weighted_sum": [
@@ -101,16 +113,16 @@ PROFILE_FUNCTIONS: dict[str, list[tuple[str, str]]] = {
 }
 
 
-def profile_step(layer: MemoryLayer, hidden: torch.Tensor, grad: torch.Tensor) -> dict[str, Any]:
-    """Split one (warm) training step of ``layer`` into phases by cProfile cumulative times.
+def profile_step(step: Callable[[], None]) -> dict[str, Any]:
+    """Split one (warm) training ``step`` of a memory layer into phases by cProfile cumulative times.
 
     The store query is split into the hnswlib search and the gather of the returned keys/values; the
     layer's search adds the LRFU bookkeeping and the copy into torch tensors, which joins the gather.
     """
-    train_step(layer, hidden, grad)  # warm caches and allocator
+    step()  # warm caches and allocator
     profiler = cProfile.Profile()
     start = time.perf_counter()
-    profiler.runcall(train_step, layer, hidden, grad)
+    profiler.runcall(step)
     total = time.perf_counter() - start
     stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
     cumulative = {
@@ -200,20 +212,18 @@ def index_quality(
 def layer_benchmarks(
     kind: str, size: int, cache_dir: Path, batch: int, seq: int, warmup: int, repeats: int, n_queries: int
 ) -> dict[str, Any]:
-    """Index quality, fwd+bwd time beside the GPT-2 MLP's (same batch, interleaved) and a profile of one
-    ``kind`` layer over a full ``size``-entry store."""
+    """Index quality, fwd+bwd time beside the GPT-2 MLP's (same batches, interleaved) and a profile of
+    one ``kind`` layer over a full ``size``-entry store."""
     cfg = layer_config(kind, size)
     store, build = cached_store(StoreSpec.for_layer(cfg, GPT2_WIDTH), cache_dir)
     index = index_quality(store, cfg.topk, n_queries, batch * seq, warmup, repeats)
     layer = memory_layer(cfg, store)
     torch.manual_seed(0)
     mlp = gpt2_mlp()
-    hidden, grad = layer_inputs(batch, seq)
-    seconds = paired_median_seconds(
-        {"layer": lambda: train_step(layer, hidden, grad), "mlp": lambda: train_step(mlp, hidden, grad)},
-        warmup,
-        repeats,
-    )
+    # Two batches beyond the timed steps: the profile's warm-up and profiled steps see new ones too.
+    inputs = layer_inputs(batch, seq, warmup + repeats + 2)
+    layer_step = feeding(layer, inputs)
+    seconds = paired_median_seconds({"layer": layer_step, "mlp": feeding(mlp, inputs)}, warmup, repeats)
     return {
         "layer": kind,
         "size": size,
@@ -225,7 +235,7 @@ def layer_benchmarks(
         "ratio_vs_mlp": seconds["layer"] / seconds["mlp"],
         "per_token_us": seconds["layer"] / (batch * seq) * 1e6,
         "mlp_per_token_us": seconds["mlp"] / (batch * seq) * 1e6,
-        "profile": profile_step(layer, hidden, grad),
+        "profile": profile_step(layer_step),
     }
 
 
@@ -271,15 +281,23 @@ def distillation_throughput(
     torch.manual_seed(0)
     teacher = GPT2LMHeadModel(model).eval()
     generator = torch.Generator().manual_seed(0)
-    tokens = {
-        "input_ids": torch.randint(0, model.vocab_size, (batch, seq), generator=generator),
-        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
-    }
+    # A new batch per step (the same sequence for both students), as in training; see `layer_inputs`.
+    batches = [
+        {
+            "input_ids": torch.randint(0, model.vocab_size, (batch, seq), generator=generator),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+        }
+        for _ in range(warmup + repeats)
+    ]
     result: dict[str, Any] = {"model": model.to_diff_dict(), "store_size": size, "batch": batch, "seq": seq}
     modules = distillation_students(teacher, cache_dir, size)
     optimizers = {name: torch.optim.AdamW(m.student.parameters(), lr=3e-4) for name, m in modules.items()}
+    feeds = {name: itertools.cycle(batches) for name in modules}
     seconds = paired_median_seconds(
-        {name: partial(distillation_step, m, optimizers[name], tokens) for name, m in modules.items()},
+        {
+            name: lambda n=name: distillation_step(modules[n], optimizers[n], next(feeds[n]))
+            for name in modules
+        },
         warmup,
         repeats,
     )

@@ -57,7 +57,8 @@ class StoreSpec:
     @classmethod
     def for_layer(cls, cfg: MemoryLayerConfig, d_model: int, value_dtype: str = "float32") -> StoreSpec:
         """A full store (``size == capacity``) shaped for a layer of ``cfg`` on a ``d_model`` stream."""
-        value_dim = cfg.value_dim or d_model // cfg.heads
+        # A store entry holds the value and, for gated featural memory, the gate key after it.
+        value_dim = (cfg.value_dim or d_model // cfg.heads) + cfg.glu_dim
         index = tuple(sorted((k, int(v)) for k, v in cfg.index.items()))
         return cls(cfg.key_dim, value_dim, cfg.capacity, cfg.metric, index, value_dtype)
 
