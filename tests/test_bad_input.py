@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dmt.memory import KNNStore, QueryResult
+from dmt.memory import KNNStore
 
 KEY_DIM, VALUE_DIM, CAPACITY = 4, 3, 10
 
@@ -86,16 +86,12 @@ BAD_INPUTS: list[tuple[str, Call, str]] = [
     ("get padding id", lambda s: s.get(np.array([-1])), "ids of live entries"),
     (
         "recombine shapes",
-        lambda s: s.recombine(
-            QueryResult(np.zeros((2, 3), int), _f32(2, 3, 4), _f32(2, 3, 3), _f32(2, 2)), 1.0
-        ),
+        lambda s: s.recombine(np.zeros((2, 3), int), _f32(2, 2), 1.0),
         "same",
     ),
     (
         "recombine NaN threshold",
-        lambda s: s.recombine(
-            QueryResult(np.array([[0, 1]]), _f32(1, 2, 4), _f32(1, 2, 3), _f32(1, 2)), np.nan
-        ),
+        lambda s: s.recombine(np.array([[0, 1]]), _f32(1, 2), np.nan),
         "max_distance",
     ),
 ]

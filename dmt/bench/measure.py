@@ -100,12 +100,16 @@ def feeding(module: nn.Module, inputs: list[tuple[torch.Tensor, torch.Tensor]]) 
 PROFILE_FUNCTIONS: dict[str, list[tuple[str, str]]] = {
     "projections": [("torch/nn/modules/linear.py", "forward")],
     "layer_search": [("dmt/layers/base.py", "search")],
-    "search": [("dmt/memory/hnsw.py", "search")],
+    "search": [("dmt/memory/hnsw.py", "search"), ("dmt/memory/exact.py", "search")],
     "lrfu_reference": [("dmt/memory/store.py", "reference")],
     "weighted_sum": [
-        ("dmt/layers/base.py", "weighted_sum"),
-        ("dmt/layers/base.py", "scores"),
-        ("dmt/layers/straight_through.py", "retrieve_straight_through"),
+        ("dmt/layers/base.py", "neighbour_distances"),
+        ("dmt/layers/base.py", "neighbour_dots"),
+        ("dmt/layers/base.py", "neighbour_weights"),
+        ("dmt/layers/base.py", "mix_values"),
+        ("dmt/layers/straight_through.py", "returned_keys_straight_through"),
+        ("dmt/layers/straight_through.py", "mix_values_straight_through"),
+        ("dmt/memory/metrics.py", "distance"),
     ],
     "insert": [("dmt/layers/base.py", "insert_novel")],
     "backward": [("torch/_tensor.py", "backward")],
@@ -116,8 +120,10 @@ PROFILE_FUNCTIONS: dict[str, list[tuple[str, str]]] = {
 def profile_step(step: Callable[[], None]) -> dict[str, Any]:
     """Split one (warm) training ``step`` of a memory layer into phases by cProfile cumulative times.
 
-    The store query is split into the hnswlib search and the gather of the returned keys/values; the
-    layer's search adds the LRFU bookkeeping and the copy into torch tensors, which joins the gather.
+    The layer's search is split into the index search and the rest (LRFU bookkeeping, copying the
+    distinct returned entries out of the store into torch tensors), reported as the gather. A phase's time
+    counts only calls from outside the phase, so functions of one phase that call each other are not
+    counted twice.
     """
     step()  # warm caches and allocator
     profiler = cProfile.Profile()
@@ -125,11 +131,18 @@ def profile_step(step: Callable[[], None]) -> dict[str, Any]:
     profiler.runcall(step)
     total = time.perf_counter() - start
     stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+
+    def in_phase(function: tuple[str, int, str], functions: list[tuple[str, str]]) -> bool:
+        path, _line, name = function
+        return any(path.endswith(suffix) and name == fn for suffix, fn in functions)
+
     cumulative = {
         phase: sum(
-            entry[3]
-            for (path, _line, name), entry in stats.items()
-            if any(path.endswith(suffix) and name == fn for suffix, fn in functions)
+            cumulative_s  # entry[4]: caller → (calls, primitive calls, own time, cumulative time)
+            for function, entry in stats.items()
+            if in_phase(function, functions)
+            for caller, (*_, cumulative_s) in entry[4].items()
+            if not in_phase(caller, functions)
         )
         for phase, functions in PROFILE_FUNCTIONS.items()
     }

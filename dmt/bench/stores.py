@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from dmt.layers import MemoryLayerConfig
 from dmt.memory import KNNStore
+from dmt.memory.backends import resolve_backend
 from dmt.model.surgery import resolve_layer_configs
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "memory"
@@ -50,7 +51,7 @@ class StoreSpec:
     value_dim: int
     size: int
     metric: str
-    index: tuple[tuple[str, int], ...]
+    index: tuple[tuple[str, int | str], ...]
     value_dtype: str = "float32"
     seed: int = 0
 
@@ -59,7 +60,12 @@ class StoreSpec:
         """A full store (``size == capacity``) shaped for a layer of ``cfg`` on a ``d_model`` stream."""
         # A store entry holds the value and, for gated featural memory, the gate key after it.
         value_dim = (cfg.value_dim or d_model // cfg.heads) + cfg.glu_dim
-        index = tuple(sorted((k, int(v)) for k, v in cfg.index.items()))
+        # The concrete backend names the cache entry: `auto` builds different stores at different sizes.
+        settings = {
+            **cfg.index,
+            "backend": resolve_backend(cfg.index.get("backend", "hnsw"), cfg.key_dim, cfg.capacity),
+        }
+        index = tuple(sorted(settings.items()))
         return cls(cfg.key_dim, value_dim, cfg.capacity, cfg.metric, index, value_dtype)
 
     @property

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dmt.layers.base import MemoryLayer, weighted_sum
-from dmt.layers.straight_through import retrieve_straight_through
+from dmt.layers.base import MemoryLayer, neighbour_weights
+from dmt.layers.straight_through import mix_values_straight_through, returned_keys_straight_through
+from dmt.memory.metrics import distance
 
 
 class AssociativeMemory(MemoryLayer):
@@ -30,9 +31,11 @@ class AssociativeMemory(MemoryLayer):
         queries = self.split_heads(self.query_proj(hidden_states), self.key_dim)  # (N, Dk)
         keys = self.split_heads(self.key_proj(hidden_states), self.key_dim)  # (N, Dk)
         values = self.split_heads(self.value_proj(hidden_states), self.value_dim)  # (N, Dv)
-        result, found = self.search(queries)
-        keys_ret, values_ret = retrieve_straight_through(queries, keys, values, found.keys, found.values)
-        attended = weighted_sum(self.scores(queries, keys_ret), found.valid, values_ret, "softmax")
+        found = self.search(queries)
+        keys_ret = returned_keys_straight_through(queries, keys, found.keys[found.rows])  # (N, K, Dk)
+        scores = self.scores(distance(queries, keys_ret, self.cfg.metric))  # (N, K)
+        weights = neighbour_weights(scores, found.valid, "softmax")
+        attended = mix_values_straight_through(weights, found.rows, found.entries, values)  # (N, Dv)
         self.insert_novel(found.nearest, keys, values)
-        self.maybe_recombine(result)
+        self.maybe_recombine(found)
         return self.merge_heads(attended, batch_shape)  # (B, T, C)

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmt.layers.config import MemoryLayerConfig
-from dmt.memory import KNNStore, QueryResult
-from dmt.memory.metrics import distance
+from dmt.memory import KNNStore
 
 # A store mutation recorded by a layer: (operation, arguments of the store method).
 WriteOp = tuple[str, tuple[Any, ...]]
@@ -47,23 +46,58 @@ def apply_writes(store: KNNStore, writes_per_rank: list[list[WriteOp]]) -> None:
 
 @dataclass
 class Retrieved:
-    """A search result moved to torch; shapes with ``N = B·T·H`` queries and ``K = topk``."""
+    """A search result moved to torch, with ``N = B·T·H`` queries, ``K = topk`` and ``U`` distinct entries.
 
-    ids: np.ndarray  # (N, K) int64, -1 where no entry
+    Neighbours are not gathered per query: each distinct entry is copied out of the store once (``keys``,
+    ``entries``) and ``rows`` says which table row each neighbour is, so ``(N, K, D)`` tensors are only
+    built where a computation needs them.
+    """
+
+    ids: np.ndarray  # (N, K) int64 store slots, -1 where no entry
+    distances: np.ndarray  # (N, K) float32 as the index reported them, +inf where no entry
     valid: torch.Tensor  # (N, K) bool
-    keys: torch.Tensor  # (N, K, Dk)
-    values: torch.Tensor  # (N, K, Dv)
-    nearest: np.ndarray  # (N,) distance of the nearest entry, +inf if none
+    rows: torch.Tensor  # (N, K) int64 row of each neighbour in `keys` / `entries`
+    slots: np.ndarray  # (U,) store slot of each table row; -1 for the all-zero padding row
+    keys: torch.Tensor  # (U, Dk)
+    entries: torch.Tensor  # (U, E): value, then (gated featural memory) gate key
+
+    @property
+    def nearest(self) -> np.ndarray:
+        """``(N,)`` distance of each query's nearest entry, +inf if none."""
+        return self.distances[:, 0]
 
 
-def weighted_sum(
-    scores: torch.Tensor,
-    valid: torch.Tensor,
-    values: torch.Tensor,
-    weighting: str,
-    gate: torch.Tensor | None = None,
+# Scoring all (query, table row) pairs with one matmul beats gathering (N, K, D) neighbour rows while the
+# table has at most this many rows per neighbour slot (a row copy costs about as much as 30 multiply-adds).
+DENSE_SCORING_MAX_ROWS_PER_K = 32
+
+
+def neighbour_dots(vectors: torch.Tensor, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``vectors (N, D)`` · ``table (U, D)[rows (N, K)]`` → ``(N, K)``, differentiable in both."""
+    if table.shape[0] <= DENSE_SCORING_MAX_ROWS_PER_K * rows.shape[1]:
+        return (vectors @ table.T).gather(1, rows)  # (N, U) → (N, K)
+    return torch.einsum("nd,nkd->nk", vectors, table[rows])
+
+
+def neighbour_distances(
+    queries: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, metric: str
 ) -> torch.Tensor:
-    """Combine neighbour values ``(N, K, Dv)`` with weights from ``scores (N, K)``; invalid ones get 0.
+    """Distance ``(N, K)`` of ``queries (N, D)`` to their neighbours ``keys (U, D)[rows (N, K)]``, in the
+    conventions of :mod:`dmt.memory.metrics` (what the index reported, differentiable in the queries)."""
+    if metric == "l2":
+        squared_norms = keys.pow(2).sum(1)[rows]  # (N, K)
+        dots = neighbour_dots(queries, keys, rows)
+        return queries.pow(2).sum(1, keepdim=True) - 2.0 * dots + squared_norms
+    if metric == "cosine":
+        queries = F.normalize(queries, dim=1)
+        keys = F.normalize(keys, dim=1)
+    return 1.0 - neighbour_dots(queries, keys, rows)
+
+
+def neighbour_weights(
+    scores: torch.Tensor, valid: torch.Tensor, weighting: str, gate: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Weights ``(N, K)`` of the neighbours from their ``scores (N, K)``; invalid neighbours get 0.
 
     ``softmax`` normalises over the neighbours; ``relu``/``gelu``/``silu`` apply the activation to each
     score independently, which makes a store seeded from an MLP's rows compute a top-k MLP. ``gate (N, K)``,
@@ -75,8 +109,16 @@ def weighted_sum(
         weights = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[weighting](scores)
     if gate is not None:
         weights = weights * gate
-    weights = weights * valid  # rows without any neighbour sum to zero
-    return torch.einsum("nk,nkd->nd", weights, values)
+    return weights * valid  # rows without any neighbour sum to zero
+
+
+def mix_values(weights: torch.Tensor, rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``Σ_k weights[n, k] · table[rows[n, k]]`` → ``(N, Dv)`` for ``table (U, Dv)``.
+
+    ``embedding_bag`` forms the sum without the ``(N, K, Dv)`` gather, forward and backward; the table's
+    gradient comes back summed per row (one row per distinct entry).
+    """
+    return F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
 
 
 class MemoryLayer(nn.Module):
@@ -128,25 +170,31 @@ class MemoryLayer(nn.Module):
     def inserting(self) -> bool:
         return self.cfg.novelty_threshold is not None and (self.training or self.cfg.insert_during_eval)
 
-    def search(self, queries: torch.Tensor) -> tuple[QueryResult, Retrieved]:
-        """Batched top-k search for ``queries (N, Dk)``; results on the queries' device and dtype."""
-        result = self.store.query(queries.detach().float().cpu().numpy(), self.cfg.topk, reference=False)
-        found = result.ids >= 0
-        self.write("reference", result.ids[found])  # LRFU: every returned entry was referenced
+    def search(self, queries: torch.Tensor) -> Retrieved:
+        """Batched top-k search for ``queries (N, Dk)``; tensors on the queries' device and dtype."""
+        ids, distances = self.store.search(queries.detach().float().cpu().numpy(), self.cfg.topk)
+        found = ids >= 0
+        self.write("reference", ids[found])  # LRFU: every returned entry was referenced
         if found.any():
-            self.last_topk_distance = float(result.distances[found].mean())
+            self.last_topk_distance = float(distances[found].mean())
+        slots, rows = np.unique(ids, return_inverse=True)  # sorted: a padding id -1 becomes row 0
+        keys, entries = self.store.get(slots[slots >= 0])  # (U', Dk), (U', E)
+        if len(slots) and slots[0] < 0:
+            keys = np.concatenate([np.zeros((1, self.key_dim), np.float32), keys])
+            entries = np.concatenate([np.zeros((1, self.entry_dim), np.float32), entries])
 
         def to_torch(array: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(array).to(device=queries.device, dtype=queries.dtype)
 
-        retrieved = Retrieved(
-            ids=result.ids,
+        return Retrieved(
+            ids=ids,
+            distances=distances,
             valid=torch.from_numpy(found).to(queries.device),
-            keys=to_torch(result.keys),
-            values=to_torch(result.values),
-            nearest=result.distances[:, 0],
+            rows=torch.from_numpy(rows.reshape(ids.shape)).to(queries.device),
+            slots=slots,
+            keys=to_torch(keys),
+            entries=to_torch(entries),
         )
-        return result, retrieved
 
     def insert_novel(self, nearest: np.ndarray, keys: torch.Tensor, values: torch.Tensor | None) -> None:
         """Insert the rows of ``keys (N, Dk)`` / ``values (N, Dv)`` whose nearest neighbour is far enough.
@@ -166,15 +214,14 @@ class MemoryLayer(nn.Module):
             )  # (M, Dv)
             self.write("insert", new_keys, new_values)
 
-    def maybe_recombine(self, result: QueryResult) -> None:
+    def maybe_recombine(self, found: Retrieved) -> None:
         if self.training and self.cfg.recombine_distance is not None:
-            self.write("recombine", result, self.cfg.recombine_distance)
+            self.write("recombine", found.ids, found.distances, self.cfg.recombine_distance)
 
-    def scores(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Similarity ``(N, K)`` of each query to its neighbours, scaled by the temperature."""
-        dist = distance(queries, keys, self.cfg.metric)
+    def scores(self, distances: torch.Tensor) -> torch.Tensor:
+        """Similarity ``(N, K)`` from the neighbours' ``distances (N, K)``, scaled by the temperature."""
         # ip / cosine distances are 1 - similarity; l2 is a plain distance.
-        similarity = -dist if self.cfg.metric == "l2" else 1.0 - dist
+        similarity = -distances if self.cfg.metric == "l2" else 1.0 - distances
         return similarity / self.cfg.temperature
 
     def split_heads(self, x: torch.Tensor, dim: int) -> torch.Tensor:

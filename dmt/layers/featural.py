@@ -6,7 +6,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from dmt.layers.base import MemoryLayer, low_rank_factors, weighted_sum
+from dmt.layers.base import (
+    MemoryLayer,
+    low_rank_factors,
+    mix_values,
+    neighbour_distances,
+    neighbour_dots,
+    neighbour_weights,
+)
 
 
 class FeaturalMemory(MemoryLayer):
@@ -23,38 +30,39 @@ class FeaturalMemory(MemoryLayer):
         super().__init__(*args, **kwargs)
         glu_dim = self.cfg.glu_dim
         self.glu_query_proj = nn.Linear(self.d_model, self.heads * glu_dim) if glu_dim else None
-        # (ids (N, K), returned values (N, K, Dv) with .grad after backward) of the forwards since the
+        # (store slots (U,), returned entries (U, E) with .grad after backward) of the forwards since the
         # last update.
         self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_shape = hidden_states.shape[:-1]  # (B, T)
         queries = self.split_heads(self.query_proj(hidden_states), self.key_dim)  # (N, Dk)
-        result, found = self.search(queries)
-        entries = found.values  # (N, K, Dv + G): value, then gate key
+        found = self.search(queries)
+        entries = found.entries  # (U, Dv + G): value, then gate key
         if self.training and torch.is_grad_enabled():
             entries.requires_grad_(True)
-            self._pending.append((found.ids, entries))
+            self._pending.append((found.slots, entries))
         gate = None
         if self.glu_query_proj is not None:
             glu_queries = self.split_heads(self.glu_query_proj(hidden_states), self.cfg.glu_dim)  # (N, G)
-            gate = torch.einsum("ng,nkg->nk", glu_queries, entries[..., self.value_dim :])
-        values = entries[..., : self.value_dim]
-        mixed = weighted_sum(self.scores(queries, found.keys), found.valid, values, self.cfg.weighting, gate)
+            gate = neighbour_dots(glu_queries, entries[:, self.value_dim :], found.rows)  # (N, K)
+        distances = neighbour_distances(queries, found.keys, found.rows, self.cfg.metric)  # (N, K)
+        weights = neighbour_weights(self.scores(distances), found.valid, self.cfg.weighting, gate)
+        mixed = mix_values(weights, found.rows, entries[:, : self.value_dim])  # (N, Dv)
         self.insert_novel(found.nearest, queries, values=None)
-        self.maybe_recombine(result)
+        self.maybe_recombine(found)
         return self.merge_heads(mixed, batch_shape)  # (B, T, C)
 
     @torch.no_grad()
     def apply_value_updates(self, lr: float | None = None) -> None:
-        """SGD step on the stored values that the pending forwards returned, then forget them."""
+        """SGD step on the stored entries that the pending forwards returned, then forget them."""
         lr = self.cfg.value_lr if lr is None else lr
-        for ids, values in self._pending:
-            if values.grad is None:
+        for slots, entries in self._pending:
+            if entries.grad is None:
                 continue
-            valid = ids.reshape(-1) >= 0
-            grads = values.grad.reshape(-1, self.entry_dim)[torch.from_numpy(valid).to(values.device)]
-            self.write("update", ids.reshape(-1)[valid], (-lr * grads).float().cpu().numpy())
+            stored = slots >= 0  # the padding row is not an entry
+            grads = entries.grad[torch.from_numpy(stored).to(entries.device)]  # (U', E), one row per entry
+            self.write("update", slots[stored], (-lr * grads).float().cpu().numpy())
         self._pending.clear()
 
     @torch.no_grad()

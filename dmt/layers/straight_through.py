@@ -15,33 +15,43 @@ from __future__ import annotations
 import torch
 from torch.autograd import Function
 
+from dmt.layers.base import mix_values
 
-class RetrievalStraightThrough(Function):
-    """Identity on the returned keys and values, straight-through gradients to query, key and value.
 
-    Forward: ``(query (N, Dk), key (N, Dk), value (N, Dv), keys_ret (N, K, Dk), values_ret (N, K, Dv))``
-    → ``(keys_ret, values_ret)``. ``key`` and ``value`` are the entries this step inserts for the same
-    tokens as ``query``.
+class ReturnedKeysStraightThrough(Function):
+    """Identity on the returned keys, straight-through gradients to the query and the inserted key.
+
+    Forward: ``(query (N, Dk), key (N, Dk), keys_ret (N, K, Dk))`` → ``keys_ret``. ``key`` is the entry this
+    step inserts for the same token as ``query``.
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, keys_ret, values_ret):  # type: ignore[override]
+    def forward(ctx, query, key, keys_ret):  # type: ignore[override]
         # view_as: outputs must be new tensor objects for autograd to attach this node to them.
-        return keys_ret.view_as(keys_ret), values_ret.view_as(values_ret)
+        return keys_ret.view_as(keys_ret)
 
     @staticmethod
-    def backward(ctx, grad_keys_ret, grad_values_ret):  # type: ignore[override]
+    def backward(ctx, grad_keys_ret):  # type: ignore[override]
         d_key = grad_keys_ret.sum(dim=1)  # (N, Dk)
-        d_value = grad_values_ret.sum(dim=1)  # (N, Dv)
-        return d_key, d_key, d_value, None, None
+        return d_key, d_key, None
 
 
-def retrieve_straight_through(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    keys_ret: torch.Tensor,
-    values_ret: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returned ``(keys (N, K, Dk), values (N, K, Dv))`` carrying straight-through gradients."""
-    return RetrievalStraightThrough.apply(query, key, value, keys_ret, values_ret)
+def returned_keys_straight_through(
+    query: torch.Tensor, key: torch.Tensor, keys_ret: torch.Tensor
+) -> torch.Tensor:
+    """Returned ``keys (N, K, Dk)`` carrying ``dQuery = dKeyInserted = Σ_k dKeyReturned``."""
+    return ReturnedKeysStraightThrough.apply(query, key, keys_ret)
+
+
+def mix_values_straight_through(
+    weights: torch.Tensor, rows: torch.Tensor, table: torch.Tensor, value: torch.Tensor
+) -> torch.Tensor:
+    """``Σ_k weights[n, k] · values_ret[n, k]`` → ``(N, Dv)`` with ``values_ret = table (U, Dv)[rows (N, K)]``
+    and ``dValueInserted = Σ_k dValueReturned`` for ``value (N, Dv)``.
+
+    ``dValueReturned[n, k] = weights[n, k] · dOut[n]``, so the rule gives ``value`` the gradient
+    ``(Σ_k weights[n, k]) · dOut[n]``: adding ``(Σ_k weights) · (value - value.detach())`` (zero in the
+    forward, zero in the weights' gradient) does that without materialising the ``(N, K, Dv)`` returns.
+    """
+    straight_through = weights.sum(dim=1, keepdim=True) * (value - value.detach())  # (N, Dv), zeros
+    return mix_values(weights, rows, table) + straight_through

@@ -15,18 +15,20 @@ hnswlib facts this wrapper relies on (hnswlib 0.8.0):
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
+from typing import Any
 
 import hnswlib
 import numpy as np
 
 from dmt.memory.base import as_float_matrix
-from dmt.memory.metrics import Metric, check_metric
+from dmt.memory.index import KeyIndex
 
 
-class HnswIndex:
+class HnswIndex(KeyIndex):
     """Approximate kNN index over integer labels (store slots) ``0 .. capacity - 1``."""
+
+    backend = "hnsw"
 
     def __init__(
         self,
@@ -42,34 +44,26 @@ class HnswIndex:
         self._index.init_index(max_elements=capacity, M=M, ef_construction=ef_construction)
 
     def _configure(self, dim: int, metric: str, capacity: int, ef_search: int, num_threads: int) -> None:
-        """Shared by ``__init__`` and :meth:`load`: everything except building/reading the graph."""
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        """Shared by ``__init__`` and :meth:`load`: everything except building/reading the graph.
+
+        The base class's ``_live`` mirrors hnswlib's non-deleted labels, which hnswlib does not expose.
+        """
+        super().__init__(dim, metric, capacity)
         if ef_search < 1:
             raise ValueError(f"ef_search must be >= 1, got {ef_search}")
-        self.dim = dim
-        self.metric: Metric = check_metric(metric)
-        self.capacity = capacity
         self.ef_search = ef_search
         self.num_threads = num_threads
         self._index = hnswlib.Index(space=self.metric, dim=dim)
-        self._live = np.zeros(capacity, dtype=bool)  # (capacity,) mirror of hnswlib's non-deleted labels
 
     @property
-    def params(self) -> dict[str, int]:
-        """Constructor keyword arguments that reproduce this index (for manifests)."""
+    def params(self) -> dict[str, Any]:
         return {
+            "backend": self.backend,
             "M": int(self._index.M),
             "ef_construction": int(self._index.ef_construction),
             "ef_search": self.ef_search,
             "num_threads": self.num_threads,
         }
-
-    def __len__(self) -> int:
-        """Number of live (added and not removed) points."""
-        return int(np.count_nonzero(self._live))
 
     def set_ef(self, ef_search: int) -> None:
         """Search breadth; raised to k per query, larger is slower and more exact."""
@@ -77,14 +71,7 @@ class HnswIndex:
             raise ValueError(f"ef_search must be >= 1, got {ef_search}")
         self.ef_search = ef_search
 
-    def _check_labels(self, labels: np.ndarray) -> np.ndarray:
-        labels = np.asarray(labels, dtype=np.int64).ravel()
-        if labels.size and (labels.min() < 0 or labels.max() >= self.capacity):
-            raise ValueError(f"labels must lie in [0, {self.capacity}), got [{labels.min()}, {labels.max()}]")
-        return labels
-
     def add(self, labels: np.ndarray, vectors: np.ndarray) -> None:
-        """Insert or overwrite ``vectors (N, D)`` under distinct ``labels (N,)``."""
         labels = self._check_labels(labels)
         vectors = as_float_matrix("vectors", vectors, self.dim)
         if len(labels) != len(vectors):
@@ -99,7 +86,7 @@ class HnswIndex:
             self._live[labels] = True
 
     def remove(self, labels: np.ndarray) -> None:
-        """Mark ``labels (M,)`` deleted; labels that are not live (including -1) are ignored."""
+        """Mark ``labels (M,)`` deleted in the graph (deleted points still route searches)."""
         labels = np.asarray(labels, dtype=np.int64).ravel()
         labels = labels[(labels >= 0) & (labels < self.capacity)]
         for label in np.unique(labels[self._live[labels]]):
@@ -135,12 +122,6 @@ class HnswIndex:
         return best
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """k nearest live labels of each of ``queries (N, D)``; never raises for lack of points.
-
-        Returns:
-            labels ``(N, k)`` int64 (-1 padding) and distances ``(N, k)`` float32 (+inf padding),
-            ascending per row.
-        """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         queries = as_float_matrix("queries", queries, self.dim)
@@ -174,41 +155,22 @@ class HnswIndex:
         live: np.ndarray,
         ef_search: int = 64,
         num_threads: int = -1,
-        **_build_params: int,
+        **_build_params: Any,
     ) -> HnswIndex:
         """Read a graph written by :meth:`save`.
 
         Args:
             live: ``(capacity,)`` bool mask of live labels (hnswlib cannot report deletions).
-            _build_params: ``M``/``ef_construction`` are accepted (so :attr:`params` can be splatted)
-                and ignored: the file already holds them.
+            _build_params: ``backend``/``M``/``ef_construction`` are accepted (so :attr:`params` can be
+                splatted) and ignored: the file already holds them.
         """
         index = cls.__new__(cls)
         index._configure(dim, metric, capacity, ef_search, num_threads)
         index._index.load_index(str(path), max_elements=capacity)
-        live = np.asarray(live, dtype=bool)
-        if live.shape != (capacity,):
-            raise ValueError(f"live mask has shape {live.shape}, expected ({capacity},)")
+        live = index._check_live(live)
         stored = np.zeros(capacity, dtype=bool)
         stored[np.asarray(index._index.get_ids_list(), dtype=np.int64)] = True
         if (live & ~stored).any():
             raise ValueError(f"live mask names labels that are not in the index file {path}")
-        index._live = live.copy()
+        index._live = live
         return index
-
-    def to_bytes(self) -> np.ndarray:
-        """The :meth:`save` file as a ``(B,)`` uint8 array (for checkpoints)."""
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "index.bin"
-            self.save(path)
-            return np.fromfile(path, dtype=np.uint8)
-
-    @classmethod
-    def from_bytes(
-        cls, data: np.ndarray, dim: int, metric: str, capacity: int, live: np.ndarray, **params: int
-    ) -> HnswIndex:
-        """Inverse of :meth:`to_bytes`; ``params`` as for :meth:`load`."""
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "index.bin"
-            np.asarray(data, dtype=np.uint8).tofile(path)
-            return cls.load(path, dim, metric, capacity, live, **params)

@@ -1,6 +1,6 @@
-"""``KNNStore``: a fixed-capacity key→value memory searched by hnswlib and evicted by LRFU.
+"""``KNNStore``: a fixed-capacity key→value memory searched by a key index and evicted by LRFU.
 
-Slots ``0 .. capacity - 1`` are both the rows of the store's own arrays and the hnswlib labels, so an
+Slots ``0 .. capacity - 1`` are both the rows of the store's own arrays and the index labels, so an
 id returned by :meth:`KNNStore.query` indexes ``keys``/``values`` directly. An id stays valid until its
 entry is evicted by :meth:`KNNStore.insert` or merged away by :meth:`KNNStore.recombine`; after that the
 slot may be reused for a different entry, so ids must not be kept across inserts.
@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from dmt.memory.backends import HNSW_PARAMS, index_from_bytes, load_index, make_index
 from dmt.memory.base import MemoryStats, QueryResult, as_float_matrix
-from dmt.memory.hnsw import HnswIndex
+from dmt.memory.index import KeyIndex
 from dmt.memory.integrity import (
     MANIFEST,
     MemoryStoreError,
@@ -61,7 +63,8 @@ class KNNStore:
         metric: ``l2 | ip | cosine`` in the conventions of ``dmt.memory.metrics``.
         lrfu_lambda: LRFU λ in [0, 1]; 0 evicts the least frequently, 1 the least recently used.
         value_dtype: storage dtype of values (``float16`` halves memory; queries still return float32).
-        index: :class:`HnswIndex` keyword arguments (``M``, ``ef_construction``, ``ef_search``,
+        index: key index settings: ``backend`` (``hnsw`` default, ``exact`` or ``auto``, see
+            :mod:`dmt.memory.backends`) and the hnsw ones (``M``, ``ef_construction``, ``ef_search``,
             ``num_threads``).
 
     The clock advances by one per :meth:`query` call; inserts and references happen at the current time.
@@ -81,7 +84,7 @@ class KNNStore:
         self._keys = np.zeros((capacity, key_dim), dtype=np.float32)  # (C, key_dim)
         self._values = np.zeros((capacity, value_dim), dtype=value_dtype)  # (C, value_dim)
         self._live = np.zeros(capacity, dtype=bool)  # (C,)
-        self._index = HnswIndex(key_dim, metric, capacity, **(index or {}))
+        self._index = make_index(key_dim, metric, capacity, **(index or {}))
 
     def _configure(
         self, key_dim: int, value_dim: int, capacity: int, metric: str, lrfu_lambda: float, value_dtype: str
@@ -118,26 +121,39 @@ class KNNStore:
 
     # ------------------------------------------------------------------ queries and updates
 
-    def query(self, queries: np.ndarray, k: int, reference: bool = True) -> QueryResult:
-        """The ``k`` nearest entries of each of ``queries (N, key_dim)``.
+    @property
+    def index_backend(self) -> str:
+        """The concrete key index in use: ``hnsw`` or ``exact``."""
+        return self._index.backend
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Ids ``(N, k)`` int64 (-1 padding) and distances ``(N, k)`` float32 (+inf padding) of the ``k``
+        nearest entries of each of ``queries (N, key_dim)``, nearest first; no keys or values are copied.
 
         An empty store (cold start) answers with all ids -1, and ``N = 0`` with empty ``(0, k)`` results.
         Advances the clock by one per call (also for ``N = 0``, so the clock counts calls alike on every
-        data-parallel replica); with ``reference`` every returned id counts as one LRFU reference
-        (duplicates across rows each count).
+        data-parallel replica). References are not counted: see :meth:`reference`.
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or k > self.capacity:
             raise ValueError(f"k must be an integer in [1, capacity={self.capacity}], got k={k!r}")
         queries = as_float_matrix("queries", queries, self.key_dim)
         self._now += 1
-        ids, distances = self._index.search(queries, int(k))  # (N, k), (N, k)
+        self._stats.queries += len(queries)
+        return self._index.search(queries, int(k))  # (N, k), (N, k)
+
+    def query(self, queries: np.ndarray, k: int, reference: bool = True) -> QueryResult:
+        """:meth:`search` plus the returned entries' keys and values (zeros for padding).
+
+        With ``reference`` every returned id counts as one LRFU reference (duplicates across rows each
+        count).
+        """
+        ids, distances = self.search(queries, k)
         found = ids >= 0
         rows = np.where(found, ids, 0)  # any valid row index; padded entries are zeroed below
         keys = np.where(found[..., None], self._keys[rows], 0.0).astype(np.float32)
         values = np.where(found[..., None], self._values[rows], 0).astype(np.float32)
         if reference:
             self._lrfu.reference(ids[found], self._now)
-        self._stats.queries += len(queries)
         return QueryResult(ids=ids, keys=keys, values=values, distances=distances)
 
     def insert(self, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -210,9 +226,11 @@ class KNNStore:
         keep = ids >= 0
         keep[keep] = self._live[ids[keep]]
         uniq, inverse = np.unique(ids[keep], return_inverse=True)
-        summed = np.zeros((len(uniq), self.value_dim), dtype=np.float32)
-        np.add.at(summed, inverse, deltas[keep])
-        self._values[uniq] = (self._values[uniq].astype(np.float32) + summed).astype(self.value_dtype)
+        # index_add_ (not np.add.at, ~50x slower) sums the rows of duplicate ids.
+        summed = torch.zeros(len(uniq), self.value_dim).index_add_(
+            0, torch.from_numpy(inverse.ravel()), torch.from_numpy(deltas[keep])
+        )
+        self._values[uniq] = (self._values[uniq].astype(np.float32) + summed.numpy()).astype(self.value_dtype)
 
     def get(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Keys ``(M, key_dim)`` float32 and values ``(M, value_dim)`` float32 of live ``ids (M,)``."""
@@ -221,8 +239,10 @@ class KNNStore:
             raise ValueError("get() needs ids of live entries")
         return self._keys[ids].copy(), self._values[ids].astype(np.float32)
 
-    def recombine(self, result: QueryResult, max_distance: float) -> int:
+    def recombine(self, ids: np.ndarray, distances: np.ndarray, max_distance: float) -> int:
         """Merge near entries that were returned together for one query; returns entries removed.
+
+        ``ids (N, k)`` and ``distances (N, k)`` are a :meth:`search` result.
 
         Per row, the live returned entries with ``distance <= max_distance`` (at least 2) are folded into
         the nearest: key and value become their mean weighted by ``1 / (distance + 1e-6)`` (distances
@@ -230,23 +250,23 @@ class KNNStore:
         removed. Entries merged away earlier in the call are skipped; the distances are those of the
         query, i.e. not recomputed after an earlier row moved a key.
         """
-        all_distances = np.asarray(result.distances)
-        if np.ndim(result.ids) != 2 or np.shape(result.ids) != all_distances.shape:
+        all_distances = np.asarray(distances)
+        if np.ndim(ids) != 2 or np.shape(ids) != all_distances.shape:
             raise ValueError(
-                f"result ids and distances must have the same (N, k) shape, "
-                f"got {np.shape(result.ids)} and {all_distances.shape}"
+                f"ids and distances must have the same (N, k) shape, got {np.shape(ids)} and "
+                f"{all_distances.shape}"
             )
         if not isinstance(max_distance, numbers.Real) or np.isnan(max_distance):
             raise ValueError(f"max_distance must be a number, got {max_distance!r}")
-        all_ids = self._check_ids(result.ids).reshape(all_distances.shape)
+        all_ids = self._check_ids(ids).reshape(all_distances.shape)
         removed = 0
-        for ids, distances in zip(all_ids, all_distances, strict=True):
-            near = (ids >= 0) & (distances <= max_distance)
-            near[near] = self._live[ids[near]]
+        for row_ids, row_distances in zip(all_ids, all_distances, strict=True):
+            near = (row_ids >= 0) & (row_distances <= max_distance)
+            near[near] = self._live[row_ids[near]]
             if np.count_nonzero(near) < 2:
                 continue
-            members = ids[near]  # ascending distance: the nearest comes first
-            weights = 1.0 / (np.maximum(distances[near], 0.0) + 1e-6)
+            members = row_ids[near]  # ascending distance: the nearest comes first
+            weights = 1.0 / (np.maximum(row_distances[near], 0.0) + 1e-6)
             weights = (weights / weights.sum()).astype(np.float32)  # (m,)
             target, others = members[0], members[1:]
             self._keys[target] = weights @ self._keys[members]
@@ -360,7 +380,7 @@ class KNNStore:
         return cls._restore(
             manifest,
             arrays,
-            lambda live: HnswIndex.load(index_path, **cls._index_args(manifest), live=live),
+            lambda live: load_index(index_path, **cls._index_args(manifest), live=live),
             where=lambda name: str(directory / STORE_FILES[name]),
             source=str(directory / MANIFEST),
         )
@@ -368,9 +388,9 @@ class KNNStore:
     def state_dict(self) -> dict[str, Any]:
         """Plain dict of numpy arrays, ints, floats, strings and dicts of those (no pickled objects).
 
-        Includes the hnswlib graph as a ``uint8`` array (``index_bytes``), so loading does not rebuild
-        it. To pass ``torch.load(weights_only=True)`` the caller converts the arrays with
-        ``torch.from_numpy`` (and back with ``.numpy()``); this dict stays numpy-only.
+        Includes the key index file (e.g. the hnswlib graph) as a ``uint8`` array (``index_bytes``), so
+        loading does not rebuild it. To pass ``torch.load(weights_only=True)`` the caller converts the
+        arrays with ``torch.from_numpy`` (and back with ``.numpy()``); this dict stays numpy-only.
         """
         arrays = {name: np.array(array) for name, array in self._arrays().items()}  # copies, not memmaps
         return {
@@ -405,7 +425,7 @@ class KNNStore:
         return cls._restore(
             state,
             arrays,
-            lambda live: HnswIndex.from_bytes(index_bytes, **cls._index_args(state), live=live),
+            lambda live: index_from_bytes(index_bytes, **cls._index_args(state), live=live),
             where=lambda name: f"state_dict[{name!r}]",
             source="state_dict",
         )
@@ -424,7 +444,7 @@ class KNNStore:
         cls,
         manifest: Mapping[str, Any],
         arrays: dict[str, np.ndarray],
-        make_index: Callable[[np.ndarray], HnswIndex],
+        make_index: Callable[[np.ndarray], KeyIndex],
         where: Callable[[str], str],
         source: str,
     ) -> KNNStore:
@@ -433,7 +453,7 @@ class KNNStore:
         Args:
             manifest: the :meth:`_manifest` fields (settings, counters, clock).
             arrays: every ``ARRAY_FILES`` name → its array.
-            make_index: reads the hnswlib graph given the ``(capacity,)`` live mask.
+            make_index: reads the key index given the ``(capacity,)`` live mask.
             where: names the origin (file or state key) of an array or of ``"index_bytes"`` in errors.
             source: names the origin of the manifest fields in errors.
         Raises:
@@ -479,7 +499,7 @@ class KNNStore:
         try:
             store._index = make_index(live)
         except (RuntimeError, ValueError) as error:  # hnswlib reports a corrupt graph as RuntimeError
-            raise MemoryStoreError(f"{where('index_bytes')}: not a usable hnswlib index ({error})") from error
+            raise MemoryStoreError(f"{where('index_bytes')}: not a usable key index ({error})") from error
         store._now = int(manifest["now"])
         store._stats = MemoryStats(**{name: int(count) for name, count in manifest["stats"].items()})
         return store
@@ -498,10 +518,11 @@ _MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
     "now": numbers.Integral,
     "stats": Mapping,
 }
-# Integer-valued sub-dicts of the manifest → the names they may hold.
+# Integer-valued sub-dicts of the manifest → the names they may hold (``index_params`` may also name its
+# ``backend``, checked separately as a string).
 _COUNTER_FIELDS = {
     "stats": tuple(field.name for field in fields(MemoryStats)),
-    "index_params": ("M", "ef_construction", "ef_search", "num_threads"),
+    "index_params": HNSW_PARAMS,
 }
 
 
@@ -518,8 +539,11 @@ def _check_manifest_fields(manifest: Mapping[str, Any], source: str) -> None:
         value = manifest[name]
         if isinstance(value, bool) or not isinstance(value, kind):
             raise MemoryStoreError(f"{source}: field {name!r} has the wrong type ({value!r})")
+    backend = manifest["index_params"].get("backend", "hnsw")
+    if backend not in ("hnsw", "exact"):
+        raise MemoryStoreError(f"{source}: field 'index_params' names an unknown backend {backend!r}")
     for name, allowed in _COUNTER_FIELDS.items():
-        counters = manifest[name]
+        counters = {k: v for k, v in manifest[name].items() if k != "backend"}
         if not set(counters) <= set(allowed) or not all(map(_is_int, counters.values())):
             raise MemoryStoreError(
                 f"{source}: field {name!r} must map some of {', '.join(allowed)} to integers, "

@@ -3,6 +3,8 @@ import torch
 from torch.testing import assert_close
 
 from dmt.layers import AssociativeMemory, FeaturalMemory, MemoryLayerConfig
+from dmt.layers.base import mix_values, neighbour_distances
+from dmt.memory.metrics import distance
 
 
 def make(layer_cls, d_model=16, **overrides):
@@ -94,3 +96,33 @@ def test_bad_settings_name_the_key():
         MemoryLayerConfig(metric="manhattan")
     with pytest.raises(ValueError, match="memory.type"):
         MemoryLayerConfig(type="dense")
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
+@pytest.mark.parametrize("table_rows", [6, 400])  # scored densely (few rows) and by gather (many)
+def test_neighbour_distances_match_the_metric_on_both_paths(metric, table_rows):
+    torch.manual_seed(0)
+    queries = torch.randn(7, 5, dtype=torch.double, requires_grad=True)
+    table = torch.randn(table_rows, 5, dtype=torch.double)
+    rows = torch.randint(0, table_rows, (7, 3))
+    got = neighbour_distances(queries, table, rows, metric)
+    expected = distance(queries, table[rows], metric)
+    assert_close(got, expected)
+    assert_close(*(torch.autograd.grad(d.sum(), queries)[0] for d in (got, expected)))
+
+
+def test_mix_values_equals_the_weighted_gather():
+    torch.manual_seed(0)
+    table = torch.randn(9, 4, requires_grad=True)
+    rows = torch.randint(0, 9, (6, 3))
+    weights = torch.rand(6, 3, requires_grad=True)
+    got = mix_values(weights, rows, table)
+    expected = torch.einsum("nk,nkd->nd", weights, table[rows])
+    assert_close(got, expected)
+    upstream = torch.randn(6, 4)
+    for a, b in zip(
+        torch.autograd.grad((got * upstream).sum(), (weights, table)),
+        torch.autograd.grad((expected * upstream).sum(), (weights, table)),
+        strict=True,
+    ):
+        assert_close(a, b)

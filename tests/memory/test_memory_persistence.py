@@ -60,7 +60,7 @@ def test_save_load_round_trip(tmp_path: Path, value_dtype: str) -> None:
         value_dtype,
     )
     assert manifest["entries"] == 64 and manifest["stats"]["evictions"] == 26
-    assert set(manifest["index_params"]) == {"M", "ef_construction", "ef_search", "num_threads"}
+    assert set(manifest["index_params"]) == {"backend", "M", "ef_construction", "ef_search", "num_threads"}
     restored = KNNStore.load(tmp_path / "mem")
     assert restored._values.dtype == np.dtype(value_dtype)
     _assert_equivalent(store, restored)

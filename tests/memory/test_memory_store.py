@@ -143,8 +143,8 @@ def test_recombine_merges_near_keys() -> None:
     crf_before = store._lrfu.crf[ids[:2]].copy()
     result = store.query(np.array([[1.02, 0, 0, 0]], dtype=np.float32), k=3, reference=False)
     np.testing.assert_array_equal(result.ids[0], ids[[0, 1, 2]])
-    assert store.recombine(result, max_distance=0.5) == 1
-    assert store.recombine(result, max_distance=0.5) == 0  # the partner is gone now
+    assert store.recombine(result.ids, result.distances, max_distance=0.5) == 1
+    assert store.recombine(result.ids, result.distances, max_distance=0.5) == 0  # the partner is gone now
     assert len(store) == 2 and store.stats.merges == 1
     w = 1.0 / (result.distances[0, :2] + 1e-6)
     w /= w.sum()

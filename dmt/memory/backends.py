@@ -1,0 +1,80 @@
+"""Choosing and building a key index backend from index settings (``memory.index`` in configs).
+
+- ``hnsw`` (:class:`dmt.memory.hnsw.HnswIndex`): hnswlib's approximate graph; search cost grows roughly
+  with log(size), inserts into a large graph are slow (~1 ms each at 1M entries).
+- ``exact`` (:class:`dmt.memory.exact.ExactIndex`): brute-force matmul top-k; recall 1 and inserts that are
+  row copies, at a search cost linear in the capacity.
+
+``auto`` takes ``exact`` while ``capacity · dim`` is at most :data:`EXACT_MAX_WORK` (a 131,072-entry store
+of 64-d keys): measured on 2 CPU cores, exact search there costs about what hnswlib costs at ``ef_search=64``
+while returning the true neighbours, and beyond it hnswlib's sublinear search wins.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dmt.memory.exact import ExactIndex
+from dmt.memory.hnsw import HnswIndex
+from dmt.memory.index import KeyIndex
+
+BACKENDS: tuple[str, ...] = ("auto", "hnsw", "exact")
+EXACT_MAX_WORK = 131072 * 64
+# Settings only the hnsw backend reads; `exact` accepts and ignores them so one config serves both.
+HNSW_PARAMS = ("M", "ef_construction", "ef_search", "num_threads")
+
+
+def resolve_backend(backend: str, dim: int, capacity: int) -> str:
+    """The concrete backend (``hnsw`` or ``exact``) that ``backend`` names for this index shape."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown index backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "exact" if capacity * dim <= EXACT_MAX_WORK else "hnsw"
+    return backend
+
+
+def _split_params(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``(backend, hnsw settings)`` from index settings, rejecting names no backend knows."""
+    params = dict(params)
+    backend = params.pop("backend", "hnsw")  # stores saved before backends existed were all hnsw
+    unknown = sorted(set(params) - set(HNSW_PARAMS))
+    if unknown:
+        raise ValueError(f"unknown index setting(s) {unknown}; known: ['backend', *{list(HNSW_PARAMS)}]")
+    return backend, params
+
+
+def index_class(backend: str) -> type[KeyIndex]:
+    """The class of a concrete backend (``hnsw`` or ``exact``)."""
+    return {"hnsw": HnswIndex, "exact": ExactIndex}[backend]
+
+
+def make_index(dim: int, metric: str, capacity: int, **params: Any) -> KeyIndex:
+    """A new empty index: ``backend`` (``auto`` | ``hnsw`` | ``exact``, default ``hnsw``) plus the hnsw
+    settings ``M``, ``ef_construction``, ``ef_search``, ``num_threads``."""
+    backend, hnsw_params = _split_params(params)
+    backend = resolve_backend(backend, dim, capacity)
+    if backend == "exact":
+        return index_class("exact")(dim, metric, capacity)
+    return index_class("hnsw")(dim, metric, capacity, **hnsw_params)
+
+
+def load_index(
+    path: str | Path, dim: int, metric: str, capacity: int, live: np.ndarray, **params: Any
+) -> KeyIndex:
+    """Read an index file written by the backend that ``params`` (an index's :attr:`params`) names."""
+    backend, hnsw_params = _split_params(params)
+    cls = index_class(resolve_backend(backend, dim, capacity))
+    return cls.load(path, dim, metric, capacity, live, **hnsw_params)
+
+
+def index_from_bytes(
+    data: np.ndarray, dim: int, metric: str, capacity: int, live: np.ndarray, **params: Any
+) -> KeyIndex:
+    """Inverse of :meth:`KeyIndex.to_bytes` for the backend that ``params`` names."""
+    backend, hnsw_params = _split_params(params)
+    return index_class(resolve_backend(backend, dim, capacity)).from_bytes(
+        data, dim, metric, capacity, live, **hnsw_params
+    )

@@ -1,0 +1,115 @@
+"""Brute-force key index: one matmul and a top-k per block of queries, recall 1 by construction.
+
+Inserting is a row copy, so a full store churns at memory speed instead of hnswlib's ~1 ms per overwrite;
+searching costs ``capacity · dim`` multiply-adds per query, which beats a graph walk for small stores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dmt.memory.base import as_float_matrix
+from dmt.memory.index import KeyIndex
+
+# Queries per matmul block: bounds the (block, capacity) distance matrix to 256 MiB.
+MAX_BLOCK_ELEMENTS = 2**26
+
+
+class ExactIndex(KeyIndex):
+    """Exact k-nearest search over labels ``0 .. capacity - 1`` in the ``dmt.memory.metrics`` conventions.
+
+    Distances are ``offset[label] - scale · q·v`` with one fused ``addmm`` per block: ``offset`` holds
+    ``1`` (ip, cosine) or ``||v||²`` (l2) for live labels and ``+inf`` for free ones, so dead entries can
+    never be returned while ``k`` does not exceed the live count. l2 adds ``||q||²`` after the top-k (it
+    does not change the order). Cosine vectors are normalised on insertion, as in hnswlib.
+    """
+
+    backend = "exact"
+
+    def __init__(self, dim: int, metric: str, capacity: int) -> None:
+        super().__init__(dim, metric, capacity)
+        self._vectors = torch.zeros(capacity, dim)  # (C, D)
+        self._offset = torch.full((capacity,), float("inf"))  # (C,)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"backend": self.backend}
+
+    def _prepared(self, vectors: np.ndarray) -> torch.Tensor:
+        rows = torch.from_numpy(as_float_matrix("vectors", vectors, self.dim))
+        if self.metric == "cosine":
+            rows = torch.nn.functional.normalize(rows, dim=1)
+        return rows
+
+    def add(self, labels: np.ndarray, vectors: np.ndarray) -> None:
+        labels = self._check_labels(labels)
+        rows = self._prepared(vectors)
+        if len(labels) != len(rows):
+            raise ValueError(f"got {len(labels)} labels for {len(rows)} vectors")
+        if len(np.unique(labels)) != len(labels):
+            raise ValueError("labels must be distinct within one add")
+        index = torch.from_numpy(labels)
+        self._vectors[index] = rows
+        self._offset[index] = rows.pow(2).sum(1) if self.metric == "l2" else 1.0
+        self._live[labels] = True
+
+    def remove(self, labels: np.ndarray) -> None:
+        labels = np.asarray(labels, dtype=np.int64).ravel()
+        labels = labels[(labels >= 0) & (labels < self.capacity)]
+        self._offset[torch.from_numpy(labels)] = float("inf")
+        self._live[labels] = False
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        queries_t = torch.from_numpy(as_float_matrix("queries", queries, self.dim))
+        labels = np.full((len(queries_t), k), -1, dtype=np.int64)
+        distances = np.full((len(queries_t), k), np.inf, dtype=np.float32)
+        k_live = min(k, len(self))
+        if k_live == 0 or len(queries_t) == 0:
+            return labels, distances
+        if self.metric == "cosine":
+            queries_t = torch.nn.functional.normalize(queries_t, dim=1)
+        scale = 2.0 if self.metric == "l2" else 1.0
+        block = max(1, MAX_BLOCK_ELEMENTS // self.capacity)
+        for begin in range(0, len(queries_t), block):
+            rows = queries_t[begin : begin + block]  # (b, D)
+            all_distances = torch.addmm(self._offset, rows, self._vectors.T, alpha=-scale)  # (b, C)
+            top = all_distances.topk(k_live, dim=1, largest=False, sorted=True)
+            found = top.values
+            if self.metric == "l2":
+                found = (found + rows.pow(2).sum(1, keepdim=True)).clamp_min(0.0)
+            labels[begin : begin + block, :k_live] = top.indices.numpy()
+            distances[begin : begin + block, :k_live] = found.numpy()
+        return labels, distances
+
+    def save(self, path: str | Path) -> None:
+        """The stored vectors ``(capacity, dim)`` as a ``.npy`` file (free rows are kept as they are)."""
+        with open(path, "wb") as file:  # np.save(str) would append ".npy" to the name
+            np.save(file, self._vectors.numpy(), allow_pickle=False)
+
+    @classmethod
+    def load(
+        cls, path: str | Path, dim: int, metric: str, capacity: int, live: np.ndarray, **_hnsw_params: Any
+    ) -> ExactIndex:
+        """Read a :meth:`save` file; ``_hnsw_params`` are accepted (one config serves both backends)."""
+        index = cls(dim, metric, capacity)
+        index._live = index._check_live(live)
+        try:
+            vectors = np.load(path, allow_pickle=False)
+        except (OSError, EOFError) as error:
+            raise ValueError(f"{path}: not an exact-index file ({error})") from error
+        if vectors.shape != (capacity, dim) or vectors.dtype != np.float32:
+            raise ValueError(
+                f"{path}: expected vectors of shape {(capacity, dim)} float32, "
+                f"got {vectors.shape} {vectors.dtype}"
+            )
+        index._vectors = torch.from_numpy(vectors.copy())
+        live_rows = torch.from_numpy(index._live)
+        norms = index._vectors.pow(2).sum(1) if metric == "l2" else torch.ones(capacity)
+        index._offset = torch.where(live_rows, norms, torch.full((capacity,), float("inf")))
+        return index
