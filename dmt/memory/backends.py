@@ -4,6 +4,9 @@
   with log(size), inserts into a large graph are slow (~1 ms each at 1M entries).
 - ``exact`` (:class:`dmt.memory.exact.ExactIndex`): brute-force matmul top-k; recall 1 and inserts that are
   row copies, at a search cost linear in the capacity.
+- ``product`` (:class:`dmt.memory.product.ProductKeyIndex`): ``n²`` fixed product keys searched exactly at
+  a cost of ``2n`` sub-keys; the store is full from the start and learns only its values. Never chosen by
+  ``auto``: fixed keys are a modelling choice.
 
 ``auto`` takes ``exact`` while ``capacity · dim`` is at most :data:`EXACT_MAX_WORK` (a 131,072-entry store
 of 64-d keys): measured on 2 CPU cores, exact search there costs about what hnswlib costs at ``ef_search=64``
@@ -20,15 +23,16 @@ import numpy as np
 from dmt.memory.exact import ExactIndex
 from dmt.memory.hnsw import HnswIndex
 from dmt.memory.index import KeyIndex
+from dmt.memory.product import ProductKeyIndex
 
-BACKENDS: tuple[str, ...] = ("auto", "hnsw", "exact")
+BACKENDS: tuple[str, ...] = ("auto", "hnsw", "exact", "product")
 EXACT_MAX_WORK = 131072 * 64
 # Settings only the hnsw backend reads; `exact` accepts and ignores them so one config serves both.
 HNSW_PARAMS = ("M", "ef_construction", "ef_search", "num_threads")
 
 
 def resolve_backend(backend: str, dim: int, capacity: int) -> str:
-    """The concrete backend (``hnsw`` or ``exact``) that ``backend`` names for this index shape."""
+    """The concrete backend (``hnsw``, ``exact`` or ``product``) that ``backend`` names for this shape."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown index backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
@@ -47,18 +51,18 @@ def _split_params(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def index_class(backend: str) -> type[KeyIndex]:
-    """The class of a concrete backend (``hnsw`` or ``exact``)."""
-    return {"hnsw": HnswIndex, "exact": ExactIndex}[backend]
+    """The class of a concrete backend."""
+    return {"hnsw": HnswIndex, "exact": ExactIndex, "product": ProductKeyIndex}[backend]
 
 
 def make_index(dim: int, metric: str, capacity: int, **params: Any) -> KeyIndex:
-    """A new empty index: ``backend`` (``auto`` | ``hnsw`` | ``exact``, default ``hnsw``) plus the hnsw
-    settings ``M``, ``ef_construction``, ``ef_search``, ``num_threads``."""
+    """A new index: ``backend`` (``auto`` | ``hnsw`` | ``exact`` | ``product``, default ``hnsw``) plus the
+    hnsw settings ``M``, ``ef_construction``, ``ef_search``, ``num_threads`` (ignored by the others)."""
     backend, hnsw_params = _split_params(params)
     backend = resolve_backend(backend, dim, capacity)
-    if backend == "exact":
-        return index_class("exact")(dim, metric, capacity)
-    return index_class("hnsw")(dim, metric, capacity, **hnsw_params)
+    if backend == "hnsw":
+        return HnswIndex(dim, metric, capacity, **hnsw_params)
+    return index_class(backend)(dim, metric, capacity)
 
 
 def load_index(

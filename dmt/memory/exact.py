@@ -22,18 +22,31 @@ MAX_BLOCK_ELEMENTS = 2**26
 class ExactIndex(KeyIndex):
     """Exact k-nearest search over labels ``0 .. capacity - 1`` in the ``dmt.memory.metrics`` conventions.
 
-    Distances are ``offset[label] - scale · q·v`` with one fused ``addmm`` per block: ``offset`` holds
-    ``1`` (ip, cosine) or ``||v||²`` (l2) for live labels and ``+inf`` for free ones, so dead entries can
-    never be returned while ``k`` does not exceed the live count. l2 adds ``||q||²`` after the top-k (it
-    does not change the order). Cosine vectors are normalised on insertion, as in hnswlib.
+    Distances are ``offset[label] - scale · q·v``, formed by a single matmul per block of queries: each
+    row of the table is ``[-scale · v | offset]`` and each query gets a trailing 1, so no separate pass
+    adds the offsets to the ``(block, capacity)`` result (for small ``dim`` that pass costs as much as
+    the matmul). ``offset`` holds ``1`` (ip, cosine) or ``||v||²`` (l2) for live labels and ``+inf`` for
+    free ones, so free slots are never returned while ``k`` does not exceed the live count. l2 adds
+    ``||q||²`` after the top-k (it does not change the order). Cosine vectors are normalised on
+    insertion, as in hnswlib.
     """
 
     backend = "exact"
 
     def __init__(self, dim: int, metric: str, capacity: int) -> None:
         super().__init__(dim, metric, capacity)
-        self._vectors = torch.zeros(capacity, dim)  # (C, D)
-        self._offset = torch.full((capacity,), float("inf"))  # (C,)
+        self._scale = 2.0 if self.metric == "l2" else 1.0  # a power of two: v is recovered exactly
+        self._table = torch.zeros(capacity, dim + 1)  # (C, D + 1): [-scale · v | offset]
+        self._table[:, dim] = float("inf")
+
+    def _offsets(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(M,)`` offsets of live ``rows (M, D)``."""
+        return rows.pow(2).sum(1) if self.metric == "l2" else torch.ones(len(rows))
+
+    @property
+    def _vectors(self) -> torch.Tensor:
+        """``(C, D)`` the stored vectors (normalised for cosine)."""
+        return self._table[:, : self.dim] / -self._scale
 
     @property
     def params(self) -> dict[str, Any]:
@@ -52,15 +65,15 @@ class ExactIndex(KeyIndex):
             raise ValueError(f"got {len(labels)} labels for {len(rows)} vectors")
         if len(np.unique(labels)) != len(labels):
             raise ValueError("labels must be distinct within one add")
-        index = torch.from_numpy(labels)
-        self._vectors[index] = rows
-        self._offset[index] = rows.pow(2).sum(1) if self.metric == "l2" else 1.0
+        self._table[torch.from_numpy(labels)] = torch.cat(
+            [-self._scale * rows, self._offsets(rows)[:, None]], 1
+        )
         self._live[labels] = True
 
     def remove(self, labels: np.ndarray) -> None:
         labels = np.asarray(labels, dtype=np.int64).ravel()
         labels = labels[(labels >= 0) & (labels < self.capacity)]
-        self._offset[torch.from_numpy(labels)] = float("inf")
+        self._table[torch.from_numpy(labels), self.dim] = float("inf")
         self._live[labels] = False
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,15 +87,15 @@ class ExactIndex(KeyIndex):
             return labels, distances
         if self.metric == "cosine":
             queries_t = torch.nn.functional.normalize(queries_t, dim=1)
-        scale = 2.0 if self.metric == "l2" else 1.0
+        augmented = torch.cat([queries_t, torch.ones(len(queries_t), 1)], dim=1)  # (N, D + 1)
         block = max(1, MAX_BLOCK_ELEMENTS // self.capacity)
         for begin in range(0, len(queries_t), block):
-            rows = queries_t[begin : begin + block]  # (b, D)
-            all_distances = torch.addmm(self._offset, rows, self._vectors.T, alpha=-scale)  # (b, C)
+            all_distances = augmented[begin : begin + block] @ self._table.T  # (b, C)
             top = all_distances.topk(k_live, dim=1, largest=False, sorted=True)
             found = top.values
             if self.metric == "l2":
-                found = (found + rows.pow(2).sum(1, keepdim=True)).clamp_min(0.0)
+                squared_norms = queries_t[begin : begin + block].pow(2).sum(1, keepdim=True)
+                found = (found + squared_norms).clamp_min(0.0)
             labels[begin : begin + block, :k_live] = top.indices.numpy()
             distances[begin : begin + block, :k_live] = found.numpy()
         return labels, distances
@@ -90,7 +103,7 @@ class ExactIndex(KeyIndex):
     def save(self, path: str | Path) -> None:
         """The stored vectors ``(capacity, dim)`` as a ``.npy`` file (free rows are kept as they are)."""
         with open(path, "wb") as file:  # np.save(str) would append ".npy" to the name
-            np.save(file, self._vectors.numpy(), allow_pickle=False)
+            np.save(file, self._vectors.contiguous().numpy(), allow_pickle=False)
 
     @classmethod
     def load(
@@ -108,8 +121,7 @@ class ExactIndex(KeyIndex):
                 f"{path}: expected vectors of shape {(capacity, dim)} float32, "
                 f"got {vectors.shape} {vectors.dtype}"
             )
-        index._vectors = torch.from_numpy(vectors.copy())
-        live_rows = torch.from_numpy(index._live)
-        norms = index._vectors.pow(2).sum(1) if metric == "l2" else torch.ones(capacity)
-        index._offset = torch.where(live_rows, norms, torch.full((capacity,), float("inf")))
+        rows = torch.from_numpy(vectors)
+        offsets = torch.where(torch.from_numpy(index._live), index._offsets(rows), float("inf"))
+        index._table = torch.cat([-index._scale * rows, offsets[:, None]], dim=1)
         return index

@@ -20,6 +20,9 @@ class KeyIndex(ABC):
     """Labels ``0 .. capacity - 1`` → vectors of ``dim``, searched by ``metric`` (dmt.memory.metrics)."""
 
     backend: str
+    # True for indexes whose keys are determined by the label (product keys): the store is then full from
+    # construction and never inserts or removes.
+    keys_are_fixed: bool = False
 
     def __init__(self, dim: int, metric: str, capacity: int) -> None:
         if dim < 1:

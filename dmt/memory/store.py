@@ -85,6 +85,9 @@ class KNNStore:
         self._values = np.zeros((capacity, value_dim), dtype=value_dtype)  # (C, value_dim)
         self._live = np.zeros(capacity, dtype=bool)  # (C,)
         self._index = make_index(key_dim, metric, capacity, **(index or {}))
+        if self._index.keys_are_fixed:  # product keys: every slot holds its key from the start
+            self._keys[:] = self._index.keys(np.arange(capacity))
+            self._live[:] = True
 
     def _configure(
         self, key_dim: int, value_dim: int, capacity: int, metric: str, lrfu_lambda: float, value_dtype: str
@@ -163,6 +166,7 @@ class KNNStore:
         entry of this call, since victims are chosen before any of it is stored). If ``N > capacity``
         only the last ``capacity`` rows are stored and the earlier rows get id -1.
         """
+        self._refuse_if_keys_fixed("insert")
         keys = as_float_matrix("keys", keys, self.key_dim)
         values = as_float_matrix("values", values, self.value_dim, dtype=self.value_dtype)
         if len(keys) != len(values):
@@ -186,6 +190,13 @@ class KNNStore:
         self._stats.inserts += stored
         ids[-stored:] = slots
         return ids
+
+    def _refuse_if_keys_fixed(self, operation: str) -> None:
+        if self._index.keys_are_fixed:
+            raise ValueError(
+                f"cannot {operation}: this store's keys are fixed by its {self._index.backend} index "
+                "(it is full from the start and learns through update_values)"
+            )
 
     def _remove(self, slots: np.ndarray) -> None:
         """Drop live ``slots (M,)`` from the index and the live mask (their slots become free)."""
@@ -225,12 +236,20 @@ class KNNStore:
             raise ValueError(f"got {len(ids)} ids but {len(deltas)} deltas")
         keep = ids >= 0
         keep[keep] = self._live[ids[keep]]
-        uniq, inverse = np.unique(ids[keep], return_inverse=True)
-        # index_add_ (not np.add.at, ~50x slower) sums the rows of duplicate ids.
-        summed = torch.zeros(len(uniq), self.value_dim).index_add_(
-            0, torch.from_numpy(inverse.ravel()), torch.from_numpy(deltas[keep])
-        )
-        self._values[uniq] = (self._values[uniq].astype(np.float32) + summed.numpy()).astype(self.value_dtype)
+        if not keep.all():
+            ids, deltas = ids[keep], deltas[keep]
+        if not (np.diff(ids) > 0).all():  # duplicates (or unsorted): one summed row per id first
+            ids, inverse = np.unique(ids, return_inverse=True)
+            # index_add_ (not np.add.at, ~50x slower) sums the rows of duplicate ids.
+            deltas = (
+                torch.zeros(len(ids), self.value_dim)
+                .index_add_(0, torch.from_numpy(inverse.ravel()), torch.from_numpy(deltas))
+                .numpy()
+            )
+        if self._values.dtype == np.float32:
+            self._values[ids] += deltas  # ids are distinct here, so the fancy-indexed += is exact
+        else:
+            self._values[ids] = (self._values[ids].astype(np.float32) + deltas).astype(self.value_dtype)
 
     def get(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Keys ``(M, key_dim)`` float32 and values ``(M, value_dim)`` float32 of live ``ids (M,)``."""
@@ -250,6 +269,7 @@ class KNNStore:
         removed. Entries merged away earlier in the call are skipped; the distances are those of the
         query, i.e. not recomputed after an earlier row moved a key.
         """
+        self._refuse_if_keys_fixed("recombine")
         all_distances = np.asarray(distances)
         if np.ndim(ids) != 2 or np.shape(ids) != all_distances.shape:
             raise ValueError(
@@ -540,7 +560,7 @@ def _check_manifest_fields(manifest: Mapping[str, Any], source: str) -> None:
         if isinstance(value, bool) or not isinstance(value, kind):
             raise MemoryStoreError(f"{source}: field {name!r} has the wrong type ({value!r})")
     backend = manifest["index_params"].get("backend", "hnsw")
-    if backend not in ("hnsw", "exact"):
+    if backend not in ("hnsw", "exact", "product"):
         raise MemoryStoreError(f"{source}: field 'index_params' names an unknown backend {backend!r}")
     for name, allowed in _COUNTER_FIELDS.items():
         counters = {k: v for k, v in manifest[name].items() if k != "backend"}

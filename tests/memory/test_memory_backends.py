@@ -107,3 +107,47 @@ def test_exact_store_churns_saves_and_matches_brute_force(tmp_path: Path) -> Non
     assert restored.index_backend == "exact"
     np.testing.assert_array_equal(restored.search(queries, 7)[0], ids)
     np.testing.assert_array_equal(KNNStore.from_state_dict(store.state_dict()).search(queries, 7)[0], ids)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_product_keys_are_searched_exactly(metric: str) -> None:
+    index = make_index(8, metric, 400, backend="product")  # 20 × 20 sub-key pairs
+    assert index.keys_are_fixed and len(index) == 400
+    keys = index.keys(np.arange(400))
+    assert len(np.unique(keys, axis=0)) == 400
+    queries = _data(30, 8, seed=6) * 3
+    for k in (1, 7, 25):  # 25 > n: more neighbours than sub-keys per half
+        labels, distances = index.search(queries, k)
+        exact = pairwise_distance_np(queries, keys, metric)
+        np.testing.assert_allclose(distances, np.sort(exact, axis=1)[:, :k], atol=1e-5)
+        np.testing.assert_allclose(np.take_along_axis(exact, labels, axis=1), distances, atol=1e-5)
+
+
+def test_product_key_store_is_full_learns_values_and_round_trips(tmp_path: Path) -> None:
+    store = KNNStore(8, 2, capacity=64, metric="ip", index={"backend": "product"})
+    assert len(store) == 64 and store.index_backend == "product"
+    store.update_values(np.array([3, 5]), np.ones((2, 2), dtype=np.float32))
+    ids, _ = store.search(_data(4, 8, seed=7), 5)
+    with pytest.raises(ValueError, match="cannot insert: this store's keys are fixed by its product index"):
+        store.insert(_data(1, 8, seed=8), np.zeros((1, 2), dtype=np.float32))
+    with pytest.raises(ValueError, match="cannot recombine"):
+        store.recombine(ids, np.zeros(ids.shape, dtype=np.float32), 1.0)
+    store.save(tmp_path / "store")
+    restored = KNNStore.load(tmp_path / "store")
+    np.testing.assert_array_equal(restored.get(np.array([3, 5]))[1], np.ones((2, 2)))
+    np.testing.assert_array_equal(restored.search(_data(4, 8, seed=7), 5)[0], ids)
+
+
+@pytest.mark.parametrize(
+    ("dim", "metric", "capacity", "message"),
+    [
+        (8, "cosine", 64, "metric ip or l2"),
+        (7, "ip", 64, "even key dim"),
+        (8, "ip", 60, r"capacity = n² \(e.g. 49 or 64\), got 60"),
+    ],
+)
+def test_product_key_index_rejects_what_it_cannot_search(
+    dim: int, metric: str, capacity: int, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_index(dim, metric, capacity, backend="product")

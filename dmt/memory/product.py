@@ -1,0 +1,121 @@
+"""Product-key index (Lample et al., 2019): exact top-k over ``n²`` fixed keys for the cost of ``2n``.
+
+Every label ``i · n + j`` owns the key ``[a_i | b_j]``, the concatenation of one sub-key from each of two
+tables ``a, b (n, D/2)``. Inner products and squared L2 distances split into a sum over the two halves, so
+the k best keys are among the pairs of each half's k best sub-keys: a query costs ``2 · n · D/2``
+multiply-adds and a ``k × k`` merge, and the result is exact. At ``n = 1024`` (a million entries, 64-d keys)
+that is 65k multiply-adds per query, against 64M for brute force.
+
+The keys are fixed at construction (random sub-keys from a fixed seed, the same on every replica): a
+store on this index is full from the start, learns by updating its values, and cannot insert or remove
+entries.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dmt.memory.base import as_float_matrix
+from dmt.memory.index import KeyIndex
+
+PRODUCT_METRICS = ("ip", "l2")
+SUBKEY_SEED = 0
+
+
+class ProductKeyIndex(KeyIndex):
+    """Exact k-nearest search over the ``capacity = n²`` product keys of two sub-key tables."""
+
+    backend = "product"
+    keys_are_fixed = True
+
+    def __init__(self, dim: int, metric: str, capacity: int) -> None:
+        super().__init__(dim, metric, capacity)
+        if self.metric not in PRODUCT_METRICS:
+            raise ValueError(
+                f"a product-key index needs metric ip or l2 (they split over the key halves), got {metric!r}"
+            )
+        if dim % 2:
+            raise ValueError(f"a product-key index needs an even key dim, got {dim}")
+        self.n = math.isqrt(capacity)
+        if self.n * self.n != capacity:
+            raise ValueError(
+                f"a product-key index needs capacity = n² (e.g. {self.n**2} or {(self.n + 1) ** 2}), "
+                f"got {capacity}"
+            )
+        generator = torch.Generator().manual_seed(SUBKEY_SEED)
+        # Unit-variance keys of norm ~1: q·k has the scale of the query's norm, as for learned keys.
+        self._subkeys = torch.randn(2, self.n, dim // 2, generator=generator) / math.sqrt(dim)  # (2, n, D/2)
+        self._live[:] = True
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"backend": self.backend}
+
+    def keys(self, labels: np.ndarray) -> np.ndarray:
+        """The fixed keys ``(M, D)`` float32 of ``labels (M,)``."""
+        labels = torch.from_numpy(self._check_labels(labels))
+        return torch.cat([self._subkeys[0, labels // self.n], self._subkeys[1, labels % self.n]], 1).numpy()
+
+    def add(self, labels: np.ndarray, vectors: np.ndarray) -> None:
+        raise ValueError(
+            "a product-key index has fixed keys: entries cannot be added (update values instead)"
+        )
+
+    def remove(self, labels: np.ndarray) -> None:
+        raise ValueError("a product-key index has fixed keys: entries cannot be removed")
+
+    def _half_scores(self, queries: torch.Tensor, half: int) -> torch.Tensor:
+        """``(N, n)`` score of every sub-key of one half; larger is nearer."""
+        part = queries[:, half * (self.dim // 2) : (half + 1) * (self.dim // 2)]  # (N, D/2)
+        dots = part @ self._subkeys[half].T  # (N, n)
+        if self.metric == "ip":
+            return dots
+        # -(||q||² - 2 q·a + ||a||²) without the ||q||² term, added back to the final distances.
+        return 2.0 * dots - self._subkeys[half].pow(2).sum(1)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        queries_t = torch.from_numpy(as_float_matrix("queries", queries, self.dim))
+        k = min(k, self.capacity)
+        per_half = min(k, self.n)
+        best = [self._half_scores(queries_t, half).topk(per_half, dim=1) for half in (0, 1)]  # (N, k') each
+        pair_scores = best[0].values[:, :, None] + best[1].values[:, None, :]  # (N, k', k')
+        top = pair_scores.flatten(1).topk(k, dim=1)  # (N, k), sorted best first
+        first = best[0].indices.gather(1, top.indices // per_half)
+        second = best[1].indices.gather(1, top.indices % per_half)
+        labels = first * self.n + second
+        if self.metric == "ip":
+            distances = 1.0 - top.values
+        else:
+            distances = (queries_t.pow(2).sum(1, keepdim=True) - top.values).clamp_min(0.0)
+        return labels.numpy(), distances.numpy()
+
+    def save(self, path: str | Path) -> None:
+        """The sub-key tables ``(2, n, D/2)`` as a ``.npy`` file."""
+        with open(path, "wb") as file:  # np.save(str) would append ".npy" to the name
+            np.save(file, self._subkeys.numpy(), allow_pickle=False)
+
+    @classmethod
+    def load(
+        cls, path: str | Path, dim: int, metric: str, capacity: int, live: np.ndarray, **_hnsw_params: Any
+    ) -> ProductKeyIndex:
+        index = cls(dim, metric, capacity)
+        if not index._check_live(live).all():
+            raise ValueError("a product-key store has every entry live; the live mask has free slots")
+        try:
+            subkeys = np.load(path, allow_pickle=False)
+        except (OSError, EOFError) as error:
+            raise ValueError(f"{path}: not a product-key index file ({error})") from error
+        expected = (2, index.n, dim // 2)
+        if subkeys.shape != expected or subkeys.dtype != np.float32:
+            raise ValueError(
+                f"{path}: expected sub-keys {expected} float32, got {subkeys.shape} {subkeys.dtype}"
+            )
+        index._subkeys = torch.from_numpy(subkeys.copy())
+        return index
