@@ -31,7 +31,8 @@ TARGETS = {
     "distill_throughput_min_ratio": 0.8,
     "store_resident_max_bytes": 2 * GIB,
 }
-LAYER_KINDS = ("featural", "associative")
+# conf/memory options benchmarked, each at every store size.
+LAYER_KINDS = ("featural", "associative", "featural_product")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,7 +40,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="tiny sizes and models: a seconds-long smoke run"
     )
-    parser.add_argument("--sizes", type=int, nargs="+", help="store sizes (default 65536 1048576)")
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", help="store sizes, squares for product keys (default 65536 1048576)"
+    )
+    parser.add_argument(
+        "--layers",
+        nargs="+",
+        choices=LAYER_KINDS,
+        default=list(LAYER_KINDS),
+        help="conf/memory options to time",
+    )
     parser.add_argument("--repeats", type=int, help="timed repeats per measurement (default 5)")
     parser.add_argument("--warmup", type=int, help="untimed warm-up iterations (default 2)")
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON report path")
@@ -51,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     defaults = (
-        {"sizes": [2048], "repeats": 1, "warmup": 1, "batch": 1, "seq": 32, "queries": 32}
+        {"sizes": [4096], "repeats": 1, "warmup": 1, "batch": 1, "seq": 32, "queries": 32}
         if args.quick
         else {"sizes": [65536, 1048576], "repeats": 5, "warmup": 2, "batch": 4, "seq": 256, "queries": 200}
     )
@@ -94,13 +104,18 @@ def mark(ok: bool) -> str:
     return "meets" if ok else "MISSES"
 
 
+def rate(value: float | None, width: int) -> str:
+    """A rate right-aligned in ``width``, or ``-`` where it does not apply (no inserts)."""
+    return f"{'-' if value is None else f'{value:.0f}':>{width}}"
+
+
 def table(report: dict[str, Any]) -> str:
     """The short human summary of a report."""
     settings = report["settings"]
     lines = [
         f"fwd+bwd on B={settings['batch']} T={settings['seq']} (median of {settings['repeats']}), "
         "beside the GPT-2 MLP (768-3072-768) interleaved",
-        f"{'layer':<12}{'size':>9}{'ms':>9}{'MLP ms':>9}{'us/tok':>9}{'x MLP':>8}{'recall near/rand':>18}"
+        f"{'layer':<18}{'size':>9}{'ms':>9}{'MLP ms':>9}{'us/tok':>9}{'x MLP':>8}{'recall near/rand':>18}"
         f"{'query/s':>10}{'build ins/s':>12}{'churn ins/s':>12}  dominant (fraction)",
     ]
     largest = max(r["size"] for r in report["layers"])
@@ -108,18 +123,18 @@ def table(report: dict[str, Any]) -> str:
         index, profile = r["index"], r["profile"]
         dominant = profile["dominant"]
         lines.append(
-            f"{r['layer']:<12}{r['size']:>9}{r['median_s'] * 1e3:>9.1f}{r['mlp_median_s'] * 1e3:>9.1f}"
+            f"{r['layer']:<18}{r['size']:>9}{r['median_s'] * 1e3:>9.1f}{r['mlp_median_s'] * 1e3:>9.1f}"
             f"{r['per_token_us']:>9.1f}"
             f"{r['ratio_vs_mlp']:>8.2f}{index['recall_near']:>9.3f}/{index['recall_random']:.3f}"
-            f"{index['queries_per_s']:>10.0f}{r['store_build']['last_batch_inserts_per_s']:>12.0f}"
-            f"{index['churn_inserts_per_s']:>12.0f}  {dominant} ({profile['fractions'][dominant]:.2f})"
+            f"{index['queries_per_s']:>10.0f}{rate(r['store_build']['last_batch_inserts_per_s'], 12)}"
+            f"{rate(index['churn_inserts_per_s'], 12)}  {dominant} ({profile['fractions'][dominant]:.2f})"
         )
         if r["size"] == largest:
             ok = (
                 r["ratio_vs_mlp"] <= TARGETS["layer_vs_mlp_max_ratio_at_largest"]
                 and min(index["recall_near"], index["recall_random"]) >= TARGETS["recall_at_k_min"]
             )
-            lines.append(f"{'':<12}target <= 1.0x MLP with recall >= 0.95 at {largest}: {mark(ok)}")
+            lines.append(f"{'':<18}target <= 1.0x MLP with recall >= 0.95 at {largest}: {mark(ok)}")
     for r in report["layers"]:
         if r["size"] == largest:
             parts = ", ".join(f"{k} {v:.2f}" for k, v in r["profile"]["fractions"].items())
@@ -158,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch": args.batch,
             "seq": args.seq,
             "sizes": args.sizes,
+            "layers": args.layers,
             "queries": args.queries,
             **timing,
         },
@@ -166,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     report["layers"] = []
     for size in args.sizes:
-        for kind in LAYER_KINDS:
+        for kind in args.layers:
             result = layer_benchmarks(
                 kind, size, args.cache_dir, args.batch, args.seq, **timing, n_queries=args.queries
             )

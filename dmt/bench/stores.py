@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import psutil
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from dmt.layers import MemoryLayerConfig
 from dmt.memory import KNNStore
@@ -28,18 +28,20 @@ FILL_BATCH = 65536
 BUILD_INFO = "build.json"
 
 
-def layer_config(kind: str, capacity: int) -> MemoryLayerConfig:
-    """The project default settings of a ``featural`` or ``associative`` layer with ``capacity`` entries.
+def memory_option(name: str) -> DictConfig:
+    """``conf/memory/<name>.yaml`` with the options its Hydra defaults list extends merged in first."""
+    option = OmegaConf.load(CONF_DIR / f"{name}.yaml")
+    merged = OmegaConf.create()
+    for parent in option.pop("defaults", []):
+        if parent != "_self_":
+            merged = OmegaConf.merge(merged, memory_option(parent))
+    return OmegaConf.merge(merged, option)
 
-    ``associative.yaml`` extends ``featural.yaml`` through a Hydra defaults list, merged here by hand.
-    """
-    merged = OmegaConf.load(CONF_DIR / "featural.yaml")
-    if kind == "associative":
-        override = OmegaConf.load(CONF_DIR / "associative.yaml")
-        override.pop("defaults")
-        merged = OmegaConf.merge(merged, override)
-    settings: dict[str, Any] = OmegaConf.to_container(merged, resolve=True)  # type: ignore[assignment]
-    settings.update(layers=[0], type=kind, capacity=capacity)
+
+def layer_config(option: str, capacity: int) -> MemoryLayerConfig:
+    """The settings of the ``conf/memory`` ``option`` (e.g. ``featural``) for one layer of ``capacity``."""
+    settings: dict[str, Any] = OmegaConf.to_container(memory_option(option), resolve=True)  # type: ignore[assignment]
+    settings.update(layers=[0], capacity=capacity)
     return resolve_layer_configs(settings, num_layers=1)[0]
 
 
@@ -119,29 +121,34 @@ class PeakRSS:
         self.peak = max(self.peak, self.end)
 
 
-def fill_store(spec: StoreSpec) -> tuple[KNNStore, dict[str, float]]:
+def fill_store(spec: StoreSpec) -> tuple[KNNStore, dict[str, float | None]]:
     """A store of ``spec`` filled with random N(0, 1) keys and values in ``FILL_BATCH`` inserts.
 
     Returns the store and build facts: seconds, inserts/s overall and of the last batch (a nearly full
-    graph, the rate a long-running store sees), and the peak RSS growth while building.
+    graph, the rate a long-running store sees), and the peak RSS growth while building. A store with
+    fixed keys (product keys) gets random values only, and no insert rates.
     """
     rng = np.random.default_rng(spec.seed)
     with PeakRSS() as rss:
         start = time.perf_counter()
         store = spec.empty_store()
+        fixed_keys = store.keys_are_fixed
         last_rate = 0.0
         for begin in range(0, spec.size, FILL_BATCH):
             rows = min(FILL_BATCH, spec.size - begin)
             keys = rng.standard_normal((rows, spec.key_dim), dtype=np.float32)
             values = rng.standard_normal((rows, spec.value_dim), dtype=np.float32)
             batch_start = time.perf_counter()
-            store.insert(keys, values)
+            if fixed_keys:
+                store.update_values(np.arange(begin, begin + rows), values)
+            else:
+                store.insert(keys, values)
             last_rate = rows / (time.perf_counter() - batch_start)
         seconds = time.perf_counter() - start
     info = {
         "build_s": seconds,
-        "inserts_per_s": spec.size / seconds,
-        "last_batch_inserts_per_s": last_rate,
+        "inserts_per_s": None if fixed_keys else spec.size / seconds,
+        "last_batch_inserts_per_s": None if fixed_keys else last_rate,
         "build_peak_rss_delta_bytes": float(rss.peak - rss.start),
     }
     return store, info

@@ -60,9 +60,10 @@ class FeaturalMemory(MemoryLayer):
         for slots, entries in self._pending:
             if entries.grad is None:
                 continue
-            stored = slots >= 0  # the padding row is not an entry
-            grads = entries.grad[torch.from_numpy(stored).to(entries.device)]  # (U', E), one row per entry
-            self.write("update", slots[stored], (-lr * grads).float().cpu().numpy())
+            grads = entries.grad  # (U, E), one row per distinct entry
+            if len(slots) and slots[0] < 0:  # the padding row (sorted first) is not an entry
+                slots, grads = slots[1:], grads[1:]
+            self.write("update", slots, grads.float().cpu().mul_(-lr).numpy())
         self._pending.clear()
 
     @torch.no_grad()

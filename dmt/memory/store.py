@@ -125,6 +125,11 @@ class KNNStore:
     # ------------------------------------------------------------------ queries and updates
 
     @property
+    def keys_are_fixed(self) -> bool:
+        """True when the index fixes every slot's key (product keys): no inserts, only value updates."""
+        return self._index.keys_are_fixed
+
+    @property
     def index_backend(self) -> str:
         """The concrete key index in use: ``hnsw`` or ``exact``."""
         return self._index.backend
@@ -192,7 +197,7 @@ class KNNStore:
         return ids
 
     def _refuse_if_keys_fixed(self, operation: str) -> None:
-        if self._index.keys_are_fixed:
+        if self.keys_are_fixed:
             raise ValueError(
                 f"cannot {operation}: this store's keys are fixed by its {self._index.backend} index "
                 "(it is full from the start and learns through update_values)"
@@ -238,25 +243,24 @@ class KNNStore:
         keep[keep] = self._live[ids[keep]]
         if not keep.all():
             ids, deltas = ids[keep], deltas[keep]
-        if not (np.diff(ids) > 0).all():  # duplicates (or unsorted): one summed row per id first
-            ids, inverse = np.unique(ids, return_inverse=True)
-            # index_add_ (not np.add.at, ~50x slower) sums the rows of duplicate ids.
-            deltas = (
-                torch.zeros(len(ids), self.value_dim)
-                .index_add_(0, torch.from_numpy(inverse.ravel()), torch.from_numpy(deltas))
-                .numpy()
-            )
         if self._values.dtype == np.float32:
-            self._values[ids] += deltas  # ids are distinct here, so the fancy-indexed += is exact
-        else:
-            self._values[ids] = (self._values[ids].astype(np.float32) + deltas).astype(self.value_dtype)
+            # In place through a shared torch view (memory-mapped values included): one multi-threaded
+            # pass that also sums duplicate ids, where numpy's fancy-indexed += would drop them.
+            torch.from_numpy(self._values).index_add_(0, torch.from_numpy(ids), torch.from_numpy(deltas))
+            return
+        ids, inverse = np.unique(ids, return_inverse=True)
+        summed = torch.zeros(len(ids), self.value_dim).index_add_(
+            0, torch.from_numpy(inverse.ravel()), torch.from_numpy(deltas)
+        )
+        self._values[ids] = (self._values[ids].astype(np.float32) + summed.numpy()).astype(self.value_dtype)
 
     def get(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Keys ``(M, key_dim)`` float32 and values ``(M, value_dim)`` float32 of live ``ids (M,)``."""
         ids = self._check_ids(ids)
         if ids.size and (ids.min() < 0 or not self._live[ids].all()):
             raise ValueError("get() needs ids of live entries")
-        return self._keys[ids].copy(), self._values[ids].astype(np.float32)
+        # Fancy indexing copies already; astype(copy=False) adds no second copy of float32 values.
+        return self._keys[ids], self._values[ids].astype(np.float32, copy=False)
 
     def recombine(self, ids: np.ndarray, distances: np.ndarray, max_distance: float) -> int:
         """Merge near entries that were returned together for one query; returns entries removed.

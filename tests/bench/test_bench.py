@@ -35,7 +35,11 @@ def report(tmp_path_factory) -> dict[str, Any]:
 def test_every_section_present_and_finite(report):
     for section in ("machine", "settings", "targets", "layers", "distillation", "footprint"):
         assert section in report
-    assert {(r["layer"], r["size"]) for r in report["layers"]} == {("featural", 2048), ("associative", 2048)}
+    assert {(r["layer"], r["size"]) for r in report["layers"]} == {
+        ("featural", 4096),
+        ("associative", 4096),
+        ("featural_product", 4096),
+    }
     assert all(math.isfinite(x) for x in numbers(report))
 
 
@@ -43,6 +47,9 @@ def test_measurements_positive(report):
     for r in report["layers"]:
         measured = [r["median_s"], r["mlp_median_s"], r["profile"]["total_s"], *r["index"].values()]
         measured += [v for k, v in r["store_build"].items() if k.endswith("_s")]
+        if r["layer"] == "featural_product":  # fixed keys: no inserts, so no insert rates
+            assert r["index"]["churn_inserts_per_s"] is None
+            measured = [x for x in measured if x is not None]
         assert all(x > 0 for x in measured)
         assert 0 < r["index"]["recall_near"] <= 1 and 0 < r["index"]["recall_random"] <= 1
         assert all(x >= 0 for x in r["profile"]["fractions"].values())
