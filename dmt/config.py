@@ -37,6 +37,11 @@ def validate_config(cfg: DictConfig) -> dict[int, MemoryLayerConfig]:
             raise ValueError(f"distill.{key}: must be >= 0, got {distill[key]}")
     if distill.alpha_kd + distill.alpha_ce + distill.alpha_hidden <= 0:
         raise ValueError("distill.alpha_kd/alpha_ce/alpha_hidden: at least one loss weight must be > 0")
+    if distill.get("trainable") == "memory" and all(c.type == "removed" for c in layer_configs.values()):
+        raise ValueError(
+            "distill.trainable: 'memory' trains only the swapped layers, and none has parameters "
+            "(memory.layers chooses none, or memory.type is removed); use distill.trainable=all"
+        )
     if distill.temperature <= 0:
         raise ValueError(f"distill.temperature: must be > 0, got {distill.temperature}")
     if cfg.data.block_size > model_config.max_position_embeddings:

@@ -16,7 +16,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file beside its target, fsyncs it, then renames it into place.
 
     A rename within one directory is atomic, so a crash (or ``kill -9``) mid-save leaves either the previous
-    checkpoint or the new one, never a truncated file. Lightning's own writer stages the file in the
+    checkpoint or the new one, never a truncated file. What a killed writer leaves is its temporary file;
+    the next save of the same checkpoint deletes such leftovers. Lightning's own writer stages the file in the
     system temp directory and then moves it, which is a copy (not atomic) across file systems.
     Remote paths (``s3://`` …) fall back to Lightning's writer.
     """
@@ -30,6 +31,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in target.parent.glob(f".{target.name}.*.tmp"):  # from a writer killed mid-save
+            leftover.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
             with os.fdopen(fd, "wb") as handle:

@@ -10,6 +10,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+from pytorch_lightning.callbacks import Timer
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -18,7 +19,7 @@ from dmt.layers import FeaturalMemory
 from dmt.layers.base import apply_writes
 from dmt.model.families import get_mlp
 from dmt.model.persistence import memory_digest, memory_spec, memory_state, restore_memory_state
-from dmt.model.surgery import memory_layers
+from dmt.model.surgery import memory_layers, swapped_layers
 
 
 @contextmanager
@@ -36,12 +37,32 @@ def capture_outputs(modules: dict[int, nn.Module]) -> Iterator[dict[int, torch.T
             handle.remove()
 
 
-def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
-    """Learning-rate multiplier: linear warm-up, then cosine decay to ``min_ratio``."""
+def warmup_cosine(
+    step: int, warmup_steps: int, max_steps: int | None, min_ratio: float, time_fraction: float = 0.0
+) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to ``min_ratio``.
+
+    The decay follows whichever budget is further spent: the steps after warm-up (``max_steps``; ``None``
+    for no step budget) or ``time_fraction``, the share of a time budget used so far, so a run stopped by
+    ``trainer.max_time`` still ends annealed.
+    """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    progress = time_fraction
+    if max_steps is not None:
+        progress = max(progress, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    progress = min(1.0, progress)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def time_budget_fraction(timer: Timer | None) -> float:
+    """Share of ``trainer.max_time`` spent training so far (0 without a time budget)."""
+    remaining = timer.time_remaining() if timer is not None else None
+    if remaining is None:
+        return 0.0
+    elapsed = timer.time_elapsed()
+    total = elapsed + remaining
+    return min(1.0, elapsed / total) if total > 0 else 1.0
 
 
 class DistillationModule(pl.LightningModule):
@@ -51,6 +72,11 @@ class DistillationModule(pl.LightningModule):
     teacher is frozen, runs under ``no_grad`` and is deliberately not a submodule, so it stays out of
     checkpoints and the optimiser. The memory stores live outside ``state_dict``; checkpoints carry them
     under ``checkpoint["dmt"]`` so weights and memory always come from the same step.
+
+    The swapped layers (memory layers, or the dense baselines of ``dmt.layers.baselines``) are treated
+    alike: the hidden loss compares their outputs with the teacher MLPs', ``trainable="memory"`` trains
+    only them, and their parameters form the ``memory`` optimiser group (``memory_lr``). Store writes and
+    statistics concern the memory layers only.
     """
 
     def __init__(
@@ -82,12 +108,16 @@ class DistillationModule(pl.LightningModule):
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see class docstring
         if teacher is not None:
             teacher.eval().requires_grad_(False)
-        # A plain dict, not a ModuleDict: the layers are already registered inside the student.
+        # Plain dicts, not ModuleDicts: the layers are already registered inside the student.
+        self.swapped_layers = swapped_layers(student)
         self.memory_layers = memory_layers(student)
         if trainable == "memory":
             student.requires_grad_(False)
-            for layer in self.memory_layers.values():
+            for layer in self.swapped_layers.values():
                 layer.requires_grad_(True)
+        # Training tokens this process has fed the student (restored on resume; summed over ranks by
+        # the run summary).
+        self.tokens_seen = 0
         # Summed validation NLL and scored tokens of this epoch; the frozen teacher's NLL per token is
         # computed in the first real validation and reused afterwards.
         self._val_sums = torch.zeros(2, dtype=torch.float64)
@@ -101,7 +131,7 @@ class DistillationModule(pl.LightningModule):
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         hp = self.hparams
         input_ids, mask = batch["input_ids"], batch["attention_mask"]
-        layers = self.memory_layers
+        layers = self.swapped_layers
         with capture_outputs(layers) as student_out:
             logits = self(input_ids, mask)
         out = {"ce": ce_loss(logits, input_ids, mask)}
@@ -162,6 +192,7 @@ class DistillationModule(pl.LightningModule):
                 "optimiser step writes it into the weights and the memory"
             )
         batch_size = batch["input_ids"].shape[0]
+        self.tokens_seen += int(batch["attention_mask"].sum())
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=batch_size)
         for name in ("kd", "ce", "hidden"):
             if name in out:
@@ -220,7 +251,7 @@ class DistillationModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        memory_params = {id(p) for layer in self.memory_layers.values() for p in layer.parameters()}
+        memory_params = {id(p) for layer in self.swapped_layers.values() for p in layer.parameters()}
         groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "memory": []}
         for name, param in self.student.named_parameters():
             if not param.requires_grad:
@@ -240,8 +271,14 @@ class DistillationModule(pl.LightningModule):
         max_steps = (
             self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         )
+        step_budget = int(max_steps) if math.isfinite(max_steps) else None  # None: only max_time bounds
+        # Lightning adds a Timer callback when trainer.max_time is set.
+        timer = next((cb for cb in self.trainer.callbacks if isinstance(cb, Timer)), None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, int(max_steps), hp.min_lr_ratio)
+            optimizer,
+            lambda step: warmup_cosine(
+                step, hp.warmup_steps, step_budget, hp.min_lr_ratio, time_budget_fraction(timer)
+            ),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -254,10 +291,12 @@ class DistillationModule(pl.LightningModule):
             "memory_state": memory_state(self.student),
             "global_step": self.global_step,
             "memory_digest": memory_digest(self.student),
+            "tokens_seen": self.tokens_seen,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["dmt"]
+        self.tokens_seen = int(state.get("tokens_seen", 0))
         restore_memory_state(self.student, state["memory_state"])
         if memory_digest(self.student) != state["memory_digest"]:
             raise ValueError(

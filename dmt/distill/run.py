@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytorch_lightning as pl
 import torch.distributed as dist
@@ -17,11 +18,19 @@ from omegaconf import DictConfig, OmegaConf
 from dmt.config import validate_config
 from dmt.distill.module import DistillationModule
 from dmt.evaluation.evaluate import evaluate, format_generations, format_table, truncate_texts
+from dmt.model.families import family_of
 from dmt.model.loading import load_teacher, load_tokenizer
 from dmt.model.persistence import memory_digest, save_pretrained
-from dmt.model.surgery import build_student, count_parameters, memory_entries, memory_layers
+from dmt.model.surgery import (
+    build_student,
+    count_parameters,
+    memory_entries,
+    swapped_layers,
+    trainable_parameters,
+)
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -35,11 +44,11 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
     ]
 
 
-def gather_from_ranks(value: str) -> list[str]:
-    """``value`` of every data-parallel rank, in rank order (just ``[value]`` in a single process)."""
+def gather_from_ranks(value: T) -> list[T]:
+    """``value`` (picklable) of every data-parallel rank, in rank order (``[value]`` in a single process)."""
     if not (dist.is_available() and dist.is_initialized()):
         return [value]
-    gathered: list[str] = [""] * dist.get_world_size()
+    gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered
 
@@ -49,7 +58,13 @@ def uses_teacher(cfg: DictConfig) -> bool:
 
 
 def distill(cfg: DictConfig) -> dict[str, Any]:
-    """Distil (or, with only ``alpha_ce``, train) a memory student; return the run summary."""
+    """Distil (or, with only ``alpha_ce``, train) a memory student; return the run summary.
+
+    The summary (also written to ``summary.json``) records what the run cost and what it gave: steps,
+    training tokens and seconds, dense parameters of teacher and student, the swapped layers' types and
+    parameters, memory entries, validation and held-out perplexities.
+    """
+    started = time.monotonic()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     print(f"run directory: {output_dir}\n  tensorboard --logdir {output_dir / 'tensorboard'}")
@@ -85,19 +100,30 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         callbacks=_instantiate_all(cfg.get("callbacks")),
         logger=_instantiate_all(cfg.get("logger")),
     )
+    fit_started = time.monotonic()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_seconds = time.monotonic() - fit_started
 
     digests = gather_from_ranks(memory_digest(student))
     if len(set(digests)) > 1:
         raise RuntimeError(f"memory replicas diverged across ranks: digests {digests}")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    swapped = swapped_layers(student)
     summary: dict[str, Any] = {
         "output_dir": str(output_dir),
         "steps": trainer.global_step,
+        "tokens_seen": sum(gather_from_ranks(module.tokens_seen)),
+        "fit_seconds": fit_seconds,
+        "budget": {"max_steps": cfg.trainer.get("max_steps"), "max_time": cfg.trainer.get("max_time")},
         "teacher_perplexity": metrics.get("val/ppl_teacher", math.nan),
         "student_perplexity": metrics.get("val/ppl_student", math.nan),
         "teacher_dense_parameters": teacher_params,
         "student_dense_parameters": student_params,
+        "dense_parameter_fraction": student_params / teacher_params,
+        "trainable_parameters": trainable_parameters(student),
+        "teacher_blocks": len(family_of(base.config).blocks(base)),
+        "swapped_layers": {str(i): layer.cfg.type for i, layer in swapped.items()},
+        "swapped_layer_parameters": sum(count_parameters(layer) for layer in swapped.values()),
         "memory_entries": memory_entries(student),
         "export_dir": None,
         "world_size": trainer.world_size,
@@ -109,6 +135,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         summary["export_dir"] = str(save_pretrained(student, tokenizer, output_dir / "export"))
     if cfg.evaluate.enabled:
         summary["evaluation"] = evaluate_on_held_out(cfg, base, student, tokenizer, datamodule, output_dir)
+    summary["wall_seconds"] = time.monotonic() - started
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary)
     return summary
@@ -125,7 +152,7 @@ def evaluate_on_held_out(
         tokenizer,
         texts,
         student=student.eval(),
-        ablate_layers=sorted(memory_layers(student)),
+        ablate_layers=sorted(swapped_layers(student)),
         window=settings.window,
         stride=settings.stride,
         batch_size=settings.batch_size,
@@ -142,13 +169,18 @@ def evaluate_on_held_out(
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    ratio = summary["student_dense_parameters"] / summary["teacher_dense_parameters"]
+    ratio = summary["dense_parameter_fraction"]
+    types = sorted(set(summary["swapped_layers"].values()))
     lines = [
         "── summary " + "─" * 50,
-        f"steps                  {summary['steps']}",
+        f"steps                  {summary['steps']} ({summary['tokens_seen']:,} tokens, "
+        f"{summary['fit_seconds'] / 60:.1f} min training)",
         f"teacher perplexity     {summary['teacher_perplexity']:.2f}",
         f"student perplexity     {summary['student_perplexity']:.2f}",
         f"dense parameters       {summary['student_dense_parameters']:,} ({ratio:.1%} of the teacher's)",
+        f"swapped layers         {len(summary['swapped_layers'])} ({', '.join(types) or 'none'}), "
+        f"{summary['swapped_layer_parameters']:,} parameters",
+        f"trainable parameters   {summary['trainable_parameters']:,}",
         f"memory entries         {summary['memory_entries']:,}",
         f"export                 {summary['export_dir']}",
     ]

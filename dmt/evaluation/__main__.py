@@ -19,7 +19,7 @@ import dmt.config  # noqa: F401  (registers the ${pkg:...} resolver)
 from dmt.data.datamodule import resolve_files
 from dmt.evaluation.evaluate import evaluate, format_generations, format_table, load_student
 from dmt.model.loading import load_teacher, load_tokenizer
-from dmt.model.surgery import memory_layers
+from dmt.model.surgery import swapped_layers
 
 # Absolute, so the entry point works however it is invoked (python -m, or imported by dmt.eval).
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -42,7 +42,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     student = load_student(cfg.student)[0] if cfg.student is not None else None
     ablate = cfg.ablate_layers
     if ablate is None:
-        ablate = sorted(memory_layers(student)) if student is not None else []
+        ablate = sorted(swapped_layers(student)) if student is not None else []
     teacher_cfg = OmegaConf.to_container(cfg.teacher, resolve=True)
     result = evaluate(
         teacher,

@@ -1,8 +1,9 @@
 """Evaluate a student against its teacher: perplexity table, ablated teacher, side-by-side generations.
 
-The *ablated teacher* is the teacher with the MLPs that the student replaced by memory layers removed
-outright (their output zeroed, the residual stream passes through). It brackets the student from below:
-a student no better than the ablated teacher has learnt nothing useful in its memory.
+The *ablated teacher* is the teacher with the MLPs that the student replaced (by memory layers or
+baselines) removed outright (their output zeroed, the residual stream passes through): the ``removed``
+baseline before any training. It brackets the student from below: a student no better than the ablated
+teacher has learnt nothing useful in its memory.
 
 Students load from an export directory (:func:`dmt.model.persistence.load_pretrained`) or straight from a
 Lightning checkpoint, read with ``torch.load(weights_only=True)`` so no arbitrary object is unpickled.
@@ -21,11 +22,11 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from dmt.evaluation.perplexity import PerplexityResult, perplexity
+from dmt.layers import RemovedMLP
 from dmt.model.families import family_of, set_mlp
 from dmt.model.loading import load_tokenizer
 from dmt.model.persistence import (
@@ -121,15 +122,8 @@ def export_checkpoint(ckpt: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
 # -- ablation ------------------------------------------------------------------------------------------
 
 
-class ZeroMLP(nn.Module):
-    """Stands in for a removed MLP: returns zeros shaped like its input ``(B, T, C)``."""
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return torch.zeros_like(hidden_states)
-
-
 def ablate_mlps(model: PreTrainedModel, indices: Iterable[int]) -> PreTrainedModel:
-    """Deep copy of ``model`` whose blocks ``indices`` have their MLP replaced by :class:`ZeroMLP`.
+    """Deep copy of ``model`` whose blocks ``indices`` have their MLP removed (:class:`RemovedMLP`).
 
     ``model`` itself is left untouched. Raises ``ValueError`` for an index outside ``[0, num_blocks)``.
     """
@@ -140,7 +134,7 @@ def ablate_mlps(model: PreTrainedModel, indices: Iterable[int]) -> PreTrainedMod
         raise ValueError(f"ablate_layers: blocks {bad} do not exist; the model has {num_blocks} blocks")
     ablated = copy.deepcopy(model)
     for index in indices:
-        set_mlp(ablated, index, ZeroMLP())
+        set_mlp(ablated, index, RemovedMLP())
     return ablated.eval()
 
 

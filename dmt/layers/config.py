@@ -2,26 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from dmt.memory.backends import check_index_settings
 from dmt.memory.metrics import check_metric
 
-LayerType = Literal["featural", "associative"]
-LAYER_TYPES: tuple[str, ...] = ("featural", "associative")
+LayerType = Literal["featural", "associative", "removed", "lowrank"]
+# Layers backed by a kNN store, and the dense baselines they are compared with (dmt/layers/baselines.py):
+# the MLP deleted, or a narrower MLP of the teacher's own form.
+MEMORY_TYPES: tuple[str, ...] = ("featural", "associative")
+BASELINE_TYPES: tuple[str, ...] = ("removed", "lowrank")
+LAYER_TYPES: tuple[str, ...] = MEMORY_TYPES + BASELINE_TYPES
 INITS: tuple[str, ...] = ("empty", "ffn")
 WEIGHTINGS: tuple[str, ...] = ("softmax", "relu", "gelu", "silu")
 
 
 @dataclass
 class MemoryLayerConfig:
-    """Hyper-parameters of one ``FeaturalMemory`` or ``AssociativeMemory``.
+    """Hyper-parameters of one layer swapped in for an MLP: ``FeaturalMemory``, ``AssociativeMemory`` or a
+    dense baseline (``removed``: no MLP; ``lowrank``: a narrower MLP of the teacher's form).
 
     ``novelty_threshold``: an entry is inserted when its query's nearest stored key is farther than this
     (in the store's metric); ``None`` disables inserts. ``key_dim``/``value_dim`` are per head;
     ``value_dim=None`` means ``d_model // heads``. ``glu_dim > 0`` makes a featural memory gated: each
     entry also stores a ``glu_dim`` key whose dot product with a second query projection scales the entry's
     weight, as the up projection does in a SwiGLU MLP.
+
+    ``rank`` (``lowrank`` only) is the baseline's hidden width; ``None`` picks the width whose parameter
+    count matches the featural memory layer the other settings describe (``key_dim``, ``glu_dim``, ...), so
+    a run can swap ``type: featural`` for ``type: lowrank`` and compare at equal dense parameters.
+    ``init: ffn`` warm-starts a ``lowrank`` layer from the teacher MLP's most important units. Store
+    settings (``topk``, ``capacity``, ...) mean nothing to the baselines but are still checked.
     """
 
     type: LayerType = "featural"
@@ -41,6 +54,7 @@ class MemoryLayerConfig:
     value_lr: float = 0.01
     insert_during_eval: bool = False
     index: dict[str, Any] = field(default_factory=dict)
+    rank: int | None = None
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ValueError:
@@ -61,8 +75,8 @@ class MemoryLayerConfig:
                 raise bad(key, f"must be >= 1, got {getattr(self, key)}")
         if self.glu_dim < 0:
             raise bad("glu_dim", f"must be >= 0, got {self.glu_dim}")
-        if self.glu_dim and self.type != "featural":
-            raise bad("glu_dim", "gating is a featural-memory option")
+        if self.glu_dim and self.type == "associative":
+            raise bad("glu_dim", "gating is a featural-memory option; associative layers have none")
         if self.value_dim is not None and self.value_dim < 1:
             raise bad("value_dim", f"must be >= 1 or null, got {self.value_dim}")
         if self.topk > self.capacity:
@@ -71,10 +85,30 @@ class MemoryLayerConfig:
             raise bad("temperature", f"must be > 0, got {self.temperature}")
         if not 0.0 <= self.lrfu_lambda <= 1.0:
             raise bad("lrfu_lambda", f"must lie in [0, 1], got {self.lrfu_lambda}")
-        if self.init == "ffn" and self.type != "featural":
+        if self.init == "ffn" and self.type == "associative":
             raise bad("init", "init=ffn seeds a featural store; associative layers start empty")
+        if self.rank is not None and self.type != "lowrank":
+            raise bad("rank", f"only lowrank layers have a rank; this layer is {self.type}")
+        if self.rank is not None and int(self.rank) < 1:
+            raise bad("rank", f"must be >= 1 or null, got {self.rank}")
         if self.type == "associative" and self.weighting != "softmax":
             raise bad("weighting", "associative layers attend with softmax")
+        if self.has_store:
+            self._check_index(bad)
+
+    def _check_index(self, bad: Callable[[str, str], ValueError]) -> None:
+        """The store's index settings, including what a fixed-key (product) store cannot do."""
+        try:
+            backend = check_index_settings(dict(self.index), self.key_dim, self.metric, self.capacity)
+        except ValueError as err:
+            raise bad("index", str(err)) from None
+        if backend == "product":
+            for key, wanted in (("type", "featural"), ("init", "empty")):
+                if getattr(self, key) != wanted:
+                    raise bad(key, f"a product-key store needs {key}={wanted}, got {getattr(self, key)!r}")
+            for key in ("novelty_threshold", "recombine_distance"):
+                if getattr(self, key) is not None:
+                    raise bad(key, "a product-key store has fixed keys: it cannot insert or merge; set null")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MemoryLayerConfig:
@@ -86,3 +120,8 @@ class MemoryLayerConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def has_store(self) -> bool:
+        """Whether the layer is a memory layer (a kNN store) rather than a dense baseline."""
+        return self.type in MEMORY_TYPES

@@ -50,6 +50,16 @@ def _split_params(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return backend, params
 
 
+def check_index_settings(params: dict[str, Any], dim: int, metric: str, capacity: int) -> str:
+    """Validate index settings for a store of this shape without building anything; returns the concrete
+    backend. Raises ``ValueError`` naming the setting that cannot work (for config validation)."""
+    backend, _ = _split_params(params)
+    backend = resolve_backend(backend, dim, capacity)
+    if backend == "product":
+        ProductKeyIndex.check_shape(dim, metric, capacity)
+    return backend
+
+
 def index_class(backend: str) -> type[KeyIndex]:
     """The class of a concrete backend."""
     return {"hnsw": HnswIndex, "exact": ExactIndex, "product": ProductKeyIndex}[backend]

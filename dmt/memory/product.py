@@ -35,22 +35,27 @@ class ProductKeyIndex(KeyIndex):
 
     def __init__(self, dim: int, metric: str, capacity: int) -> None:
         super().__init__(dim, metric, capacity)
-        if self.metric not in PRODUCT_METRICS:
+        self.n = self.check_shape(dim, metric, capacity)
+        generator = torch.Generator().manual_seed(SUBKEY_SEED)
+        # Components of variance 1/D: keys of norm ≈ 1, so q·k has the scale of the query.
+        self._subkeys = torch.randn(2, self.n, dim // 2, generator=generator) / math.sqrt(dim)  # (2, n, D/2)
+        self._live[:] = True
+
+    @staticmethod
+    def check_shape(dim: int, metric: str, capacity: int) -> int:
+        """``n`` for a ``capacity = n²`` index of even ``dim`` and metric ip or l2; else ``ValueError``."""
+        if metric not in PRODUCT_METRICS:
             raise ValueError(
                 f"a product-key index needs metric ip or l2 (they split over the key halves), got {metric!r}"
             )
         if dim % 2:
             raise ValueError(f"a product-key index needs an even key dim, got {dim}")
-        self.n = math.isqrt(capacity)
-        if self.n * self.n != capacity:
+        n = math.isqrt(capacity)
+        if n * n != capacity:
             raise ValueError(
-                f"a product-key index needs capacity = n² (e.g. {self.n**2} or {(self.n + 1) ** 2}), "
-                f"got {capacity}"
+                f"a product-key index needs capacity = n² (e.g. {n**2} or {(n + 1) ** 2}), got {capacity}"
             )
-        generator = torch.Generator().manual_seed(SUBKEY_SEED)
-        # Unit-variance keys of norm ~1: q·k has the scale of the query's norm, as for learned keys.
-        self._subkeys = torch.randn(2, self.n, dim // 2, generator=generator) / math.sqrt(dim)  # (2, n, D/2)
-        self._live[:] = True
+        return n
 
     @property
     def params(self) -> dict[str, Any]:

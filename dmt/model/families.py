@@ -15,13 +15,19 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 @dataclass(frozen=True)
 class FFNWeights:
-    """An MLP as ``Σ_u act(k_u·x + b_u) [g_u·x] v_u + b_out`` (Geva et al., 2021); ``[g_u·x]`` if gated."""
+    """An MLP as ``Σ_u act(k_u·x + b_u) [g_u·x] v_u + b_out`` (Geva et al., 2021); ``[g_u·x]`` if gated.
+
+    ``activation`` names the activation's family (the ``weighting`` a featural memory uses for it);
+    ``act_fn`` is the MLP's own activation module, exact (GPT-2's tanh-approximated GELU, for instance), so
+    a dense layer of the same form (:class:`dmt.layers.baselines.LowRankMLP`) computes what the MLP does.
+    """
 
     keys: torch.Tensor  # (U, C)
     key_bias: torch.Tensor | None  # (U,)
     values: torch.Tensor  # (U, C)
     out_bias: torch.Tensor | None  # (C,)
     activation: str
+    act_fn: Callable[[torch.Tensor], torch.Tensor]
     gate_keys: torch.Tensor | None = None  # (U, C): gated MLPs scale unit u by gate_keys[u]·x
 
 
@@ -41,6 +47,7 @@ def _gpt2_ffn(mlp: nn.Module) -> FFNWeights:
         values=mlp.c_proj.weight.detach(),
         out_bias=mlp.c_proj.bias.detach(),
         activation="gelu",
+        act_fn=mlp.act,
     )
 
 
@@ -53,6 +60,7 @@ def _gated_ffn(mlp: nn.Module) -> FFNWeights:
         values=mlp.down_proj.weight.detach().T,
         out_bias=None,
         activation="silu",
+        act_fn=mlp.act_fn,
         gate_keys=mlp.up_proj.weight.detach(),
     )
 

@@ -5,7 +5,8 @@ An export directory holds::
     config.json, generation_config.json   the base model's Hugging Face config
     model.safetensors                     every dense weight of the student (memory layers included)
     tokenizer files                       as written by ``tokenizer.save_pretrained``
-    dmt_config.json                       format version and the memory layer settings per block
+    dmt_config.json                       format version and the settings of each swapped layer per block
+                                          (memory layers and baselines)
     memory/layer_XX/                      one store per memory layer (manifest + .npy arrays + index)
 
 Nothing here unpickles: weights are safetensors, settings JSON, stores ``.npy`` read without pickle.
@@ -28,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from dmt.layers import MemoryLayerConfig
 from dmt.memory import KNNStore
-from dmt.model.surgery import attach_memory_layers, memory_layers
+from dmt.model.surgery import attach_memory_layers, memory_layers, swapped_layers
 
 FORMAT_VERSION = 1
 DMT_CONFIG = "dmt_config.json"
@@ -36,11 +37,12 @@ WEIGHTS = "model.safetensors"
 
 
 def layer_configs_of(model: PreTrainedModel) -> dict[int, MemoryLayerConfig]:
-    return {index: layer.cfg for index, layer in memory_layers(model).items()}
+    """Settings of every swapped layer (memory layers and baselines), by block index."""
+    return {index: layer.cfg for index, layer in swapped_layers(model).items()}
 
 
 def memory_spec(model: PreTrainedModel) -> dict[str, Any]:
-    """JSON-ready description of a student's memory layers."""
+    """JSON-ready description of a student's swapped layers (memory layers and baselines)."""
     return {
         "format_version": FORMAT_VERSION,
         "layers": {str(i): cfg.to_dict() for i, cfg in layer_configs_of(model).items()},
@@ -150,7 +152,11 @@ def load_pretrained(
         )
     spec = json.loads((directory / DMT_CONFIG).read_text())
     configs = layer_configs_from_spec(spec)
-    stores = {i: KNNStore.load(directory / "memory" / f"layer_{i:02d}", mmap=mmap) for i in configs}
+    stores = {
+        i: KNNStore.load(directory / "memory" / f"layer_{i:02d}", mmap=mmap)
+        for i, cfg in configs.items()
+        if cfg.has_store
+    }
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
     attach_memory_layers(model, configs, stores)
     missing, unexpected = load_model(model, str(directory / WEIGHTS), strict=False)

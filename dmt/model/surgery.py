@@ -1,4 +1,4 @@
-"""Model surgery: clone a teacher into a student and swap chosen MLPs for memory layers."""
+"""Model surgery: clone a teacher into a student and swap chosen MLPs for memory layers (or baselines)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedModel
 
-from dmt.layers import FeaturalMemory, MemoryLayer, MemoryLayerConfig, build_memory_layer
+from dmt.layers import (
+    SWAPPED_CLASSES,
+    FeaturalMemory,
+    MemoryLayer,
+    MemoryLayerConfig,
+    build_baseline,
+    build_memory_layer,
+)
 from dmt.memory import KNNStore
 from dmt.model.families import family_of, get_mlp, set_mlp
 
@@ -51,8 +58,9 @@ def resolve_layer_indices(layers: Any, num_layers: int) -> list[int]:
 
 
 def _layer_type(types: Any, position: int, index: int, indices: list[int], num_layers: int) -> str:
-    """``featural``/``associative`` for every layer, ``mixed`` (featural in the lower half of the model,
-    associative in the upper half) or a list aligned with ``memory.layers``."""
+    """One type for every layer (``featural``, ``associative``, or a baseline: ``removed``, ``lowrank``),
+    ``mixed`` (featural in the lower half of the model, associative in the upper half) or a list aligned
+    with ``memory.layers``."""
     if isinstance(types, str):
         if types == "mixed":
             return "featural" if index < num_layers // 2 else "associative"
@@ -98,37 +106,49 @@ def attach_memory_layers(
     layer_configs: Mapping[int, MemoryLayerConfig],
     stores: Mapping[int, KNNStore] | None = None,
 ) -> PreTrainedModel:
-    """Replace the MLP of each chosen block of ``model``, in place, with a memory layer.
+    """Replace the MLP of each chosen block of ``model``, in place, with a memory layer or a baseline.
 
     ``stores`` supplies saved stores (on load); otherwise new ones are created and, for ``init: ffn``,
-    seeded from the MLP being replaced.
+    seeded from the MLP being replaced. Baselines take their form (and, for ``init: ffn``, their starting
+    weights) from the MLP they replace; on load that is the freshly built model's MLP, and the saved
+    weights are loaded over it afterwards.
     """
     family = family_of(model.config)
     num_layers = len(family.blocks(model))
     device = next(model.parameters()).device
+    d_model = model.config.hidden_size
     for index, cfg in sorted(layer_configs.items()):
         if not 0 <= index < num_layers:
             raise ValueError(
                 f"memory.layers: layer {index} does not exist; the model has {num_layers} blocks"
             )
         store = (stores or {}).get(index)
-        layer = build_memory_layer(model.config.hidden_size, cfg, store)
-        if store is None and cfg.init == "ffn":
-            assert isinstance(layer, FeaturalMemory)
-            ffn = family.ffn_weights(get_mlp(model, index))
-            layer.init_from_ffn(ffn.keys, ffn.key_bias, ffn.values, ffn.out_bias, ffn.gate_keys)
+        layer: nn.Module
+        if not cfg.has_store:
+            layer = build_baseline(d_model, cfg, family.ffn_weights(get_mlp(model, index)))
+        else:
+            layer = build_memory_layer(d_model, cfg, store)
+            if store is None and cfg.init == "ffn":
+                assert isinstance(layer, FeaturalMemory)
+                ffn = family.ffn_weights(get_mlp(model, index))
+                layer.init_from_ffn(ffn.keys, ffn.key_bias, ffn.values, ffn.out_bias, ffn.gate_keys)
         set_mlp(model, index, layer.to(device))
     return model
 
 
-def memory_layers(model: nn.Module) -> dict[int, MemoryLayer]:
-    """The memory layers of a student, by block index."""
+def swapped_layers(model: nn.Module) -> dict[int, nn.Module]:
+    """The layers swapped in for MLPs (memory layers and baselines), by block index; each has ``.cfg``."""
     family = family_of(model.config)
     return {
         index: mlp
         for index, block in enumerate(family.blocks(model))
-        if isinstance(mlp := getattr(block, family.mlp_attr), MemoryLayer)
+        if isinstance(mlp := getattr(block, family.mlp_attr), SWAPPED_CLASSES)
     }
+
+
+def memory_layers(model: nn.Module) -> dict[int, MemoryLayer]:
+    """The memory layers (those with a kNN store) of a student, by block index."""
+    return {i: layer for i, layer in swapped_layers(model).items() if isinstance(layer, MemoryLayer)}
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -136,5 +156,11 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def trainable_parameters(model: nn.Module) -> int:
+    """Dense parameters that receive gradients (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad)
+
+
 def memory_entries(model: nn.Module) -> int:
+    """Entries stored across all memory layers."""
     return sum(len(layer.store) for layer in memory_layers(model).values())

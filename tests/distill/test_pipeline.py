@@ -11,6 +11,7 @@ from torch.testing import assert_close
 import dmt.config  # noqa: F401  (resolvers)
 import dmt.distill.run as run
 from dmt.model.persistence import load_pretrained
+from dmt.model.surgery import swapped_layers
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -130,4 +131,55 @@ def test_invalid_values_fail_before_any_model_loads(override, message, tmp_path,
     monkeypatch.setattr(run, "load_teacher", no_model)
     cfg = compose_cfg(*small_run_overrides(tmp_path, text_dir), override)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
+        run.distill(cfg)
+
+
+@pytest.mark.parametrize("layer_type,trainable", [("lowrank", "memory"), ("removed", "all")])
+def test_baseline_runs_summarise_size_and_budget(layer_type, trainable, tmp_path, text_dir):
+    summary = run.distill(
+        compose_cfg(
+            *small_run_overrides(tmp_path, text_dir),
+            f"memory.type={layer_type}",
+            f"distill.trainable={trainable}",
+            "trainer.max_steps=3",
+        )
+    )
+    assert summary["swapped_layers"] == {"1": layer_type, "3": layer_type}
+    assert summary["memory_entries"] == 0 and summary["teacher_blocks"] == 4
+    assert summary["steps"] == 3 and summary["tokens_seen"] == 3 * 2 * 64  # debug=fast: 2 × 64 tokens
+    assert 0 < summary["fit_seconds"] <= summary["wall_seconds"]
+    teacher, student = summary["teacher_dense_parameters"], summary["student_dense_parameters"]
+    assert summary["dense_parameter_fraction"] == student / teacher < 1
+    if layer_type == "lowrank":  # only the swapped layers train
+        assert summary["trainable_parameters"] == summary["swapped_layer_parameters"] > 0
+    else:
+        assert summary["swapped_layer_parameters"] == 0 and summary["trainable_parameters"] == student
+    assert set(summary["evaluation"]) == {"teacher", "student", "ablated"}
+    model, _ = load_pretrained(summary["export_dir"])
+    assert {i: m.cfg.type for i, m in swapped_layers(model).items()} == {1: layer_type, 3: layer_type}
+
+
+def test_time_budget_stops_the_run_and_anneals_the_learning_rate(tmp_path, text_dir):
+    summary = run.distill(
+        compose_cfg(
+            *small_run_overrides(tmp_path, text_dir),
+            "trainer.max_time=00:00:00:03",
+            "trainer.max_steps=100000",
+            "distill.warmup_steps=1",
+            "evaluate.enabled=false",
+            "export=false",
+        )
+    )
+    assert 1 <= summary["steps"] < 100000 and summary["fit_seconds"] >= 3
+    assert summary["budget"] == {"max_steps": 100000, "max_time": "00:00:00:03"}
+    lrs = scalars(tmp_path / "tensorboard")["lr-AdamW/dense"]
+    assert lrs[-1] < 0.5 * max(lrs), f"the learning rate did not decay over max_time: {lrs}"
+
+
+def test_removed_layers_cannot_train_alone(tmp_path, text_dir, monkeypatch):
+    monkeypatch.setattr(run, "load_teacher", lambda *_: pytest.fail("a model was loaded"))
+    cfg = compose_cfg(
+        *small_run_overrides(tmp_path, text_dir), "memory.type=removed", "distill.trainable=memory"
+    )
+    with pytest.raises(ValueError, match="distill.trainable: 'memory' trains only the swapped layers"):
         run.distill(cfg)

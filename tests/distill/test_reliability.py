@@ -113,14 +113,15 @@ def test_kill_at_random_moments_then_resume(tmp_path, text_dir):
         proc.wait()
         state = torch.load(ckpt, weights_only=True)  # never a truncated file
         assert state["dmt"]["global_step"] == state["global_step"], attempt
-        assert not [p for p in ckpt.parent.iterdir() if p.name.endswith(".tmp")]
-    # A final resume finishes the run; the checkpoint's memory digest is verified on load.
+    # A final resume finishes the run; the checkpoint's memory digest is verified on load, and the next
+    # save clears any temporary file a killed save left.
     done = subprocess.run(
         run_args(out, text_dir, *common, f"ckpt_path={ckpt}"), capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 40
+    assert not [p for p in ckpt.parent.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_two_process_ddp_ends_with_identical_memory(tmp_path, text_dir):
@@ -172,3 +173,12 @@ def test_checkpoint_with_tampered_memory_is_rejected(tiny_gpt2):
     checkpoint["global_step"] = 5
     with pytest.raises(ValueError, match="step"):
         module.on_save_checkpoint(checkpoint) or module.on_load_checkpoint(checkpoint)
+
+
+def test_next_save_clears_what_a_killed_save_left(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    (tmp_path / ".last.ckpt.abc123.tmp").write_bytes(b"half a checkpoint")  # a writer killed mid-save
+    (tmp_path / ".other.ckpt.abc123.tmp").write_bytes(b"not ours to delete")
+    io.save_checkpoint({"step": 3}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.ckpt.abc123.tmp", "last.ckpt"]

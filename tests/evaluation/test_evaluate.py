@@ -13,8 +13,9 @@ from omegaconf import OmegaConf
 from torch.testing import assert_close
 
 import dmt.evaluation.evaluate as evaluate_module
-from dmt.evaluation.evaluate import ZeroMLP, ablate_mlps, evaluate, format_table, load_student
+from dmt.evaluation.evaluate import ablate_mlps, evaluate, format_table, load_student
 from dmt.export import main as export_main
+from dmt.layers import RemovedMLP
 from dmt.model.families import get_mlp
 from dmt.model.loading import load_teacher
 from dmt.model.persistence import memory_spec, memory_state, save_pretrained
@@ -80,8 +81,8 @@ def test_ablation_zeroes_exactly_the_named_mlps(fixture, request):
     teacher = request.getfixturevalue(fixture)
     ablated = ablate_mlps(teacher, [1, 3])
     for index in range(4):
-        assert isinstance(get_mlp(ablated, index), ZeroMLP) == (index in (1, 3))
-        assert not isinstance(get_mlp(teacher, index), ZeroMLP)  # the original is untouched
+        assert isinstance(get_mlp(ablated, index), RemovedMLP) == (index in (1, 3))
+        assert not isinstance(get_mlp(teacher, index), RemovedMLP)  # the original is untouched
     # Same logits as the teacher with those two MLP outputs zeroed by hooks, and only those.
     hooks = [
         get_mlp(teacher, i).register_forward_hook(lambda _m, _in, out: torch.zeros_like(out)) for i in (1, 3)

@@ -8,15 +8,15 @@ from dmt.memory.metrics import distance
 
 
 def make(layer_cls, d_model=16, **overrides):
-    cfg = MemoryLayerConfig(
-        type="associative" if layer_cls is AssociativeMemory else "featural",
-        key_dim=8,
-        heads=2,
-        topk=4,
-        capacity=256,
-        novelty_threshold=0.0,
-        **overrides,
-    )
+    settings = {
+        "type": "associative" if layer_cls is AssociativeMemory else "featural",
+        "key_dim": 8,
+        "heads": 2,
+        "topk": 4,
+        "capacity": 256,
+        "novelty_threshold": 0.0,
+    }
+    cfg = MemoryLayerConfig(**{**settings, **overrides})
     torch.manual_seed(0)
     return layer_cls(d_model, cfg)
 
@@ -60,6 +60,37 @@ def test_featural_values_learn_by_write_back():
     layer.zero_grad()
     layer(x).pow(2).sum().backward()
     assert layer.query_proj.weight.grad.abs().sum() > 0
+
+
+PRODUCT = {"metric": "ip", "temperature": 1.0, "novelty_threshold": None, "index": {"backend": "product"}}
+
+
+def test_product_key_featural_layer_is_full_and_learns_by_write_back():
+    layer = make(FeaturalMemory, **PRODUCT).train()  # capacity 256 = 16²
+    assert len(layer.store) == 256
+    x, target = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    loss_before = (layer(x) - target).pow(2).mean()
+    loss_before.backward()
+    layer.apply_value_updates(lr=0.5)
+    with torch.no_grad():
+        assert (layer(x) - target).pow(2).mean() < loss_before
+    assert len(layer.store) == 256 and layer.memory_stats()["inserts"] == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"capacity": 250}, r"memory\.index: a product-key index needs capacity = n²"),
+        ({"metric": "cosine"}, r"memory\.index: a product-key index needs metric ip or l2"),
+        ({"novelty_threshold": 0.1}, r"memory\.novelty_threshold: a product-key store has fixed keys"),
+        ({"init": "ffn"}, r"memory\.init: a product-key store needs init=empty"),
+        ({"index": {"backend": "faiss"}}, r"memory\.index: unknown index backend 'faiss'"),
+        ({"index": {"backend": "exact", "ef": 3}}, r"memory\.index: unknown index setting"),
+    ],
+)
+def test_index_settings_are_checked_with_the_layer(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        MemoryLayerConfig(**{**PRODUCT, "capacity": 256, **overrides})
 
 
 def test_eval_does_not_insert():

@@ -1,10 +1,15 @@
+import json
+
 import pytest
 import torch
 from conftest import tiny_student
 from torch.testing import assert_close
 
+from dmt.distill.module import DistillationModule
+from dmt.evaluation.evaluate import student_from_checkpoint
+from dmt.model.families import get_mlp
 from dmt.model.persistence import load_pretrained, memory_state, restore_memory_state, save_pretrained
-from dmt.model.surgery import memory_layers
+from dmt.model.surgery import build_student, memory_layers, resolve_layer_configs, swapped_layers
 
 TOKENS = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
 
@@ -53,3 +58,53 @@ def test_checkpoint_memory_state_round_trip(tiny_gpt2, tmp_path):
     restore_memory_state(fresh, torch.load(path, weights_only=True))
     with torch.no_grad():
         assert_close(fresh(TOKENS).logits, expected)
+
+
+def baseline_student(teacher):
+    """Memory (featural, filled), low-rank (warm-started) and removed layers side by side, trained a step
+    so that no weight is still what a fresh build would give."""
+    configs = resolve_layer_configs(
+        {
+            "layers": [0, 1, 3],
+            "type": ["featural", "lowrank", "removed"],
+            "capacity": 256,
+            "topk": 4,
+            "key_dim": 8,
+            "novelty_threshold": 0.0,
+            "init": "empty",
+            "per_layer": {1: {"init": "ffn"}},
+        },
+        4,
+    )
+    student = build_student(teacher, configs)
+    student(TOKENS, labels=TOKENS).loss.backward()
+    torch.optim.SGD(student.parameters(), lr=0.1).step()
+    return student.eval()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
+def test_baselines_survive_export_and_checkpoint(fixture, request, tmp_path, gpt2_tokenizer):
+    student = baseline_student(request.getfixturevalue(fixture))
+    with torch.no_grad():
+        expected = student(TOKENS).logits
+    save_pretrained(student, gpt2_tokenizer, tmp_path / "export")
+    spec = json.loads((tmp_path / "export" / "dmt_config.json").read_text())
+    assert {i: layer["type"] for i, layer in spec["layers"].items()} == {
+        "0": "featural",
+        "1": "lowrank",
+        "3": "removed",
+    }
+    assert spec["layers"]["1"]["rank"] == get_mlp(student, 1).width  # the width chosen is saved
+    assert sorted(p.name for p in (tmp_path / "export" / "memory").iterdir()) == ["layer_00"]
+    loaded, _ = load_pretrained(tmp_path / "export")
+    # A Lightning checkpoint as DistillationModule writes it.
+    module = DistillationModule(student, alpha_ce=1.0)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    from_ckpt = student_from_checkpoint(checkpoint)
+    for model in (loaded, from_ckpt):
+        assert {i: type(m) for i, m in swapped_layers(model).items()} == {
+            i: type(m) for i, m in swapped_layers(student).items()
+        }
+        with torch.no_grad():
+            assert_close(model(TOKENS).logits, expected)

@@ -2,7 +2,15 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dmt.layers import AssociativeMemory, FeaturalMemory, MemoryLayerConfig
+from dmt.evaluation.evaluate import ablate_mlps
+from dmt.layers import (
+    SWAPPED_CLASSES,
+    AssociativeMemory,
+    FeaturalMemory,
+    LowRankMLP,
+    MemoryLayerConfig,
+    RemovedMLP,
+)
 from dmt.model.families import get_mlp
 from dmt.model.surgery import (
     build_student,
@@ -10,6 +18,7 @@ from dmt.model.surgery import (
     memory_layers,
     resolve_layer_configs,
     resolve_layer_indices,
+    swapped_layers,
 )
 
 TOKENS = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -125,3 +134,34 @@ def test_gated_ffn_init_on_llama_reproduces_the_swiglu_mlp(tiny_llama):
     x = torch.randn(2, 3, c)
     with torch.no_grad():
         assert_close(get_mlp(student, 1)(x), get_mlp(tiny_llama, 1)(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
+def test_baselines_swap_only_the_chosen_blocks(fixture, request):
+    teacher = request.getfixturevalue(fixture)
+    configs = resolve_layer_configs(
+        {
+            "layers": [0, 2, 3],
+            "type": ["lowrank", "removed", "featural"],
+            "capacity": 64,
+            "topk": 4,
+            "key_dim": 8,
+        },
+        4,
+    )
+    student = build_student(teacher, configs)
+    assert sorted(swapped_layers(student)) == [0, 2, 3] and sorted(memory_layers(student)) == [3]
+    assert isinstance(get_mlp(student, 0), LowRankMLP) and isinstance(get_mlp(student, 2), RemovedMLP)
+    assert type(get_mlp(student, 1)) is type(get_mlp(teacher, 1))
+    assert not any(isinstance(get_mlp(teacher, i), SWAPPED_CLASSES) for i in range(4))
+    # rank: null sizes the low-rank MLP like the featural memory these settings describe.
+    c = teacher.config.hidden_size
+    assert abs(count_parameters(get_mlp(student, 0)) - count_parameters(get_mlp(student, 3))) < 3 * c
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
+def test_removed_everywhere_is_the_ablated_teacher(fixture, request):
+    teacher = request.getfixturevalue(fixture)
+    student = build_student(teacher, resolve_layer_configs({"layers": "all", "type": "removed"}, 4)).eval()
+    with torch.no_grad():
+        assert_close(student(TOKENS).logits, ablate_mlps(teacher, range(4))(TOKENS).logits)

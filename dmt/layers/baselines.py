@@ -1,0 +1,163 @@
+"""Dense baselines for memory layers: what the same MLP swap gives without a memory.
+
+Each plugs into the swap exactly like a memory layer (``memory.type: removed | lowrank``,
+:func:`dmt.model.surgery.attach_memory_layers`), with the same ``(B, T, C) -> (B, T, C)`` signature and
+its settings saved with exports, so a quality comparison changes one setting and nothing else:
+
+- :class:`RemovedMLP`, ``removed``: the block has no MLP (its output is zero); what fine-tuning the rest of
+  the student recovers without any replacement. Untrained, it is the *ablated teacher* of the evaluation.
+- :class:`LowRankMLP`, ``lowrank``: a dense MLP of the teacher's own form (SwiGLU for the Llama family,
+  GELU for GPT-2) with ``r`` hidden units, ``r`` chosen so that it has as many parameters as the memory
+  layer it stands against (:func:`matched_rank`), warm-started from the teacher MLP's ``r`` most
+  important units (structured pruning), the dense counterpart of a memory layer's ``init: ffn``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from dmt.layers.config import MemoryLayerConfig
+from dmt.model.families import FFNWeights
+
+
+class BaselineLayer(nn.Module):
+    """Base of the dense layers swapped in for an MLP; keeps its settings (``cfg``) for exports."""
+
+    def __init__(self, cfg: MemoryLayerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+
+class RemovedMLP(BaselineLayer):
+    """A deleted MLP: outputs zeros shaped like its input ``(B, T, C)``, so the block's residual stream
+    passes through unchanged. No parameters."""
+
+    def __init__(self, cfg: MemoryLayerConfig | None = None) -> None:
+        super().__init__(cfg or MemoryLayerConfig(type="removed"))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
+def memory_layer_parameters(d_model: int, cfg: MemoryLayerConfig) -> int:
+    """Dense parameters of the memory layer ``cfg`` describes (stored entries are not parameters).
+
+    Featural: ``query_proj`` (C → H·Dk), ``glu_query_proj`` (C → H·G, if gated) and ``out_proj``
+    (H·Dv → C), all with biases; associative adds ``key_proj`` (C → H·Dk) and ``value_proj`` (C → H·Dv).
+    Mirrors the constructors in :mod:`dmt.layers.base`, :mod:`~dmt.layers.featural` and
+    :mod:`~dmt.layers.associative` (a test holds them equal).
+    """
+    if not cfg.has_store:
+        raise ValueError(f"memory.type: {cfg.type!r} is not a memory layer")
+    heads, key_dim = cfg.heads, cfg.key_dim
+    value_dim = cfg.value_dim or d_model // heads
+
+    def linear(d_in: int, d_out: int) -> int:
+        return d_in * d_out + d_out
+
+    count = linear(d_model, heads * key_dim) + linear(heads * value_dim, d_model)
+    if cfg.type == "featural" and cfg.glu_dim:
+        count += linear(d_model, heads * cfg.glu_dim)
+    if cfg.type == "associative":
+        count += linear(d_model, heads * key_dim) + linear(d_model, heads * value_dim)
+    return count
+
+
+def lowrank_parameters(d_model: int, width: int, *, gated: bool, key_bias: bool, out_bias: bool) -> int:
+    """Parameters of a :class:`LowRankMLP` of ``width`` hidden units: ``(2 or 3)·C·r`` weights, plus
+    ``r`` key biases and ``C`` output biases where the teacher's form has them (GPT-2 does, Llama not)."""
+    return width * (d_model * (3 if gated else 2) + int(key_bias)) + d_model * int(out_bias)
+
+
+def matched_rank(d_model: int, cfg: MemoryLayerConfig, *, gated: bool, key_bias: bool, out_bias: bool) -> int:
+    """The hidden width whose :func:`lowrank_parameters` is nearest to the parameter count of the
+    featural memory layer described by ``cfg`` (its ``key_dim``, ``glu_dim``, ``value_dim``, ``heads``)."""
+    target = memory_layer_parameters(d_model, replace(cfg, type="featural", rank=None))
+    per_unit = lowrank_parameters(d_model, 1, gated=gated, key_bias=key_bias, out_bias=False)
+    return max(1, round((target - d_model * int(out_bias)) / per_unit))
+
+
+def unit_importance(ffn: FFNWeights) -> torch.Tensor:
+    """``(U,)`` importance of each MLP unit: ``‖[k_u, b_u]‖ · ‖v_u‖`` (``· ‖g_u‖`` if gated).
+
+    A unit's contribution ``act(k_u·x + b_u) (g_u·x) v_u`` scales with these norms, so pruning the
+    smallest products removes the units that can contribute least (a magnitude criterion).
+    """
+    keys = ffn.keys if ffn.key_bias is None else torch.cat([ffn.keys, ffn.key_bias[:, None]], dim=1)
+    importance = keys.norm(dim=1) * ffn.values.norm(dim=1)
+    if ffn.gate_keys is not None:
+        importance = importance * ffn.gate_keys.norm(dim=1)
+    return importance
+
+
+class LowRankMLP(BaselineLayer):
+    """``x → act(x Kᵀ + b) [⊙ x Gᵀ] V + b_out`` with ``r`` hidden units: the teacher MLP's form, narrower.
+
+    The form (gated or not, which biases, the exact activation) is read from the MLP it replaces, given as
+    :class:`~dmt.model.families.FFNWeights`; so on a Llama-family teacher it is a SwiGLU MLP
+    (``keys`` = gate projection, ``gate_keys`` = up projection, ``values`` = down projection), on GPT-2 a
+    GELU MLP (``keys`` = ``c_fc``, ``values`` = ``c_proj``). ``r`` is ``cfg.rank``, or
+    :func:`matched_rank` when that is ``None``. With ``cfg.init == "ffn"`` the layer starts as the MLP
+    restricted to its ``r`` most important units (:meth:`init_from_ffn`).
+    """
+
+    def __init__(self, d_model: int, cfg: MemoryLayerConfig, ffn: FFNWeights) -> None:
+        if ffn.keys.shape[1] != d_model:
+            raise ValueError(f"the MLP reads width {ffn.keys.shape[1]}, the model is {d_model} wide")
+        form = {
+            "gated": ffn.gate_keys is not None,
+            "key_bias": ffn.key_bias is not None,
+            "out_bias": ffn.out_bias is not None,
+        }
+        width = int(cfg.rank) if cfg.rank is not None else matched_rank(d_model, cfg, **form)
+        # The width is saved with the settings, so a load never depends on how it was chosen.
+        super().__init__(replace(cfg, rank=width))
+        self.width = width
+        self.keys = nn.Linear(d_model, self.width, bias=form["key_bias"])  # (C) → (r)
+        self.gate_keys = nn.Linear(d_model, self.width, bias=False) if form["gated"] else None
+        self.values = nn.Linear(self.width, d_model, bias=form["out_bias"])  # (r) → (C)
+        self.act = ffn.act_fn
+        if cfg.init == "ffn":
+            self.init_from_ffn(ffn)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden = self.act(self.keys(hidden_states))  # (B, T, r)
+        if self.gate_keys is not None:
+            hidden = hidden * self.gate_keys(hidden_states)  # (B, T, r)
+        return self.values(hidden)  # (B, T, C)
+
+    @torch.no_grad()
+    def init_from_ffn(self, ffn: FFNWeights) -> None:
+        """Copy the MLP's ``r`` most important units (:func:`unit_importance`), in their original order.
+
+        With ``r`` at least the MLP's width ``U`` every unit is kept and the layer computes the MLP exactly;
+        the ``r - U`` extra units keep their random keys but get zero values, so they add nothing at the
+        start and learn from there.
+        """
+        n_units = ffn.keys.shape[0]
+        kept = min(self.width, n_units)
+        units = unit_importance(ffn).topk(kept).indices.sort().values  # (kept,)
+        self.keys.weight[:kept].copy_(ffn.keys[units])  # (kept, C)
+        if ffn.key_bias is not None:
+            self.keys.bias[:kept].copy_(ffn.key_bias[units])
+        if self.gate_keys is not None:
+            self.gate_keys.weight[:kept].copy_(ffn.gate_keys[units])
+        self.values.weight.zero_()
+        self.values.weight[:, :kept].copy_(ffn.values[units].T)  # (C, kept)
+        if ffn.out_bias is not None:
+            self.values.bias.copy_(ffn.out_bias)
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, gated={self.gate_keys is not None}, init={self.cfg.init}"
+
+
+def build_baseline(d_model: int, cfg: MemoryLayerConfig, ffn: FFNWeights) -> BaselineLayer:
+    """The baseline of ``cfg.type`` for the MLP ``ffn`` (read from the block it replaces)."""
+    if cfg.type == "removed":
+        return RemovedMLP(cfg)
+    if cfg.type == "lowrank":
+        return LowRankMLP(d_model, cfg, ffn)
+    raise ValueError(f"memory.type: {cfg.type!r} is not a baseline layer type")

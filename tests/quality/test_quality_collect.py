@@ -1,0 +1,161 @@
+"""Collecting runs into the comparison: synthetic run directories → results.json and the markdown table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dmt.quality.__main__ import main
+from dmt.quality.collect import (
+    RUN_RECORD,
+    collect,
+    configuration_rows,
+    describe_layers,
+    markdown_tables,
+    read_run,
+    variant_of,
+)
+
+TEACHER_PPL = 40.0
+
+
+def fake_run(
+    root: Path,
+    name: str,
+    layers: list[int],
+    layer_type: str,
+    student_ppl: float,
+    *,
+    record: dict | None = None,
+    with_eval: bool = True,
+    blocks: int = 30,
+) -> Path:
+    """A run directory as distill.py (and, with ``record``, the quality runner) leaves it."""
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    teacher_params = 1_000_000
+    student_params = teacher_params - 10_000 * len(layers) * (layer_type != "lowrank")
+    summary = {
+        "steps": 120,
+        "tokens_seen": 120 * 1024,
+        "fit_seconds": 600.0,
+        "wall_seconds": 700.0,
+        "teacher_dense_parameters": teacher_params,
+        "student_dense_parameters": student_params,
+        "dense_parameter_fraction": student_params / teacher_params,
+        "trainable_parameters": 5_000,
+        "swapped_layer_parameters": 5_000,
+        "teacher_blocks": blocks,
+        "swapped_layers": {str(i): layer_type for i in layers},
+        "memory_entries": 1536 * len(layers) if layer_type == "featural" else 0,
+        "evaluation": {"teacher": TEACHER_PPL, "student": student_ppl, "ablated": 1000.0},
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    if with_eval:
+        rows = [
+            {"name": n, "perplexity": p, "ratio_to_teacher": p / TEACHER_PPL, "tokens": 8000, "nll": 1.0}
+            for n, p in (("teacher", TEACHER_PPL), ("student", student_ppl), ("ablated", 1000.0))
+        ]
+        (run_dir / "eval.json").write_text(json.dumps({"rows": rows}))
+    if record is not None:
+        (run_dir / RUN_RECORD).write_text(json.dumps(record))
+    return run_dir
+
+
+@pytest.fixture
+def runs(tmp_path) -> list[Path]:
+    upper = list(range(20, 30))
+    return [
+        fake_run(tmp_path, "upper_memory", upper, "featural", 60.0),
+        fake_run(tmp_path, "upper_removed", upper, "removed", 80.0),
+        fake_run(tmp_path, "upper_lowrank", upper, "lowrank", 50.0, with_eval=False),
+        fake_run(
+            tmp_path,
+            "all_memory",
+            list(range(30)),
+            "featural",
+            200.0,
+            record={"configuration": "all", "variant": "memory", "wall_seconds": 900.0},
+        ),
+    ]
+
+
+def test_read_run(runs):
+    memory = read_run(runs[0])
+    assert memory.status == "ok" and memory.configuration == "upper 10" and memory.variant == "memory"
+    assert memory.ratio == pytest.approx(1.5) and memory.ablated_ratio == pytest.approx(25.0)
+    assert memory.memory_entries == 15_360 and memory.dense_parameter_fraction == pytest.approx(0.9)
+    assert (memory.steps, memory.tokens_seen, memory.fit_minutes, memory.wall_minutes) == (
+        120,
+        122_880,
+        10,
+        700 / 60,
+    )
+    # Without eval.json the summary's held-out perplexities are used.
+    assert read_run(runs[2]).ratio == pytest.approx(1.25)
+    # The runner's record names the configuration and gives the wall time of the whole subprocess.
+    everything = read_run(runs[3])
+    assert everything.configuration == "all" and everything.wall_minutes == 15
+
+
+def test_a_run_without_summary_is_failed(tmp_path):
+    (tmp_path / "crashed").mkdir()
+    (tmp_path / "crashed" / RUN_RECORD).write_text(
+        json.dumps({"configuration": "upper", "variant": "lowrank"})
+    )
+    failed = read_run(tmp_path / "crashed")
+    assert (failed.status, failed.configuration, failed.variant, failed.ratio) == (
+        "failed",
+        "upper",
+        "lowrank",
+        None,
+    )
+    assert "lowrank (failed)" in markdown_tables([failed])
+
+
+def test_configuration_rows_put_the_baselines_beside_the_memory_run(runs):
+    upper, everything = configuration_rows([read_run(r) for r in runs])
+    assert upper["configuration"] == "upper 10" and upper["layers"] == list(range(20, 30))
+    assert upper["memory_ratio"] == pytest.approx(1.5)
+    assert upper["removed_ratio"] == pytest.approx(2.0) and upper["lowrank_ratio"] == pytest.approx(1.25)
+    assert upper["budget"]["memory"] == {
+        "fit_minutes": 10,
+        "wall_minutes": 700 / 60,
+        "steps": 120,
+        "tokens": 122_880,
+    }
+    assert everything["configuration"] == "all" and everything["removed_ratio"] is None
+
+
+def test_collect_writes_json_and_markdown(runs, tmp_path):
+    results = collect(runs, tmp_path / "out", {"budget_minutes": 10})
+    assert results["settings"] == {"budget_minutes": 10}
+    assert (
+        json.loads((tmp_path / "out" / "results.json").read_text())["configurations"][0]["memory_ratio"]
+        == 1.5
+    )
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "Teacher held-out perplexity: 40.00\n" in table
+    assert (
+        "| upper 10 | 90.0% | 15,360 | 1.500 | 2.000 | 1.250 | 10.0 min, 120 steps, 122,880 tokens |" in table
+    )
+    assert "| all | 70.0% | 46,080 | 5.000 | — | — |" in table
+    assert "| upper_lowrank | lowrank | 10/30 |" in table
+
+
+def test_collect_only_cli(runs, tmp_path, capsys):
+    assert main(["--collect-only", *map(str, runs), "--out", str(tmp_path / "table")]) == 0
+    assert "| upper 10 |" in capsys.readouterr().out
+    assert (tmp_path / "table" / "results.md").is_file()
+
+
+def test_names_of_layer_sets_and_variants():
+    assert describe_layers(list(range(4)), 4) == "all"
+    assert describe_layers([2, 3], 4) == "upper 2"
+    assert describe_layers([0, 2], 4) == "blocks 0,2"
+    assert variant_of(["removed", "removed"]) == "removed"
+    assert variant_of(["lowrank"]) == "lowrank"
+    assert variant_of(["featural", "associative"]) == "memory"
+    assert variant_of(["featural", "removed"]) == "memory"
