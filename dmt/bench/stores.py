@@ -58,7 +58,7 @@ class StoreSpec:
     seed: int = 0
 
     @classmethod
-    def for_layer(cls, cfg: MemoryLayerConfig, d_model: int, value_dtype: str = "float32") -> StoreSpec:
+    def for_layer(cls, cfg: MemoryLayerConfig, d_model: int) -> StoreSpec:
         """A full store (``size == capacity``) shaped for a layer of ``cfg`` on a ``d_model`` stream."""
         # A store entry holds the value and, for gated featural memory, the gate key after it.
         value_dim = (cfg.value_dim or d_model // cfg.heads) + cfg.glu_dim
@@ -68,7 +68,7 @@ class StoreSpec:
             "backend": resolve_backend(cfg.index.get("backend", "hnsw"), cfg.key_dim, cfg.capacity),
         }
         index = tuple(sorted(settings.items()))
-        return cls(cfg.key_dim, value_dim, cfg.capacity, cfg.metric, index, value_dtype)
+        return cls(cfg.key_dim, value_dim, cfg.capacity, cfg.metric, index, cfg.value_dtype)
 
     @property
     def name(self) -> str:

@@ -139,6 +139,7 @@ class MemoryLayer(nn.Module):
             capacity=cfg.capacity,
             metric=cfg.metric,
             lrfu_lambda=cfg.lrfu_lambda,
+            value_dtype=cfg.value_dtype,
             index=dict(cfg.index),
         )
         if (self.store.key_dim, self.store.value_dim) != (self.key_dim, self.entry_dim):

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from dmt.memory.backends import check_index_settings
 from dmt.memory.metrics import check_metric
+from dmt.memory.store import VALUE_DTYPES
 
 LayerType = Literal["featural", "associative", "removed", "lowrank"]
 # Layers backed by a kNN store, and the dense baselines they are compared with (dmt/layers/baselines.py):
@@ -28,7 +29,9 @@ class MemoryLayerConfig:
     (in the store's metric); ``None`` disables inserts. ``key_dim``/``value_dim`` are per head;
     ``value_dim=None`` means ``d_model // heads``. ``glu_dim > 0`` makes a featural memory gated: each
     entry also stores a ``glu_dim`` key whose dot product with a second query projection scales the entry's
-    weight, as the up projection does in a SwiGLU MLP.
+    weight, as the up projection does in a SwiGLU MLP. ``value_dtype`` is the stores' storage type of
+    values (``float16`` halves their memory; computation stays in float32); ``index`` holds the key index
+    settings of :mod:`dmt.memory.backends` (``backend: auto | exact | hnsw | product`` and hnsw's own).
 
     ``rank`` (``lowrank`` only) is the baseline's hidden width; ``None`` picks the width whose parameter
     count matches the featural memory layer the other settings describe (``key_dim``, ``glu_dim``, ...), so
@@ -47,6 +50,7 @@ class MemoryLayerConfig:
     weighting: str = "softmax"
     glu_dim: int = 0
     capacity: int = 65536
+    value_dtype: str = "float32"
     novelty_threshold: float | None = None
     init: str = "empty"
     lrfu_lambda: float = 0.5
@@ -93,6 +97,8 @@ class MemoryLayerConfig:
             raise bad("rank", f"must be >= 1 or null, got {self.rank}")
         if self.type == "associative" and self.weighting != "softmax":
             raise bad("weighting", "associative layers attend with softmax")
+        if self.value_dtype not in VALUE_DTYPES:
+            raise bad("value_dtype", f"must be one of {VALUE_DTYPES}, got {self.value_dtype!r}")
         if self.has_store:
             self._check_index(bad)
 

@@ -44,8 +44,10 @@ def test_associative_projections_receive_straight_through_gradients():
         assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
 
 
-def test_featural_values_learn_by_write_back():
-    layer = make(FeaturalMemory).train()
+@pytest.mark.parametrize("value_dtype", ["float32", "float16"])
+def test_featural_values_learn_by_write_back(value_dtype):
+    layer = make(FeaturalMemory, value_dtype=value_dtype).train()
+    assert layer.store.value_dtype == value_dtype
     x = torch.randn(2, 5, 16)
     target = torch.randn(2, 5, 16)
     layer(x)  # inserts the queries as keys with zero values
@@ -86,6 +88,7 @@ def test_product_key_featural_layer_is_full_and_learns_by_write_back():
         ({"init": "ffn"}, r"memory\.init: a product-key store needs init=empty"),
         ({"index": {"backend": "faiss"}}, r"memory\.index: unknown index backend 'faiss'"),
         ({"index": {"backend": "exact", "ef": 3}}, r"memory\.index: unknown index setting"),
+        ({"value_dtype": "bfloat16"}, r"memory\.value_dtype: must be one of"),
     ],
 )
 def test_index_settings_are_checked_with_the_layer(overrides, message):
