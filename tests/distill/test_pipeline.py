@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -11,7 +12,7 @@ from torch.testing import assert_close
 import dmt.config  # noqa: F401  (resolvers)
 import dmt.distill.run as run
 from dmt.model.persistence import load_pretrained
-from dmt.model.surgery import swapped_layers
+from dmt.model.surgery import memory_layers, swapped_layers
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -75,6 +76,21 @@ def test_short_distillation_logs_exports_and_reloads(tmp_path, text_dir):
         logits = model(tokens).logits
     assert torch.isfinite(logits).all()
     assert (tmp_path / "summary.json").is_file()
+
+
+def test_product_key_memory_in_float16_distils_and_reloads(tmp_path, text_dir):
+    overrides = [o for o in small_run_overrides(tmp_path, text_dir) if not o.startswith("memory.")]
+    overrides += ["memory=featural_product", "memory.layers=[1,3]", "memory.capacity=4096"]
+    overrides += ["memory.value_dtype=float16", "trainer.max_steps=4", "evaluate.enabled=false"]
+    summary = run.distill(compose_cfg(*overrides))
+    model, _ = load_pretrained(summary["export_dir"])
+    for layer in memory_layers(model).values():
+        store = layer.store
+        assert (store.index_backend, store.value_dtype, len(store)) == ("product", "float16", 4096)
+        assert store.stats.inserts == 0
+        values = store.get(np.arange(4096))[1]
+        assert np.count_nonzero(values.any(axis=1)) > 0  # zero-initialised values learned by write-back
+    assert torch.isfinite(model(torch.randint(0, 1000, (1, 10))).logits).all()
 
 
 def test_resume_from_checkpoint_restores_memory(tmp_path, text_dir):
