@@ -102,8 +102,7 @@ class ExactIndex(KeyIndex):
 
     def save(self, path: str | Path) -> None:
         """The stored vectors ``(capacity, dim)`` as a ``.npy`` file (free rows are kept as they are)."""
-        with open(path, "wb") as file:  # np.save(str) would append ".npy" to the name
-            np.save(file, self._vectors.contiguous().numpy(), allow_pickle=False)
+        self._save_array(path, self._vectors.contiguous().numpy())
 
     @classmethod
     def load(
@@ -112,16 +111,7 @@ class ExactIndex(KeyIndex):
         """Read a :meth:`save` file; ``_hnsw_params`` are accepted (one config serves both backends)."""
         index = cls(dim, metric, capacity)
         index._live = index._check_live(live)
-        try:
-            vectors = np.load(path, allow_pickle=False)
-        except (OSError, EOFError) as error:
-            raise ValueError(f"{path}: not an exact-index file ({error})") from error
-        if vectors.shape != (capacity, dim) or vectors.dtype != np.float32:
-            raise ValueError(
-                f"{path}: expected vectors of shape {(capacity, dim)} float32, "
-                f"got {vectors.shape} {vectors.dtype}"
-            )
-        rows = torch.from_numpy(vectors)
+        rows = torch.from_numpy(cls._load_array(path, "vectors", (capacity, dim)))
         offsets = torch.where(torch.from_numpy(index._live), index._offsets(rows), float("inf"))
         index._table = torch.cat([-index._scale * rows, offsets[:, None]], dim=1)
         return index

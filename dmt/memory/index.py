@@ -83,6 +83,24 @@ class KeyIndex(ABC):
             raise ValueError(f"live mask has shape {live.shape}, expected ({self.capacity},)")
         return live.copy()
 
+    @staticmethod
+    def _save_array(path: str | Path, array: np.ndarray) -> None:
+        """Write ``array`` as a ``.npy`` file at exactly ``path`` (for indexes stored as one array)."""
+        with open(path, "wb") as file:  # np.save(str) would append ".npy" to the name
+            np.save(file, array, allow_pickle=False)
+
+    @staticmethod
+    def _load_array(path: str | Path, what: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The float32 array of ``shape`` saved by :meth:`_save_array`; ``ValueError`` naming ``path`` and
+        ``what`` it should hold otherwise (never unpickles)."""
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, EOFError, ValueError) as error:
+            raise ValueError(f"{path}: not a readable index file ({error})") from error
+        if array.shape != shape or array.dtype != np.float32:
+            raise ValueError(f"{path}: expected {what} {shape} float32, got {array.shape} {array.dtype}")
+        return array
+
     def to_bytes(self) -> np.ndarray:
         """The :meth:`save` file as a ``(B,)`` uint8 array (for checkpoints)."""
         with tempfile.TemporaryDirectory() as tmp:

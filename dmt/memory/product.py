@@ -103,8 +103,7 @@ class ProductKeyIndex(KeyIndex):
 
     def save(self, path: str | Path) -> None:
         """The sub-key tables ``(2, n, D/2)`` as a ``.npy`` file."""
-        with open(path, "wb") as file:  # np.save(str) would append ".npy" to the name
-            np.save(file, self._subkeys.numpy(), allow_pickle=False)
+        self._save_array(path, self._subkeys.numpy())
 
     @classmethod
     def load(
@@ -113,14 +112,6 @@ class ProductKeyIndex(KeyIndex):
         index = cls(dim, metric, capacity)
         if not index._check_live(live).all():
             raise ValueError("a product-key store has every entry live; the live mask has free slots")
-        try:
-            subkeys = np.load(path, allow_pickle=False)
-        except (OSError, EOFError) as error:
-            raise ValueError(f"{path}: not a product-key index file ({error})") from error
-        expected = (2, index.n, dim // 2)
-        if subkeys.shape != expected or subkeys.dtype != np.float32:
-            raise ValueError(
-                f"{path}: expected sub-keys {expected} float32, got {subkeys.shape} {subkeys.dtype}"
-            )
-        index._subkeys = torch.from_numpy(subkeys.copy())
+        subkeys = cls._load_array(path, "sub-keys", (2, index.n, dim // 2))
+        index._subkeys = torch.from_numpy(subkeys)
         return index
