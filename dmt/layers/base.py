@@ -121,6 +121,26 @@ def mix_values(weights: torch.Tensor, rows: torch.Tensor, table: torch.Tensor) -
     return F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
 
 
+class AppendOne(nn.Module):
+    """``x (..., C) → [x, 1] (..., C + 1)``: a parameter-free query whose constant lets a stored key carry
+    a bias, as an MLP unit's input weights do."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+
+
+class OutputBias(nn.Module):
+    """``x → x + bias``: the output "projection" of a memory layer whose values are already ``d_model``
+    wide; the bias is the replaced MLP's output bias (zero for Llama-family MLPs)."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias
+
+
 class MemoryLayer(nn.Module):
     """Base class: owns the store, the query and output projections, and per-layer statistics."""
 
@@ -147,13 +167,30 @@ class MemoryLayer(nn.Module):
                 f"store dims (key {self.store.key_dim}, value {self.store.value_dim}) do not match the "
                 f"layer's (key {self.key_dim}, value {self.entry_dim})"
             )
-        self.query_proj = nn.Linear(d_model, self.heads * self.key_dim)
-        self.out_proj = nn.Linear(self.heads * self.value_dim, d_model)
+        if cfg.projections:
+            self.query_proj: nn.Module = nn.Linear(d_model, self.heads * self.key_dim)
+            self.out_proj: nn.Module = nn.Linear(self.heads * self.value_dim, d_model)
+        else:
+            self._check_unprojected_dims()
+            self.query_proj = AppendOne()
+            self.out_proj = OutputBias(d_model)
         self.last_topk_distance = float("nan")
         # When set (by the training loop), store writes wait in `_writes` for `take_writes()`, so that
         # they can be applied once per optimiser step, identically on every data-parallel replica.
         self.deferred_writes = False
         self._writes: list[WriteOp] = []
+
+    def _check_unprojected_dims(self) -> None:
+        """Without projections, queries and values are the hidden states themselves (plus a constant 1)."""
+        wanted = {"key_dim": self.d_model + 1, "value_dim": self.d_model}
+        if self.cfg.glu_dim:
+            wanted["glu_dim"] = self.d_model
+        for key, dim in wanted.items():
+            if getattr(self.cfg, key) not in (dim, None if key == "value_dim" else dim):
+                raise ValueError(
+                    f"memory.{key}: projections=false needs {key}={dim} (d_model={self.d_model}), "
+                    f"got {getattr(self.cfg, key)}"
+                )
 
     def write(self, op: str, *args: Any) -> None:
         """Mutate the store now, or record the mutation when writes are deferred."""
@@ -173,7 +210,9 @@ class MemoryLayer(nn.Module):
 
     def search(self, queries: torch.Tensor) -> Retrieved:
         """Batched top-k search for ``queries (N, Dk)``; tensors on the queries' device and dtype."""
-        ids, distances = self.store.search(queries.detach().float().cpu().numpy(), self.cfg.topk)
+        ids, distances = self.store.search(
+            queries.detach().float().cpu().numpy(), self.cfg.topk, two_sided=self.cfg.two_sided
+        )
         found = ids >= 0
         self.write("reference", ids[found])  # LRFU: every returned entry was referenced
         if found.any():

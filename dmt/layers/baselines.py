@@ -52,6 +52,8 @@ def memory_layer_parameters(d_model: int, cfg: MemoryLayerConfig) -> int:
     """
     if not cfg.has_store:
         raise ValueError(f"memory.type: {cfg.type!r} is not a memory layer")
+    if not cfg.projections:
+        return d_model  # the output bias alone
     heads, key_dim = cfg.heads, cfg.key_dim
     value_dim = cfg.value_dim or d_model // heads
 

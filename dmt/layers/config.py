@@ -33,6 +33,14 @@ class MemoryLayerConfig:
     values (``float16`` halves their memory; computation stays in float32); ``index`` holds the key index
     settings of :mod:`dmt.memory.backends` (``backend: auto | exact | hnsw | product`` and hnsw's own).
 
+    ``two_sided`` (featural, activation weighting): the top-k by ``|q·k|`` rather than by ``q·k``. A SwiGLU
+    MLP's gate scores mostly lie within ±2, where ``silu`` of a negative score is as large as of a small
+    positive one, so its negative tail matters as much as its positive one (README, "Quality comparison").
+    ``projections: false`` (featural, one head) drops the dense query, gate and output projections: the
+    query is ``[x, 1]`` (``key_dim = d_model + 1``, the constant carrying a key bias), the gate query is
+    ``x`` (``glu_dim = d_model``) and values are ``d_model`` wide with a learned output bias, so the layer's
+    knowledge lives in its store alone.
+
     ``rank`` (``lowrank`` only) is the baseline's hidden width; ``None`` picks the width whose parameter
     count matches the featural memory layer the other settings describe (``key_dim``, ``glu_dim``, ...), so
     a run can swap ``type: featural`` for ``type: lowrank`` and compare at equal dense parameters.
@@ -59,6 +67,8 @@ class MemoryLayerConfig:
     insert_during_eval: bool = False
     index: dict[str, Any] = field(default_factory=dict)
     rank: int | None = None
+    two_sided: bool = False
+    projections: bool = True
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ValueError:
@@ -97,6 +107,12 @@ class MemoryLayerConfig:
             raise bad("rank", f"must be >= 1 or null, got {self.rank}")
         if self.type == "associative" and self.weighting != "softmax":
             raise bad("weighting", "associative layers attend with softmax")
+        if self.two_sided and self.has_store:
+            self._check_two_sided(bad)
+        if not self.projections and self.has_store:
+            for key, wanted in (("type", "featural"), ("heads", 1)):
+                if getattr(self, key) != wanted:
+                    raise bad(key, f"projections=false needs {key}={wanted}, got {getattr(self, key)!r}")
         if self.value_dtype not in VALUE_DTYPES:
             raise bad("value_dtype", f"must be one of {VALUE_DTYPES}, got {self.value_dtype!r}")
         if self.has_store:
@@ -115,6 +131,18 @@ class MemoryLayerConfig:
             for key in ("novelty_threshold", "recombine_distance"):
                 if getattr(self, key) is not None:
                     raise bad(key, "a product-key store has fixed keys: it cannot insert or merge; set null")
+
+    def _check_two_sided(self, bad: Callable[[str, str], ValueError]) -> None:
+        """A two-sided search ranks by |similarity|: activation-weighted featural layers on ip/cosine only."""
+        if self.type != "featural":
+            raise bad("two_sided", f"a two-sided search is a featural-memory option; this layer is {self.type}")
+        if self.weighting == "softmax":
+            raise bad("two_sided", "softmax weights favour the largest scores; use an activation weighting")
+        if self.metric == "l2":
+            raise bad("two_sided", "a two-sided search needs metric ip or cosine, not l2")
+        for key in ("novelty_threshold", "recombine_distance"):
+            if getattr(self, key) is not None:
+                raise bad(key, "a two-sided search orders entries by |similarity|, not distance; set null")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MemoryLayerConfig:

@@ -29,7 +29,9 @@ class FeaturalMemory(MemoryLayer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         glu_dim = self.cfg.glu_dim
-        self.glu_query_proj = nn.Linear(self.d_model, self.heads * glu_dim) if glu_dim else None
+        self.glu_query_proj: nn.Module | None = None
+        if glu_dim:
+            self.glu_query_proj = nn.Linear(self.d_model, self.heads * glu_dim) if self.cfg.projections else nn.Identity()
         # (store slots (U,), returned entries (U, E) with .grad after backward) of the forwards since the
         # last update.
         self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
@@ -83,7 +85,8 @@ class FeaturalMemory(MemoryLayer):
         output projection and stored values that of ``values`` (exact when ``value_dim >= C``). With an
         inner-product store and the MLP's activation as ``weighting``, the layer then computes the MLP
         restricted to its top-k units. A gated MLP ``Σ_u act(k_u·x) (g_u·x) v_u`` (SwiGLU) also passes
-        ``gate_keys (U, C)``; with ``glu_dim >= C`` the gated layer reproduces it the same way.
+        ``gate_keys (U, C)``; with ``glu_dim >= C`` the gated layer reproduces it the same way. Without
+        projections (``memory.projections: false``) the store takes the MLP's rows as they are.
         """
         if self.heads != 1:
             raise ValueError("memory.init=ffn needs memory.heads=1")
@@ -92,16 +95,20 @@ class FeaturalMemory(MemoryLayer):
             raise ValueError(f"memory.capacity={self.store.capacity} cannot hold the MLP's {n_units} units")
         bias = key_bias if key_bias is not None else keys.new_zeros(n_units)
         augmented = torch.cat([keys, bias[:, None]], dim=1)  # (U, C + 1)
+        self.out_proj.bias.copy_(out_bias if out_bias is not None else torch.zeros(d_model))
+        if self.glu_query_proj is not None and gate_keys is None:
+            raise ValueError("memory.glu_dim > 0 needs a gated MLP (SwiGLU) to initialise from")
+        if not self.cfg.projections:  # the store holds the MLP's own rows
+            entries = values if self.glu_query_proj is None else torch.cat([values, gate_keys], dim=1)
+            self.store.insert(augmented.numpy(), entries.numpy())
+            return
         key_coords, key_basis = low_rank_factors(augmented, self.key_dim)  # (U, Dk), (Dk, C + 1)
         self.query_proj.weight.copy_(key_basis[:, :d_model])
         self.query_proj.bias.copy_(key_basis[:, d_model])
         value_coords, value_basis = low_rank_factors(values, self.value_dim)  # (U, Dv), (Dv, C)
         self.out_proj.weight.copy_(value_basis.T)
-        self.out_proj.bias.copy_(out_bias if out_bias is not None else torch.zeros(d_model))
         entries = value_coords  # (U, Dv)
         if self.glu_query_proj is not None:
-            if gate_keys is None:
-                raise ValueError("memory.glu_dim > 0 needs a gated MLP (SwiGLU) to initialise from")
             gate_coords, gate_basis = low_rank_factors(gate_keys, self.cfg.glu_dim)  # (U, G), (G, C)
             self.glu_query_proj.weight.copy_(gate_basis)
             self.glu_query_proj.bias.zero_()

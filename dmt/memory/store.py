@@ -134,9 +134,12 @@ class KNNStore:
         """The concrete key index in use: ``hnsw`` or ``exact``."""
         return self._index.backend
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, two_sided: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Ids ``(N, k)`` int64 (-1 padding) and distances ``(N, k)`` float32 (+inf padding) of the ``k``
         nearest entries of each of ``queries (N, key_dim)``, nearest first; no keys or values are copied.
+
+        ``two_sided`` (``ip`` and ``cosine`` stores): the ``k`` entries of largest ``|similarity|`` instead,
+        largest first, with their ordinary distances ``1 - similarity`` (see :func:`merge_two_sided`).
 
         An empty store (cold start) answers with all ids -1, and ``N = 0`` with empty ``(0, k)`` results.
         Advances the clock by one per call (also for ``N = 0``, so the clock counts calls alike on every
@@ -144,10 +147,14 @@ class KNNStore:
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or k > self.capacity:
             raise ValueError(f"k must be an integer in [1, capacity={self.capacity}], got k={k!r}")
+        if two_sided and self.metric == "l2":
+            raise ValueError("a two-sided search ranks by |similarity|: it needs an ip or cosine store, not l2")
         queries = as_float_matrix("queries", queries, self.key_dim)
         self._now += 1
         self._stats.queries += len(queries)
-        return self._index.search(queries, int(k))  # (N, k), (N, k)
+        if not two_sided:
+            return self._index.search(queries, int(k))  # (N, k), (N, k)
+        return merge_two_sided(self._index.search(queries, int(k)), self._index.search(-queries, int(k)))
 
     def query(self, queries: np.ndarray, k: int, reference: bool = True) -> QueryResult:
         """:meth:`search` plus the returned entries' keys and values (zeros for padding).
@@ -593,3 +600,28 @@ def _state_array(state: Mapping[str, Any], name: str) -> np.ndarray:
         return np.asarray(state[name])
     except (TypeError, ValueError) as error:  # e.g. ragged nested lists
         raise MemoryStoreError(f"state_dict[{name!r}]: not an array ({error})") from error
+
+
+def merge_two_sided(
+    positive: tuple[np.ndarray, np.ndarray], negative: tuple[np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` entries of largest ``|s|`` (``s = 1 - distance``, an ``ip``/``cosine`` similarity) from the
+    top-k of the query (``positive``) and of the negated query (``negative``), each ``(ids, distances)``
+    of shape ``(N, k)``. Returns ``(ids, distances)`` ``(N, k)``, largest ``|s|`` first, distances of the
+    query itself (``1 - s``), padding -1 / +inf.
+
+    Exact: an entry with ``s >= 0`` among the overall top-k by ``|s|`` is within the query's top-k, one
+    with ``s < 0`` within the negated query's. Keeping each list's own sign makes the two disjoint.
+    """
+    (pos_ids, pos_dist), (neg_ids, neg_dist) = positive, negative
+    k = pos_ids.shape[1]
+    with np.errstate(invalid="ignore"):  # inf padding distances give nan similarities, masked below
+        similarity = np.concatenate([1.0 - pos_dist, neg_dist - 1.0], axis=1)  # (N, 2k), of the query
+    ids = np.concatenate([pos_ids, neg_ids], axis=1)  # (N, 2k)
+    own_side = np.concatenate([similarity[:, :k] >= 0, similarity[:, k:] < 0], axis=1) & (ids >= 0)
+    magnitude = np.where(own_side, np.abs(similarity), -1.0)
+    order = np.argsort(-magnitude, axis=1, kind="stable")[:, :k]  # (N, k)
+    kept = np.take_along_axis(own_side, order, axis=1)
+    ids = np.where(kept, np.take_along_axis(ids, order, axis=1), -1)
+    distances = np.where(kept, 1.0 - np.take_along_axis(similarity, order, axis=1), np.inf)
+    return ids.astype(np.int64), distances.astype(np.float32)
