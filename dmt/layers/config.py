@@ -135,7 +135,7 @@ class MemoryLayerConfig:
     def _check_two_sided(self, bad: Callable[[str, str], ValueError]) -> None:
         """A two-sided search ranks by |similarity|: activation-weighted featural layers on ip/cosine only."""
         if self.type != "featural":
-            raise bad("two_sided", f"a two-sided search is a featural-memory option; this layer is {self.type}")
+            raise bad("two_sided", f"a two-sided search is a featural-memory option, not {self.type}")
         if self.weighting == "softmax":
             raise bad("two_sided", "softmax weights favour the largest scores; use an activation weighting")
         if self.metric == "l2":

@@ -30,8 +30,10 @@ class FeaturalMemory(MemoryLayer):
         super().__init__(*args, **kwargs)
         glu_dim = self.cfg.glu_dim
         self.glu_query_proj: nn.Module | None = None
-        if glu_dim:
-            self.glu_query_proj = nn.Linear(self.d_model, self.heads * glu_dim) if self.cfg.projections else nn.Identity()
+        if glu_dim and self.cfg.projections:
+            self.glu_query_proj = nn.Linear(self.d_model, self.heads * glu_dim)
+        elif glu_dim:
+            self.glu_query_proj = nn.Identity()  # the gate query is the hidden state itself
         # (store slots (U,), returned entries (U, E) with .grad after backward) of the forwards since the
         # last update.
         self._pending: list[tuple[np.ndarray, torch.Tensor]] = []

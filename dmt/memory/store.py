@@ -148,7 +148,7 @@ class KNNStore:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or k > self.capacity:
             raise ValueError(f"k must be an integer in [1, capacity={self.capacity}], got k={k!r}")
         if two_sided and self.metric == "l2":
-            raise ValueError("a two-sided search ranks by |similarity|: it needs an ip or cosine store, not l2")
+            raise ValueError("a two-sided search ranks by |similarity|: needs an ip or cosine store, not l2")
         queries = as_float_matrix("queries", queries, self.key_dim)
         self._now += 1
         self._stats.queries += len(queries)

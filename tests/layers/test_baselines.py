@@ -69,6 +69,7 @@ def test_lowrank_keeps_the_most_important_units(tiny_llama):
     [
         {"type": "featural", "key_dim": 8},
         {"type": "featural", "key_dim": 17, "glu_dim": 16},
+        {"type": "featural", "key_dim": 17, "glu_dim": 16, "projections": False},
         {"type": "featural", "key_dim": 8, "heads": 2, "value_dim": 4},
         {"type": "associative", "key_dim": 8, "heads": 4},
     ],

@@ -123,6 +123,44 @@ def test_ffn_init_reproduces_the_mlp_on_its_top_k(d_model, key_dim, value_dim, e
         assert torch.isfinite(out).all() and out.shape == mlp.shape
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"type": "associative", "weighting": "softmax"}, r"memory\.two_sided: .*featural-memory option"),
+        ({"weighting": "softmax"}, r"memory\.two_sided: softmax weights"),
+        ({"metric": "l2"}, r"memory\.two_sided: .*needs metric ip or cosine"),
+        ({"novelty_threshold": 0.5}, r"memory\.novelty_threshold: a two-sided search"),
+        ({"recombine_distance": 0.1}, r"memory\.recombine_distance: a two-sided search"),
+        ({"two_sided": False, "projections": False, "heads": 2}, r"memory\.heads: projections=false needs"),
+    ],
+)
+def test_two_sided_and_projection_free_settings_are_checked(overrides, message):
+    settings = {"two_sided": True, "weighting": "silu", "metric": "ip", "capacity": 64, "topk": 4}
+    with pytest.raises(ValueError, match=message):
+        MemoryLayerConfig(**{**settings, **overrides})
+    # The dense baselines ignore store settings (a recipe can swap its memory for a baseline).
+    assert MemoryLayerConfig(**{**settings, "type": "lowrank", "projections": False}).rank is None
+
+
+def test_projection_free_layer_learns_its_values_and_gate_keys_by_write_back():
+    d_model = 16
+    settings = {"key_dim": 17, "glu_dim": 16, "topk": 4, "capacity": 32, "weighting": "silu", "metric": "ip"}
+    cfg = MemoryLayerConfig(**settings, two_sided=True, projections=False)
+    layer = FeaturalMemory(d_model, cfg).train()
+    torch.manual_seed(0)
+    layer.store.insert(0.3 * torch.randn(32, 17).numpy(), 0.3 * torch.randn(32, 32).numpy())
+    x, target = torch.randn(2, 5, d_model), torch.randn(2, 5, d_model)
+    before = layer.store.get(list(range(32)))[1].copy()
+    loss_before = (layer(x) - target).pow(2).mean()
+    loss_before.backward()
+    layer.apply_value_updates(lr=0.01)
+    after = layer.store.get(list(range(32)))[1]
+    changed = (after != before).any(axis=0)
+    assert changed[:d_model].any() and changed[d_model:].any()  # values and gate keys both moved
+    with torch.no_grad():
+        assert (layer(x) - target).pow(2).mean() < loss_before
+
+
 def test_bad_settings_name_the_key():
     with pytest.raises(ValueError, match="memory.topk"):
         MemoryLayerConfig(topk=10, capacity=5)

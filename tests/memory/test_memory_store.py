@@ -157,3 +157,29 @@ def test_recombine_merges_near_keys() -> None:
     after = store.query(merged_key, k=3)
     assert after.ids[0, 0] == ids[0] and after.distances[0, 0] == pytest.approx(0.0, abs=1e-6)
     assert set(after.ids[0].tolist()) == {ids[0], ids[2], -1}
+
+
+@pytest.mark.parametrize("backend", ["exact", "hnsw"])
+@pytest.mark.parametrize(("filled", "k"), [(40, 8), (40, 30), (12, 30)])  # k > n/2: the sides overlap
+def test_two_sided_search_ranks_by_magnitude(backend: str, filled: int, k: int) -> None:
+    index = {"backend": backend, "ef_search": 64, "ef_construction": 200}
+    store = KNNStore(key_dim=6, value_dim=1, capacity=64, metric="ip", index=index)
+    keys, queries = _rand(filled, 6, 0), _rand(5, 6, 1)
+    store.insert(keys, np.zeros((filled, 1), np.float32))
+    ids, distances = store.search(queries, k, two_sided=True)
+    dots = queries @ keys.T  # (5, filled); slots are filled in insert order
+    for row in range(len(queries)):
+        expected = np.argsort(-np.abs(dots[row]), kind="stable")[:k]
+        found = ids[row][ids[row] >= 0]
+        assert len(found) == min(k, filled) and len(set(found)) == len(found)  # each entry once
+        np.testing.assert_array_equal(np.sort(found), np.sort(expected))
+        np.testing.assert_allclose(distances[row, : len(found)], 1.0 - dots[row, found], rtol=1e-5, atol=1e-5)
+        assert np.all(np.diff(np.abs(dots[row, found])) <= 1e-6)  # largest |q·k| first
+        assert np.all(distances[row, len(found) :] == np.inf) and np.all(ids[row, len(found) :] == -1)
+    assert store.now == 1  # one search call, one clock tick
+
+
+def test_two_sided_search_needs_a_similarity_metric() -> None:
+    store = KNNStore(key_dim=4, value_dim=1, capacity=8, metric="l2")
+    with pytest.raises(ValueError, match="two-sided search.*not l2"):
+        store.search(_rand(2, 4, 0), 2, two_sided=True)

@@ -108,3 +108,21 @@ def test_baselines_survive_export_and_checkpoint(fixture, request, tmp_path, gpt
         }
         with torch.no_grad():
             assert_close(model(TOKENS).logits, expected)
+
+
+def test_projection_free_two_sided_memory_survives_export(tiny_llama, tmp_path, gpt2_tokenizer):
+    c, units = tiny_llama.config.hidden_size, tiny_llama.config.intermediate_size
+    settings = {"layers": "all", "init": "ffn", "key_dim": c + 1, "glu_dim": c, "weighting": "silu"}
+    settings |= {"metric": "ip", "topk": 8, "capacity": units, "projections": False, "two_sided": True}
+    student = build_student(tiny_llama, resolve_layer_configs(settings, 4)).train()
+    student(TOKENS, labels=TOKENS).loss.backward()
+    for layer in memory_layers(student).values():
+        layer.apply_value_updates(lr=0.1)  # the stored rows are no longer the teacher's
+    student.eval()
+    with torch.no_grad():
+        expected = student(TOKENS).logits
+    save_pretrained(student, gpt2_tokenizer, tmp_path / "export")
+    loaded, _ = load_pretrained(tmp_path / "export")
+    assert all(layer.cfg.two_sided and not layer.cfg.projections for layer in memory_layers(loaded).values())
+    with torch.no_grad():
+        assert_close(loaded(TOKENS).logits, expected)

@@ -136,6 +136,29 @@ def test_gated_ffn_init_on_llama_reproduces_the_swiglu_mlp(tiny_llama):
         assert_close(get_mlp(student, 1)(x), get_mlp(tiny_llama, 1)(x), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("topk", [None, 20])  # None: every unit
+def test_projection_free_two_sided_layer_is_the_swiglu_mlp_on_its_top_k_by_gate_magnitude(tiny_llama, topk):
+    c, units = tiny_llama.config.hidden_size, tiny_llama.config.intermediate_size
+    topk = topk or units
+    settings = {"init": "ffn", "key_dim": c + 1, "glu_dim": c, "weighting": "silu", "metric": "ip"}
+    settings |= {"layers": [1], "topk": topk, "capacity": units, "projections": False, "two_sided": True}
+    student = build_student(tiny_llama, resolve_layer_configs(settings, 4)).eval()
+    layer, mlp = get_mlp(student, 1), get_mlp(tiny_llama, 1)
+    assert count_parameters(layer) == c  # the output bias; the MLP's weights are all in the store
+    x = torch.randn(2, 3, c)
+    with torch.no_grad():
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)  # (B, T, U)
+        kept = torch.zeros_like(gate).scatter_(-1, gate.abs().topk(topk, dim=-1).indices, 1.0)
+        expected = mlp.down_proj(torch.nn.functional.silu(gate) * up * kept)
+        assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_projection_free_layer_needs_the_hidden_width(tiny_llama):
+    settings = {"layers": [1], "key_dim": 16, "capacity": 64, "topk": 4, "projections": False}
+    with pytest.raises(ValueError, match=r"memory\.key_dim: projections=false needs key_dim=33 \(d_model="):
+        build_student(tiny_llama, resolve_layer_configs(settings, 4))
+
+
 @pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
 def test_baselines_swap_only_the_chosen_blocks(fixture, request):
     teacher = request.getfixturevalue(fixture)
