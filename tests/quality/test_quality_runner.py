@@ -49,6 +49,10 @@ def test_variants_differ_only_in_what_replaces_the_mlps(configuration):
     assert memory["teacher"]["gguf_file"] and memory["trainer"]["max_time"] == "00:01:00:00"
     assert memory["distill"]["trainable"] == lowrank["distill"]["trainable"] == "memory"
     assert removed["distill"]["trainable"] == "all"
+    # Low-rank width: matched to the memory layer's projections (upper); with no projections to match,
+    # the dense budget of the all-MLP target (44.7% of the teacher) instead.
+    assert lowrank["memory"].pop("rank") == {"upper": None, "all": 100}[configuration]
+    lowrank["memory"]["rank"] = memory["memory"]["rank"]
     # Same teacher, data, evaluation, budget and every other memory and distillation setting.
     for variant, cfg in (("memory", memory), ("removed", removed), ("lowrank", lowrank)):
         assert cfg["memory"].pop("type") == {"memory": "featural"}.get(variant, variant)
