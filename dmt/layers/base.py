@@ -182,14 +182,14 @@ class MemoryLayer(nn.Module):
 
     def _check_unprojected_dims(self) -> None:
         """Without projections, queries and values are the hidden states themselves (plus a constant 1)."""
-        wanted = {"key_dim": self.d_model + 1, "value_dim": self.d_model}
+        dims = {"key_dim": (self.key_dim, self.d_model + 1), "value_dim": (self.value_dim, self.d_model)}
         if self.cfg.glu_dim:
-            wanted["glu_dim"] = self.d_model
-        for key, dim in wanted.items():
-            if getattr(self.cfg, key) not in (dim, None if key == "value_dim" else dim):
+            dims["glu_dim"] = (self.cfg.glu_dim, self.d_model)
+        for key, (dim, wanted) in dims.items():
+            if dim != wanted:
                 raise ValueError(
-                    f"memory.{key}: projections=false needs {key}={dim} (d_model={self.d_model}), "
-                    f"got {getattr(self.cfg, key)}"
+                    f"memory.{key}: projections=false needs {key}={wanted} (d_model={self.d_model}), "
+                    f"got {dim}"
                 )
 
     def write(self, op: str, *args: Any) -> None:
