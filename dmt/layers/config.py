@@ -110,9 +110,7 @@ class MemoryLayerConfig:
         if self.two_sided and self.has_store:
             self._check_two_sided(bad)
         if not self.projections and self.has_store:
-            for key, wanted in (("type", "featural"), ("heads", 1)):
-                if getattr(self, key) != wanted:
-                    raise bad(key, f"projections=false needs {key}={wanted}, got {getattr(self, key)!r}")
+            self._require("projections=false", bad, type="featural", heads=1)
         if self.value_dtype not in VALUE_DTYPES:
             raise bad("value_dtype", f"must be one of {VALUE_DTYPES}, got {self.value_dtype!r}")
         if self.has_store:
@@ -125,12 +123,8 @@ class MemoryLayerConfig:
         except ValueError as err:
             raise bad("index", str(err)) from None
         if backend == "product":
-            for key, wanted in (("type", "featural"), ("init", "empty")):
-                if getattr(self, key) != wanted:
-                    raise bad(key, f"a product-key store needs {key}={wanted}, got {getattr(self, key)!r}")
-            for key in ("novelty_threshold", "recombine_distance"):
-                if getattr(self, key) is not None:
-                    raise bad(key, "a product-key store has fixed keys: it cannot insert or merge; set null")
+            self._require("a product-key store", bad, type="featural", init="empty")
+            self._require_null("a product-key store has fixed keys: it cannot insert or merge", bad)
 
     def _check_two_sided(self, bad: Callable[[str, str], ValueError]) -> None:
         """A two-sided search ranks by |similarity|: activation-weighted featural layers on ip/cosine only."""
@@ -140,9 +134,19 @@ class MemoryLayerConfig:
             raise bad("two_sided", "softmax weights favour the largest scores; use an activation weighting")
         if self.metric == "l2":
             raise bad("two_sided", "a two-sided search needs metric ip or cosine, not l2")
+        self._require_null("a two-sided search orders entries by |similarity|, not distance", bad)
+
+    def _require(self, who: str, bad: Callable[[str, str], ValueError], **wanted: Any) -> None:
+        """Settings that ``who`` (an option in use) fixes: ``key=value`` each."""
+        for key, value in wanted.items():
+            if getattr(self, key) != value:
+                raise bad(key, f"{who} needs {key}={value}, got {getattr(self, key)!r}")
+
+    def _require_null(self, why: str, bad: Callable[[str, str], ValueError]) -> None:
+        """No inserts and no merging: ``novelty_threshold`` and ``recombine_distance`` must be null."""
         for key in ("novelty_threshold", "recombine_distance"):
             if getattr(self, key) is not None:
-                raise bad(key, "a two-sided search orders entries by |similarity|, not distance; set null")
+                raise bad(key, f"{why}; set null")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MemoryLayerConfig:
