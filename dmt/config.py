@@ -6,7 +6,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dmt.layers import MemoryLayerConfig
+from dmt.layers import LayerConfig
 from dmt.model.loading import package_path, teacher_config
 from dmt.model.surgery import resolve_layer_configs
 
@@ -14,7 +14,7 @@ from dmt.model.surgery import resolve_layer_configs
 OmegaConf.register_new_resolver("pkg", package_path, replace=True)
 
 
-def validate_config(cfg: DictConfig) -> dict[int, MemoryLayerConfig]:
+def validate_config(cfg: DictConfig) -> dict[int, LayerConfig]:
     """Check the settings that can be checked from the teacher's config alone; return the layer plan.
 
     Every error names the config key at fault.
@@ -29,8 +29,7 @@ def validate_config(cfg: DictConfig) -> dict[int, MemoryLayerConfig]:
         raise ValueError(
             f"teacher.name_or_path: cannot read the config of {cfg.teacher.name_or_path!r}: {err}"
         ) from err
-    num_layers = model_config.num_hidden_layers
-    layer_configs = resolve_layer_configs(OmegaConf.to_container(cfg.memory, resolve=True), num_layers)
+    layer_configs = resolve_layer_configs(OmegaConf.to_container(cfg.swap, resolve=True), model_config)
     distill: Any = cfg.distill
     for key in ("alpha_kd", "alpha_ce", "alpha_hidden"):
         if distill[key] < 0:
@@ -40,7 +39,7 @@ def validate_config(cfg: DictConfig) -> dict[int, MemoryLayerConfig]:
     if distill.get("trainable") == "memory" and all(c.type == "removed" for c in layer_configs.values()):
         raise ValueError(
             "distill.trainable: 'memory' trains only the swapped layers, and none has parameters "
-            "(memory.layers chooses none, or memory.type is removed); use distill.trainable=all"
+            "(swap.blocks chooses none, or swap.type is removed); use distill.trainable=all"
         )
     if distill.temperature <= 0:
         raise ValueError(f"distill.temperature: must be > 0, got {distill.temperature}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from dmt.evaluation.evaluate import export_checkpoint
+from dmt.model.persistence import export_checkpoint
 
 
 def main(argv: Sequence[str] | None = None) -> None:

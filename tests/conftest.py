@@ -69,14 +69,14 @@ def tiny_student(teacher, tokens):
 
     configs = resolve_layer_configs(
         {
-            "layers": [0, 2],
+            "blocks": [0, 2],
             "type": ["featural", "associative"],
             "capacity": 256,
             "topk": 4,
             "key_dim": 8,
             "novelty_threshold": 0.0,
         },
-        4,
+        teacher.config,
     )
     student = build_student(teacher, configs)
     student(tokens)  # training mode: fills the stores

@@ -32,20 +32,20 @@ def store() -> KNNStore:
 
 Call = Callable[[KNNStore], Any]
 BAD_INPUTS: list[tuple[str, Call, str]] = [
-    # query: shape, dtype, values, k
-    ("query 1-D", lambda s: s.query(_f32(KEY_DIM), k=1), r"queries must have shape \(N, 4\)"),
-    ("query 3-D", lambda s: s.query(_f32(2, 1, KEY_DIM), k=1), r"queries must have shape"),
-    ("query feature dim", lambda s: s.query(_f32(2, 5), k=1), r"got \(2, 5\)"),
-    ("query ints", lambda s: s.query(np.ones((2, KEY_DIM), dtype=np.int64), k=1), "floating-point"),
-    ("query bools", lambda s: s.query(np.ones((2, KEY_DIM), dtype=bool), k=1), "floating-point"),
-    ("query objects", lambda s: s.query(_f32(2, KEY_DIM).astype(object), k=1), "floating-point"),
-    ("query NaN", lambda s: s.query(_with(np.nan, 2, KEY_DIM), k=1), "queries contains NaN"),
-    ("query inf", lambda s: s.query(_with(-np.inf, 2, KEY_DIM), k=1), "queries contains NaN or inf"),
-    ("k zero", lambda s: s.query(_f32(1, KEY_DIM), k=0), r"k must be an integer in \[1, capacity=10\]"),
-    ("k negative", lambda s: s.query(_f32(1, KEY_DIM), k=-2), "got k=-2"),
-    ("k above capacity", lambda s: s.query(_f32(1, KEY_DIM), k=CAPACITY + 1), "got k=11"),
-    ("k float", lambda s: s.query(_f32(1, KEY_DIM), k=2.0), "got k=2.0"),
-    ("k bool", lambda s: s.query(_f32(1, KEY_DIM), k=True), "got k=True"),
+    # search: shape, dtype, values, k
+    ("search 1-D", lambda s: s.search(_f32(KEY_DIM), k=1), r"queries must have shape \(N, 4\)"),
+    ("search 3-D", lambda s: s.search(_f32(2, 1, KEY_DIM), k=1), r"queries must have shape"),
+    ("search feature dim", lambda s: s.search(_f32(2, 5), k=1), r"got \(2, 5\)"),
+    ("search ints", lambda s: s.search(np.ones((2, KEY_DIM), dtype=np.int64), k=1), "floating-point"),
+    ("search bools", lambda s: s.search(np.ones((2, KEY_DIM), dtype=bool), k=1), "floating-point"),
+    ("search objects", lambda s: s.search(_f32(2, KEY_DIM).astype(object), k=1), "floating-point"),
+    ("search NaN", lambda s: s.search(_with(np.nan, 2, KEY_DIM), k=1), "queries contains NaN"),
+    ("search inf", lambda s: s.search(_with(-np.inf, 2, KEY_DIM), k=1), "queries contains NaN or inf"),
+    ("k zero", lambda s: s.search(_f32(1, KEY_DIM), k=0), r"k must be an integer in \[1, capacity=10\]"),
+    ("k negative", lambda s: s.search(_f32(1, KEY_DIM), k=-2), "got k=-2"),
+    ("k above capacity", lambda s: s.search(_f32(1, KEY_DIM), k=CAPACITY + 1), "got k=11"),
+    ("k float", lambda s: s.search(_f32(1, KEY_DIM), k=2.0), "got k=2.0"),
+    ("k bool", lambda s: s.search(_f32(1, KEY_DIM), k=True), "got k=True"),
     # insert
     ("insert keys dim", lambda s: s.insert(_f32(2, 5), _f32(2, VALUE_DIM)), r"keys must have shape \(N, 4\)"),
     (
@@ -109,9 +109,8 @@ def test_bad_input_is_refused(store: KNNStore, call: Call, fragment: str) -> Non
 
 def test_empty_batches_are_no_ops(store: KNNStore) -> None:
     before = store.stats
-    result = store.query(_f32(0, KEY_DIM), k=3)
-    assert result.ids.shape == (0, 3) and result.keys.shape == (0, 3, KEY_DIM)
-    assert result.values.shape == (0, 3, VALUE_DIM) and result.distances.shape == (0, 3)
+    ids, distances = store.search(_f32(0, KEY_DIM), k=3)
+    assert ids.shape == distances.shape == (0, 3)
     assert store.insert(_f32(0, KEY_DIM), _f32(0, VALUE_DIM)).shape == (0,)
     store.update_values(np.zeros(0, dtype=np.int64), _f32(0, VALUE_DIM))
     assert store.get(np.zeros(0, dtype=np.int64))[0].shape == (0, KEY_DIM)
@@ -119,5 +118,7 @@ def test_empty_batches_are_no_ops(store: KNNStore) -> None:
 
 
 def test_empty_store_answers_cold_start() -> None:
-    result = KNNStore(KEY_DIM, VALUE_DIM, capacity=CAPACITY).query(_f32(2, KEY_DIM), k=CAPACITY)
-    assert (result.ids == -1).all() and np.isinf(result.distances).all() and not result.values.any()
+    store = KNNStore(KEY_DIM, VALUE_DIM, capacity=CAPACITY)
+    ids, distances = store.search(_f32(2, KEY_DIM), k=CAPACITY)
+    assert (ids == -1).all() and np.isinf(distances).all()
+    assert store.get(ids[ids >= 0])[1].shape == (0, VALUE_DIM)  # nothing found: nothing to read

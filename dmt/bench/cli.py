@@ -31,7 +31,7 @@ TARGETS = {
     "distill_throughput_min_ratio": 0.8,
     "store_resident_max_bytes": 2 * GIB,
 }
-# conf/memory options benchmarked, each at every store size.
+# conf/swap options benchmarked, each at every store size.
 LAYER_KINDS = ("featural", "associative", "featural_product")
 
 
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         choices=LAYER_KINDS,
         default=list(LAYER_KINDS),
-        help="conf/memory options to time",
+        help="conf/swap options to time",
     )
     parser.add_argument("--repeats", type=int, help="timed repeats per measurement (default 5)")
     parser.add_argument("--warmup", type=int, help="untimed warm-up iterations (default 2)")

@@ -21,7 +21,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
 from dmt.bench.stores import PeakRSS, StoreSpec, cached_store, directory_bytes, float16_copy, layer_config
 from dmt.distill.module import DistillationModule
-from dmt.layers import FeaturalMemory, MemoryLayer, MemoryLayerConfig, build_memory_layer
+from dmt.layers import FeaturalMemory, MemoryConfig, MemoryLayer, build_memory_layer
 from dmt.memory import KNNStore
 from dmt.memory.metrics import pairwise_distance_np
 from dmt.model.surgery import attach_memory_layers, memory_layers
@@ -70,7 +70,7 @@ def gpt2_mlp() -> GPT2MLP:
     return GPT2MLP(4 * config.n_embd, config).train()
 
 
-def memory_layer(cfg: MemoryLayerConfig, store: KNNStore) -> MemoryLayer:
+def memory_layer(cfg: MemoryConfig, store: KNNStore) -> MemoryLayer:
     """A GPT-2-width memory layer of ``cfg`` around a prefilled ``store``, in training mode."""
     torch.manual_seed(0)
     return build_memory_layer(GPT2_WIDTH, cfg, store).train()
@@ -172,13 +172,20 @@ def profile_step(step: Callable[[], None]) -> dict[str, Any]:
 
 def recall_at_k(store: KNNStore, keys: np.ndarray, queries: np.ndarray, k: int) -> float:
     """Mean overlap of the store's top ``k`` with the exact top ``k`` over all ``keys`` (slot = row)."""
-    approx = store.query(queries, k, reference=False).ids
+    approx, _ = store.search(queries, k)
     hits = 0
     for begin in range(0, len(queries), 64):  # 64 × 1M distances at a time bounds the memory
         distances = pairwise_distance_np(queries[begin : begin + 64], keys, store.metric)
         exact = np.argpartition(distances, k - 1, axis=1)[:, :k]
         hits += sum(len(np.intersect1d(a, e)) for a, e in zip(approx[begin : begin + 64], exact, strict=True))
     return hits / (len(queries) * k)
+
+
+def search_and_read(store: KNNStore, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """What a query costs: the top-``k`` search of ``queries (N, key_dim)`` and a copy of the keys
+    ``(M, key_dim)`` and values ``(M, value_dim)`` of its ``M`` returned entries (repeats included)."""
+    ids, _ = store.search(queries, k)
+    return store.get(ids[ids >= 0])
 
 
 def live_keys(store: KNNStore) -> np.ndarray:
@@ -211,7 +218,7 @@ def index_quality(
         "recall_random": recall_at_k(store, keys, random, k),
     }
     queries = rng.standard_normal((batch, store.key_dim), dtype=np.float32)
-    query_s = median_seconds(lambda: store.query(queries, k, reference=False), warmup, repeats)
+    query_s = median_seconds(lambda: search_and_read(store, queries, k), warmup, repeats)
     # Fresh rows per call: re-inserting a batch would find its own keys already stored.
     fresh = iter(
         [
@@ -238,8 +245,8 @@ def layer_benchmarks(
 ) -> dict[str, Any]:
     """Index quality, fwd+bwd time beside the GPT-2 MLP's (same batches, interleaved) and a profile of
     one ``kind`` layer over a full ``size``-entry store."""
-    cfg = layer_config(kind, size)
-    store, build = cached_store(StoreSpec.for_layer(cfg, GPT2_WIDTH), cache_dir)
+    cfg = layer_config(kind, size, GPT2_WIDTH)
+    store, build = cached_store(StoreSpec.for_layer(cfg), cache_dir)
     index = index_quality(store, cfg.topk, n_queries, batch * seq, warmup, repeats)
     layer = memory_layer(cfg, store)
     torch.manual_seed(0)
@@ -270,11 +277,8 @@ def distillation_students(
     associative one in the top block (upper half), both over full ``size``-entry stores."""
     n_layer = teacher.config.n_layer
     kinds = {n_layer // 2: "featural", n_layer - 1: "associative"}
-    configs = {index: layer_config(kind, size) for index, kind in kinds.items()}
-    stores = {
-        index: cached_store(StoreSpec.for_layer(cfg, teacher.config.n_embd), cache_dir)[0]
-        for index, cfg in configs.items()
-    }
+    configs = {index: layer_config(kind, size, teacher.config.n_embd) for index, kind in kinds.items()}
+    stores = {index: cached_store(StoreSpec.for_layer(cfg), cache_dir)[0] for index, cfg in configs.items()}
     students = {}
     for name, layers in (("dense", {}), ("memory", configs)):
         torch.manual_seed(0)
@@ -349,7 +353,7 @@ def resident_after_load(directory: Path, mmap: bool) -> dict[str, float]:
 def memory_footprint(size: int, cache_dir: Path) -> dict[str, Any]:
     """Build peak, held and memory-mapped RSS and disk size of a ``size``-entry featural store with
     GPT-2-width (768-d) values, in float32 and float16."""
-    spec = StoreSpec.for_layer(layer_config("featural", size), GPT2_WIDTH)
+    spec = StoreSpec.for_layer(layer_config("featural", size, GPT2_WIDTH))
     store, build = cached_store(spec, cache_dir, mmap=True)  # a build here is measured in `build`
     directories = {"float32": Path(cache_dir) / spec.name / "store"}
     del store

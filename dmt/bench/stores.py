@@ -1,4 +1,4 @@
-"""Layer settings from ``conf/memory`` and prefilled, disk-cached ``KNNStore``s of a given size.
+"""Layer settings from ``conf/swap`` and prefilled, disk-cached ``KNNStore``s of a given size.
 
 Filling a store goes through ``KNNStore.insert``, which adds to hnswlib on one thread, so a 1M-entry store
 takes minutes to build; built stores are therefore saved once under a cache directory and loaded later.
@@ -16,20 +16,21 @@ from typing import Any
 import numpy as np
 import psutil
 from omegaconf import DictConfig, OmegaConf
+from transformers import GPT2Config
 
-from dmt.layers import MemoryLayerConfig
+from dmt.layers import MemoryConfig
 from dmt.memory import KNNStore
 from dmt.memory.backends import resolve_backend
 from dmt.model.surgery import resolve_layer_configs
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "memory"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "swap"
 # Rows per insert call while filling: large enough that per-call costs (live-mask scans) vanish.
 FILL_BATCH = 65536
 BUILD_INFO = "build.json"
 
 
 def memory_option(name: str) -> DictConfig:
-    """``conf/memory/<name>.yaml`` with the options its Hydra defaults list extends merged in first."""
+    """``conf/swap/<name>.yaml`` with the options its Hydra defaults list extends merged in first."""
     option = OmegaConf.load(CONF_DIR / f"{name}.yaml")
     merged = OmegaConf.create()
     for parent in option.pop("defaults", []):
@@ -38,11 +39,12 @@ def memory_option(name: str) -> DictConfig:
     return OmegaConf.merge(merged, option)
 
 
-def layer_config(option: str, capacity: int) -> MemoryLayerConfig:
-    """The settings of the ``conf/memory`` ``option`` (e.g. ``featural``) for one layer of ``capacity``."""
+def layer_config(option: str, capacity: int, d_model: int) -> MemoryConfig:
+    """The resolved settings of the ``conf/swap`` ``option`` (e.g. ``featural``) for one layer of
+    ``capacity`` in a GPT-2 of width ``d_model``."""
     settings: dict[str, Any] = OmegaConf.to_container(memory_option(option), resolve=True)  # type: ignore[assignment]
-    settings.update(layers=[0], capacity=capacity)
-    return resolve_layer_configs(settings, num_layers=1)[0]
+    settings.update(blocks=[0], capacity=capacity)
+    return resolve_layer_configs(settings, GPT2Config(n_layer=1, n_embd=d_model))[0]  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,10 @@ class StoreSpec:
     seed: int = 0
 
     @classmethod
-    def for_layer(cls, cfg: MemoryLayerConfig, d_model: int) -> StoreSpec:
-        """A full store (``size == capacity``) shaped for a layer of ``cfg`` on a ``d_model`` stream."""
+    def for_layer(cls, cfg: MemoryConfig) -> StoreSpec:
+        """A full store (``size == capacity``) shaped for a layer of the resolved ``cfg``."""
         # A store entry holds the value and, for gated featural memory, the gate key after it.
-        value_dim = (cfg.value_dim or d_model // cfg.heads) + cfg.glu_dim
+        value_dim = cfg.value_dim + cfg.gate_width
         # The concrete backend names the cache entry: `auto` builds different stores at different sizes.
         settings = {
             **cfg.index,

@@ -17,11 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 
 import dmt.config  # noqa: F401  (registers the ${pkg:...} resolver)
 from dmt.data.datamodule import resolve_files
-from dmt.evaluation.evaluate import evaluate, format_generations, format_table, load_student
+from dmt.evaluation.evaluate import evaluate, format_generations, format_table
 from dmt.model.loading import load_teacher, load_tokenizer
+from dmt.model.persistence import load_student
 from dmt.model.surgery import swapped_layers
 
-# Absolute, so the entry point works however it is invoked (python -m, or imported by dmt.eval).
+# Absolute, so the entry point works however it is invoked (python -m, or imported).
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 

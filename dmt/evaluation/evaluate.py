@@ -5,8 +5,7 @@ baselines) removed outright (their output zeroed, the residual stream passes thr
 baseline before any training. It brackets the student from below: a student no better than the ablated
 teacher has learnt nothing useful in its memory.
 
-Students load from an export directory (:func:`dmt.model.persistence.load_pretrained`) or straight from a
-Lightning checkpoint, read with ``torch.load(weights_only=True)`` so no arbitrary object is unpickled.
+Students are loaded by :mod:`dmt.model.persistence`; this module only evaluates them.
 """
 
 from __future__ import annotations
@@ -21,102 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dmt.evaluation.perplexity import PerplexityResult, perplexity
 from dmt.layers import RemovedMLP
-from dmt.model.families import family_of, set_mlp
-from dmt.model.loading import load_tokenizer
-from dmt.model.persistence import (
-    DMT_CONFIG,
-    layer_configs_from_spec,
-    load_pretrained,
-    save_pretrained,
-    stores_from_state,
-)
-from dmt.model.surgery import attach_memory_layers
+from dmt.model.families import num_blocks, set_mlp
 
-STUDENT_PREFIX = "student."
 CACHE_VERSION = 1  # bump when the cached teacher result changes meaning
-
-
-# -- loading students ----------------------------------------------------------------------------------
-
-
-def _model_config(config_dict: dict[str, Any]) -> PretrainedConfig:
-    """A ``transformers`` config from ``PretrainedConfig.to_dict()`` output, without any hub access."""
-    model_type = config_dict.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise ValueError(f"checkpoint model_config: unknown model_type {model_type!r}")
-    return CONFIG_MAPPING[model_type].from_dict(dict(config_dict))
-
-
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError or RuntimeError depending on the payload
-        raise ValueError(f"{path}: cannot be read as a weights-only checkpoint: {err}") from err
-    for key in ("state_dict", "dmt"):
-        if key not in checkpoint:
-            raise ValueError(f"{path}: not a dmt checkpoint (no {key!r} entry)")
-    return checkpoint
-
-
-def student_from_checkpoint(checkpoint: dict[str, Any], where: str = "checkpoint") -> PreTrainedModel:
-    """Rebuild the student of a loaded Lightning checkpoint dict (see module docstring), in eval mode.
-
-    Keys of ``state_dict`` outside ``student.*`` (the frozen teacher's) are ignored; within it the load is
-    strict and a mismatch raises ``ValueError`` naming the missing and unexpected keys.
-    """
-    dmt = checkpoint["dmt"]
-    model = AutoModelForCausalLM.from_config(_model_config(dmt["model_config"]))
-    # The checkpoint's stores go in directly: no fresh store is built or seeded (init: ffn) to be replaced.
-    attach_memory_layers(
-        model, layer_configs_from_spec(dmt["memory_spec"]), stores=stores_from_state(dmt["memory_state"])
-    )
-    weights = {
-        key[len(STUDENT_PREFIX) :]: value
-        for key, value in checkpoint["state_dict"].items()
-        if key.startswith(STUDENT_PREFIX)
-    }
-    if not weights:
-        raise ValueError(f"{where}: state_dict has no '{STUDENT_PREFIX}*' key")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{where}: student weights do not match the model rebuilt from checkpoint['dmt']: "
-            f"missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}"
-        )
-    return model.eval()
-
-
-def _checkpoint_tokenizer(checkpoint: dict[str, Any]) -> PreTrainedTokenizerBase | None:
-    """The run's teacher tokenizer, or ``None`` if the checkpoint records no run config."""
-    run_config = (checkpoint.get("hyper_parameters") or {}).get("run_config")
-    if not run_config or not run_config.get("teacher"):
-        return None
-    return load_tokenizer(OmegaConf.create(run_config["teacher"]))
-
-
-def load_student(path: str | os.PathLike) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-    """``(student in eval mode, tokenizer or None)`` from an export directory or a ``.ckpt`` file."""
-    path = Path(path)
-    if path.is_dir():
-        if not (path / DMT_CONFIG).is_file():
-            raise FileNotFoundError(f"{path} is a directory without {DMT_CONFIG}: not a dmt export")
-        return load_pretrained(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"student not found: {path}")
-    checkpoint = _read_checkpoint(path)
-    return student_from_checkpoint(checkpoint, str(path)), _checkpoint_tokenizer(checkpoint)
-
-
-def export_checkpoint(ckpt: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Write the student of a Lightning checkpoint as an export directory; returns its resolved path."""
-    model, tokenizer = load_student(ckpt)
-    return save_pretrained(model, tokenizer, out_dir)
 
 
 # -- ablation ------------------------------------------------------------------------------------------
@@ -128,10 +38,10 @@ def ablate_mlps(model: PreTrainedModel, indices: Iterable[int]) -> PreTrainedMod
     ``model`` itself is left untouched. Raises ``ValueError`` for an index outside ``[0, num_blocks)``.
     """
     indices = sorted(set(indices))
-    num_blocks = len(family_of(model.config).blocks(model))
-    bad = [i for i in indices if not 0 <= i < num_blocks]
+    blocks = num_blocks(model)
+    bad = [i for i in indices if not 0 <= i < blocks]
     if bad:
-        raise ValueError(f"ablate_layers: blocks {bad} do not exist; the model has {num_blocks} blocks")
+        raise ValueError(f"ablate_layers: blocks {bad} do not exist; the model has {blocks} blocks")
     ablated = copy.deepcopy(model)
     for index in indices:
         set_mlp(ablated, index, RemovedMLP())

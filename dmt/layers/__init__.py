@@ -4,20 +4,36 @@ from torch import nn
 
 from dmt.layers.associative import AssociativeMemory
 from dmt.layers.base import MemoryLayer
-from dmt.layers.baselines import BaselineLayer, LowRankMLP, RemovedMLP, build_baseline
-from dmt.layers.config import BASELINE_TYPES, LAYER_TYPES, MEMORY_TYPES, MemoryLayerConfig
+from dmt.layers.baselines import BaselineLayer, LowRankMLP, RemovedMLP, build_baseline, matched_rank
+from dmt.layers.config import (
+    BASELINE_TYPES,
+    LAYER_TYPES,
+    MEMORY_TYPES,
+    AssociativeConfig,
+    FeaturalConfig,
+    LayerConfig,
+    LowRankConfig,
+    MemoryConfig,
+    RemovedConfig,
+    config_class,
+    layer_config,
+)
 from dmt.layers.featural import FeaturalMemory
+from dmt.layers.mlp import FFNWeights, MLPForm
 
 LAYER_CLASSES: dict[str, type[MemoryLayer]] = {"featural": FeaturalMemory, "associative": AssociativeMemory}
 # What a block's MLP can be swapped for: a memory layer or a dense baseline.
 SWAPPED_CLASSES: tuple[type[nn.Module], ...] = (MemoryLayer, BaselineLayer)
 
 
-def build_memory_layer(d_model: int, cfg: MemoryLayerConfig, store=None) -> MemoryLayer:
-    """A memory layer of ``cfg.type`` for a residual stream of width ``d_model``."""
+def build_memory_layer(
+    d_model: int, cfg: MemoryConfig, store=None, mlp: MLPForm | None = None
+) -> MemoryLayer:
+    """A memory layer of ``cfg.type`` for a residual stream of width ``d_model``; settings left to derive
+    are resolved first (from ``mlp``, the form of the MLP it replaces, with ``init: ffn``)."""
     if cfg.type not in LAYER_CLASSES:
-        raise ValueError(f"memory.type: {cfg.type!r} is not a memory layer; use build_baseline")
-    return LAYER_CLASSES[cfg.type](d_model, cfg, store)
+        raise ValueError(f"swap.type: {cfg.type!r} is not a memory layer; use build_baseline")
+    return LAYER_CLASSES[cfg.type](d_model, cfg.resolved(d_model, mlp), store)
 
 
 __all__ = [
@@ -26,13 +42,23 @@ __all__ = [
     "LAYER_TYPES",
     "MEMORY_TYPES",
     "SWAPPED_CLASSES",
+    "AssociativeConfig",
     "AssociativeMemory",
     "BaselineLayer",
+    "FFNWeights",
+    "FeaturalConfig",
     "FeaturalMemory",
+    "LayerConfig",
+    "LowRankConfig",
     "LowRankMLP",
+    "MLPForm",
+    "MemoryConfig",
     "MemoryLayer",
-    "MemoryLayerConfig",
+    "RemovedConfig",
     "RemovedMLP",
     "build_baseline",
     "build_memory_layer",
+    "config_class",
+    "layer_config",
+    "matched_rank",
 ]

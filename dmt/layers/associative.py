@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dmt.layers.base import MemoryLayer, neighbour_weights
+from dmt.layers.base import MemoryLayer, neighbour_distances, neighbour_weights
 from dmt.layers.straight_through import mix_values_straight_through, returned_keys_straight_through
-from dmt.memory.metrics import distance
 
 
 class AssociativeMemory(MemoryLayer):
@@ -33,7 +32,12 @@ class AssociativeMemory(MemoryLayer):
         values = self.split_heads(self.value_proj(hidden_states), self.value_dim)  # (N, Dv)
         found = self.search(queries)
         keys_ret = returned_keys_straight_through(queries, keys, found.keys[found.rows])  # (N, K, Dk)
-        scores = self.scores(distance(queries, keys_ret, self.cfg.metric))  # (N, K)
+        # Each query's own returned keys as a table: row n·K + k is its k-th neighbour.
+        own_rows = torch.arange(keys_ret.shape[0] * keys_ret.shape[1], device=queries.device)
+        distances = neighbour_distances(
+            queries, keys_ret.flatten(0, 1), own_rows.view(found.rows.shape), self.cfg.metric
+        )  # (N, K)
+        scores = self.scores(distances)
         weights = neighbour_weights(scores, found.valid, "softmax")
         attended = mix_values_straight_through(weights, found.rows, found.entries, values)  # (N, Dv)
         self.insert_novel(found.nearest, keys, values)

@@ -11,7 +11,9 @@ until inserts fill the store.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmt.layers.config import MemoryLayerConfig
+from dmt.layers.config import MemoryConfig
 from dmt.memory import KNNStore
 
 # A store mutation recorded by a layer: (operation, arguments of the store method).
@@ -67,6 +69,15 @@ class Retrieved:
         return self.distances[:, 0]
 
 
+# The activation weightings, by name (``gelu_tanh`` is GPT-2's tanh approximation of GELU).
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
 # Scoring all (query, table row) pairs with one matmul beats gathering (N, K, D) neighbour rows while the
 # table has at most this many rows per neighbour slot (a row copy costs about as much as 30 multiply-adds).
 DENSE_SCORING_MAX_ROWS_PER_K = 32
@@ -99,14 +110,14 @@ def neighbour_weights(
 ) -> torch.Tensor:
     """Weights ``(N, K)`` of the neighbours from their ``scores (N, K)``; invalid neighbours get 0.
 
-    ``softmax`` normalises over the neighbours; ``relu``/``gelu``/``silu`` apply the activation to each
-    score independently, which makes a store seeded from an MLP's rows compute a top-k MLP. ``gate (N, K)``,
-    if given, multiplies the weights (a gated, SwiGLU-like memory).
+    ``softmax`` normalises over the neighbours; ``relu``/``gelu``/``gelu_tanh``/``silu`` apply the
+    activation to each score independently, which makes a store seeded from an MLP's rows compute a top-k
+    MLP. ``gate (N, K)``, if given, multiplies the weights (a gated, SwiGLU-like memory).
     """
     if weighting == "softmax":
         weights = scores.masked_fill(~valid, torch.finfo(scores.dtype).min).softmax(dim=-1)
     else:
-        weights = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[weighting](scores)
+        weights = ACTIVATIONS[weighting](scores)
     if gate is not None:
         weights = weights * gate
     return weights * valid  # rows without any neighbour sum to zero
@@ -144,15 +155,16 @@ class OutputBias(nn.Module):
 class MemoryLayer(nn.Module):
     """Base class: owns the store, the query and output projections, and per-layer statistics."""
 
-    def __init__(self, d_model: int, cfg: MemoryLayerConfig, store: KNNStore | None = None) -> None:
+    def __init__(self, d_model: int, cfg: MemoryConfig, store: KNNStore | None = None) -> None:
+        """``cfg`` resolved (every setting derived, see :meth:`MemoryConfig.resolved`)."""
         super().__init__()
         self.cfg = cfg
         self.d_model = d_model
         self.heads = cfg.heads
         self.key_dim = cfg.key_dim
-        self.value_dim = cfg.value_dim or d_model // cfg.heads
+        self.value_dim = cfg.value_dim
         # What a store entry holds besides its key: the value, then (gated featural memory) the gate key.
-        self.entry_dim = self.value_dim + cfg.glu_dim
+        self.entry_dim = self.value_dim + cfg.gate_width
         self.store = store or KNNStore(
             key_dim=self.key_dim,
             value_dim=self.entry_dim,
@@ -167,11 +179,10 @@ class MemoryLayer(nn.Module):
                 f"store dims (key {self.store.key_dim}, value {self.store.value_dim}) do not match the "
                 f"layer's (key {self.key_dim}, value {self.entry_dim})"
             )
-        if cfg.projections:
+        if cfg.dense:
             self.query_proj: nn.Module = nn.Linear(d_model, self.heads * self.key_dim)
             self.out_proj: nn.Module = nn.Linear(self.heads * self.value_dim, d_model)
-        else:
-            self._check_unprojected_dims()
+        else:  # the config checked that queries and values are d_model (+ 1) wide
             self.query_proj = AppendOne()
             self.out_proj = OutputBias(d_model)
         self.last_topk_distance = float("nan")
@@ -179,18 +190,6 @@ class MemoryLayer(nn.Module):
         # they can be applied once per optimiser step, identically on every data-parallel replica.
         self.deferred_writes = False
         self._writes: list[WriteOp] = []
-
-    def _check_unprojected_dims(self) -> None:
-        """Without projections, queries and values are the hidden states themselves (plus a constant 1)."""
-        dims = {"key_dim": (self.key_dim, self.d_model + 1), "value_dim": (self.value_dim, self.d_model)}
-        if self.cfg.glu_dim:
-            dims["glu_dim"] = (self.cfg.glu_dim, self.d_model)
-        for key, (dim, wanted) in dims.items():
-            if dim != wanted:
-                raise ValueError(
-                    f"memory.{key}: projections=false needs {key}={wanted} (d_model={self.d_model}), "
-                    f"got {dim}"
-                )
 
     def write(self, op: str, *args: Any) -> None:
         """Mutate the store now, or record the mutation when writes are deferred."""
@@ -208,10 +207,11 @@ class MemoryLayer(nn.Module):
     def inserting(self) -> bool:
         return self.cfg.novelty_threshold is not None and (self.training or self.cfg.insert_during_eval)
 
-    def search(self, queries: torch.Tensor) -> Retrieved:
-        """Batched top-k search for ``queries (N, Dk)``; tensors on the queries' device and dtype."""
+    def search(self, queries: torch.Tensor, by_magnitude: bool = False) -> Retrieved:
+        """Batched top-k search for ``queries (N, Dk)`` (by ``|similarity|`` with ``by_magnitude``); tensors
+        on the queries' device and dtype."""
         ids, distances = self.store.search(
-            queries.detach().float().cpu().numpy(), self.cfg.topk, two_sided=self.cfg.two_sided
+            queries.detach().float().cpu().numpy(), self.cfg.topk, by_magnitude=by_magnitude
         )
         found = ids >= 0
         self.write("reference", ids[found])  # LRFU: every returned entry was referenced

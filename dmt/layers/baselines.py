@@ -1,6 +1,6 @@
 """Dense baselines for memory layers: what the same MLP swap gives without a memory.
 
-Each plugs into the swap exactly like a memory layer (``memory.type: removed | lowrank``,
+Each plugs into the swap exactly like a memory layer (``swap.type: removed | lowrank``,
 :func:`dmt.model.surgery.attach_memory_layers`), with the same ``(B, T, C) -> (B, T, C)`` signature and
 its settings saved with exports, so a quality comparison changes one setting and nothing else:
 
@@ -14,19 +14,17 @@ its settings saved with exports, so a quality comparison changes one setting and
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import nn
 
-from dmt.layers.config import MemoryLayerConfig
-from dmt.model.families import FFNWeights
+from dmt.layers.config import FeaturalConfig, LayerConfig, LowRankConfig, MemoryConfig, RemovedConfig
+from dmt.layers.mlp import FFNWeights, MLPForm
 
 
 class BaselineLayer(nn.Module):
     """Base of the dense layers swapped in for an MLP; keeps its settings (``cfg``) for exports."""
 
-    def __init__(self, cfg: MemoryLayerConfig) -> None:
+    def __init__(self, cfg: LayerConfig) -> None:
         super().__init__()
         self.cfg = cfg
 
@@ -35,34 +33,34 @@ class RemovedMLP(BaselineLayer):
     """A deleted MLP: outputs zeros shaped like its input ``(B, T, C)``, so the block's residual stream
     passes through unchanged. No parameters."""
 
-    def __init__(self, cfg: MemoryLayerConfig | None = None) -> None:
-        super().__init__(cfg or MemoryLayerConfig(type="removed"))
+    def __init__(self, cfg: RemovedConfig | None = None) -> None:
+        super().__init__(cfg or RemovedConfig())
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(hidden_states)
 
 
-def memory_layer_parameters(d_model: int, cfg: MemoryLayerConfig) -> int:
-    """Dense parameters of the memory layer ``cfg`` describes (stored entries are not parameters).
+def memory_layer_parameters(d_model: int, cfg: MemoryConfig) -> int:
+    """Dense parameters of the memory layer that the resolved ``cfg`` describes (stored entries are not
+    parameters).
 
-    Featural: ``query_proj`` (C → H·Dk), ``glu_query_proj`` (C → H·G, if gated) and ``out_proj``
+    Featural: ``query_proj`` (C → H·Dk), ``gate_query_proj`` (C → H·G, if gated) and ``out_proj``
     (H·Dv → C), all with biases; associative adds ``key_proj`` (C → H·Dk) and ``value_proj`` (C → H·Dv).
     Mirrors the constructors in :mod:`dmt.layers.base`, :mod:`~dmt.layers.featural` and
     :mod:`~dmt.layers.associative` (a test holds them equal).
     """
     if not cfg.has_store:
-        raise ValueError(f"memory.type: {cfg.type!r} is not a memory layer")
-    if not cfg.projections:
+        raise ValueError(f"swap.type: {cfg.type!r} is not a memory layer")
+    if not cfg.dense:
         return d_model  # the output bias alone
-    heads, key_dim = cfg.heads, cfg.key_dim
-    value_dim = cfg.value_dim or d_model // heads
+    heads, key_dim, value_dim = cfg.heads, cfg.key_dim, cfg.value_dim
 
     def linear(d_in: int, d_out: int) -> int:
         return d_in * d_out + d_out
 
     count = linear(d_model, heads * key_dim) + linear(heads * value_dim, d_model)
-    if cfg.type == "featural" and cfg.glu_dim:
-        count += linear(d_model, heads * cfg.glu_dim)
+    if cfg.gate_width:
+        count += linear(d_model, heads * cfg.gate_width)
     if cfg.type == "associative":
         count += linear(d_model, heads * key_dim) + linear(d_model, heads * value_dim)
     return count
@@ -74,12 +72,13 @@ def lowrank_parameters(d_model: int, width: int, *, gated: bool, key_bias: bool,
     return width * (d_model * (3 if gated else 2) + int(key_bias)) + d_model * int(out_bias)
 
 
-def matched_rank(d_model: int, cfg: MemoryLayerConfig, *, gated: bool, key_bias: bool, out_bias: bool) -> int:
-    """The hidden width whose :func:`lowrank_parameters` is nearest to the parameter count of the
-    featural memory layer described by ``cfg`` (its ``key_dim``, ``glu_dim``, ``value_dim``, ``heads``)."""
-    target = memory_layer_parameters(d_model, replace(cfg, type="featural", rank=None))
-    per_unit = lowrank_parameters(d_model, 1, gated=gated, key_bias=key_bias, out_bias=False)
-    return max(1, round((target - d_model * int(out_bias)) / per_unit))
+def matched_rank(cfg: FeaturalConfig, mlp: MLPForm) -> int:
+    """The hidden width whose :func:`lowrank_parameters` (in the form of ``mlp``) is nearest to the
+    parameter count of the featural memory layer that the resolved ``cfg`` describes."""
+    d_model = mlp.d_model
+    target = memory_layer_parameters(d_model, cfg)
+    per_unit = lowrank_parameters(d_model, 1, gated=mlp.gated, key_bias=mlp.key_bias, out_bias=False)
+    return max(1, round((target - d_model * int(mlp.out_bias)) / per_unit))
 
 
 def unit_importance(ffn: FFNWeights) -> torch.Tensor:
@@ -99,28 +98,22 @@ class LowRankMLP(BaselineLayer):
     """``x → act(x Kᵀ + b) [⊙ x Gᵀ] V + b_out`` with ``r`` hidden units: the teacher MLP's form, narrower.
 
     The form (gated or not, which biases, the exact activation) is read from the MLP it replaces, given as
-    :class:`~dmt.model.families.FFNWeights`; so on a Llama-family teacher it is a SwiGLU MLP
+    :class:`~dmt.layers.mlp.FFNWeights`; so on a Llama-family teacher it is a SwiGLU MLP
     (``keys`` = gate projection, ``gate_keys`` = up projection, ``values`` = down projection), on GPT-2 a
-    GELU MLP (``keys`` = ``c_fc``, ``values`` = ``c_proj``). ``r`` is ``cfg.rank``, or
-    :func:`matched_rank` when that is ``None``. With ``cfg.init == "ffn"`` the layer starts as the MLP
-    restricted to its ``r`` most important units (:meth:`init_from_ffn`).
+    GELU MLP (``keys`` = ``c_fc``, ``values`` = ``c_proj``). ``r`` is ``cfg.rank``. With
+    ``cfg.init == "ffn"`` the layer starts as the MLP restricted to its ``r`` most important units
+    (:meth:`init_from_ffn`).
     """
 
-    def __init__(self, d_model: int, cfg: MemoryLayerConfig, ffn: FFNWeights) -> None:
-        if ffn.keys.shape[1] != d_model:
-            raise ValueError(f"the MLP reads width {ffn.keys.shape[1]}, the model is {d_model} wide")
-        form = {
-            "gated": ffn.gate_keys is not None,
-            "key_bias": ffn.key_bias is not None,
-            "out_bias": ffn.out_bias is not None,
-        }
-        width = int(cfg.rank) if cfg.rank is not None else matched_rank(d_model, cfg, **form)
-        # The width is saved with the settings, so a load never depends on how it was chosen.
-        super().__init__(replace(cfg, rank=width))
-        self.width = width
-        self.keys = nn.Linear(d_model, self.width, bias=form["key_bias"])  # (C) → (r)
-        self.gate_keys = nn.Linear(d_model, self.width, bias=False) if form["gated"] else None
-        self.values = nn.Linear(self.width, d_model, bias=form["out_bias"])  # (r) → (C)
+    def __init__(self, d_model: int, cfg: LowRankConfig, ffn: FFNWeights) -> None:
+        form = ffn.form
+        if form.d_model != d_model:
+            raise ValueError(f"the MLP reads width {form.d_model}, the model is {d_model} wide")
+        super().__init__(cfg.resolved(d_model, form))
+        self.width = int(self.cfg.rank)
+        self.keys = nn.Linear(d_model, self.width, bias=form.key_bias)  # (C) → (r)
+        self.gate_keys = nn.Linear(d_model, self.width, bias=False) if form.gated else None
+        self.values = nn.Linear(self.width, d_model, bias=form.out_bias)  # (r) → (C)
         self.act = ffn.act_fn
         if cfg.init == "ffn":
             self.init_from_ffn(ffn)
@@ -156,10 +149,10 @@ class LowRankMLP(BaselineLayer):
         return f"width={self.width}, gated={self.gate_keys is not None}, init={self.cfg.init}"
 
 
-def build_baseline(d_model: int, cfg: MemoryLayerConfig, ffn: FFNWeights) -> BaselineLayer:
+def build_baseline(d_model: int, cfg: LayerConfig, ffn: FFNWeights) -> BaselineLayer:
     """The baseline of ``cfg.type`` for the MLP ``ffn`` (read from the block it replaces)."""
-    if cfg.type == "removed":
+    if isinstance(cfg, RemovedConfig):
         return RemovedMLP(cfg)
-    if cfg.type == "lowrank":
+    if isinstance(cfg, LowRankConfig):
         return LowRankMLP(d_model, cfg, ffn)
-    raise ValueError(f"memory.type: {cfg.type!r} is not a baseline layer type")
+    raise ValueError(f"swap.type: {cfg.type!r} is not a baseline layer type")

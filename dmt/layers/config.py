@@ -1,165 +1,324 @@
-"""Typed settings of one memory layer, built from the ``memory`` Hydra group and stored with exports."""
+"""Typed settings of the layers swapped in for MLPs: one dataclass per layer type, built from the ``swap``
+Hydra group and saved with checkpoints and exports.
+
+- :class:`FeaturalConfig` and :class:`AssociativeConfig`: kNN memory layers; what their stores and searches
+  share is :class:`MemoryConfig`.
+- :class:`RemovedConfig` and :class:`LowRankConfig`: the dense baselines they are compared with.
+
+Settings a memory layer can take from the MLP it replaces start as ``None`` and are filled by
+:meth:`MemoryConfig.resolved`: from the MLP's form with ``init: ffn`` (an explicit value that contradicts the
+MLP is refused, naming the key), else with generic defaults. Saved configs are always resolved. Every error
+names the ``swap.<key>`` at fault.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, ClassVar, TypeVar
 
+from dmt.layers.mlp import MLPForm
 from dmt.memory.backends import check_index_settings
 from dmt.memory.metrics import check_metric
 from dmt.memory.store import VALUE_DTYPES
 
-LayerType = Literal["featural", "associative", "removed", "lowrank"]
-# Layers backed by a kNN store, and the dense baselines they are compared with (dmt/layers/baselines.py):
-# the MLP deleted, or a narrower MLP of the teacher's own form.
-MEMORY_TYPES: tuple[str, ...] = ("featural", "associative")
-BASELINE_TYPES: tuple[str, ...] = ("removed", "lowrank")
-LAYER_TYPES: tuple[str, ...] = MEMORY_TYPES + BASELINE_TYPES
 INITS: tuple[str, ...] = ("empty", "ffn")
-WEIGHTINGS: tuple[str, ...] = ("softmax", "relu", "gelu", "silu")
+WEIGHTINGS: tuple[str, ...] = ("softmax", "relu", "gelu", "gelu_tanh", "silu")
+RANKINGS: tuple[str, ...] = ("score", "magnitude")
+
+C = TypeVar("C", bound="LayerConfig")
+
+
+def bad(key: str, why: str) -> ValueError:
+    """A config error naming the ``swap`` key at fault."""
+    return ValueError(f"swap.{key}: {why}")
 
 
 @dataclass
-class MemoryLayerConfig:
-    """Hyper-parameters of one layer swapped in for an MLP: ``FeaturalMemory``, ``AssociativeMemory`` or a
-    dense baseline (``removed``: no MLP; ``lowrank``: a narrower MLP of the teacher's form).
+class LayerConfig:
+    """Settings of one layer swapped in for an MLP; subclasses add their type's own."""
 
-    ``novelty_threshold``: an entry is inserted when its query's nearest stored key is farther than this
-    (in the store's metric); ``None`` disables inserts. ``key_dim``/``value_dim`` are per head;
-    ``value_dim=None`` means ``d_model // heads``. ``glu_dim > 0`` makes a featural memory gated: each
-    entry also stores a ``glu_dim`` key whose dot product with a second query projection scales the entry's
-    weight, as the up projection does in a SwiGLU MLP. ``value_dtype`` is the stores' storage type of
-    values (``float16`` halves their memory; computation stays in float32); ``index`` holds the key index
-    settings of :mod:`dmt.memory.backends` (``backend: auto | exact | hnsw | product`` and hnsw's own).
+    type: ClassVar[str]
+    has_store: ClassVar[bool] = False  # a kNN memory layer rather than a dense baseline
 
-    ``two_sided`` (featural, activation weighting): the top-k by ``|q·k|`` rather than by ``q·k``. A SwiGLU
-    MLP's gate scores mostly lie within ±2, where ``silu`` of a negative score is as large as of a small
-    positive one, so its negative tail matters as much as its positive one (README, "Quality comparison").
-    ``projections: false`` (featural, one head) drops the dense query, gate and output projections: the
-    query is ``[x, 1]`` (``key_dim = d_model + 1``, the constant carrying a key bias), the gate query is
-    ``x`` (``glu_dim = d_model``) and values are ``d_model`` wide with a learned output bias, so the layer's
-    knowledge lives in its store alone.
+    @classmethod
+    def setting_names(cls) -> frozenset[str]:
+        return frozenset(f.name for f in fields(cls))
 
-    ``rank`` (``lowrank`` only) is the baseline's hidden width; ``None`` picks the width whose parameter
-    count matches the featural memory layer the other settings describe (``key_dim``, ``glu_dim``, ...), so
-    a run can swap ``type: featural`` for ``type: lowrank`` and compare at equal dense parameters.
-    ``init: ffn`` warm-starts a ``lowrank`` layer from the teacher MLP's most important units. Store
-    settings (``topk``, ``capacity``, ...) mean nothing to the baselines but are still checked.
+    def resolved(self: C, d_model: int, mlp: MLPForm | None = None) -> C:
+        """This config with every setting derived from the model filled in (baselines have none)."""
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **asdict(self)}
+
+
+@dataclass
+class RemovedConfig(LayerConfig):
+    """The MLP deleted: the block's output is its residual stream alone."""
+
+    type: ClassVar[str] = "removed"
+
+
+@dataclass
+class LowRankConfig(LayerConfig):
+    """A dense MLP of the teacher's own form with ``rank`` hidden units; ``init: ffn`` starts it from the
+    MLP's ``rank`` most important units. ``rank: null`` in the ``swap`` group is resolved by
+    :func:`dmt.model.surgery.resolve_layer_configs` to the width with as many parameters as the featural
+    memory the group's other settings describe."""
+
+    type: ClassVar[str] = "lowrank"
+    rank: int | None = None
+    init: str = "empty"
+
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise bad("init", f"unknown init {self.init!r}; expected one of {INITS}")
+        if self.rank is not None and int(self.rank) < 1:
+            raise bad("rank", f"must be >= 1 or null, got {self.rank}")
+
+    def resolved(self, d_model: int, mlp: MLPForm | None = None) -> LowRankConfig:
+        if self.rank is None:
+            raise bad("rank", "null is resolved with the memory settings it matches (resolve_layer_configs)")
+        return self
+
+
+@dataclass
+class MemoryConfig(LayerConfig):
+    """Store and search settings shared by the memory layers.
+
+    ``key_dim``/``value_dim`` are per head (``value_dim`` defaults to ``d_model // heads``); heads share the
+    layer's one store. ``novelty_threshold``: an entry is inserted when its query's nearest stored key is
+    farther than this (in the store's metric); ``None`` disables inserts. ``value_dtype`` is the stores'
+    storage type of values (computation stays float32); ``index`` the key index settings of
+    :mod:`dmt.memory.backends` (``backend: auto | exact | hnsw | product`` and hnsw's own).
     """
 
-    type: LayerType = "featural"
-    key_dim: int = 64
+    has_store: ClassVar[bool] = True
+    # Settings that resolve() derives when they are None, and their values when nothing is derived.
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        "key_dim": 64,
+        "temperature": 1.0,
+        "metric": "ip",
+        "capacity": 65536,
+    }
+
+    key_dim: int | None = None
     value_dim: int | None = None
     heads: int = 1
     topk: int = 32
-    temperature: float = 1.0
-    metric: str = "ip"
-    weighting: str = "softmax"
-    glu_dim: int = 0
-    capacity: int = 65536
+    temperature: float | None = None
+    metric: str | None = None
+    capacity: int | None = None
     value_dtype: str = "float32"
     novelty_threshold: float | None = None
-    init: str = "empty"
     lrfu_lambda: float = 0.5
     recombine_distance: float | None = None
-    value_lr: float = 0.01
     insert_during_eval: bool = False
-    index: dict[str, Any] = field(default_factory=dict)
-    rank: int | None = None
-    two_sided: bool = False
-    projections: bool = True
+    index: dict[str, Any] = field(default_factory=lambda: {"backend": "auto"})
 
     def __post_init__(self) -> None:
-        def bad(key: str, why: str) -> ValueError:
-            return ValueError(f"memory.{key}: {why}")
-
-        if self.type not in LAYER_TYPES:
-            raise bad("type", f"unknown layer type {self.type!r}; expected one of {LAYER_TYPES}")
-        if self.init not in INITS:
-            raise bad("init", f"unknown init {self.init!r}; expected one of {INITS}")
-        if self.weighting not in WEIGHTINGS:
-            raise bad("weighting", f"unknown weighting {self.weighting!r}; expected one of {WEIGHTINGS}")
-        try:
-            check_metric(self.metric)
-        except ValueError as err:
-            raise bad("metric", str(err)) from None
-        for key in ("key_dim", "heads", "topk", "capacity"):
-            if int(getattr(self, key)) < 1:
-                raise bad(key, f"must be >= 1, got {getattr(self, key)}")
-        if self.glu_dim < 0:
-            raise bad("glu_dim", f"must be >= 0, got {self.glu_dim}")
-        if self.glu_dim and self.type == "associative":
-            raise bad("glu_dim", "gating is a featural-memory option; associative layers have none")
-        if self.value_dim is not None and self.value_dim < 1:
-            raise bad("value_dim", f"must be >= 1 or null, got {self.value_dim}")
-        if self.topk > self.capacity:
+        if self.metric is not None:
+            try:
+                check_metric(self.metric)
+            except ValueError as err:
+                raise bad("metric", str(err)) from None
+        for key in ("key_dim", "value_dim", "heads", "topk", "capacity"):
+            value = getattr(self, key)
+            if value is not None and int(value) < 1:
+                raise bad(key, f"must be >= 1, got {value}")
+        if self.capacity is not None and self.topk > self.capacity:
             raise bad("topk", f"k={self.topk} is larger than the capacity ({self.capacity})")
-        if self.temperature <= 0:
+        if self.temperature is not None and self.temperature <= 0:
             raise bad("temperature", f"must be > 0, got {self.temperature}")
         if not 0.0 <= self.lrfu_lambda <= 1.0:
             raise bad("lrfu_lambda", f"must lie in [0, 1], got {self.lrfu_lambda}")
-        if self.init == "ffn" and self.type == "associative":
-            raise bad("init", "init=ffn seeds a featural store; associative layers start empty")
-        if self.rank is not None and self.type != "lowrank":
-            raise bad("rank", f"only lowrank layers have a rank; this layer is {self.type}")
-        if self.rank is not None and int(self.rank) < 1:
-            raise bad("rank", f"must be >= 1 or null, got {self.rank}")
-        if self.type == "associative" and self.weighting != "softmax":
-            raise bad("weighting", "associative layers attend with softmax")
-        if self.two_sided and self.has_store:
-            self._check_two_sided(bad)
-        if not self.projections and self.has_store:
-            self._require("projections=false", bad, type="featural", heads=1)
         if self.value_dtype not in VALUE_DTYPES:
             raise bad("value_dtype", f"must be one of {VALUE_DTYPES}, got {self.value_dtype!r}")
-        if self.has_store:
-            self._check_index(bad)
+        if None not in (self.key_dim, self.metric, self.capacity):
+            try:
+                backend = check_index_settings(dict(self.index), self.key_dim, self.metric, self.capacity)
+            except ValueError as err:
+                raise bad("index", str(err)) from None
+            if backend == "product":
+                self._check_fixed_keys()
 
-    def _check_index(self, bad: Callable[[str, str], ValueError]) -> None:
-        """The store's index settings, including what a fixed-key (product) store cannot do."""
-        try:
-            backend = check_index_settings(dict(self.index), self.key_dim, self.metric, self.capacity)
-        except ValueError as err:
-            raise bad("index", str(err)) from None
-        if backend == "product":
-            self._require("a product-key store", bad, type="featural", init="empty")
-            self._require_null("a product-key store has fixed keys: it cannot insert or merge", bad)
+    def _check_fixed_keys(self) -> None:
+        """What a product-key store, full from the start with fixed keys, rules out."""
+        raise bad("index", f"a product-key store is a featural-memory option, not {self.type}")
 
-    def _check_two_sided(self, bad: Callable[[str, str], ValueError]) -> None:
-        """A two-sided search ranks by |similarity|: activation-weighted featural layers on ip/cosine only."""
-        if self.type != "featural":
-            raise bad("two_sided", f"a two-sided search is a featural-memory option, not {self.type}")
-        if self.weighting == "softmax":
-            raise bad("two_sided", "softmax weights favour the largest scores; use an activation weighting")
-        if self.metric == "l2":
-            raise bad("two_sided", "a two-sided search needs metric ip or cosine, not l2")
-        self._require_null("a two-sided search orders entries by |similarity|, not distance", bad)
-
-    def _require(self, who: str, bad: Callable[[str, str], ValueError], **wanted: Any) -> None:
-        """Settings that ``who`` (an option in use) fixes: ``key=value`` each."""
-        for key, value in wanted.items():
-            if getattr(self, key) != value:
-                raise bad(key, f"{who} needs {key}={value}, got {getattr(self, key)!r}")
-
-    def _require_null(self, why: str, bad: Callable[[str, str], ValueError]) -> None:
+    def refuse_writes(self, why: str) -> None:
         """No inserts and no merging: ``novelty_threshold`` and ``recombine_distance`` must be null."""
         for key in ("novelty_threshold", "recombine_distance"):
             if getattr(self, key) is not None:
                 raise bad(key, f"{why}; set null")
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> MemoryLayerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"memory: unknown layer setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    @property
+    def gate_width(self) -> int:
+        """Width of the gate key a store entry holds after its value (0: entries are values only)."""
+        return 0
 
     @property
-    def has_store(self) -> bool:
-        """Whether the layer is a memory layer (a kNN store) rather than a dense baseline."""
-        return self.type in MEMORY_TYPES
+    def dense(self) -> bool:
+        """Whether the layer has dense query and output projections."""
+        return True
+
+    def derived(self, d_model: int, mlp: MLPForm | None) -> dict[str, Any]:
+        """The value of every derivable setting, for :meth:`resolved`."""
+        return {**self.DEFAULTS, "value_dim": d_model // self.heads}
+
+    def resolved(self: C, d_model: int, mlp: MLPForm | None = None) -> C:
+        derived = self.derived(d_model, mlp)  # type: ignore[attr-defined]
+        return replace(self, **{key: value for key, value in derived.items() if getattr(self, key) is None})
+
+
+@dataclass
+class FeaturalConfig(MemoryConfig):
+    """Featural memory: a learned query reads the top-k of fixed feature keys with learnable values.
+
+    ``weighting``: how an entry's score becomes its weight (``softmax`` over the k, or an MLP activation of
+    each score). ``gate_dim > 0``: each entry also stores a gate key whose dot product with a second query
+    scales its weight, as the up projection does in a SwiGLU MLP. ``ranking``: which entries a query reads,
+    the top-k by score ``q·k`` or by its magnitude ``|q·k|`` (a SwiGLU MLP's gate scores mostly lie within
+    ±2, where ``silu`` of a negative score is as large as of a small positive one). ``dense_weights: false``
+    (one head) drops the dense query, gate and output projections: the query is ``[x, 1]``
+    (``key_dim = d_model + 1``), the gate query ``x`` and values ``d_model`` wide, so the layer's knowledge
+    lives in its store alone. ``init: ffn`` seeds the store from the replaced MLP (see :meth:`derived`).
+    ``value_lr``: the stored entries' write-back SGD rate.
+    """
+
+    type: ClassVar[str] = "featural"
+
+    weighting: str | None = None
+    gate_dim: int | None = None
+    ranking: str = "score"
+    dense_weights: bool = True
+    init: str = "empty"
+    value_lr: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.weighting is not None and self.weighting not in WEIGHTINGS:
+            raise bad("weighting", f"unknown weighting {self.weighting!r}; expected one of {WEIGHTINGS}")
+        if self.gate_dim is not None and self.gate_dim < 0:
+            raise bad("gate_dim", f"must be >= 0, got {self.gate_dim}")
+        if self.ranking not in RANKINGS:
+            raise bad("ranking", f"unknown ranking {self.ranking!r}; expected one of {RANKINGS}")
+        if self.init not in INITS:
+            raise bad("init", f"unknown init {self.init!r}; expected one of {INITS}")
+        if self.ranking == "magnitude":
+            if self.weighting == "softmax":
+                raise bad("ranking", "softmax weights favour the largest scores; use an activation weighting")
+            if self.metric == "l2":
+                raise bad("ranking", "ranking by |q·k| needs metric ip or cosine, not l2")
+            self.refuse_writes("ranking by |q·k| orders entries by |similarity|, not distance")
+        if not self.dense_weights and self.heads != 1:
+            raise bad("heads", f"dense_weights=false needs heads=1, got {self.heads}")
+        super().__post_init__()
+
+    def _check_fixed_keys(self) -> None:
+        if self.init != "empty":
+            raise bad("init", f"a product-key store has fixed keys: it needs init=empty, got {self.init!r}")
+        self.refuse_writes("a product-key store has fixed keys: it cannot insert or merge")
+
+    @property
+    def gate_width(self) -> int:
+        return self.gate_dim or 0
+
+    @property
+    def dense(self) -> bool:
+        return self.dense_weights
+
+    def derived(self, d_model: int, mlp: MLPForm | None) -> dict[str, Any]:
+        """Generic defaults, or with ``init: ffn`` the settings under which the layer starts as its MLP.
+
+        Seeded from an MLP of ``U`` units, the store holds every unit (``capacity >= U``), read by inner
+        product at temperature 1 and weighted by the MLP's activation, with exact widths: keys
+        ``d_model + 1`` (the unit's input weights and bias), values ``d_model`` and, for a gated MLP, gate
+        keys ``d_model``. Smaller widths are allowed (the store then holds a truncated SVD of the MLP);
+        settings that would compute something else than the MLP are refused.
+        """
+        if self.init != "ffn":
+            return {**super().derived(d_model, mlp), "weighting": "softmax", "gate_dim": 0}
+        if mlp is None:
+            raise bad("init", "init=ffn derives the layer from the MLP it replaces, and none was given")
+        if mlp.d_model != d_model:
+            raise ValueError(f"the MLP reads width {mlp.d_model}, the model is {d_model} wide")
+        exact = {
+            "key_dim": d_model + 1,
+            "value_dim": d_model,
+            "temperature": 1.0,
+            "metric": "ip",
+            "capacity": mlp.units,
+            "weighting": mlp.activation,
+            "gate_dim": d_model if mlp.gated else 0,
+        }
+        self._check_against_mlp(exact, mlp)
+        return exact
+
+    def _check_against_mlp(self, exact: dict[str, Any], mlp: MLPForm) -> None:
+        """Refuse explicit settings under which a layer seeded from ``mlp`` would not compute it."""
+        if self.heads != 1:
+            raise bad("heads", f"init=ffn seeds one head from the MLP, got heads={self.heads}")
+        for key in ("weighting", "metric", "temperature"):
+            if getattr(self, key) not in (None, exact[key]):
+                raise bad(
+                    key,
+                    f"the {mlp.activation} MLP that init=ffn seeds from needs {exact[key]!r}, got "
+                    f"{getattr(self, key)!r}; leave it unset to derive it",
+                )
+        if self.gate_dim is not None and (self.gate_dim > 0) != mlp.gated:
+            why = "would drop the MLP's up projection" if mlp.gated else "has no gate to seed from"
+            raise bad("gate_dim", f"{self.gate_dim} {why}; leave it unset to derive it")
+        for key in ("key_dim", "value_dim", "gate_dim"):
+            if getattr(self, key) is not None and getattr(self, key) > exact[key]:
+                raise bad(key, f"at most {exact[key]} for this MLP (exact), got {getattr(self, key)}")
+        if self.capacity is not None and self.capacity < mlp.units:
+            raise bad("capacity", f"{self.capacity} cannot hold the MLP's {mlp.units} units")
+
+    def resolved(self, d_model: int, mlp: MLPForm | None = None) -> FeaturalConfig:
+        config = super().resolved(d_model, mlp)
+        if not config.dense_weights:  # queries and values are the hidden states themselves (plus a 1)
+            widths = {"key_dim": d_model + 1, "value_dim": d_model}
+            if config.gate_dim:
+                widths["gate_dim"] = d_model
+            for key, wanted in widths.items():
+                if getattr(config, key) != wanted:
+                    raise bad(
+                        key,
+                        f"dense_weights=false needs {key}={wanted} (d_model={d_model}), "
+                        f"got {getattr(config, key)}",
+                    )
+        return config
+
+
+@dataclass
+class AssociativeConfig(MemoryConfig):
+    """Associative memory: tokens insert their own key-value pairs and attend (softmax) over the nearest
+    stored ones; the store starts empty."""
+
+    type: ClassVar[str] = "associative"
+
+
+CONFIG_CLASSES: dict[str, type[LayerConfig]] = {
+    cls.type: cls for cls in (FeaturalConfig, AssociativeConfig, RemovedConfig, LowRankConfig)
+}
+MEMORY_TYPES: tuple[str, ...] = tuple(t for t, cls in CONFIG_CLASSES.items() if cls.has_store)
+BASELINE_TYPES: tuple[str, ...] = tuple(t for t, cls in CONFIG_CLASSES.items() if not cls.has_store)
+LAYER_TYPES: tuple[str, ...] = tuple(CONFIG_CLASSES)
+
+
+def config_class(layer_type: str) -> type[LayerConfig]:
+    if layer_type not in CONFIG_CLASSES:
+        raise bad("type", f"unknown layer type {layer_type!r}; expected one of {LAYER_TYPES}")
+    return CONFIG_CLASSES[layer_type]
+
+
+def layer_config(settings: Mapping[str, Any]) -> LayerConfig:
+    """The config of ``settings['type']`` (default ``featural``) from its settings; any setting that type
+    does not have is refused, naming it."""
+    settings = dict(settings)
+    cls = config_class(settings.pop("type", "featural"))
+    unknown = sorted(set(settings) - cls.setting_names())
+    if unknown:
+        raise bad(unknown[0], f"not a setting of {cls.type} layers; they have {sorted(cls.setting_names())}")
+    return cls(**settings)

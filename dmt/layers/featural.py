@@ -14,6 +14,9 @@ from dmt.layers.base import (
     neighbour_dots,
     neighbour_weights,
 )
+from dmt.layers.config import FeaturalConfig
+from dmt.layers.mlp import FFNWeights
+from dmt.memory import KNNStore
 
 
 class FeaturalMemory(MemoryLayer):
@@ -26,14 +29,15 @@ class FeaturalMemory(MemoryLayer):
     stored key are inserted as new keys with zero values, which the value updates then fill in.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        glu_dim = self.cfg.glu_dim
-        self.glu_query_proj: nn.Module | None = None
-        if glu_dim and self.cfg.projections:
-            self.glu_query_proj = nn.Linear(self.d_model, self.heads * glu_dim)
-        elif glu_dim:
-            self.glu_query_proj = nn.Identity()  # the gate query is the hidden state itself
+    cfg: FeaturalConfig
+
+    def __init__(self, d_model: int, cfg: FeaturalConfig, store: KNNStore | None = None) -> None:
+        super().__init__(d_model, cfg, store)
+        self.gate_query_proj: nn.Module | None = None
+        if cfg.gate_dim and cfg.dense_weights:
+            self.gate_query_proj = nn.Linear(self.d_model, self.heads * cfg.gate_dim)
+        elif cfg.gate_dim:
+            self.gate_query_proj = nn.Identity()  # the gate query is the hidden state itself
         # (store slots (U,), returned entries (U, E) with .grad after backward) of the forwards since the
         # last update.
         self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
@@ -41,15 +45,15 @@ class FeaturalMemory(MemoryLayer):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_shape = hidden_states.shape[:-1]  # (B, T)
         queries = self.split_heads(self.query_proj(hidden_states), self.key_dim)  # (N, Dk)
-        found = self.search(queries)
+        found = self.search(queries, by_magnitude=self.cfg.ranking == "magnitude")
         entries = found.entries  # (U, Dv + G): value, then gate key
         if self.training and torch.is_grad_enabled():
             entries.requires_grad_(True)
             self._pending.append((found.slots, entries))
         gate = None
-        if self.glu_query_proj is not None:
-            glu_queries = self.split_heads(self.glu_query_proj(hidden_states), self.cfg.glu_dim)  # (N, G)
-            gate = neighbour_dots(glu_queries, entries[:, self.value_dim :], found.rows)  # (N, K)
+        if self.gate_query_proj is not None:
+            gate_queries = self.split_heads(self.gate_query_proj(hidden_states), self.cfg.gate_dim)  # (N, G)
+            gate = neighbour_dots(gate_queries, entries[:, self.value_dim :], found.rows)  # (N, K)
         distances = neighbour_distances(queries, found.keys, found.rows, self.cfg.metric)  # (N, K)
         weights = neighbour_weights(self.scores(distances), found.valid, self.cfg.weighting, gate)
         mixed = mix_values(weights, found.rows, entries[:, : self.value_dim])  # (N, Dv)
@@ -71,48 +75,49 @@ class FeaturalMemory(MemoryLayer):
         self._pending.clear()
 
     @torch.no_grad()
-    def init_from_ffn(
-        self,
-        keys: torch.Tensor,
-        key_bias: torch.Tensor | None,
-        values: torch.Tensor,
-        out_bias: torch.Tensor | None,
-        gate_keys: torch.Tensor | None = None,
-    ) -> None:
-        """Seed the store from an MLP read as a key-value memory (Geva et al., 2021).
+    def init_from_ffn(self, ffn: FFNWeights) -> None:
+        """Seed the store from the MLP it replaces, read as a key-value memory (Geva et al., 2021).
 
         ``MLP(x) = Σ_u act(k_u·x + b_u) v_u + b_out`` for ``keys (U, C)``, ``key_bias (U,)``,
         ``values (U, C)``. The bias is folded in by appending a constant 1 to ``x``; the query projection
         and stored keys are the truncated SVD of ``[keys | bias]`` (exact when ``key_dim >= C + 1``), the
         output projection and stored values that of ``values`` (exact when ``value_dim >= C``). With an
-        inner-product store and the MLP's activation as ``weighting``, the layer then computes the MLP
-        restricted to its top-k units. A gated MLP ``Σ_u act(k_u·x) (g_u·x) v_u`` (SwiGLU) also passes
-        ``gate_keys (U, C)``; with ``glu_dim >= C`` the gated layer reproduces it the same way. Without
-        projections (``memory.projections: false``) the store takes the MLP's rows as they are.
+        inner-product store and the MLP's activation as ``weighting`` (what :meth:`FeaturalConfig.resolved`
+        derives), the layer then computes the MLP restricted to its top-k units. A gated MLP
+        ``Σ_u act(k_u·x) (g_u·x) v_u`` (SwiGLU) also has ``gate_keys (U, C)``; with ``gate_dim >= C`` the
+        gated layer reproduces it the same way. Without dense weights the store takes the MLP's rows as
+        they are.
         """
+        form = ffn.form
         if self.heads != 1:
-            raise ValueError("memory.init=ffn needs memory.heads=1")
-        n_units, d_model = keys.shape
-        if n_units > self.store.capacity:
-            raise ValueError(f"memory.capacity={self.store.capacity} cannot hold the MLP's {n_units} units")
-        bias = key_bias if key_bias is not None else keys.new_zeros(n_units)
+            raise ValueError("swap.init=ffn needs swap.heads=1")
+        if form.units > self.store.capacity:
+            raise ValueError(f"swap.capacity={self.store.capacity} cannot hold the MLP's {form.units} units")
+        if form.activation != self.cfg.weighting:
+            raise ValueError(
+                f"swap.weighting={self.cfg.weighting!r} does not compute the {form.activation} MLP"
+            )
+        if form.gated != (self.gate_query_proj is not None):
+            raise ValueError(
+                f"swap.gate_dim={self.cfg.gate_dim} does not fit a {'' if form.gated else 'non-'}gated MLP"
+            )
+        keys, values, gate_keys = ffn.keys, ffn.values, ffn.gate_keys
+        bias = ffn.key_bias if ffn.key_bias is not None else keys.new_zeros(form.units)
         augmented = torch.cat([keys, bias[:, None]], dim=1)  # (U, C + 1)
-        self.out_proj.bias.copy_(out_bias if out_bias is not None else torch.zeros(d_model))
-        if self.glu_query_proj is not None and gate_keys is None:
-            raise ValueError("memory.glu_dim > 0 needs a gated MLP (SwiGLU) to initialise from")
-        if not self.cfg.projections:  # the store holds the MLP's own rows
-            entries = values if self.glu_query_proj is None else torch.cat([values, gate_keys], dim=1)
+        self.out_proj.bias.copy_(ffn.out_bias if ffn.out_bias is not None else torch.zeros(form.d_model))
+        if not self.cfg.dense_weights:  # the store holds the MLP's own rows
+            entries = values if gate_keys is None else torch.cat([values, gate_keys], dim=1)
             self.store.insert(augmented.numpy(), entries.numpy())
             return
         key_coords, key_basis = low_rank_factors(augmented, self.key_dim)  # (U, Dk), (Dk, C + 1)
-        self.query_proj.weight.copy_(key_basis[:, :d_model])
-        self.query_proj.bias.copy_(key_basis[:, d_model])
+        self.query_proj.weight.copy_(key_basis[:, : form.d_model])
+        self.query_proj.bias.copy_(key_basis[:, form.d_model])
         value_coords, value_basis = low_rank_factors(values, self.value_dim)  # (U, Dv), (Dv, C)
         self.out_proj.weight.copy_(value_basis.T)
         entries = value_coords  # (U, Dv)
-        if self.glu_query_proj is not None:
-            gate_coords, gate_basis = low_rank_factors(gate_keys, self.cfg.glu_dim)  # (U, G), (G, C)
-            self.glu_query_proj.weight.copy_(gate_basis)
-            self.glu_query_proj.bias.zero_()
+        if gate_keys is not None:
+            gate_coords, gate_basis = low_rank_factors(gate_keys, self.cfg.gate_dim)  # (U, G), (G, C)
+            self.gate_query_proj.weight.copy_(gate_basis)
+            self.gate_query_proj.bias.zero_()
             entries = torch.cat([value_coords, gate_coords], dim=1)  # (U, Dv + G)
         self.store.insert(key_coords.numpy(), entries.numpy())

@@ -43,7 +43,7 @@ def resolve_backend(backend: str, dim: int, capacity: int) -> str:
 def _split_params(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """``(backend, hnsw settings)`` from index settings, rejecting names no backend knows."""
     params = dict(params)
-    backend = params.pop("backend", "hnsw")  # stores saved before backends existed were all hnsw
+    backend = params.pop("backend", "hnsw")
     unknown = sorted(set(params) - set(HNSW_PARAMS))
     if unknown:
         raise ValueError(f"unknown index setting(s) {unknown}; known: ['backend', *{list(HNSW_PARAMS)}]")
@@ -76,19 +76,12 @@ def make_index(dim: int, metric: str, capacity: int, **params: Any) -> KeyIndex:
 
 
 def load_index(
-    path: str | Path, dim: int, metric: str, capacity: int, live: np.ndarray, **params: Any
+    source: str | Path | np.ndarray, dim: int, metric: str, capacity: int, live: np.ndarray, **params: Any
 ) -> KeyIndex:
-    """Read an index file written by the backend that ``params`` (an index's :attr:`params`) names."""
+    """Read an index written by the backend that ``params`` (an index's :attr:`params`) names: from the
+    file ``source``, or from that file's bytes (:meth:`KeyIndex.to_bytes`, a ``uint8`` array)."""
     backend, hnsw_params = _split_params(params)
     cls = index_class(resolve_backend(backend, dim, capacity))
-    return cls.load(path, dim, metric, capacity, live, **hnsw_params)
-
-
-def index_from_bytes(
-    data: np.ndarray, dim: int, metric: str, capacity: int, live: np.ndarray, **params: Any
-) -> KeyIndex:
-    """Inverse of :meth:`KeyIndex.to_bytes` for the backend that ``params`` names."""
-    backend, hnsw_params = _split_params(params)
-    return index_class(resolve_backend(backend, dim, capacity)).from_bytes(
-        data, dim, metric, capacity, live, **hnsw_params
-    )
+    if isinstance(source, np.ndarray):
+        return cls.from_bytes(source, dim, metric, capacity, live, **hnsw_params)
+    return cls.load(source, dim, metric, capacity, live, **hnsw_params)

@@ -1,4 +1,4 @@
-"""Result and statistics records of the memory stores, plus the shared input validation."""
+"""The statistics record of the memory stores, plus the shared input validation."""
 
 from __future__ import annotations
 
@@ -6,16 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import DTypeLike
-
-
-@dataclass(frozen=True)
-class QueryResult:
-    """The k nearest stored entries of each of N queries, nearest first."""
-
-    ids: np.ndarray  # (N, k) int64 slot ids; -1 where fewer than k entries exist
-    keys: np.ndarray  # (N, k, key_dim) float32; zeros where ids == -1
-    values: np.ndarray  # (N, k, value_dim) float32; zeros where ids == -1
-    distances: np.ndarray  # (N, k) float32, ascending per row; +inf where ids == -1
 
 
 @dataclass

@@ -1,7 +1,5 @@
-"""Distance metrics shared by the stores (numpy, search side) and the layers (torch, gradient side).
-
-The conventions follow hnswlib so that a distance computed in torch from a query and a returned key
-equals the distance the index reported for that pair:
+"""Distance metrics of the stores, in hnswlib's conventions (``dmt.layers.base.neighbour_distances``
+recomputes them in torch, differentiably, so they equal what the index reported for each pair):
 
 - ``l2``: squared Euclidean distance ``||q - k||²``
 - ``ip``: ``1 - q·k``
@@ -13,7 +11,6 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-import torch
 
 Metric = Literal["l2", "ip", "cosine"]
 METRICS: tuple[str, ...] = ("l2", "ip", "cosine")
@@ -24,24 +21,6 @@ def check_metric(metric: str) -> Metric:
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
     return metric  # type: ignore[return-value]
-
-
-def distance(queries: torch.Tensor, keys: torch.Tensor, metric: Metric) -> torch.Tensor:
-    """Distance of each query to each of its own candidate keys, differentiable in both.
-
-    Args:
-        queries: ``(N, D)``
-        keys: ``(N, K, D)`` — the K candidates returned for each query
-    Returns:
-        ``(N, K)`` distances in the index's convention.
-    """
-    if metric == "l2":
-        return (queries.unsqueeze(1) - keys).pow(2).sum(-1)
-    if metric == "ip":
-        return 1.0 - torch.einsum("nd,nkd->nk", queries, keys)
-    if metric == "cosine":
-        return 1.0 - torch.nn.functional.cosine_similarity(queries.unsqueeze(1), keys, dim=-1)
-    raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
 
 
 def pairwise_distance_np(queries: np.ndarray, keys: np.ndarray, metric: Metric) -> np.ndarray:

@@ -1,57 +1,34 @@
 """``KNNStore``: a fixed-capacity key→value memory searched by a key index and evicted by LRFU.
 
 Slots ``0 .. capacity - 1`` are both the rows of the store's own arrays and the index labels, so an
-id returned by :meth:`KNNStore.query` indexes ``keys``/``values`` directly. An id stays valid until its
-entry is evicted by :meth:`KNNStore.insert` or merged away by :meth:`KNNStore.recombine`; after that the
-slot may be reused for a different entry, so ids must not be kept across inserts.
+id returned by :meth:`KNNStore.search` indexes ``keys``/``values`` (:meth:`KNNStore.get`) directly. An id
+stays valid until its entry is evicted by :meth:`KNNStore.insert` or merged away by
+:meth:`KNNStore.recombine`; after that the slot may be reused for a different entry, so ids must not be
+kept across inserts.
+
+Searching neither copies entries nor counts references: a caller reads what it uses with
+:meth:`KNNStore.get` and reports it with :meth:`KNNStore.reference` (a memory layer does so once per step,
+alike on every data-parallel replica). Saving and loading live in :mod:`dmt.memory.persistence`.
 """
 
 from __future__ import annotations
 
-import json
 import numbers
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, fields, replace
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dmt.memory.backends import HNSW_PARAMS, index_from_bytes, load_index, make_index
-from dmt.memory.base import MemoryStats, QueryResult, as_float_matrix
-from dmt.memory.index import KeyIndex
-from dmt.memory.integrity import (
-    MANIFEST,
-    MemoryStoreError,
-    file_record,
-    fsync_path,
-    read_manifest,
-    verify_files,
-    write_array,
-    write_directory,
-)
+from dmt.memory import persistence
+from dmt.memory.backends import make_index
+from dmt.memory.base import MemoryStats, as_float_matrix
 from dmt.memory.lrfu import LRFU
 from dmt.memory.metrics import Metric, check_metric
 
-# Directory format 2 added the per-file integrity records ("files") to the manifest; format 1
-# directories (no records) still load, checked for shapes and counts only.
-FORMAT_VERSION = 2
-READABLE_FORMAT_VERSIONS = (1, 2)
-# The state_dict layout did not change with the directory format, so checkpoints keep version 1.
-STATE_FORMAT_VERSION = 1
 VALUE_DTYPES = ("float32", "float16")
-INDEX_FILE = "index.bin"
-# Array name → file name in a saved directory; the same names are the keys of ``state_dict``.
-ARRAY_FILES = {
-    "keys": "keys.npy",
-    "values": "values.npy",
-    "live": "live.npy",
-    "lrfu_crf": "lrfu_crf.npy",
-    "lrfu_last": "lrfu_last.npy",
-}
-# Every file of a saved directory but the manifest, by the name ``_restore`` errors use for it.
-STORE_FILES = {**ARRAY_FILES, "index_bytes": INDEX_FILE}
 
 
 class KNNStore:
@@ -62,12 +39,12 @@ class KNNStore:
         capacity: maximum number of entries; inserting into a full store evicts LRFU victims.
         metric: ``l2 | ip | cosine`` in the conventions of ``dmt.memory.metrics``.
         lrfu_lambda: LRFU λ in [0, 1]; 0 evicts the least frequently, 1 the least recently used.
-        value_dtype: storage dtype of values (``float16`` halves memory; queries still return float32).
+        value_dtype: storage dtype of values (``float16`` halves memory; :meth:`get` still returns float32).
         index: key index settings: ``backend`` (``hnsw`` default, ``exact`` or ``auto``, see
             :mod:`dmt.memory.backends`) and the hnsw ones (``M``, ``ef_construction``, ``ef_search``,
             ``num_threads``).
 
-    The clock advances by one per :meth:`query` call; inserts and references happen at the current time.
+    The clock advances by one per :meth:`search` call; inserts and references happen at the current time.
     """
 
     def __init__(
@@ -119,7 +96,7 @@ class KNNStore:
 
     @property
     def now(self) -> int:
-        """The LRFU clock: number of :meth:`query` calls so far."""
+        """The LRFU clock: number of :meth:`search` calls so far."""
         return self._now
 
     # ------------------------------------------------------------------ queries and updates
@@ -131,15 +108,18 @@ class KNNStore:
 
     @property
     def index_backend(self) -> str:
-        """The concrete key index in use: ``hnsw`` or ``exact``."""
+        """The concrete key index in use: ``hnsw``, ``exact`` or ``product``."""
         return self._index.backend
 
-    def search(self, queries: np.ndarray, k: int, two_sided: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, by_magnitude: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Ids ``(N, k)`` int64 (-1 padding) and distances ``(N, k)`` float32 (+inf padding) of the ``k``
         nearest entries of each of ``queries (N, key_dim)``, nearest first; no keys or values are copied.
 
-        ``two_sided`` (``ip`` and ``cosine`` stores): the ``k`` entries of largest ``|similarity|`` instead,
-        largest first, with their ordinary distances ``1 - similarity`` (see :func:`merge_two_sided`).
+        ``by_magnitude`` (``ip`` and ``cosine`` stores): the ``k`` entries of largest ``|similarity|``
+        instead, largest first, with their ordinary distances ``1 - similarity`` (see
+        :func:`merge_by_magnitude`).
 
         An empty store (cold start) answers with all ids -1, and ``N = 0`` with empty ``(0, k)`` results.
         Advances the clock by one per call (also for ``N = 0``, so the clock counts calls alike on every
@@ -147,29 +127,14 @@ class KNNStore:
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or k > self.capacity:
             raise ValueError(f"k must be an integer in [1, capacity={self.capacity}], got k={k!r}")
-        if two_sided and self.metric == "l2":
-            raise ValueError("a two-sided search ranks by |similarity|: needs an ip or cosine store, not l2")
+        if by_magnitude and self.metric == "l2":
+            raise ValueError("by_magnitude ranks by |similarity|: needs an ip or cosine store, not l2")
         queries = as_float_matrix("queries", queries, self.key_dim)
         self._now += 1
         self._stats.queries += len(queries)
-        if not two_sided:
+        if not by_magnitude:
             return self._index.search(queries, int(k))  # (N, k), (N, k)
-        return merge_two_sided(self._index.search(queries, int(k)), self._index.search(-queries, int(k)))
-
-    def query(self, queries: np.ndarray, k: int, reference: bool = True) -> QueryResult:
-        """:meth:`search` plus the returned entries' keys and values (zeros for padding).
-
-        With ``reference`` every returned id counts as one LRFU reference (duplicates across rows each
-        count).
-        """
-        ids, distances = self.search(queries, k)
-        found = ids >= 0
-        rows = np.where(found, ids, 0)  # any valid row index; padded entries are zeroed below
-        keys = np.where(found[..., None], self._keys[rows], 0.0).astype(np.float32)
-        values = np.where(found[..., None], self._values[rows], 0).astype(np.float32)
-        if reference:
-            self._lrfu.reference(ids[found], self._now)
-        return QueryResult(ids=ids, keys=keys, values=values, distances=distances)
+        return merge_by_magnitude(self._index.search(queries, int(k)), self._index.search(-queries, int(k)))
 
     def insert(self, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
         """Store ``keys (N, key_dim)`` / ``values (N, value_dim)``; returns their slot ids ``(N,)`` int64.
@@ -227,10 +192,11 @@ class KNNStore:
         return ids
 
     def reference(self, ids: np.ndarray) -> None:
-        """Count one LRFU reference at the current clock per element of ``ids (M,)`` (-1 ignored).
+        """Count one LRFU reference at the current clock per element of ``ids (M,)``, duplicates each
+        counting; -1 and entries that are no longer live are ignored.
 
-        For callers that search with ``query(..., reference=False)`` and apply references later, e.g. once
-        per training step on every data-parallel replica.
+        :meth:`search` counts none, so a caller references what it used, when it applies its writes (e.g.
+        once per training step on every data-parallel replica).
         """
         ids = self._check_ids(ids)
         ids = ids[ids >= 0]
@@ -311,298 +277,40 @@ class KNNStore:
         self._stats.merges += removed
         return removed
 
-    # ------------------------------------------------------------------ persistence
-
-    def _manifest(self) -> dict[str, Any]:
-        """Settings, counters and clock: what a saved manifest and a state dict share besides arrays."""
-        return {
-            "key_dim": self.key_dim,
-            "value_dim": self.value_dim,
-            "capacity": self.capacity,
-            "metric": self.metric,
-            "lrfu_lambda": self.lrfu_lambda,
-            "value_dtype": self.value_dtype,
-            "index_params": self._index.params,
-            "entries": len(self),
-            "now": self._now,
-            "stats": asdict(self._stats),
-        }
-
-    def _arrays(self) -> dict[str, np.ndarray]:
-        return {
-            "keys": self._keys,
-            "values": self._values,
-            "live": self._live,
-            "lrfu_crf": self._lrfu.crf,
-            "lrfu_last": self._lrfu.last,
-        }
+    # ------------------------------------------------------------------ persistence (dmt.memory.persistence)
 
     def save(self, directory: str | Path) -> None:
-        """Atomically write the store to ``directory``: ``manifest.json``, one ``.npy`` per array and
-        ``index.bin``, with the size and SHA-256 of every file recorded in the manifest.
-
-        Everything is written and fsynced in a temporary sibling of ``directory`` that then replaces it
-        (:func:`dmt.memory.integrity.write_directory`): a failed save (full disk, crash) leaves the
-        previous store loadable and no temporary directory behind. An existing ``directory`` holding
-        files that are not part of a store is refused rather than deleted.
-
-        A store loaded with ``mmap=True`` follows its latest save: its values are then mapped from the
-        new ``directory/values.npy`` (the file it was loaded from may just have been deleted), so later
-        value writes land there. The mapping follows the file if ``directory`` is moved afterwards.
-
-        Raises:
-            OSError: naming ``directory`` when writing fails; the original error is the cause.
-        """
-        directory = Path(directory)
-        write_directory(directory, self._write_files, known_names=(MANIFEST, *STORE_FILES.values()))
-        if isinstance(self._values, np.memmap):
-            self._values = np.load(directory / STORE_FILES["values"], mmap_mode="r+")
-
-    def _write_files(self, directory: Path) -> None:
-        """Write every file of a save into the empty ``directory``, the manifest with their records last."""
-        files = {
-            STORE_FILES[name]: write_array(directory / STORE_FILES[name], array)
-            for name, array in self._arrays().items()
-        }
-        index_path = directory / INDEX_FILE
-        self._index.save(index_path)
-        fsync_path(index_path)
-        files[INDEX_FILE] = file_record(index_path)
-        manifest_path = directory / MANIFEST
-        manifest_path.write_text(
-            json.dumps({"format_version": FORMAT_VERSION, **self._manifest(), "files": files}, indent=2)
-        )
-        fsync_path(manifest_path)
+        """Atomically write the store to ``directory``, checksummed (see
+        :func:`dmt.memory.persistence.save`)."""
+        persistence.save(self, directory)
 
     @classmethod
     def load(cls, directory: str | Path, mmap: bool = False, verify: bool = True) -> KNNStore:
-        """Read a :meth:`save` directory (never unpickles), checking it against its manifest.
-
-        Every file's size is always compared with the manifest, and shapes, dtypes and the live count
-        with the manifest's settings. ``verify`` also hashes every file: one extra full read of the store
-        (about a second per GB). ``verify=False`` skips only that pass, for huge stores on trusted disks;
-        a corruption that keeps a file's size then goes unnoticed.
-
-        With ``mmap`` the values stay in ``values.npy`` and are memory-mapped read/write, so a store may
-        exceed RAM; every later value write (``insert``, ``update_values``, ``recombine``) goes straight
-        to that file. The file then no longer matches its checksum until the next :meth:`save`: if the
-        process stops before that, the directory loads only with ``verify=False``.
+        """Read and check a :meth:`save` directory; ``mmap`` maps the values from their file, ``verify``
+        also hashes every file (see :func:`dmt.memory.persistence.load`).
 
         Raises:
             FileNotFoundError: ``directory`` has no ``manifest.json``.
-            MemoryStoreError: a ``ValueError`` naming the file that is unreadable, missing, truncated,
-                changed or inconsistent with the manifest.
+            MemoryStoreError: naming the file that is wrong.
         """
-        directory = Path(directory)
-        manifest = read_manifest(directory)
-        version = manifest.get("format_version")
-        if type(version) is not int or version not in READABLE_FORMAT_VERSIONS:
-            raise MemoryStoreError(
-                f"{directory / MANIFEST}: format_version {version!r} is not supported "
-                f"(readable: {', '.join(map(str, READABLE_FORMAT_VERSIONS))})"
-            )
-        if version >= 2:  # format 1 predates the integrity records
-            verify_files(directory, manifest.get("files"), STORE_FILES.values(), checksums=verify)
-        arrays = {
-            name: _load_npy(directory / STORE_FILES[name], mmap=mmap and name == "values")
-            for name in ARRAY_FILES
-        }
-        index_path = directory / INDEX_FILE
-        return cls._restore(
-            manifest,
-            arrays,
-            lambda live: load_index(index_path, **cls._index_args(manifest), live=live),
-            where=lambda name: str(directory / STORE_FILES[name]),
-            source=str(directory / MANIFEST),
-        )
+        return persistence.load(cls, directory, mmap=mmap, verify=verify)
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain dict of numpy arrays, ints, floats, strings and dicts of those (no pickled objects).
-
-        Includes the key index file (e.g. the hnswlib graph) as a ``uint8`` array (``index_bytes``), so
-        loading does not rebuild it. To pass ``torch.load(weights_only=True)`` the caller converts the
-        arrays with ``torch.from_numpy`` (and back with ``.numpy()``); this dict stays numpy-only.
-        """
-        arrays = {name: np.array(array) for name, array in self._arrays().items()}  # copies, not memmaps
-        return {
-            "format_version": STATE_FORMAT_VERSION,
-            **self._manifest(),
-            **arrays,
-            "index_bytes": self._index.to_bytes(),
-        }
+        """The store as a plain dict of numpy arrays and scalars, for checkpoints (see
+        :func:`dmt.memory.persistence.state_dict`)."""
+        return persistence.state_dict(self)
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> KNNStore:
-        """Inverse of :meth:`state_dict`; arrays may be anything ``np.asarray`` accepts.
+        """Inverse of :meth:`state_dict` (see :func:`dmt.memory.persistence.from_state_dict`).
 
         Raises:
-            MemoryStoreError: a ``ValueError`` naming the entry that is missing or of the wrong type,
-                shape or dtype.
+            MemoryStoreError: naming the entry that is wrong.
         """
-        if not isinstance(state, Mapping):
-            raise MemoryStoreError(f"state_dict: expected a mapping, got {type(state).__name__}")
-        if state.get("format_version") != STATE_FORMAT_VERSION:
-            raise MemoryStoreError(
-                f"state_dict['format_version']: {state.get('format_version')!r} is not supported "
-                f"(expected {STATE_FORMAT_VERSION})"
-            )
-        arrays = {name: _state_array(state, name) for name in STORE_FILES}
-        index_bytes = arrays.pop("index_bytes")
-        if index_bytes.ndim != 1 or index_bytes.dtype != np.uint8:
-            raise MemoryStoreError(
-                f"state_dict['index_bytes']: expected a 1-D uint8 array, "
-                f"got shape {index_bytes.shape} dtype {index_bytes.dtype.name}"
-            )
-        return cls._restore(
-            state,
-            arrays,
-            lambda live: index_from_bytes(index_bytes, **cls._index_args(state), live=live),
-            where=lambda name: f"state_dict[{name!r}]",
-            source="state_dict",
-        )
-
-    @staticmethod
-    def _index_args(manifest: Mapping[str, Any]) -> dict[str, Any]:
-        return {
-            "dim": manifest["key_dim"],
-            "metric": manifest["metric"],
-            "capacity": manifest["capacity"],
-            **manifest["index_params"],
-        }
-
-    @classmethod
-    def _restore(
-        cls,
-        manifest: Mapping[str, Any],
-        arrays: dict[str, np.ndarray],
-        make_index: Callable[[np.ndarray], KeyIndex],
-        where: Callable[[str], str],
-        source: str,
-    ) -> KNNStore:
-        """Build a store from a manifest and its arrays, checking every field and array against it.
-
-        Args:
-            manifest: the :meth:`_manifest` fields (settings, counters, clock).
-            arrays: every ``ARRAY_FILES`` name → its array.
-            make_index: reads the key index given the ``(capacity,)`` live mask.
-            where: names the origin (file or state key) of an array or of ``"index_bytes"`` in errors.
-            source: names the origin of the manifest fields in errors.
-        Raises:
-            MemoryStoreError: naming the field or the array that is wrong.
-        """
-        _check_manifest_fields(manifest, source)
-        store = cls.__new__(cls)
-        try:
-            store._configure(
-                manifest["key_dim"],
-                manifest["value_dim"],
-                manifest["capacity"],
-                manifest["metric"],
-                manifest["lrfu_lambda"],
-                manifest["value_dtype"],
-            )
-        except ValueError as error:
-            raise MemoryStoreError(f"{source}: {error}") from error
-        capacity = store.capacity
-        expected = {
-            "keys": ((capacity, store.key_dim), np.float32),
-            "values": ((capacity, store.value_dim), np.dtype(store.value_dtype)),
-            "live": ((capacity,), np.bool_),
-            "lrfu_crf": ((capacity,), np.float64),
-            "lrfu_last": ((capacity,), np.int64),
-        }
-        for name, (shape, dtype) in expected.items():
-            array = arrays[name]
-            if array.shape != shape or array.dtype != dtype:
-                raise MemoryStoreError(
-                    f"{where(name)}: expected shape {shape} dtype {np.dtype(dtype).name} (from {source}), "
-                    f"got shape {array.shape} dtype {array.dtype.name}"
-                )
-        live = arrays["live"]
-        if int(np.count_nonzero(live)) != manifest["entries"]:
-            raise MemoryStoreError(
-                f"{where('live')}: {np.count_nonzero(live)} live entries, {source} says {manifest['entries']}"
-            )
-        store._keys, store._values, store._live = arrays["keys"], arrays["values"], live.copy()
-        store._lrfu.load_state_dict(
-            {"crf": arrays["lrfu_crf"], "last": arrays["lrfu_last"], "lam": store.lrfu_lambda}
-        )
-        try:
-            store._index = make_index(live)
-        except (RuntimeError, ValueError) as error:  # hnswlib reports a corrupt graph as RuntimeError
-            raise MemoryStoreError(f"{where('index_bytes')}: not a usable key index ({error})") from error
-        store._now = int(manifest["now"])
-        store._stats = MemoryStats(**{name: int(count) for name, count in manifest["stats"].items()})
-        return store
+        return persistence.from_state_dict(cls, state)
 
 
-# Manifest field → accepted types (bools are rejected separately although they are Integral).
-_MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "key_dim": numbers.Integral,
-    "value_dim": numbers.Integral,
-    "capacity": numbers.Integral,
-    "metric": str,
-    "lrfu_lambda": numbers.Real,
-    "value_dtype": str,
-    "index_params": Mapping,
-    "entries": numbers.Integral,
-    "now": numbers.Integral,
-    "stats": Mapping,
-}
-# Integer-valued sub-dicts of the manifest → the names they may hold (``index_params`` may also name its
-# ``backend``, checked separately as a string).
-_COUNTER_FIELDS = {
-    "stats": tuple(field.name for field in fields(MemoryStats)),
-    "index_params": HNSW_PARAMS,
-}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _check_manifest_fields(manifest: Mapping[str, Any], source: str) -> None:
-    """Presence and types of the manifest fields; their values are checked by ``_configure`` and
-    against the arrays."""
-    for name, kind in _MANIFEST_FIELDS.items():
-        if name not in manifest:
-            raise MemoryStoreError(f"{source}: missing field {name!r}")
-        value = manifest[name]
-        if isinstance(value, bool) or not isinstance(value, kind):
-            raise MemoryStoreError(f"{source}: field {name!r} has the wrong type ({value!r})")
-    backend = manifest["index_params"].get("backend", "hnsw")
-    if backend not in ("hnsw", "exact", "product"):
-        raise MemoryStoreError(f"{source}: field 'index_params' names an unknown backend {backend!r}")
-    for name, allowed in _COUNTER_FIELDS.items():
-        counters = {k: v for k, v in manifest[name].items() if k != "backend"}
-        if not set(counters) <= set(allowed) or not all(map(_is_int, counters.values())):
-            raise MemoryStoreError(
-                f"{source}: field {name!r} must map some of {', '.join(allowed)} to integers, "
-                f"got {dict(counters)!r}"
-            )
-    if manifest["now"] < 0:
-        raise MemoryStoreError(f"{source}: field 'now' must be >= 0, got {manifest['now']}")
-
-
-def _load_npy(path: Path, mmap: bool) -> np.ndarray:
-    """The array saved at ``path`` (never unpickled); memory-mapped read/write with ``mmap``."""
-    try:
-        return np.load(path, allow_pickle=False, mmap_mode="r+" if mmap else None)
-    except (OSError, ValueError, EOFError) as error:
-        raise MemoryStoreError(f"{path}: not a readable .npy array ({error})") from error
-
-
-def _state_array(state: Mapping[str, Any], name: str) -> np.ndarray:
-    """``state[name]`` as a numpy array, naming the entry if it is missing or not array-like."""
-    if name not in state:
-        raise MemoryStoreError(f"state_dict: missing entry {name!r}")
-    try:
-        return np.asarray(state[name])
-    except (TypeError, ValueError) as error:  # e.g. ragged nested lists
-        raise MemoryStoreError(f"state_dict[{name!r}]: not an array ({error})") from error
-
-
-def merge_two_sided(
+def merge_by_magnitude(
     positive: tuple[np.ndarray, np.ndarray], negative: tuple[np.ndarray, np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` entries of largest ``|s|`` (``s = 1 - distance``, an ``ip``/``cosine`` similarity) from the

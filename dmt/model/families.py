@@ -8,66 +8,79 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-
-@dataclass(frozen=True)
-class FFNWeights:
-    """An MLP as ``Σ_u act(k_u·x + b_u) [g_u·x] v_u + b_out`` (Geva et al., 2021); ``[g_u·x]`` if gated.
-
-    ``activation`` names the activation's family (the ``weighting`` a featural memory uses for it);
-    ``act_fn`` is the MLP's own activation module, exact (GPT-2's tanh-approximated GELU, for instance), so
-    a dense layer of the same form (:class:`dmt.layers.baselines.LowRankMLP`) computes what the MLP does.
-    """
-
-    keys: torch.Tensor  # (U, C)
-    key_bias: torch.Tensor | None  # (U,)
-    values: torch.Tensor  # (U, C)
-    out_bias: torch.Tensor | None  # (C,)
-    activation: str
-    act_fn: Callable[[torch.Tensor], torch.Tensor]
-    gate_keys: torch.Tensor | None = None  # (U, C): gated MLPs scale unit u by gate_keys[u]·x
+from dmt.layers.mlp import FFNWeights, MLPForm, activation_family
 
 
 @dataclass(frozen=True)
 class DecoderFamily:
     name: str
     blocks: Callable[[PreTrainedModel], nn.ModuleList]
-    ffn_weights: Callable[[nn.Module], FFNWeights]
+    ffn_weights: Callable[[nn.Module, str], FFNWeights]  # (MLP, its activation's weighting)
+    mlp_form: Callable[[PretrainedConfig], MLPForm]
     mlp_attr: str = "mlp"
 
 
-def _gpt2_ffn(mlp: nn.Module) -> FFNWeights:
+def _gpt2_ffn(mlp: nn.Module, activation: str) -> FFNWeights:
     # GPT-2 uses Conv1D: weight is (in_features, out_features).
     return FFNWeights(
         keys=mlp.c_fc.weight.detach().T,
         key_bias=mlp.c_fc.bias.detach(),
         values=mlp.c_proj.weight.detach(),
         out_bias=mlp.c_proj.bias.detach(),
-        activation="gelu",
+        activation=activation,
         act_fn=mlp.act,
     )
 
 
-def _gated_ffn(mlp: nn.Module) -> FFNWeights:
-    # SwiGLU: down(silu(gate·x) * up·x). Read as a memory, the gate rows are the keys (they choose the
+def _gpt2_form(config: PretrainedConfig) -> MLPForm:
+    return MLPForm(
+        d_model=config.n_embd,
+        units=config.n_inner or 4 * config.n_embd,
+        activation=activation_family(config.activation_function),
+        gated=False,
+        key_bias=True,
+        out_bias=True,
+    )
+
+
+def _gated_ffn(mlp: nn.Module, activation: str) -> FFNWeights:
+    # SwiGLU: down(act(gate·x) * up·x). Read as a memory, the gate rows are the keys (they choose the
     # units), the down columns the values, and the up rows each unit's multiplicative gate key.
     return FFNWeights(
         keys=mlp.gate_proj.weight.detach(),
         key_bias=None,
         values=mlp.down_proj.weight.detach().T,
         out_bias=None,
-        activation="silu",
+        activation=activation,
         act_fn=mlp.act_fn,
         gate_keys=mlp.up_proj.weight.detach(),
     )
 
 
-_LLAMA_LIKE = DecoderFamily("llama", blocks=lambda m: m.model.layers, ffn_weights=_gated_ffn)
+def _gated_form(config: PretrainedConfig) -> MLPForm:
+    if getattr(config, "mlp_bias", False):
+        # A bias on the up projection has no place in a gated entry (g_u·x + c is not a dot product).
+        raise ValueError("teacher: gated MLPs with biases (mlp_bias=True) are not supported")
+    return MLPForm(
+        d_model=config.hidden_size,
+        units=config.intermediate_size,
+        activation=activation_family(config.hidden_act),
+        gated=True,
+        key_bias=False,
+        out_bias=False,
+    )
+
+
+_LLAMA_LIKE = DecoderFamily(
+    "llama", blocks=lambda m: m.model.layers, ffn_weights=_gated_ffn, mlp_form=_gated_form
+)
 FAMILIES: dict[str, DecoderFamily] = {
-    "gpt2": DecoderFamily("gpt2", blocks=lambda m: m.transformer.h, ffn_weights=_gpt2_ffn),
+    "gpt2": DecoderFamily(
+        "gpt2", blocks=lambda m: m.transformer.h, ffn_weights=_gpt2_ffn, mlp_form=_gpt2_form
+    ),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
@@ -82,6 +95,20 @@ def family_of(config: PretrainedConfig) -> DecoderFamily:
             f"teacher: model_type {config.model_type!r} is not supported; supported: {sorted(FAMILIES)}"
         )
     return family
+
+
+def mlp_form(config: PretrainedConfig) -> MLPForm:
+    """The form of the model's MLPs (every block's alike), read from its config alone."""
+    return family_of(config).mlp_form(config)
+
+
+def mlp_weights(model: PreTrainedModel, index: int) -> FFNWeights:
+    """The MLP of block ``index`` read as a key-value memory."""
+    return family_of(model.config).ffn_weights(get_mlp(model, index), mlp_form(model.config).activation)
+
+
+def num_blocks(model: PreTrainedModel) -> int:
+    return len(family_of(model.config).blocks(model))
 
 
 def get_mlp(model: PreTrainedModel, index: int) -> nn.Module:

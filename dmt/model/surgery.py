@@ -7,94 +7,134 @@ from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from dmt.layers import (
     SWAPPED_CLASSES,
+    FeaturalConfig,
     FeaturalMemory,
+    LayerConfig,
+    LowRankConfig,
     MemoryLayer,
-    MemoryLayerConfig,
     build_baseline,
     build_memory_layer,
+    config_class,
+    matched_rank,
 )
+from dmt.layers.config import CONFIG_CLASSES, bad
+from dmt.layers.mlp import MLPForm
 from dmt.memory import KNNStore
-from dmt.model.families import family_of, get_mlp, set_mlp
+from dmt.model.families import family_of, mlp_form, mlp_weights, num_blocks, set_mlp
 
-# Keys of the ``memory`` config group that choose layers rather than configure them.
-SELECTION_KEYS = ("layers", "type", "per_layer")
+# Keys of the ``swap`` config group that choose blocks and layer types rather than configure layers.
+SELECTION_KEYS = ("blocks", "type", "per_block")
 
 
-def resolve_layer_indices(layers: Any, num_layers: int) -> list[int]:
-    """Indices chosen by ``memory.layers``: ``all``, ``none``, a slice ``"a:b"`` or a list of ints.
+def resolve_block_indices(blocks: Any, num_layers: int) -> list[int]:
+    """Indices chosen by ``swap.blocks``: ``all``, ``none``, a slice ``"a:b"`` or a list of ints.
 
     Negative indices count from the top, as in Python (``"-4:"`` is the upper four blocks).
     """
-    if layers in (None, "none"):
+    if blocks in (None, "none"):
         return []
-    if layers == "all":
+    if blocks == "all":
         return list(range(num_layers))
-    if isinstance(layers, str):
+    if isinstance(blocks, str):
         try:
-            parts = [int(p) if p.strip() else None for p in layers.split(":")]
+            parts = [int(p) if p.strip() else None for p in blocks.split(":")]
         except ValueError:
-            raise ValueError(
-                f"memory.layers: cannot read {layers!r}; use all, none, 'a:b' or a list"
-            ) from None
+            raise bad("blocks", f"cannot read {blocks!r}; use all, none, 'a:b' or a list") from None
         if len(parts) != 2:
-            raise ValueError(f"memory.layers: {layers!r} is not a slice 'a:b'")
+            raise bad("blocks", f"{blocks!r} is not a slice 'a:b'")
         return list(range(num_layers))[slice(*parts)]
-    if isinstance(layers, int):
-        layers = [layers]
+    if isinstance(blocks, int):
+        blocks = [blocks]
     indices = []
-    for index in layers:
+    for index in blocks:
         if not isinstance(index, int) or not -num_layers <= index < num_layers:
-            raise ValueError(
-                f"memory.layers: layer {index!r} does not exist; the teacher has {num_layers} blocks"
-            )
+            raise bad("blocks", f"block {index!r} does not exist; the teacher has {num_layers} blocks")
         indices.append(index % num_layers)
     if len(set(indices)) != len(indices):
-        raise ValueError(f"memory.layers: {list(layers)} names a layer twice")
+        raise bad("blocks", f"{list(blocks)} names a block twice")
     return sorted(indices)
 
 
-def _layer_type(types: Any, position: int, index: int, indices: list[int], num_layers: int) -> str:
-    """One type for every layer (``featural``, ``associative``, or a baseline: ``removed``, ``lowrank``),
+def _layer_types(types: Any, indices: list[int], num_layers: int) -> list[str]:
+    """One type for every block (``featural``, ``associative``, or a baseline: ``removed``, ``lowrank``),
     ``mixed`` (featural in the lower half of the model, associative in the upper half) or a list aligned
-    with ``memory.layers``."""
+    with ``swap.blocks``."""
     if isinstance(types, str):
         if types == "mixed":
-            return "featural" if index < num_layers // 2 else "associative"
-        return types
+            return ["featural" if index < num_layers // 2 else "associative" for index in indices]
+        return [types] * len(indices)
     types = list(types)
     if len(types) != len(indices):
-        raise ValueError(f"memory.type: {len(types)} types given for {len(indices)} layers {indices}")
-    return types[position]
+        raise bad("type", f"{len(types)} types given for {len(indices)} blocks {indices}")
+    return types
 
 
-def resolve_layer_configs(memory_cfg: Mapping[str, Any], num_layers: int) -> dict[int, MemoryLayerConfig]:
-    """One validated :class:`MemoryLayerConfig` per chosen block index.
+def _layer_config(
+    layer_type: str, settings: dict[str, Any], shared: set[str], others: list[frozenset[str]], mlp: MLPForm
+) -> LayerConfig:
+    """The resolved config of one block from its ``settings``.
 
-    ``memory.per_layer`` maps a block index to settings that override the shared ones for that block.
+    A memory layer refuses a setting it does not have unless it is ``shared`` by the group and another
+    type of this plan (``others``) has it. A baseline reads the memory settings beside its own as the
+    memory layer it stands against: validated alike, and sizing ``lowrank`` with ``rank: null``.
     """
-    memory_cfg = dict(memory_cfg)
-    indices = resolve_layer_indices(memory_cfg.get("layers"), num_layers)
-    shared = {k: v for k, v in memory_cfg.items() if k not in SELECTION_KEYS}
-    per_layer = {int(k) % num_layers: dict(v) for k, v in (memory_cfg.get("per_layer") or {}).items()}
-    stray = sorted(set(per_layer) - set(indices))
-    if stray:
-        raise ValueError(f"memory.per_layer: layers {stray} are not among memory.layers {indices}")
-    configs = {}
-    for position, index in enumerate(indices):
-        layer_type = _layer_type(memory_cfg.get("type", "featural"), position, index, indices, num_layers)
-        configs[index] = MemoryLayerConfig.from_dict(
-            {**shared, "type": layer_type, **per_layer.get(index, {})}
+    cls = config_class(layer_type)
+    own = {key: value for key, value in settings.items() if key in cls.setting_names()}
+    foreign = sorted(set(settings) - cls.setting_names())
+    if cls.has_store:
+        refused = [key for key in foreign if key not in shared or not any(key in o for o in others)]
+        if refused:
+            raise bad(
+                refused[0], f"not a setting of {layer_type} layers; they have {sorted(cls.setting_names())}"
+            )
+        return cls(**own).resolved(mlp.d_model, mlp)
+    unknown = sorted(set(foreign) - FeaturalConfig.setting_names())
+    if unknown:
+        raise bad(
+            unknown[0], f"not a setting of {layer_type} layers or of the memory layers they stand against"
         )
+    memory = FeaturalConfig(**{k: v for k, v in settings.items() if k in FeaturalConfig.setting_names()})
+    memory = memory.resolved(mlp.d_model, mlp)
+    if cls is LowRankConfig and own.get("rank") is None:
+        own["rank"] = matched_rank(memory, mlp)
+    return cls(**own).resolved(mlp.d_model, mlp)
+
+
+def resolve_layer_configs(
+    swap_cfg: Mapping[str, Any], model_config: PretrainedConfig
+) -> dict[int, LayerConfig]:
+    """One resolved, validated layer config per chosen block index, from the ``swap`` group.
+
+    ``swap.per_block`` maps a block index to settings that override the shared ones for that block.
+    Settings a layer takes from the MLP it replaces (``init: ffn``) are derived from ``model_config``.
+    """
+    swap_cfg = dict(swap_cfg)
+    num_layers = model_config.num_hidden_layers
+    mlp = mlp_form(model_config)
+    indices = resolve_block_indices(swap_cfg.get("blocks"), num_layers)
+    shared = {k: v for k, v in swap_cfg.items() if k not in SELECTION_KEYS}
+    per_block = {int(k) % num_layers: dict(v) for k, v in (swap_cfg.get("per_block") or {}).items()}
+    stray = sorted(set(per_block) - set(indices))
+    if stray:
+        raise bad("per_block", f"blocks {stray} are not among swap.blocks {indices}")
+    types = _layer_types(swap_cfg.get("type", "featural"), indices, num_layers)
+    known = set().union(*(cls.setting_names() for cls in CONFIG_CLASSES.values()))
+    unknown = sorted(set(shared) - known)
+    if unknown:
+        raise bad(unknown[0], f"unknown layer setting; known: {sorted(known)}")
+    configs = {}
+    for index, layer_type in zip(indices, types, strict=True):
+        others = [config_class(t).setting_names() for t in set(types) - {layer_type}]
+        settings = {**shared, **per_block.get(index, {})}
+        configs[index] = _layer_config(layer_type, settings, set(shared), others, mlp)
     return configs
 
 
-def build_student(
-    teacher: PreTrainedModel, layer_configs: Mapping[int, MemoryLayerConfig]
-) -> PreTrainedModel:
+def build_student(teacher: PreTrainedModel, layer_configs: Mapping[int, LayerConfig]) -> PreTrainedModel:
     """Deep-copy ``teacher`` (left untouched: no shared parameters) and swap the chosen MLPs."""
     student = copy.deepcopy(teacher)
     student.train().requires_grad_(True)
@@ -103,7 +143,7 @@ def build_student(
 
 def attach_memory_layers(
     model: PreTrainedModel,
-    layer_configs: Mapping[int, MemoryLayerConfig],
+    layer_configs: Mapping[int, LayerConfig],
     stores: Mapping[int, KNNStore] | None = None,
 ) -> PreTrainedModel:
     """Replace the MLP of each chosen block of ``model``, in place, with a memory layer or a baseline.
@@ -113,25 +153,20 @@ def attach_memory_layers(
     weights) from the MLP they replace; on load that is the freshly built model's MLP, and the saved
     weights are loaded over it afterwards.
     """
-    family = family_of(model.config)
-    num_layers = len(family.blocks(model))
+    num_layers = num_blocks(model)
     device = next(model.parameters()).device
-    d_model = model.config.hidden_size
+    form = mlp_form(model.config)
     for index, cfg in sorted(layer_configs.items()):
         if not 0 <= index < num_layers:
-            raise ValueError(
-                f"memory.layers: layer {index} does not exist; the model has {num_layers} blocks"
-            )
+            raise bad("blocks", f"block {index} does not exist; the model has {num_layers} blocks")
         store = (stores or {}).get(index)
         layer: nn.Module
         if not cfg.has_store:
-            layer = build_baseline(d_model, cfg, family.ffn_weights(get_mlp(model, index)))
+            layer = build_baseline(form.d_model, cfg, mlp_weights(model, index))
         else:
-            layer = build_memory_layer(d_model, cfg, store)
-            if store is None and cfg.init == "ffn":
-                assert isinstance(layer, FeaturalMemory)
-                ffn = family.ffn_weights(get_mlp(model, index))
-                layer.init_from_ffn(ffn.keys, ffn.key_bias, ffn.values, ffn.out_bias, ffn.gate_keys)
+            layer = build_memory_layer(form.d_model, cfg, store, mlp=form)
+            if store is None and isinstance(layer, FeaturalMemory) and layer.cfg.init == "ffn":
+                layer.init_from_ffn(mlp_weights(model, index))
         set_mlp(model, index, layer.to(device))
     return model
 

@@ -1,17 +1,24 @@
 """The real Hydra config, composed and shrunk, run end to end."""
 
+import copy
+import functools
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.testing import assert_close
 
-import dmt.config  # noqa: F401  (resolvers)
+import dmt.config  # (resolvers)
 import dmt.distill.run as run
-from dmt.model.persistence import load_pretrained
+from dmt.layers import AssociativeConfig, FeaturalConfig, LowRankConfig, RemovedConfig, layer_config
+from dmt.model.families import mlp_form
+from dmt.model.loading import teacher_config
+from dmt.model.persistence import export_checkpoint, load_pretrained
 from dmt.model.surgery import memory_layers, swapped_layers
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -30,8 +37,8 @@ def small_run_overrides(tmp_path, text_dir) -> list[str]:
         "data.glob=*.txt",
         "trainer.max_steps=12",
         "trainer.val_check_interval=6",
-        "memory.layers=[1,3]",
-        "memory.type=[featural,associative]",
+        "swap.blocks=[1,3]",
+        "swap.type=[featural,associative]",
         "distill.alpha_hidden=0.1",
         "distill.lr=1e-3",
     ]
@@ -43,7 +50,15 @@ def scalars(log_dir: Path) -> dict[str, list[float]]:
     return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def test_short_distillation_logs_exports_and_reloads(tmp_path, text_dir):
+def test_short_distillation_logs_exports_and_reloads(tmp_path, text_dir, monkeypatch):
+    built = []  # the student the run trains
+
+    def build_student(*args, **kwargs):
+        built.append(run_build_student(*args, **kwargs))
+        return built[-1]
+
+    run_build_student = run.build_student
+    monkeypatch.setattr(run, "build_student", build_student)
     summary = run.distill(compose_cfg(*small_run_overrides(tmp_path, text_dir)))
     logged = scalars(tmp_path / "tensorboard")
     for tag in (
@@ -71,17 +86,23 @@ def test_short_distillation_logs_exports_and_reloads(tmp_path, text_dir):
     assert tokenizer is not None
     tokens = torch.randint(0, 1000, (1, 10))
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    assert set(ckpt["dmt"]["memory_state"]) == {"1", "3"}
+    assert set(ckpt["dmt"]["memory_state"]) == {"1", "3"} and ckpt["global_step"] == summary["steps"]
+    from_ckpt, _ = load_pretrained(
+        export_checkpoint(tmp_path / "checkpoints" / "last.ckpt", tmp_path / "export_from_ckpt")
+    )
+    (student,) = built
     with torch.no_grad():
         logits = model(tokens).logits
+        assert_close(logits, student.eval()(tokens).logits)
+        assert_close(from_ckpt(tokens).logits, logits)
     assert torch.isfinite(logits).all()
     assert (tmp_path / "summary.json").is_file()
 
 
 def test_product_key_memory_in_float16_distils_and_reloads(tmp_path, text_dir):
-    overrides = [o for o in small_run_overrides(tmp_path, text_dir) if not o.startswith("memory.")]
-    overrides += ["memory=featural_product", "memory.layers=[1,3]", "memory.capacity=4096"]
-    overrides += ["memory.value_dtype=float16", "trainer.max_steps=4", "evaluate.enabled=false"]
+    overrides = [o for o in small_run_overrides(tmp_path, text_dir) if not o.startswith("swap.")]
+    overrides += ["swap=featural_product", "swap.blocks=[1,3]", "swap.capacity=4096"]
+    overrides += ["swap.value_dtype=float16", "trainer.max_steps=4", "evaluate.enabled=false"]
     summary = run.distill(compose_cfg(*overrides))
     model, _ = load_pretrained(summary["export_dir"])
     for layer in memory_layers(model).values():
@@ -124,18 +145,97 @@ def test_train_entry_uses_no_teacher(tmp_path, text_dir):
     assert summary["steps"] == 3
 
 
-@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
-def test_every_experiment_composes(experiment, tmp_path):
+@functools.cache
+def _read_teacher_config(teacher_json: str):
+    return teacher_config(OmegaConf.create(json.loads(teacher_json)))
+
+
+def cached_teacher_config(teacher_cfg):
+    """``teacher_config``, read once per teacher: reading a GGUF file's metadata takes seconds."""
+    key = json.dumps(OmegaConf.to_container(teacher_cfg, resolve=True), sort_keys=True)
+    return copy.deepcopy(_read_teacher_config(key))
+
+
+# SmolLM2-135M: 30 blocks, d_model 576, SwiGLU MLPs of 1536 units. A featural memory seeded from one
+# (init: ffn) resolves to exact widths, inner product at temperature 1 and the MLP's silu.
+SMOLLM2_FFN = {
+    "init": "ffn",
+    "key_dim": 577,
+    "value_dim": 576,
+    "gate_dim": 576,
+    "weighting": "silu",
+    "metric": "ip",
+    "temperature": 1.0,
+    "heads": 1,
+}
+GATED = {**SMOLLM2_FFN, "capacity": 4096, "ranking": "score", "dense_weights": True}
+ALL_MEMORY = {**SMOLLM2_FFN, "capacity": 4096, "topk": 768, "ranking": "magnitude", "dense_weights": False}
+UPPER, ALL = range(20, 30), range(30)
+# experiment -> [(blocks, config class, expected settings)]; together the blocks are the whole plan.
+EXPECTED_PLANS = {
+    "quickstart": [(range(26, 30), FeaturalConfig, {**GATED, "topk": 64})],
+    "quality_base": [(range(26, 30), FeaturalConfig, {**GATED, "topk": 512})],
+    "quality_upper_memory": [(UPPER, FeaturalConfig, {**GATED, "topk": 512})],
+    "quality_upper_removed": [(UPPER, RemovedConfig, {})],
+    "quality_upper_lowrank": [(UPPER, LowRankConfig, {"rank": 577, "init": "ffn"})],
+    "quality_all_memory": [(ALL, FeaturalConfig, ALL_MEMORY)],
+    "quality_all_removed": [(ALL, RemovedConfig, {})],
+    "quality_all_lowrank": [(ALL, LowRankConfig, {"rank": 100, "init": "ffn"})],
+    "tiny_mixed": [
+        (range(0, 2), FeaturalConfig, {"init": "empty", "capacity": 20000, "gate_dim": 0}),
+        (range(2, 4), AssociativeConfig, {"capacity": 20000}),
+    ],
+}
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def test_every_expected_plan_is_an_experiment():
+    assert set(EXPECTED_PLANS) <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment, tmp_path, monkeypatch):
     cfg = compose_cfg(f"experiment={experiment}", f"paths.output_dir={tmp_path}")
-    assert cfg.memory.layers is not None and cfg.trainer.max_steps > 0
+    assert cfg.swap.blocks is not None and cfg.trainer.max_steps > 0
+    monkeypatch.setattr(dmt.config, "teacher_config", cached_teacher_config)
+    plan = dmt.config.validate_config(cfg)
+    assert plan, f"{experiment} swaps no block"
+    # Every config is resolved: nothing left to derive, and it survives the round trip of a saved config.
+    mlp = mlp_form(cached_teacher_config(cfg.teacher))
+    for index, layer in plan.items():
+        assert layer.resolved(mlp.d_model, mlp) == layer, index
+        assert layer_config(layer.to_dict()) == layer, index
+        derivable = {
+            FeaturalConfig: (
+                "key_dim",
+                "value_dim",
+                "temperature",
+                "metric",
+                "capacity",
+                "weighting",
+                "gate_dim",
+            ),
+            AssociativeConfig: ("key_dim", "value_dim", "temperature", "metric", "capacity"),
+            LowRankConfig: ("rank",),
+        }.get(type(layer), ())
+        assert all(getattr(layer, key) is not None for key in derivable), (index, layer)
+    if experiment not in EXPECTED_PLANS:
+        return
+    expected = EXPECTED_PLANS[experiment]
+    assert sorted(plan) == sorted(i for blocks, _, _ in expected for i in blocks)
+    for blocks, cls, settings in expected:
+        for index in blocks:
+            layer = plan[index]
+            assert type(layer) is cls, (index, layer)
+            assert {key: getattr(layer, key) for key in settings} == settings, (index, layer)
 
 
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("memory.layers=[9]", "memory.layers: layer 9 does not exist"),
-        ("memory.topk=99999", "memory.topk"),
-        ("memory.metric=manhattan", "memory.metric"),
+        ("swap.blocks=[9]", "swap.blocks: block 9 does not exist"),
+        ("swap.topk=99999", "swap.topk"),
+        ("swap.metric=manhattan", "swap.metric"),
         ("data.paths=[/nonexistent/corpus]", "/nonexistent/corpus"),
         ("distill.temperature=0", "distill.temperature"),
     ],
@@ -155,7 +255,7 @@ def test_baseline_runs_summarise_size_and_budget(layer_type, trainable, tmp_path
     summary = run.distill(
         compose_cfg(
             *small_run_overrides(tmp_path, text_dir),
-            f"memory.type={layer_type}",
+            f"swap.type={layer_type}",
             f"distill.trainable={trainable}",
             "trainer.max_steps=3",
         )
@@ -195,7 +295,7 @@ def test_time_budget_stops_the_run_and_anneals_the_learning_rate(tmp_path, text_
 def test_removed_layers_cannot_train_alone(tmp_path, text_dir, monkeypatch):
     monkeypatch.setattr(run, "load_teacher", lambda *_: pytest.fail("a model was loaded"))
     cfg = compose_cfg(
-        *small_run_overrides(tmp_path, text_dir), "memory.type=removed", "distill.trainable=memory"
+        *small_run_overrides(tmp_path, text_dir), "swap.type=removed", "distill.trainable=memory"
     )
     with pytest.raises(ValueError, match="distill.trainable: 'memory' trains only the swapped layers"):
         run.distill(cfg)

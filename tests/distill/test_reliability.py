@@ -14,7 +14,7 @@ import torch
 
 from dmt.distill.checkpoint_io import AtomicCheckpointIO
 from dmt.distill.module import DistillationModule
-from dmt.layers import AssociativeMemory, FeaturalMemory, MemoryLayerConfig
+from dmt.layers import AssociativeConfig, AssociativeMemory, FeaturalConfig, FeaturalMemory
 from dmt.layers.base import apply_writes
 from dmt.model.surgery import build_student, resolve_layer_configs
 
@@ -29,8 +29,8 @@ def run_args(out: Path, text_dir: Path, *extra: str) -> list[str]:
         f"hydra.run.dir={out}",
         f"data.paths=[{text_dir}]",
         "data.glob=*.txt",
-        "memory.layers=[1,3]",
-        "memory.type=[featural,associative]",
+        "swap.blocks=[1,3]",
+        "swap.type=[featural,associative]",
         "evaluate.enabled=false",
         *extra,
     ]
@@ -39,13 +39,13 @@ def run_args(out: Path, text_dir: Path, *extra: str) -> list[str]:
 @pytest.mark.parametrize("layer_cls", [FeaturalMemory, AssociativeMemory])
 def test_replicas_applying_gathered_writes_stay_identical(layer_cls):
     """Two "ranks" see different batches; after applying everyone's writes their stores are identical."""
-    cfg = MemoryLayerConfig(
-        type="featural" if layer_cls is FeaturalMemory else "associative",
+    config_cls = FeaturalConfig if layer_cls is FeaturalMemory else AssociativeConfig
+    cfg = config_cls(
         key_dim=8,
         topk=4,
         capacity=20,  # smaller than one step of inserts from both ranks: eviction runs
         novelty_threshold=0.0,
-    )
+    ).resolved(16)
     ranks = []
     for _ in range(2):
         torch.manual_seed(0)
@@ -139,7 +139,8 @@ def test_two_process_ddp_ends_with_identical_memory(tmp_path, text_dir):
 
 def test_nan_loss_stops_before_the_memory_is_touched(tiny_gpt2):
     configs = resolve_layer_configs(
-        {"layers": [1], "capacity": 64, "topk": 4, "key_dim": 8, "novelty_threshold": 0.0}, 4
+        {"blocks": [1], "capacity": 64, "topk": 4, "key_dim": 8, "novelty_threshold": 0.0},
+        tiny_gpt2.config,
     )
     student = build_student(tiny_gpt2, configs)
     module = DistillationModule(student, tiny_gpt2, alpha_kd=1.0, alpha_ce=0.5)
@@ -160,7 +161,8 @@ def test_nan_loss_stops_before_the_memory_is_touched(tiny_gpt2):
 
 def test_checkpoint_with_tampered_memory_is_rejected(tiny_gpt2):
     configs = resolve_layer_configs(
-        {"layers": [1], "capacity": 64, "topk": 4, "key_dim": 8, "novelty_threshold": 0.0}, 4
+        {"blocks": [1], "capacity": 64, "topk": 4, "key_dim": 8, "novelty_threshold": 0.0},
+        tiny_gpt2.config,
     )
     module = DistillationModule(build_student(tiny_gpt2, configs), tiny_gpt2)
     module.student(torch.randint(0, 1000, (1, 8)))  # fill the store

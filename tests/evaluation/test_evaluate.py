@@ -13,12 +13,12 @@ from omegaconf import OmegaConf
 from torch.testing import assert_close
 
 import dmt.evaluation.evaluate as evaluate_module
-from dmt.evaluation.evaluate import ablate_mlps, evaluate, format_table, load_student
+from dmt.evaluation.evaluate import ablate_mlps, evaluate, format_table
 from dmt.export import main as export_main
 from dmt.layers import RemovedMLP
 from dmt.model.families import get_mlp
 from dmt.model.loading import load_teacher
-from dmt.model.persistence import memory_spec, memory_state, save_pretrained
+from dmt.model.persistence import load_student, memory_spec, memory_state, save_pretrained
 from dmt.model.surgery import memory_layers
 
 TEXTS = [

@@ -2,9 +2,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dmt.layers import AssociativeMemory, FeaturalMemory, MemoryLayerConfig
+from dmt.layers import AssociativeMemory, FeaturalConfig, FeaturalMemory, FFNWeights, layer_config
 from dmt.layers.base import mix_values, neighbour_distances
-from dmt.memory.metrics import distance
 
 
 def make(layer_cls, d_model=16, **overrides):
@@ -16,7 +15,7 @@ def make(layer_cls, d_model=16, **overrides):
         "capacity": 256,
         "novelty_threshold": 0.0,
     }
-    cfg = MemoryLayerConfig(**{**settings, **overrides})
+    cfg = layer_config({**settings, **overrides}).resolved(d_model)
     torch.manual_seed(0)
     return layer_cls(d_model, cfg)
 
@@ -82,18 +81,18 @@ def test_product_key_featural_layer_is_full_and_learns_by_write_back():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"capacity": 250}, r"memory\.index: a product-key index needs capacity = n²"),
-        ({"metric": "cosine"}, r"memory\.index: a product-key index needs metric ip or l2"),
-        ({"novelty_threshold": 0.1}, r"memory\.novelty_threshold: a product-key store has fixed keys"),
-        ({"init": "ffn"}, r"memory\.init: a product-key store needs init=empty"),
-        ({"index": {"backend": "faiss"}}, r"memory\.index: unknown index backend 'faiss'"),
-        ({"index": {"backend": "exact", "ef": 3}}, r"memory\.index: unknown index setting"),
-        ({"value_dtype": "bfloat16"}, r"memory\.value_dtype: must be one of"),
+        ({"capacity": 250}, r"swap\.index: a product-key index needs capacity = n²"),
+        ({"metric": "cosine"}, r"swap\.index: a product-key index needs metric ip or l2"),
+        ({"novelty_threshold": 0.1}, r"swap\.novelty_threshold: a product-key store has fixed keys"),
+        ({"init": "ffn"}, r"swap\.init: a product-key store has fixed keys: it needs init=empty"),
+        ({"index": {"backend": "faiss"}}, r"swap\.index: unknown index backend 'faiss'"),
+        ({"index": {"backend": "exact", "ef": 3}}, r"swap\.index: unknown index setting"),
+        ({"value_dtype": "bfloat16"}, r"swap\.value_dtype: must be one of"),
     ],
 )
 def test_index_settings_are_checked_with_the_layer(overrides, message):
     with pytest.raises(ValueError, match=message):
-        MemoryLayerConfig(**{**PRODUCT, "capacity": 256, **overrides})
+        FeaturalConfig(**{**PRODUCT, "key_dim": 64, "capacity": 256, **overrides})
 
 
 def test_eval_does_not_insert():
@@ -102,50 +101,62 @@ def test_eval_does_not_insert():
     assert len(layer.store) == 0
 
 
-@pytest.mark.parametrize("d_model,key_dim,value_dim,exact", [(12, 13, 12, True), (12, 6, 6, False)])
-def test_ffn_init_reproduces_the_mlp_on_its_top_k(d_model, key_dim, value_dim, exact):
+def best_rank(matrix, rank):
+    """The best rank-``rank`` approximation of ``matrix`` (truncated SVD, Eckart–Young), in float64."""
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+
+
+@pytest.mark.parametrize(
+    ("key_dim", "value_dim"),
+    [(13, 12), (6, 6), (3, 12), (13, 4)],  # exact (d_model + 1, d_model), then truncated keys and/or values
+)
+def test_ffn_init_reproduces_the_mlp_on_its_top_k(key_dim, value_dim):
     torch.manual_seed(0)
-    units = 48
+    d_model, units = 12, 48
     keys, key_bias = torch.randn(units, d_model), torch.randn(units)
     values, out_bias = torch.randn(units, d_model), torch.randn(d_model)
-    cfg = MemoryLayerConfig(
-        key_dim=key_dim, value_dim=value_dim, topk=units, capacity=units, weighting="relu", init="ffn"
-    )
-    layer = FeaturalMemory(d_model, cfg)
-    layer.init_from_ffn(keys, key_bias, values, out_bias)
+    ffn = FFNWeights(keys, key_bias, values, out_bias, "relu", torch.relu)
+    cfg = FeaturalConfig(key_dim=key_dim, value_dim=value_dim, topk=units, init="ffn")
+    layer = FeaturalMemory(d_model, cfg.resolved(d_model, ffn.form))
+    layer.init_from_ffn(ffn)
     x = torch.randn(3, 4, d_model)
-    mlp = torch.relu(x @ keys.T + key_bias) @ values + out_bias
     with torch.no_grad():
         out = layer.eval()(x)
-    if exact:  # full rank: every unit retrieved (k = units), so the layer is the MLP
-        assert_close(out, mlp, atol=1e-3, rtol=1e-3)
-    else:
-        assert torch.isfinite(out).all() and out.shape == mlp.shape
+    # Every unit is retrieved (k = units): the layer is the MLP whose [keys | bias] and values are their
+    # rank-key_dim and rank-value_dim truncated SVDs (exact at full width).
+    x1 = torch.cat([x, torch.ones(3, 4, 1)], dim=-1).double()
+    augmented = torch.cat([keys, key_bias[:, None]], dim=1)
+    truncated_mlp = torch.relu(x1 @ best_rank(augmented, key_dim).T) @ best_rank(values, value_dim) + out_bias
+    assert_close(out, truncated_mlp.float())
+    mlp = torch.relu(x @ keys.T + key_bias) @ values + out_bias
+    if (key_dim, value_dim) == (d_model + 1, d_model):
+        assert_close(out, mlp)
+    else:  # the truncation is visible: the comparison above is not the exact MLP again
+        assert (out - mlp).abs().max() > 0.1
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"type": "associative", "weighting": "softmax"}, r"memory\.two_sided: .*featural-memory option"),
-        ({"weighting": "softmax"}, r"memory\.two_sided: softmax weights"),
-        ({"metric": "l2"}, r"memory\.two_sided: .*needs metric ip or cosine"),
-        ({"novelty_threshold": 0.5}, r"memory\.novelty_threshold: a two-sided search"),
-        ({"recombine_distance": 0.1}, r"memory\.recombine_distance: a two-sided search"),
-        ({"two_sided": False, "projections": False, "heads": 2}, r"memory\.heads: projections=false needs"),
+        ({"type": "associative", "weighting": "softmax"}, r"swap\.ranking: not a setting of associative"),
+        ({"weighting": "softmax"}, r"swap\.ranking: softmax weights"),
+        ({"metric": "l2"}, r"swap\.ranking: .*needs metric ip or cosine"),
+        ({"novelty_threshold": 0.5}, r"swap\.novelty_threshold: ranking by \|q·k\|"),
+        ({"recombine_distance": 0.1}, r"swap\.recombine_distance: ranking by \|q·k\|"),
+        ({"ranking": "score", "dense_weights": False, "heads": 2}, r"swap\.heads: dense_weights=false needs"),
     ],
 )
-def test_two_sided_and_projection_free_settings_are_checked(overrides, message):
-    settings = {"two_sided": True, "weighting": "silu", "metric": "ip", "capacity": 64, "topk": 4}
+def test_magnitude_ranking_and_dense_weight_free_settings_are_checked(overrides, message):
+    settings = {"ranking": "magnitude", "weighting": "silu", "metric": "ip", "capacity": 64, "topk": 4}
     with pytest.raises(ValueError, match=message):
-        MemoryLayerConfig(**{**settings, **overrides})
-    # The dense baselines ignore store settings (a recipe can swap its memory for a baseline).
-    assert MemoryLayerConfig(**{**settings, "type": "lowrank", "projections": False}).rank is None
+        layer_config({**settings, **overrides})
 
 
-def test_projection_free_layer_learns_its_values_and_gate_keys_by_write_back():
+def test_dense_weight_free_layer_learns_its_values_and_gate_keys_by_write_back():
     d_model = 16
-    settings = {"key_dim": 17, "glu_dim": 16, "topk": 4, "capacity": 32, "weighting": "silu", "metric": "ip"}
-    cfg = MemoryLayerConfig(**settings, two_sided=True, projections=False)
+    settings = {"key_dim": 17, "gate_dim": 16, "topk": 4, "capacity": 32, "weighting": "silu", "metric": "ip"}
+    cfg = FeaturalConfig(**settings, ranking="magnitude", dense_weights=False).resolved(d_model)
     layer = FeaturalMemory(d_model, cfg).train()
     torch.manual_seed(0)
     layer.store.insert(0.3 * torch.randn(32, 17).numpy(), 0.3 * torch.randn(32, 32).numpy())
@@ -162,12 +173,20 @@ def test_projection_free_layer_learns_its_values_and_gate_keys_by_write_back():
 
 
 def test_bad_settings_name_the_key():
-    with pytest.raises(ValueError, match="memory.topk"):
-        MemoryLayerConfig(topk=10, capacity=5)
-    with pytest.raises(ValueError, match="memory.metric"):
-        MemoryLayerConfig(metric="manhattan")
-    with pytest.raises(ValueError, match="memory.type"):
-        MemoryLayerConfig(type="dense")
+    with pytest.raises(ValueError, match="swap.topk"):
+        FeaturalConfig(topk=10, capacity=5)
+    with pytest.raises(ValueError, match="swap.metric"):
+        FeaturalConfig(metric="manhattan")
+    with pytest.raises(ValueError, match="swap.type"):
+        layer_config({"type": "dense"})
+
+
+# Each metric's distance of a query (N, 1, D) to its neighbours (N, K, D), in dmt.memory.metrics' conventions.
+METRIC_DISTANCES = {
+    "l2": lambda q, n: (q - n).pow(2).sum(-1),
+    "ip": lambda q, n: 1.0 - (q * n).sum(-1),
+    "cosine": lambda q, n: 1.0 - torch.nn.functional.cosine_similarity(q, n, dim=-1),
+}
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
@@ -178,7 +197,7 @@ def test_neighbour_distances_match_the_metric_on_both_paths(metric, table_rows):
     table = torch.randn(table_rows, 5, dtype=torch.double)
     rows = torch.randint(0, table_rows, (7, 3))
     got = neighbour_distances(queries, table, rows, metric)
-    expected = distance(queries, table[rows], metric)
+    expected = METRIC_DISTANCES[metric](queries[:, None], table[rows])
     assert_close(got, expected)
     assert_close(*(torch.autograd.grad(d.sum(), queries)[0] for d in (got, expected)))
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dmt.memory import METRICS, KNNStore
-from dmt.memory.backends import EXACT_MAX_WORK, index_from_bytes, load_index, make_index, resolve_backend
+from dmt.memory.backends import EXACT_MAX_WORK, load_index, make_index, resolve_backend
 from dmt.memory.exact import ExactIndex
 from dmt.memory.metrics import pairwise_distance_np
 
@@ -73,7 +73,7 @@ def test_backends_save_load_and_bytes_round_trip(tmp_path: Path, backend: str) -
     index.save(tmp_path / "index.bin")
     for restored in (
         load_index(tmp_path / "index.bin", 8, "cosine", 50, live, **index.params),
-        index_from_bytes(index.to_bytes(), 8, "cosine", 50, live, **index.params),
+        load_index(index.to_bytes(), 8, "cosine", 50, live, **index.params),
     ):
         assert type(restored) is type(index) and len(restored) == 30
         for got, want in zip(restored.search(queries, 5), expected, strict=True):

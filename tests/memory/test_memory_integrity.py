@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from dmt.memory import KNNStore, MemoryStoreError
+from dmt.memory.integrity import file_record
 
 DATA_FILES = ["keys.npy", "values.npy", "live.npy", "lrfu_crf.npy", "lrfu_last.npy", "index.bin"]
 ALL_FILES = [*DATA_FILES, "manifest.json"]
@@ -22,7 +23,8 @@ def _store(seed: int = 0) -> KNNStore:
     rng = np.random.default_rng(seed)
     store = KNNStore(8, 3, capacity=32, metric="l2", value_dtype="float16")
     store.insert(rng.standard_normal((40, 8)), rng.standard_normal((40, 3)))  # evicts: LRFU state to save
-    store.query(rng.standard_normal((3, 8)).astype(np.float32), k=4)
+    ids, _ = store.search(rng.standard_normal((3, 8)).astype(np.float32), k=4)
+    store.reference(ids)
     return store
 
 
@@ -34,8 +36,9 @@ def saved(tmp_path: Path) -> Path:
 
 
 def _results(directory: Path, **load_args: Any) -> dict[str, np.ndarray]:
-    result = KNNStore.load(directory, **load_args).query(QUERIES, k=5)
-    return {"ids": result.ids, "values": result.values, "distances": result.distances}
+    store = KNNStore.load(directory, **load_args)
+    ids, distances = store.search(QUERIES, k=5)  # a full store: no padding
+    return {"ids": ids, "values": store.get(ids.ravel())[1], "distances": distances}
 
 
 def _edit_manifest(directory: Path, edit: Any) -> None:
@@ -120,6 +123,7 @@ def _set(field: str, value: Any) -> Any:
         (_set("now", -1), r"manifest\.json: field 'now' must be >= 0"),
         (_set("stats", {"inserts": 1, "bogus": 2}), r"manifest\.json: field 'stats'"),
         (_set("index_params", {"M": "16"}), r"manifest\.json: field 'index_params'"),
+        (_set("index_params", {"backend": "faiss"}), r"manifest\.json: .*unknown backend 'faiss'"),
         (lambda m: m.pop("lrfu_lambda"), r"manifest\.json: missing field 'lrfu_lambda'"),
         (lambda m: m["files"].pop("live.npy"), r"manifest\.json: no integrity record for live\.npy"),
         (lambda m: m["files"]["keys.npy"].update(bytes=1), r"keys\.npy: size \d+ bytes"),
@@ -132,6 +136,12 @@ def test_edited_manifest_field_is_reported(saved: Path, edit: Any, fragment: str
     _fails(saved, fragment)
 
 
+def test_corrupt_index_recorded_as_such_is_named(saved: Path) -> None:
+    (saved / "index.bin").write_bytes(b"\0" * 64)  # checksummed below: only loading the index can tell
+    _edit_manifest(saved, lambda m: m["files"].update({"index.bin": file_record(saved / "index.bin")}))
+    _fails(saved, r"index\.bin: not a usable key index")
+
+
 def test_extra_or_renamed_files(saved: Path) -> None:
     expected = _results(saved)
     (saved / "notes.txt").write_text("extra files are ignored")
@@ -140,10 +150,10 @@ def test_extra_or_renamed_files(saved: Path) -> None:
     _fails(saved, r"keys\.npy: missing")
 
 
-def test_format_1_directory_still_loads(saved: Path) -> None:
-    expected = _results(saved)
-    _edit_manifest(saved, lambda m: (m.update(format_version=1), m.pop("files")))
-    np.testing.assert_array_equal(_results(saved)["distances"], expected["distances"])
+def test_older_format_directory_is_refused(saved: Path) -> None:
+    _edit_manifest(saved, lambda m: (m.update(format_version=1), m.pop("files")))  # a format 1 manifest
+    manifest = re.escape(str(saved / "manifest.json"))
+    _fails(saved, rf"^{manifest}: format_version 1 is not supported \(expected 2\)$")
 
 
 def _fail_on_nth_save(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
@@ -191,7 +201,7 @@ def test_save_replaces_store_but_refuses_other_directories(tmp_path: Path) -> No
 
 
 def _results_of(store: KNNStore) -> np.ndarray:
-    return store.query(QUERIES, k=5).ids
+    return store.search(QUERIES, k=5)[0]
 
 
 def test_mmap_store_saved_onto_itself_keeps_later_writes(saved: Path) -> None:
@@ -230,7 +240,7 @@ def _put(key: str, value: Any) -> Any:
         (_drop("keys"), r"state_dict: missing entry 'keys'"),
         (_drop("index_bytes"), r"state_dict: missing entry 'index_bytes'"),
         (_drop("capacity"), r"state_dict: missing field 'capacity'"),
-        (_put("format_version", 2), r"state_dict\['format_version'\]: 2 is not supported"),
+        (_put("format_version", 2), r"state_dict: format_version 2 is not supported \(expected 1\)"),
         (_put("keys", np.zeros((32, 8), dtype=np.float64)), r"state_dict\['keys'\]: expected .* float32"),
         (_put("values", np.zeros((31, 3), dtype=np.float16)), r"state_dict\['values'\]: expected shape"),
         (_put("lrfu_last", [[1, 2], [3]]), r"state_dict\['lrfu_last'\]: not an array"),

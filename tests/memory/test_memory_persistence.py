@@ -1,4 +1,5 @@
-"""KNNStore persistence: directory save/load (with and without mmap) and state_dict round trips."""
+"""KNNStore persistence: directory save/load (with and without mmap), state_dict round trips, and the
+two forms restoring the same store."""
 
 from __future__ import annotations
 
@@ -9,28 +10,41 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dmt.memory import KNNStore, QueryResult
+from dmt.memory import KNNStore
 from dmt.memory.integrity import file_record
 
 
-def _filled_store(value_dtype: str = "float32") -> KNNStore:
+def _filled_store(value_dtype: str = "float32", backend: str = "hnsw") -> KNNStore:
     rng = np.random.default_rng(0)
-    store = KNNStore(8, 3, capacity=64, metric="cosine", lrfu_lambda=0.25, value_dtype=value_dtype)
+    store = KNNStore(
+        8,
+        3,
+        capacity=64,
+        metric="cosine",
+        lrfu_lambda=0.25,
+        value_dtype=value_dtype,
+        index={"backend": backend},
+    )
     for _ in range(3):  # 90 inserts into 64 slots: evictions and LRFU state worth saving
         store.insert(rng.standard_normal((30, 8)), rng.standard_normal((30, 3)))
-        store.query(rng.standard_normal((4, 8)).astype(np.float32), k=5)
+        ids, _ = store.search(rng.standard_normal((4, 8)).astype(np.float32), k=5)
+        store.reference(ids)
     return store
 
 
-def _assert_same_results(a: QueryResult, b: QueryResult) -> None:
-    for field in ("ids", "keys", "values", "distances"):
-        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+def _answers(store: KNNStore, queries: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Ids, distances, keys and values of the top 6 of ``queries``; the returned entries are referenced."""
+    ids, distances = store.search(queries, k=6)
+    found = ids[ids >= 0]
+    store.reference(found)
+    return (ids, distances, *store.get(found))
 
 
 def _assert_equivalent(store: KNNStore, restored: KNNStore) -> None:
     queries = np.random.default_rng(1).standard_normal((10, 8)).astype(np.float32)
     assert restored.stats == store.stats and restored.now == store.now
-    _assert_same_results(store.query(queries, k=6), restored.query(queries, k=6))
+    for got, want in zip(_answers(restored, queries), _answers(store, queries), strict=True):
+        np.testing.assert_array_equal(got, want)
     # LRFU state came along too: the same victims are evicted next.
     keys, values = np.ones((20, 8), dtype=np.float32), np.zeros((20, 3), dtype=np.float32)
     np.testing.assert_array_equal(store.insert(keys, values), restored.insert(keys, values))
@@ -111,3 +125,20 @@ def test_state_dict_round_trip() -> None:
     state["live"] = state["live"][:10]
     with pytest.raises(ValueError, match=r"state_dict\['live'\]"):
         KNNStore.from_state_dict(state)
+
+
+@pytest.mark.parametrize("backend", ["hnsw", "exact"])
+def test_checkpoint_and_directory_restore_equal_stores(tmp_path: Path, backend: str) -> None:
+    store = _filled_store("float16", backend)
+    store.save(tmp_path / "mem")
+    from_directory = KNNStore.load(tmp_path / "mem")
+    from_checkpoint = KNNStore.from_state_dict(store.state_dict())
+    directory_state, checkpoint_state = from_directory.state_dict(), from_checkpoint.state_dict()
+    assert directory_state.keys() == checkpoint_state.keys()
+    for name, value in directory_state.items():  # every array, the index's bytes and every field
+        if isinstance(value, np.ndarray):
+            assert value.dtype == checkpoint_state[name].dtype
+            np.testing.assert_array_equal(value, checkpoint_state[name])
+        else:
+            assert value == checkpoint_state[name], name
+    _assert_equivalent(from_directory, from_checkpoint)

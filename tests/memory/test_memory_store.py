@@ -5,11 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dmt.memory import KNNStore, MemoryStats, QueryResult
+from dmt.memory import KNNStore, MemoryStats
 
 
 def _rand(n: int, dim: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+
+
+def _search_and_reference(store: KNNStore, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`KNNStore.search`, then one LRFU reference per returned entry (as a memory layer does)."""
+    ids, distances = store.search(queries, k)
+    store.reference(ids[ids >= 0])
+    return ids, distances
 
 
 @pytest.mark.parametrize(
@@ -29,24 +36,26 @@ def test_constructor_validation_names_argument(kwargs: dict, name: str) -> None:
         KNNStore(**args)
 
 
-def test_cold_start_and_query_validation() -> None:
+def test_cold_start_and_search_validation() -> None:
     store = KNNStore(4, 3, capacity=10)
-    result = store.query(_rand(2, 4, 0), k=5)
-    assert isinstance(result, QueryResult)
-    assert (result.ids == -1).all() and np.isinf(result.distances).all()
-    assert result.keys.shape == (2, 5, 4) and result.values.shape == (2, 5, 3)
-    assert not result.keys.any() and not result.values.any()
+    ids, distances = store.search(_rand(2, 4, 0), k=5)
+    assert ids.shape == distances.shape == (2, 5)
+    assert ids.dtype == np.int64 and distances.dtype == np.float32
+    assert (ids == -1).all() and np.isinf(distances).all()
+    keys, values = store.get(ids[ids >= 0])  # nothing found: nothing to read
+    assert keys.shape == (0, 4) and values.shape == (0, 3)
+    assert keys.dtype == values.dtype == np.float32
     assert store.now == 1 and store.stats == MemoryStats(entries=0, queries=2)
     with pytest.raises(ValueError, match=r"k=11.*capacity=10|capacity=10.*k=11"):
-        store.query(_rand(1, 4, 0), k=11)
+        store.search(_rand(1, 4, 0), k=11)
     with pytest.raises(ValueError, match=r"queries must have shape \(N, 4\)"):
-        store.query(_rand(2, 5, 0), k=1)
+        store.search(_rand(2, 5, 0), k=1)
     with pytest.raises(ValueError, match="floating-point"):
-        store.query(np.ones((2, 4), dtype=np.int64), k=1)
+        store.search(np.ones((2, 4), dtype=np.int64), k=1)
     bad = _rand(2, 4, 0)
     bad[1, 2] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        store.query(bad, k=1)
+        store.search(bad, k=1)
 
 
 def test_insert_validation() -> None:
@@ -62,18 +71,20 @@ def test_insert_validation() -> None:
     assert store.get(ids)[1].dtype == np.float32
 
 
-def test_query_returns_stored_entries() -> None:
+def test_search_returns_stored_entries() -> None:
     store = KNNStore(8, 3, capacity=50, metric="l2")
     keys, values = _rand(30, 8, 0), _rand(30, 3, 1)
     ids = store.insert(keys, values)
-    result = store.query(keys[:5], k=3)
-    np.testing.assert_array_equal(result.ids[:, 0], ids[:5])  # each key is its own nearest neighbour
-    np.testing.assert_allclose(result.distances[:, 0], 0.0, atol=1e-5)
-    np.testing.assert_array_equal(result.keys[:, 0], keys[:5])
-    np.testing.assert_array_equal(result.values[:, 0], values[:5])
-    got_keys, got_values = store.get(result.ids[:, 1])
-    np.testing.assert_array_equal(got_keys, result.keys[:, 1])
-    np.testing.assert_array_equal(got_values, result.values[:, 1])
+    found, distances = store.search(keys[:5], k=3)
+    np.testing.assert_array_equal(found[:, 0], ids[:5])  # each key is its own nearest neighbour
+    np.testing.assert_allclose(distances[:, 0], 0.0, atol=1e-5)
+    got_keys, got_values = store.get(found[:, 0])
+    np.testing.assert_array_equal(got_keys, keys[:5])
+    np.testing.assert_array_equal(got_values, values[:5])
+    # The second neighbours read back are the entries their distances describe (squared l2).
+    second_keys, second_values = store.get(found[:, 1])
+    np.testing.assert_allclose(((second_keys - keys[:5]) ** 2).sum(1), distances[:, 1], rtol=1e-5)
+    np.testing.assert_array_equal(second_values, values[found[:, 1]])  # slots = rows: filled in order
 
 
 def test_capacity_never_exceeded_and_evicted_entries_are_gone() -> None:
@@ -84,7 +95,7 @@ def test_capacity_never_exceeded_and_evicted_entries_are_gone() -> None:
     for i, keys in enumerate(batches):
         stored_ids.append(store.insert(keys, np.full((97, 4), i, dtype=np.float32)))
         assert len(store) <= 500 and len(store._index) == len(store)
-        store.query(keys[:3], k=4)
+        _search_and_reference(store, keys[:3], k=4)
     stats = store.stats
     assert stats == MemoryStats(entries=500, inserts=30 * 97, evictions=30 * 97 - 500, queries=90, merges=0)
     all_keys = np.concatenate(batches)
@@ -93,8 +104,8 @@ def test_capacity_never_exceeded_and_evicted_entries_are_gone() -> None:
     latest = {slot: row for row, slot in enumerate(all_ids)}
     evicted = np.array([row for row, slot in enumerate(all_ids) if latest[slot] != row])
     assert len(evicted) == stats.evictions
-    result = store.query(all_keys[evicted], k=1)
-    assert (result.distances[:, 0] > 1e-3).all()  # no exact match survives for an evicted key
+    _, distances = store.search(all_keys[evicted], k=1)
+    assert (distances[:, 0] > 1e-3).all()  # no exact match survives for an evicted key
 
 
 def test_lrfu_keeps_frequently_referenced_entries() -> None:
@@ -103,12 +114,12 @@ def test_lrfu_keeps_frequently_referenced_entries() -> None:
     ids = store.insert(keys, _rand(100, 2, 1))
     hot = ids[:20]
     for _ in range(5):
-        store.query(keys[:20], k=1)
-    store.query(keys[60:], k=1, reference=False)  # looked at but not referenced: no protection
+        _search_and_reference(store, keys[:20], k=1)
+    store.search(keys[60:], k=1)  # looked at but not referenced: no protection
     new_ids = store.insert(_rand(50, 8, 2), _rand(50, 2, 3))
     assert store.stats.evictions == 50 and len(store) == 100
     assert not np.isin(hot, new_ids).any()  # every hot slot survived
-    np.testing.assert_array_equal(store.query(keys[:20], k=1).ids[:, 0], hot)
+    np.testing.assert_array_equal(store.search(keys[:20], k=1)[0][:, 0], hot)
 
 
 def test_insert_more_than_capacity_keeps_last_rows() -> None:
@@ -139,14 +150,14 @@ def test_recombine_merges_near_keys() -> None:
     store = KNNStore(4, 1, capacity=10, metric="l2")
     keys = np.array([[1, 0, 0, 0], [1.1, 0, 0, 0], [0, 5, 0, 0]], dtype=np.float32)
     ids = store.insert(keys, np.array([[1.0], [3.0], [100.0]], dtype=np.float32))
-    store.query(keys[1:2], k=1)  # an extra reference to entry 1
+    _search_and_reference(store, keys[1:2], k=1)  # an extra reference to entry 1
     crf_before = store._lrfu.crf[ids[:2]].copy()
-    result = store.query(np.array([[1.02, 0, 0, 0]], dtype=np.float32), k=3, reference=False)
-    np.testing.assert_array_equal(result.ids[0], ids[[0, 1, 2]])
-    assert store.recombine(result.ids, result.distances, max_distance=0.5) == 1
-    assert store.recombine(result.ids, result.distances, max_distance=0.5) == 0  # the partner is gone now
+    found, distances = store.search(np.array([[1.02, 0, 0, 0]], dtype=np.float32), k=3)
+    np.testing.assert_array_equal(found[0], ids[[0, 1, 2]])
+    assert store.recombine(found, distances, max_distance=0.5) == 1
+    assert store.recombine(found, distances, max_distance=0.5) == 0  # the partner is gone now
     assert len(store) == 2 and store.stats.merges == 1
-    w = 1.0 / (result.distances[0, :2] + 1e-6)
+    w = 1.0 / (distances[0, :2] + 1e-6)
     w /= w.sum()
     merged_key, merged_value = store.get(ids[:1])
     np.testing.assert_allclose(merged_key[0], w @ keys[:2], rtol=1e-5)
@@ -154,19 +165,19 @@ def test_recombine_merges_near_keys() -> None:
     # Histories of entries referenced at different times are decayed to the later one, then added.
     lrfu = store._lrfu
     assert lrfu.crf[ids[0]] == pytest.approx(crf_before[0] * 2 ** (-0.5) + crf_before[1])
-    after = store.query(merged_key, k=3)
-    assert after.ids[0, 0] == ids[0] and after.distances[0, 0] == pytest.approx(0.0, abs=1e-6)
-    assert set(after.ids[0].tolist()) == {ids[0], ids[2], -1}
+    after, after_distances = store.search(merged_key, k=3)
+    assert after[0, 0] == ids[0] and after_distances[0, 0] == pytest.approx(0.0, abs=1e-6)
+    assert set(after[0].tolist()) == {ids[0], ids[2], -1}
 
 
 @pytest.mark.parametrize("backend", ["exact", "hnsw"])
 @pytest.mark.parametrize(("filled", "k"), [(40, 8), (40, 30), (12, 30)])  # k > n/2: the sides overlap
-def test_two_sided_search_ranks_by_magnitude(backend: str, filled: int, k: int) -> None:
+def test_search_by_magnitude_ranks_by_magnitude(backend: str, filled: int, k: int) -> None:
     index = {"backend": backend, "ef_search": 64, "ef_construction": 200}
     store = KNNStore(key_dim=6, value_dim=1, capacity=64, metric="ip", index=index)
     keys, queries = _rand(filled, 6, 0), _rand(5, 6, 1)
     store.insert(keys, np.zeros((filled, 1), np.float32))
-    ids, distances = store.search(queries, k, two_sided=True)
+    ids, distances = store.search(queries, k, by_magnitude=True)
     dots = queries @ keys.T  # (5, filled); slots are filled in insert order
     for row in range(len(queries)):
         expected = np.argsort(-np.abs(dots[row]), kind="stable")[:k]
@@ -179,7 +190,7 @@ def test_two_sided_search_ranks_by_magnitude(backend: str, filled: int, k: int) 
     assert store.now == 1  # one search call, one clock tick
 
 
-def test_two_sided_search_needs_a_similarity_metric() -> None:
+def test_search_by_magnitude_needs_a_similarity_metric() -> None:
     store = KNNStore(key_dim=4, value_dim=1, capacity=8, metric="l2")
-    with pytest.raises(ValueError, match="two-sided search.*not l2"):
-        store.search(_rand(2, 4, 0), 2, two_sided=True)
+    with pytest.raises(ValueError, match=r"by_magnitude ranks by \|similarity\|.*not l2"):
+        store.search(_rand(2, 4, 0), 2, by_magnitude=True)

@@ -6,9 +6,14 @@ from conftest import tiny_student
 from torch.testing import assert_close
 
 from dmt.distill.module import DistillationModule
-from dmt.evaluation.evaluate import student_from_checkpoint
 from dmt.model.families import get_mlp
-from dmt.model.persistence import load_pretrained, memory_state, restore_memory_state, save_pretrained
+from dmt.model.persistence import (
+    load_pretrained,
+    memory_state,
+    restore_memory_state,
+    save_pretrained,
+    student_from_checkpoint,
+)
 from dmt.model.surgery import build_student, memory_layers, resolve_layer_configs, swapped_layers
 
 TOKENS = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -65,16 +70,16 @@ def baseline_student(teacher):
     so that no weight is still what a fresh build would give."""
     configs = resolve_layer_configs(
         {
-            "layers": [0, 1, 3],
+            "blocks": [0, 1, 3],
             "type": ["featural", "lowrank", "removed"],
             "capacity": 256,
             "topk": 4,
             "key_dim": 8,
             "novelty_threshold": 0.0,
             "init": "empty",
-            "per_layer": {1: {"init": "ffn"}},
+            "per_block": {1: {"init": "ffn"}},
         },
-        4,
+        teacher.config,
     )
     student = build_student(teacher, configs)
     student(TOKENS, labels=TOKENS).loss.backward()
@@ -110,11 +115,11 @@ def test_baselines_survive_export_and_checkpoint(fixture, request, tmp_path, gpt
             assert_close(model(TOKENS).logits, expected)
 
 
-def test_projection_free_two_sided_memory_survives_export(tiny_llama, tmp_path, gpt2_tokenizer):
+def test_dense_weight_free_magnitude_ranked_memory_survives_export(tiny_llama, tmp_path, gpt2_tokenizer):
     c, units = tiny_llama.config.hidden_size, tiny_llama.config.intermediate_size
-    settings = {"layers": "all", "init": "ffn", "key_dim": c + 1, "glu_dim": c, "weighting": "silu"}
-    settings |= {"metric": "ip", "topk": 8, "capacity": units, "projections": False, "two_sided": True}
-    student = build_student(tiny_llama, resolve_layer_configs(settings, 4)).train()
+    settings = {"blocks": "all", "init": "ffn", "key_dim": c + 1, "gate_dim": c, "weighting": "silu"}
+    settings |= {"metric": "ip", "topk": 8, "capacity": units, "dense_weights": False, "ranking": "magnitude"}
+    student = build_student(tiny_llama, resolve_layer_configs(settings, tiny_llama.config)).train()
     student(TOKENS, labels=TOKENS).loss.backward()
     for layer in memory_layers(student).values():
         layer.apply_value_updates(lr=0.1)  # the stored rows are no longer the teacher's
@@ -123,6 +128,7 @@ def test_projection_free_two_sided_memory_survives_export(tiny_llama, tmp_path, 
         expected = student(TOKENS).logits
     save_pretrained(student, gpt2_tokenizer, tmp_path / "export")
     loaded, _ = load_pretrained(tmp_path / "export")
-    assert all(layer.cfg.two_sided and not layer.cfg.projections for layer in memory_layers(loaded).values())
+    for layer in memory_layers(loaded).values():
+        assert layer.cfg.ranking == "magnitude" and not layer.cfg.dense_weights
     with torch.no_grad():
         assert_close(loaded(TOKENS).logits, expected)
