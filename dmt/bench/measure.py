@@ -21,9 +21,8 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
 from dmt.bench.stores import PeakRSS, StoreSpec, cached_store, directory_bytes, float16_copy, layer_config
 from dmt.distill.module import DistillationModule
-from dmt.layers import FeaturalMemory, MemoryConfig, MemoryLayer, build_memory_layer
+from dmt.layers import MemoryConfig, MemoryLayer, build_memory_layer
 from dmt.memory import KNNStore
-from dmt.memory.metrics import pairwise_distance_np
 from dmt.model.surgery import attach_memory_layers, memory_layers
 
 GPT2_WIDTH = 768
@@ -55,12 +54,12 @@ def paired_median_seconds(steps: dict[str, Callable[[], Any]], warmup: int, repe
 def train_step(module: nn.Module, hidden: torch.Tensor, grad: torch.Tensor) -> None:
     """Forward and backward of a block MLP (dense or memory) on ``hidden (B, T, C)``.
 
-    A featural layer's backward ends by writing the returned values' gradient into its store (sparse
-    SGD), so that write-back is part of its step, as in training.
+    A memory layer's backward ends by writing the returned values' gradient into its store (sparse SGD),
+    so that write-back is part of its step, as in training.
     """
     module.zero_grad(set_to_none=True)
     module(hidden).backward(grad)
-    if isinstance(module, FeaturalMemory):
+    if isinstance(module, MemoryLayer):
         module.apply_value_updates()
 
 
@@ -117,7 +116,7 @@ PROFILE_FUNCTIONS: dict[str, list[tuple[str, str]]] = {
     ],
     "insert": [("dmt/layers/base.py", "insert_novel")],
     "backward": [("torch/_tensor.py", "backward")],
-    "value_update": [("dmt/layers/featural.py", "apply_value_updates")],
+    "value_update": [("dmt/layers/base.py", "apply_value_updates")],
 }
 
 
@@ -170,17 +169,6 @@ def profile_step(step: Callable[[], None]) -> dict[str, Any]:
     }
 
 
-def recall_at_k(store: KNNStore, keys: np.ndarray, queries: np.ndarray, k: int) -> float:
-    """Mean overlap of the store's top ``k`` with the exact top ``k`` over all ``keys`` (slot = row)."""
-    approx, _ = store.search(queries, k)
-    hits = 0
-    for begin in range(0, len(queries), 64):  # 64 × 1M distances at a time bounds the memory
-        distances = pairwise_distance_np(queries[begin : begin + 64], keys, store.metric)
-        exact = np.argpartition(distances, k - 1, axis=1)[:, :k]
-        hits += sum(len(np.intersect1d(a, e)) for a, e in zip(approx[begin : begin + 64], exact, strict=True))
-    return hits / (len(queries) * k)
-
-
 def search_and_read(store: KNNStore, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """What a query costs: the top-``k`` search of ``queries (N, key_dim)`` and a copy of the keys
     ``(M, key_dim)`` and values ``(M, value_dim)`` of its ``M`` returned entries (repeats included)."""
@@ -212,11 +200,7 @@ def index_quality(
         stored, axis=1, keepdims=True
     ) / np.sqrt(store.key_dim)
     random = rng.standard_normal((n_queries, store.key_dim), dtype=np.float32)
-    # Recall before any churn: `keys` is the exact reference only until inserts replace entries.
-    recall = {
-        "recall_near": recall_at_k(store, keys, near, k),
-        "recall_random": recall_at_k(store, keys, random, k),
-    }
+    recall = {"recall_near": store.recall(near, k), "recall_random": store.recall(random, k)}
     queries = rng.standard_normal((batch, store.key_dim), dtype=np.float32)
     query_s = median_seconds(lambda: search_and_read(store, queries, k), warmup, repeats)
     # Fresh rows per call: re-inserting a batch would find its own keys already stored.
@@ -296,8 +280,7 @@ def distillation_step(module: DistillationModule, optimizer: torch.optim.Optimiz
     optimizer.zero_grad(set_to_none=True)
     module.losses(batch)["loss"].backward()
     for layer in memory_layers(module.student).values():
-        if isinstance(layer, FeaturalMemory):
-            layer.apply_value_updates()
+        layer.apply_value_updates()
     optimizer.step()
     module.commit_memory_writes()
 

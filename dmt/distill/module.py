@@ -15,7 +15,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from dmt.distill.losses import ce_loss, hidden_mse, kd_loss
-from dmt.layers import FeaturalMemory
+from dmt.layers import AssociativeMemory, MemoryLayer
 from dmt.layers.base import apply_writes
 from dmt.model.families import get_mlp
 from dmt.model.persistence import memory_digest, memory_spec, memory_state, restore_memory_state
@@ -35,6 +35,24 @@ def capture_outputs(modules: dict[int, nn.Module]) -> Iterator[dict[int, torch.T
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def insert_targets(layers: dict[int, MemoryLayer], targets: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Hand each associative layer that inserts MLP outputs (``inserted_values: mlp_output``) the teacher
+    MLP's output ``targets[i] (B, T, C)`` for the forward inside the block."""
+    chosen = {
+        i: layer
+        for i, layer in layers.items()
+        if i in targets and isinstance(layer, AssociativeMemory) and layer.cfg.inserted_values == "mlp_output"
+    }
+    for i, layer in chosen.items():
+        layer.insert_targets = targets[i]
+    try:
+        yield
+    finally:
+        for layer in chosen.values():
+            layer.insert_targets = None
 
 
 def warmup_cosine(
@@ -132,13 +150,16 @@ class DistillationModule(pl.LightningModule):
         hp = self.hparams
         input_ids, mask = batch["input_ids"], batch["attention_mask"]
         layers = self.swapped_layers
-        with capture_outputs(layers) as student_out:
+        teacher = self.teacher if hp.alpha_kd > 0 or hp.alpha_hidden > 0 else None
+        teacher_out: dict[int, torch.Tensor] = {}
+        if teacher is not None:  # first, so that its MLP outputs can be inserted (distillation by insertion)
+            teacher_mlps = {i: get_mlp(teacher, i) for i in layers}
+            with torch.no_grad(), capture_outputs(teacher_mlps) as teacher_out:
+                teacher_logits = teacher(input_ids=input_ids, attention_mask=mask).logits
+        with capture_outputs(layers) as student_out, insert_targets(self.memory_layers, teacher_out):
             logits = self(input_ids, mask)
         out = {"ce": ce_loss(logits, input_ids, mask)}
-        if self.teacher is not None and (hp.alpha_kd > 0 or hp.alpha_hidden > 0):
-            teacher_mlps = {i: get_mlp(self.teacher, i) for i in layers}
-            with torch.no_grad(), capture_outputs(teacher_mlps) as teacher_out:
-                teacher_logits = self.teacher(input_ids=input_ids, attention_mask=mask).logits
+        if teacher is not None:
             out["kd"] = kd_loss(logits, teacher_logits, mask, hp.temperature)
             if layers:
                 out["hidden"] = torch.stack(
@@ -200,12 +221,11 @@ class DistillationModule(pl.LightningModule):
         return out["loss"]
 
     def on_after_backward(self) -> None:
-        # Stored values of featural layers learn by sparse SGD from the gradient of the returned values.
-        # Data-parallel ranks' updates are all applied (see commit_memory_writes): dividing by the world
-        # size averages them, as DDP averages dense gradients.
+        # Stored values learn by sparse SGD from the gradient of the returned values. Data-parallel ranks'
+        # updates are all applied (see commit_memory_writes): dividing by the world size averages them, as
+        # DDP averages dense gradients.
         for layer in self.memory_layers.values():
-            if isinstance(layer, FeaturalMemory):
-                layer.apply_value_updates(layer.cfg.value_lr / self.trainer.world_size)
+            layer.apply_value_updates(layer.cfg.value_lr / self.trainer.world_size)
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums.zero_()

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from dmt.layers.base import MemoryLayer, neighbour_distances, neighbour_weights
+from dmt.layers.config import AssociativeConfig
 from dmt.layers.straight_through import mix_values_straight_through, returned_keys_straight_through
 
 
@@ -17,13 +18,26 @@ class AssociativeMemory(MemoryLayer):
     forward (no leakage from later positions of the batch). Novelty is judged on the query's top-k
     distances, saving a second search. Gradients cross the index with the straight-through rules of
     :mod:`dmt.layers.straight_through`: the query projection and the key projection receive the gradient of
-    the returned keys, the value projection that of the returned values.
+    the returned keys, the value projection that of the returned values; the returned values themselves are
+    written back into the store (sparse SGD at ``value_lr``), as a featural memory's are.
     """
+
+    cfg: AssociativeConfig
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.key_proj = nn.Linear(self.d_model, self.heads * self.key_dim)
         self.value_proj = nn.Linear(self.d_model, self.heads * self.value_dim)
+        if self.cfg.inserted_values == "mlp_output":
+            with torch.no_grad():
+                # A token's query starts equal to its key, so it finds what tokens like it stored, and the
+                # stored MLP outputs pass through the output projection unchanged.
+                self.key_proj.load_state_dict(self.query_proj.state_dict())
+                nn.init.eye_(self.out_proj.weight)
+                nn.init.zeros_(self.out_proj.bias)
+        # The teacher MLP's outputs (B, T, C) for the forward in progress, set by the training loop
+        # (inserted_values: mlp_output); None: values are projected.
+        self.insert_targets: torch.Tensor | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_shape = hidden_states.shape[:-1]  # (B, T)
@@ -39,7 +53,11 @@ class AssociativeMemory(MemoryLayer):
         )  # (N, K)
         scores = self.scores(distances)
         weights = neighbour_weights(scores, found.valid, "softmax")
-        attended = mix_values_straight_through(weights, found.rows, found.entries, values)  # (N, Dv)
-        self.insert_novel(found.nearest, keys, values)
+        entries = self.learnable_entries(found)  # (U, Dv)
+        attended = mix_values_straight_through(weights, found.rows, entries, values)  # (N, Dv)
+        inserted = values
+        if self.insert_targets is not None and self.cfg.inserted_values == "mlp_output":
+            inserted = self.split_heads(self.insert_targets, self.value_dim)  # (N, Dv)
+        self.insert_novel(found.nearest, keys, inserted)
         self.maybe_recombine(found)
         return self.merge_heads(attended, batch_shape)  # (B, T, C)

@@ -47,6 +47,19 @@ def apply_writes(store: KNNStore, writes_per_rank: list[list[WriteOp]]) -> None:
 
 
 @dataclass
+class ReadCounts:
+    """What a layer's training searches returned since they were last taken (for per-step rates)."""
+
+    reads: int = 0  # valid neighbours returned
+    distinct: int = 0  # distinct entries returned, summed over searches
+    new: int = 0  # reads of entries inserted since ``MemoryLayer.run_start``
+
+
+# Queries a layer keeps from its latest training search, to measure the index's recall on them.
+RECALL_SAMPLE = 64
+
+
+@dataclass
 class Retrieved:
     """A search result moved to torch, with ``N = B·T·H`` queries, ``K = topk`` and ``U`` distinct entries.
 
@@ -173,6 +186,7 @@ class MemoryLayer(nn.Module):
             lrfu_lambda=cfg.lrfu_lambda,
             value_dtype=cfg.value_dtype,
             index=dict(cfg.index),
+            eviction=cfg.eviction,
         )
         if (self.store.key_dim, self.store.value_dim) != (self.key_dim, self.entry_dim):
             raise ValueError(
@@ -186,6 +200,15 @@ class MemoryLayer(nn.Module):
             self.query_proj = AppendOne()
             self.out_proj = OutputBias(d_model)
         self.last_topk_distance = float("nan")
+        # (store slots (U,), returned entries (U, E) with .grad after backward) of the training forwards
+        # since the last apply_value_updates.
+        self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
+        # The store clock when training started (set by the training loop): entries inserted after it are
+        # the run's own. None: reads are not told apart.
+        self.run_start: int | None = None
+        self._reads = ReadCounts()
+        self._recall_queries = np.zeros((0, self.key_dim), np.float32)  # (≤ RECALL_SAMPLE, Dk)
+        self._recall_by_magnitude = False
         # When set (by the training loop), store writes wait in `_writes` for `take_writes()`, so that
         # they can be applied once per optimiser step, identically on every data-parallel replica.
         self.deferred_writes = False
@@ -210,14 +233,18 @@ class MemoryLayer(nn.Module):
     def search(self, queries: torch.Tensor, by_magnitude: bool = False) -> Retrieved:
         """Batched top-k search for ``queries (N, Dk)`` (by ``|similarity|`` with ``by_magnitude``); tensors
         on the queries' device and dtype."""
-        ids, distances = self.store.search(
-            queries.detach().float().cpu().numpy(), self.cfg.topk, by_magnitude=by_magnitude
-        )
+        host_queries = queries.detach().float().cpu().numpy()  # (N, Dk)
+        ids, distances = self.store.search(host_queries, self.cfg.topk, by_magnitude=by_magnitude)
         found = ids >= 0
-        self.write("reference", ids[found])  # LRFU: every returned entry was referenced
+        self.write("reference", ids)  # LRFU: each query referenced every entry it returned
         if found.any():
             self.last_topk_distance = float(distances[found].mean())
         slots, rows = np.unique(ids, return_inverse=True)  # sorted: a padding id -1 becomes row 0
+        if self.training:
+            self._count_reads(ids[found], int(np.count_nonzero(slots >= 0)))
+            stride = max(1, len(host_queries) // RECALL_SAMPLE)
+            self._recall_queries = host_queries[::stride][:RECALL_SAMPLE]
+            self._recall_by_magnitude = by_magnitude
         keys, entries = self.store.get(slots[slots >= 0])  # (U', Dk), (U', E)
         if len(slots) and slots[0] < 0:
             keys = np.concatenate([np.zeros((1, self.key_dim), np.float32), keys])
@@ -235,6 +262,29 @@ class MemoryLayer(nn.Module):
             keys=to_torch(keys),
             entries=to_torch(entries),
         )
+
+    def learnable_entries(self, found: Retrieved) -> torch.Tensor:
+        """``found.entries (U, E)``; in a training forward, a leaf whose gradient (dValueReturned)
+        :meth:`apply_value_updates` writes back into the store."""
+        entries = found.entries
+        if self.training and torch.is_grad_enabled():
+            entries.requires_grad_(True)
+            self._pending.append((found.slots, entries))
+        return entries
+
+    @torch.no_grad()
+    def apply_value_updates(self, lr: float | None = None) -> None:
+        """SGD step (rate ``lr``, default ``value_lr``) on the stored entries that the pending forwards
+        returned, then forget them."""
+        lr = self.cfg.value_lr if lr is None else lr
+        for slots, entries in self._pending:
+            if entries.grad is None:
+                continue
+            grads = entries.grad  # (U, E), one row per distinct entry
+            if len(slots) and slots[0] < 0:  # the padding row (sorted first) is not an entry
+                slots, grads = slots[1:], grads[1:]
+            self.write("update", slots, grads.float().cpu().mul_(-lr).numpy())
+        self._pending.clear()
 
     def insert_novel(self, nearest: np.ndarray, keys: torch.Tensor, values: torch.Tensor | None) -> None:
         """Insert the rows of ``keys (N, Dk)`` / ``values (N, Dv)`` whose nearest neighbour is far enough.
@@ -272,7 +322,27 @@ class MemoryLayer(nn.Module):
         """``(B·T·H, Dv) -> (B, T, H·Dv)`` then the output projection to ``(B, T, C)``."""
         return self.out_proj(x.reshape(*batch_shape, self.heads * self.value_dim))
 
+    def _count_reads(self, read_ids: np.ndarray, distinct: int) -> None:
+        """Count a training search's valid neighbours ``read_ids (M,)`` and its ``distinct`` entries."""
+        self._reads.reads += len(read_ids)
+        self._reads.distinct += distinct
+        if self.run_start is not None and len(read_ids):
+            self._reads.new += int(np.count_nonzero(self.store.insertion_times(read_ids) > self.run_start))
+
+    def take_read_counts(self) -> ReadCounts:
+        """The training searches' read counts since the last call; the counts restart from zero."""
+        counts, self._reads = self._reads, ReadCounts()
+        return counts
+
+    def sample_recall(self) -> float:
+        """The index's recall@k against exact search on a sample of the latest training search's queries
+        (NaN before any); the store is left unchanged."""
+        if not len(self._recall_queries):
+            return float("nan")
+        return self.store.recall(self._recall_queries, self.cfg.topk, by_magnitude=self._recall_by_magnitude)
+
     def memory_stats(self) -> dict[str, float]:
+        """Cumulative counters of the store, its size and the latest mean top-k distance."""
         stats = self.store.stats
         return {
             "entries": float(len(self.store)),

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, TypeVar
 from dmt.layers.mlp import MLPForm
 from dmt.memory.backends import check_index_settings
 from dmt.memory.metrics import check_metric
-from dmt.memory.store import VALUE_DTYPES
+from dmt.memory.store import EVICTIONS, VALUE_DTYPES
 
 INITS: tuple[str, ...] = ("empty", "ffn")
 WEIGHTINGS: tuple[str, ...] = ("softmax", "relu", "gelu", "gelu_tanh", "silu")
@@ -89,9 +89,11 @@ class MemoryConfig(LayerConfig):
 
     ``key_dim``/``value_dim`` are per head (``value_dim`` defaults to ``d_model // heads``); heads share the
     layer's one store. ``novelty_threshold``: an entry is inserted when its query's nearest stored key is
-    farther than this (in the store's metric); ``None`` disables inserts. ``value_dtype`` is the stores'
+    farther than this (in the store's metric); ``None`` disables inserts. A full store makes room by evicting
+    (``eviction``: ``lrfu`` with ``lrfu_lambda``, ``fifo`` or ``random``). ``value_dtype`` is the stores'
     storage type of values (computation stays float32); ``index`` the key index settings of
     :mod:`dmt.memory.backends` (``backend: auto | exact | hnsw | product`` and hnsw's own).
+    ``value_lr``: the write-back SGD rate of the stored values returned in training.
     """
 
     has_store: ClassVar[bool] = True
@@ -112,10 +114,12 @@ class MemoryConfig(LayerConfig):
     capacity: int | None = None
     value_dtype: str = "float32"
     novelty_threshold: float | None = None
+    eviction: str = "lrfu"
     lrfu_lambda: float = 0.5
     recombine_distance: float | None = None
     insert_during_eval: bool = False
     index: dict[str, Any] = field(default_factory=lambda: {"backend": "auto"})
+    value_lr: float = 0.01
 
     def __post_init__(self) -> None:
         if self.metric is not None:
@@ -131,6 +135,8 @@ class MemoryConfig(LayerConfig):
             raise bad("topk", f"k={self.topk} is larger than the capacity ({self.capacity})")
         if self.temperature is not None and self.temperature <= 0:
             raise bad("temperature", f"must be > 0, got {self.temperature}")
+        if self.eviction not in EVICTIONS:
+            raise bad("eviction", f"unknown policy {self.eviction!r}; expected one of {EVICTIONS}")
         if not 0.0 <= self.lrfu_lambda <= 1.0:
             raise bad("lrfu_lambda", f"must lie in [0, 1], got {self.lrfu_lambda}")
         if self.value_dtype not in VALUE_DTYPES:
@@ -184,7 +190,6 @@ class FeaturalConfig(MemoryConfig):
     (one head) drops the dense query, gate and output projections: the query is ``[x, 1]``
     (``key_dim = d_model + 1``), the gate query ``x`` and values ``d_model`` wide, so the layer's knowledge
     lives in its store alone. ``init: ffn`` seeds the store from the replaced MLP (see :meth:`derived`).
-    ``value_lr``: the stored entries' write-back SGD rate.
     """
 
     type: ClassVar[str] = "featural"
@@ -194,7 +199,6 @@ class FeaturalConfig(MemoryConfig):
     ranking: str = "score"
     dense_weights: bool = True
     init: str = "empty"
-    value_lr: float = 0.01
 
     def __post_init__(self) -> None:
         if self.weighting is not None and self.weighting not in WEIGHTINGS:
@@ -294,9 +298,37 @@ class FeaturalConfig(MemoryConfig):
 @dataclass
 class AssociativeConfig(MemoryConfig):
     """Associative memory: tokens insert their own key-value pairs and attend (softmax) over the nearest
-    stored ones; the store starts empty."""
+    stored ones; the store starts empty.
+
+    ``inserted_values``: what a training token stores as its value. ``projected``: its value projection.
+    ``mlp_output``: the output of the teacher MLP this layer replaces, at that token (distillation by
+    insertion: the value a query should retrieve is known exactly); the value space is then the residual
+    stream (``heads · value_dim = d_model``, each head storing its slice) and the output projection starts
+    as the identity. Without a teacher (evaluation, ``insert_during_eval``) values are projected.
+    """
 
     type: ClassVar[str] = "associative"
+    INSERTED_VALUES: ClassVar[tuple[str, ...]] = ("projected", "mlp_output")
+
+    inserted_values: str = "projected"
+
+    def __post_init__(self) -> None:
+        if self.inserted_values not in self.INSERTED_VALUES:
+            raise bad(
+                "inserted_values",
+                f"unknown value source {self.inserted_values!r}; expected one of {self.INSERTED_VALUES}",
+            )
+        super().__post_init__()
+
+    def resolved(self, d_model: int, mlp: MLPForm | None = None) -> AssociativeConfig:
+        config = super().resolved(d_model, mlp)
+        if config.inserted_values == "mlp_output" and config.heads * config.value_dim != d_model:
+            raise bad(
+                "value_dim",
+                f"inserted_values=mlp_output stores d_model-wide MLP outputs: heads x value_dim must be "
+                f"{d_model}, got {config.heads} x {config.value_dim}",
+            )
+        return config
 
 
 CONFIG_CLASSES: dict[str, type[LayerConfig]] = {

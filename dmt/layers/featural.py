@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -23,9 +22,9 @@ class FeaturalMemory(MemoryLayer):
     """query projection → top-k stored keys → distance-weighted sum of their values → output projection.
 
     Gradients: the query projection learns through the distances to the returned keys (exact given the
-    retrieved set — the keys are constants of the store). The returned values are leaves whose gradient is
-    written back into the store by :meth:`apply_value_updates` (sparse SGD at ``value_lr``), the way an
-    embedding table with sparse gradients learns. With ``novelty_threshold`` set, queries far from every
+    retrieved set — the keys are constants of the store). The returned entries are written back into the
+    store by :meth:`~dmt.layers.base.MemoryLayer.apply_value_updates` (sparse SGD at ``value_lr``), the way
+    an embedding table with sparse gradients learns. With ``novelty_threshold`` set, queries far from every
     stored key are inserted as new keys with zero values, which the value updates then fill in.
     """
 
@@ -38,18 +37,12 @@ class FeaturalMemory(MemoryLayer):
             self.gate_query_proj = nn.Linear(self.d_model, self.heads * cfg.gate_dim)
         elif cfg.gate_dim:
             self.gate_query_proj = nn.Identity()  # the gate query is the hidden state itself
-        # (store slots (U,), returned entries (U, E) with .grad after backward) of the forwards since the
-        # last update.
-        self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_shape = hidden_states.shape[:-1]  # (B, T)
         queries = self.split_heads(self.query_proj(hidden_states), self.key_dim)  # (N, Dk)
         found = self.search(queries, by_magnitude=self.cfg.ranking == "magnitude")
-        entries = found.entries  # (U, Dv + G): value, then gate key
-        if self.training and torch.is_grad_enabled():
-            entries.requires_grad_(True)
-            self._pending.append((found.slots, entries))
+        entries = self.learnable_entries(found)  # (U, Dv + G): value, then gate key
         gate = None
         if self.gate_query_proj is not None:
             gate_queries = self.split_heads(self.gate_query_proj(hidden_states), self.cfg.gate_dim)  # (N, G)
@@ -60,19 +53,6 @@ class FeaturalMemory(MemoryLayer):
         self.insert_novel(found.nearest, queries, values=None)
         self.maybe_recombine(found)
         return self.merge_heads(mixed, batch_shape)  # (B, T, C)
-
-    @torch.no_grad()
-    def apply_value_updates(self, lr: float | None = None) -> None:
-        """SGD step on the stored entries that the pending forwards returned, then forget them."""
-        lr = self.cfg.value_lr if lr is None else lr
-        for slots, entries in self._pending:
-            if entries.grad is None:
-                continue
-            grads = entries.grad  # (U, E), one row per distinct entry
-            if len(slots) and slots[0] < 0:  # the padding row (sorted first) is not an entry
-                slots, grads = slots[1:], grads[1:]
-            self.write("update", slots, grads.float().cpu().mul_(-lr).numpy())
-        self._pending.clear()
 
     @torch.no_grad()
     def init_from_ffn(self, ffn: FFNWeights) -> None:

@@ -1,4 +1,4 @@
-"""Discrete kNN memory: an hnswlib-backed key→value store with LRFU eviction."""
+"""Discrete kNN memory: an hnswlib-backed key→value store with LRFU (or FIFO, or random) eviction."""
 
 from __future__ import annotations
 
@@ -6,6 +6,6 @@ from dmt.memory.base import MemoryStats
 from dmt.memory.integrity import MemoryStoreError
 from dmt.memory.lrfu import LRFU
 from dmt.memory.metrics import METRICS, Metric
-from dmt.memory.store import KNNStore
+from dmt.memory.store import EVICTIONS, KNNStore
 
-__all__ = ["LRFU", "METRICS", "KNNStore", "MemoryStats", "MemoryStoreError", "Metric"]
+__all__ = ["EVICTIONS", "LRFU", "METRICS", "KNNStore", "MemoryStats", "MemoryStoreError", "Metric"]

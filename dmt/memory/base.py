@@ -10,13 +10,18 @@ from numpy.typing import DTypeLike
 
 @dataclass
 class MemoryStats:
-    """Cumulative counters of a store (logged to TensorBoard); ``entries`` is the current size."""
+    """Cumulative counters of a store (logged to TensorBoard); ``entries`` is the current size.
+
+    ``queries`` counts searched queries, ``reads`` the references to live entries reported with
+    ``KNNStore.reference`` (each returned entry a caller used, duplicates included).
+    """
 
     entries: int = 0
     inserts: int = 0
     evictions: int = 0
     queries: int = 0
     merges: int = 0
+    reads: int = 0
 
 
 def as_float_matrix(name: str, array: np.ndarray, dim: int, dtype: DTypeLike = np.float32) -> np.ndarray:

@@ -4,12 +4,15 @@ Every reference at time ``t_i`` contributes ``F(t - t_i)`` to a slot's *combined
 ``CRF(t) = Σ_i F(t - t_i)`` with ``F(x) = (1/2)^(λx)``. Because ``F(a + b) = F(a) F(b)`` the sum can be
 kept incrementally: a reference at time ``t`` sets ``crf = F(0) + F(t - last) · crf`` and ``last = t``.
 ``λ = 0`` makes CRF the reference count (LFU); ``λ = 1`` makes the most recent reference outweigh all
-older ones together (LRU order).
+older ones together (LRU order). As in the paper, time counts references: a store advances its clock by
+one per query it references, so λ = 1 orders entries by their last query even within one batch.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from dmt.memory.eviction import lowest
 
 
 def _check_lambda(lam: float) -> float:
@@ -38,12 +41,29 @@ class LRFU:
         """``F(elapsed) = 2^(-λ·elapsed)`` for ``elapsed (M,)`` time steps."""
         return np.exp2(-self.lam * elapsed)
 
-    def reference(self, slots: np.ndarray, now: int) -> None:
-        """Record one reference at ``now`` per element of ``slots (M,)``; duplicates each count."""
-        uniq, counts = np.unique(np.asarray(slots, dtype=np.int64).ravel(), return_counts=True)
-        # c references at the same instant add c·F(0) = c on top of the decayed old CRF.
-        self.crf[uniq] = counts + self._decay(now - self.last[uniq]) * self.crf[uniq]
-        self.last[uniq] = now
+    def reference(self, slots: np.ndarray, times: int | np.ndarray) -> None:
+        """Record one reference per element of ``slots (M,)`` at ``times`` (an int, or ``(M,)`` ints, each
+        at least the slot's ``last``); duplicates each count.
+
+        Equivalent to applying the references one at a time in time order. Per slot, the references are
+        folded relative to the slot's latest time ``t``: ``crf = Σ_i F(t - t_i) + F(t - last) · crf``.
+        """
+        slots = np.asarray(slots, dtype=np.int64).ravel()
+        times = np.broadcast_to(np.asarray(times, dtype=np.int64), slots.shape)
+        if not slots.size:
+            return
+        start, span = int(times.min()), int(times.max() - times.min()) + 1
+        if self.capacity * span >= 2**63:
+            raise ValueError(f"references spanning {span} time steps are too many to sort at once")
+        # One sort of a combined key orders by slot, then time (several times faster than lexsort).
+        key = np.sort(slots * span + (times - start))
+        slots, times = key // span, key % span + start
+        first = np.flatnonzero(np.diff(slots, prepend=-1))  # (U,) where each slot's run starts
+        counts = np.diff(first, append=len(slots))  # (U,)
+        uniq, latest = slots[first], times[first + counts - 1]  # (U,) each slot and its last time
+        fresh = np.add.reduceat(self._decay(np.repeat(latest, counts) - times), first)  # (U,)
+        self.crf[uniq] = fresh + self._decay(latest - self.last[uniq]) * self.crf[uniq]
+        self.last[uniq] = latest
 
     def reset(self, slots: np.ndarray, now: int) -> None:
         """Start fresh entries in ``slots (M,)``: a single reference at ``now``."""
@@ -70,18 +90,7 @@ class LRFU:
         """
         candidates = np.asarray(candidates)
         slots = np.flatnonzero(candidates) if candidates.dtype == bool else candidates.astype(np.int64)
-        if not 0 <= n <= len(slots):
-            raise ValueError(f"cannot choose n={n} victims among {len(slots)} candidates")
-        if n == 0:
-            return np.empty(0, dtype=np.int64)
-        score = self.score(slots, now)
-        if n < len(slots):
-            # O(M) pre-selection; keep everything tied with the n-th score so tie-breaking stays exact.
-            cutoff = np.partition(score, n - 1)[n - 1]
-            keep = score <= cutoff
-            slots, score = slots[keep], score[keep]
-        order = np.lexsort((slots, self.last[slots], score))
-        return slots[order[:n]]
+        return lowest(slots, n, self.score(slots, now), self.last[slots])
 
     def merge(self, into_slot: int, from_slots: np.ndarray) -> None:
         """Fold the reference histories of ``from_slots (M,)`` into ``into_slot`` and clear them.

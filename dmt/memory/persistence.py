@@ -43,10 +43,10 @@ from dmt.memory.integrity import (
 if TYPE_CHECKING:
     from dmt.memory.store import KNNStore
 
-# Each container has its own version. Directory format 2 added the integrity records ("files"); the
-# checkpoint layout has not changed since its first version.
-DIRECTORY_FORMAT_VERSION = 2
-CHECKPOINT_FORMAT_VERSION = 1
+# Each container has its own version. Directory format 2 added the integrity records ("files"); directory
+# format 3 and checkpoint format 2 added the eviction policy, the insertion times and the `reads` counter.
+DIRECTORY_FORMAT_VERSION = 3
+CHECKPOINT_FORMAT_VERSION = 2
 INDEX_FILE = "index.bin"
 # Array name → file name in a directory; the names are also the keys of a checkpoint dict.
 ARRAY_FILES = {
@@ -55,6 +55,7 @@ ARRAY_FILES = {
     "live": "live.npy",
     "lrfu_crf": "lrfu_crf.npy",
     "lrfu_last": "lrfu_last.npy",
+    "inserted_at": "inserted_at.npy",
 }
 # Every file of a directory but the manifest, by the name a checkpoint dict gives its content.
 STORE_FILES = {**ARRAY_FILES, "index_bytes": INDEX_FILE}
@@ -67,16 +68,18 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
     "metric": str,
     "lrfu_lambda": numbers.Real,
     "value_dtype": str,
+    "eviction": str,
     "index_params": Mapping,
     "entries": numbers.Integral,
     "now": numbers.Integral,
     "stats": Mapping,
 }
-# Integer-valued sub-dicts of the fields → the names they may hold (``index_params`` may also name its
-# ``backend``, checked separately as a string).
-_COUNTER_FIELDS = {
-    "stats": tuple(field.name for field in dataclasses.fields(MemoryStats)),
-    "index_params": HNSW_PARAMS,
+# Integer-valued sub-dicts of the fields → (the names they may hold, those that may also be None).
+# ``index_params`` may also name its ``backend``, checked separately as a string; its ``ef_search`` is None
+# when derived per search from k and the size.
+_COUNTER_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "stats": (tuple(field.name for field in dataclasses.fields(MemoryStats)), ()),
+    "index_params": (HNSW_PARAMS, ("ef_search",)),
 }
 
 
@@ -97,6 +100,7 @@ def capture(store: KNNStore) -> Captured:
         "metric": store.metric,
         "lrfu_lambda": store.lrfu_lambda,
         "value_dtype": store.value_dtype,
+        "eviction": store.eviction,
         "index_params": store._index.params,
         "entries": len(store),
         "now": store.now,
@@ -108,6 +112,7 @@ def capture(store: KNNStore) -> Captured:
         "live": store._live,
         "lrfu_crf": store._lrfu.crf,
         "lrfu_last": store._lrfu.last,
+        "inserted_at": store._inserted_at,
     }
     return Captured(fields, arrays, store._index)
 
@@ -141,6 +146,7 @@ def restore(
             fields["metric"],
             fields["lrfu_lambda"],
             fields["value_dtype"],
+            fields["eviction"],
         )
     except ValueError as error:
         raise MemoryStoreError(f"{source}: {error}") from error
@@ -151,6 +157,7 @@ def restore(
         "live": ((capacity,), np.bool_),
         "lrfu_crf": ((capacity,), np.float64),
         "lrfu_last": ((capacity,), np.int64),
+        "inserted_at": ((capacity,), np.int64),
     }
     for name, (shape, dtype) in expected.items():
         array = arrays[name]
@@ -170,6 +177,7 @@ def restore(
             f"got shape {index.shape} dtype {index.dtype.name}"
         )
     store._keys, store._values, store._live = arrays["keys"], arrays["values"], live.copy()
+    store._inserted_at = arrays["inserted_at"].copy()
     store._lrfu.load_state_dict(
         {"crf": arrays["lrfu_crf"], "last": arrays["lrfu_last"], "lam": store.lrfu_lambda}
     )
@@ -348,11 +356,13 @@ def _check_fields(fields: Mapping[str, Any], source: str) -> None:
     backend = fields["index_params"].get("backend", "hnsw")
     if backend not in ("hnsw", "exact", "product"):
         raise MemoryStoreError(f"{source}: field 'index_params' names an unknown backend {backend!r}")
-    for name, allowed in _COUNTER_FIELDS.items():
+    for name, (allowed, nullable) in _COUNTER_FIELDS.items():
         counters = {k: v for k, v in fields[name].items() if k != "backend"}
-        if not set(counters) <= set(allowed) or not all(map(_is_int, counters.values())):
+        valid = all(_is_int(v) or (v is None and k in nullable) for k, v in counters.items())
+        if not set(counters) <= set(allowed) or not valid:
+            also = f" ({', '.join(nullable)} also to null)" if nullable else ""
             raise MemoryStoreError(
-                f"{source}: field {name!r} must map some of {', '.join(allowed)} to integers, "
+                f"{source}: field {name!r} must map some of {', '.join(allowed)} to integers{also}, "
                 f"got {dict(counters)!r}"
             )
     if fields["now"] < 0:

@@ -1,4 +1,5 @@
-"""``KNNStore``: a fixed-capacity key→value memory searched by a key index and evicted by LRFU.
+"""``KNNStore``: a fixed-capacity key→value memory searched by a key index, evicting by LRFU (or FIFO, or
+at random) when full.
 
 Slots ``0 .. capacity - 1`` are both the rows of the store's own arrays and the index labels, so an
 id returned by :meth:`KNNStore.search` indexes ``keys``/``values`` (:meth:`KNNStore.get`) directly. An id
@@ -6,9 +7,10 @@ stays valid until its entry is evicted by :meth:`KNNStore.insert` or merged away
 :meth:`KNNStore.recombine`; after that the slot may be reused for a different entry, so ids must not be
 kept across inserts.
 
-Searching neither copies entries nor counts references: a caller reads what it uses with
-:meth:`KNNStore.get` and reports it with :meth:`KNNStore.reference` (a memory layer does so once per step,
-alike on every data-parallel replica). Saving and loading live in :mod:`dmt.memory.persistence`.
+Searching neither copies entries, nor counts references, nor moves the LRFU clock: a caller reads what it
+uses with :meth:`KNNStore.get` and reports the ids of each search with :meth:`KNNStore.reference` (a memory
+layer does so once per step, alike on every data-parallel replica), which advances the clock by one per
+query. Saving and loading live in :mod:`dmt.memory.persistence`.
 """
 
 from __future__ import annotations
@@ -25,10 +27,17 @@ import torch
 from dmt.memory import persistence
 from dmt.memory.backends import make_index
 from dmt.memory.base import MemoryStats, as_float_matrix
+from dmt.memory.eviction import EVICTIONS as EVICTIONS  # re-exported: the policies a store accepts
+from dmt.memory.eviction import check_eviction, choose_victims
 from dmt.memory.lrfu import LRFU
-from dmt.memory.metrics import Metric, check_metric
+from dmt.memory.metrics import Metric, check_metric, pairwise_distance_np
 
 VALUE_DTYPES = ("float32", "float16")
+# Exact search in recall(): queries × keys per distance block, so memory stays bounded for any store.
+RECALL_QUERY_BLOCK = 1024
+RECALL_KEY_BLOCK = 4096
+# recall(): an approximate neighbour this close to the k-th exact distance is a tie, not a miss.
+RECALL_TIE_TOLERANCE = 1e-5
 
 
 class KNNStore:
@@ -36,15 +45,19 @@ class KNNStore:
 
     Args:
         key_dim, value_dim: widths of keys and values.
-        capacity: maximum number of entries; inserting into a full store evicts LRFU victims.
+        capacity: maximum number of entries; inserting into a full store evicts victims (``eviction``).
         metric: ``l2 | ip | cosine`` in the conventions of ``dmt.memory.metrics``.
         lrfu_lambda: LRFU λ in [0, 1]; 0 evicts the least frequently, 1 the least recently used.
         value_dtype: storage dtype of values (``float16`` halves memory; :meth:`get` still returns float32).
         index: key index settings: ``backend`` (``hnsw`` default, ``exact`` or ``auto``, see
             :mod:`dmt.memory.backends`) and the hnsw ones (``M``, ``ef_construction``, ``ef_search``,
-            ``num_threads``).
+            ``num_threads``); ``ef_search`` None (the default) derives it per search from k and the size.
+        eviction: ``lrfu`` (lowest LRFU score), ``fifo`` (earliest inserted) or ``random`` (uniform,
+            deterministic in the store's state), see :mod:`dmt.memory.eviction`. Stores with fixed keys
+            (product keys) never evict and ignore it.
 
-    The clock advances by one per :meth:`search` call; inserts and references happen at the current time.
+    The clock advances by one per query referenced (:meth:`reference`); inserts happen at the current
+    time, and eviction victims are scored at it.
     """
 
     def __init__(
@@ -55,19 +68,28 @@ class KNNStore:
         metric: str = "ip",
         lrfu_lambda: float = 0.5,
         value_dtype: str = "float32",
-        index: dict[str, int] | None = None,
+        index: dict[str, int | str | None] | None = None,
+        eviction: str = "lrfu",
     ) -> None:
-        self._configure(key_dim, value_dim, capacity, metric, lrfu_lambda, value_dtype)
+        self._configure(key_dim, value_dim, capacity, metric, lrfu_lambda, value_dtype, eviction)
         self._keys = np.zeros((capacity, key_dim), dtype=np.float32)  # (C, key_dim)
         self._values = np.zeros((capacity, value_dim), dtype=value_dtype)  # (C, value_dim)
         self._live = np.zeros(capacity, dtype=bool)  # (C,)
+        self._inserted_at = np.zeros(capacity, dtype=np.int64)  # (C,) clock when each entry was stored
         self._index = make_index(key_dim, metric, capacity, **(index or {}))
         if self._index.keys_are_fixed:  # product keys: every slot holds its key from the start
             self._keys[:] = self._index.keys(np.arange(capacity))
             self._live[:] = True
 
     def _configure(
-        self, key_dim: int, value_dim: int, capacity: int, metric: str, lrfu_lambda: float, value_dtype: str
+        self,
+        key_dim: int,
+        value_dim: int,
+        capacity: int,
+        metric: str,
+        lrfu_lambda: float,
+        value_dtype: str,
+        eviction: str,
     ) -> None:
         """Validate and set everything except the arrays and the index (shared with restoring)."""
         for name, value in (("key_dim", key_dim), ("value_dim", value_dim), ("capacity", capacity)):
@@ -81,6 +103,7 @@ class KNNStore:
         self.metric: Metric = check_metric(metric)
         self.lrfu_lambda = float(lrfu_lambda)
         self.value_dtype = value_dtype
+        self.eviction = check_eviction(eviction)
         self._lrfu = LRFU(self.capacity, self.lrfu_lambda)
         self._now = 0
         self._stats = MemoryStats()
@@ -96,7 +119,7 @@ class KNNStore:
 
     @property
     def now(self) -> int:
-        """The LRFU clock: number of :meth:`search` calls so far."""
+        """The LRFU clock: number of queries referenced so far (rows passed to :meth:`reference`)."""
         return self._now
 
     # ------------------------------------------------------------------ queries and updates
@@ -111,6 +134,20 @@ class KNNStore:
         """The concrete key index in use: ``hnsw``, ``exact`` or ``product``."""
         return self._index.backend
 
+    def _check_search(self, queries: np.ndarray, k: int, by_magnitude: bool) -> np.ndarray:
+        """``queries`` validated as ``(N, key_dim)`` float32, after checking ``k`` and ``by_magnitude``."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or k > self.capacity:
+            raise ValueError(f"k must be an integer in [1, capacity={self.capacity}], got k={k!r}")
+        if by_magnitude and self.metric == "l2":
+            raise ValueError("by_magnitude ranks by |similarity|: needs an ip or cosine store, not l2")
+        return as_float_matrix("queries", queries, self.key_dim)
+
+    def _search(self, queries: np.ndarray, k: int, by_magnitude: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The index's answer for checked ``queries (N, key_dim)``, touching no counter."""
+        if not by_magnitude:
+            return self._index.search(queries, int(k))  # (N, k), (N, k)
+        return merge_by_magnitude(self._index.search(queries, int(k)), self._index.search(-queries, int(k)))
+
     def search(
         self, queries: np.ndarray, k: int, by_magnitude: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -122,26 +159,68 @@ class KNNStore:
         :func:`merge_by_magnitude`).
 
         An empty store (cold start) answers with all ids -1, and ``N = 0`` with empty ``(0, k)`` results.
-        Advances the clock by one per call (also for ``N = 0``, so the clock counts calls alike on every
-        data-parallel replica). References are not counted: see :meth:`reference`.
+        Neither the clock nor the LRFU state changes: a caller reports what it used with
+        :meth:`reference`. Only ``stats.queries`` counts the queries.
         """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or k > self.capacity:
-            raise ValueError(f"k must be an integer in [1, capacity={self.capacity}], got k={k!r}")
-        if by_magnitude and self.metric == "l2":
-            raise ValueError("by_magnitude ranks by |similarity|: needs an ip or cosine store, not l2")
-        queries = as_float_matrix("queries", queries, self.key_dim)
-        self._now += 1
+        queries = self._check_search(queries, k, by_magnitude)
         self._stats.queries += len(queries)
-        if not by_magnitude:
-            return self._index.search(queries, int(k))  # (N, k), (N, k)
-        return merge_by_magnitude(self._index.search(queries, int(k)), self._index.search(-queries, int(k)))
+        return self._search(queries, k, by_magnitude)
+
+    def recall(self, queries: np.ndarray, k: int, by_magnitude: bool = False) -> float:
+        """Recall@k of :meth:`search` against exact search over the live entries, for ``queries
+        (N, key_dim)``: the fraction of each query's exact top ``min(k, len(self))`` that the index
+        returns, averaged over the queries (NaN for an empty store or ``N = 0``).
+
+        Exact search is brute force over the live keys in blocks of :data:`RECALL_KEY_BLOCK` keys and
+        :data:`RECALL_QUERY_BLOCK` queries (bounded memory), in the conventions of ``dmt.memory.metrics``;
+        ``by_magnitude`` ranks by ``|similarity|`` as :meth:`search` does. A returned entry counts as
+        correct when it ranks within :data:`RECALL_TIE_TOLERANCE` of the k-th exact one (ties). The store
+        is not changed: no clock, LRFU or counter moves.
+        """
+        queries = self._check_search(queries, k, by_magnitude)
+        live = np.flatnonzero(self._live)  # (L,) ascending
+        k_live = min(int(k), len(live))
+        if k_live == 0 or len(queries) == 0:
+            return float("nan")
+        found, _ = self._search(queries, k, by_magnitude)  # (N, k)
+        hits = sum(
+            self._exact_hits(
+                queries[begin : begin + RECALL_QUERY_BLOCK],
+                found[begin : begin + RECALL_QUERY_BLOCK],
+                live,
+                k_live,
+                by_magnitude,
+            )
+            for begin in range(0, len(queries), RECALL_QUERY_BLOCK)
+        )
+        return hits / (len(queries) * k_live)
+
+    def _exact_hits(
+        self, queries: np.ndarray, found: np.ndarray, live: np.ndarray, k_live: int, by_magnitude: bool
+    ) -> int:
+        """How many of ``found (n, k)`` (ids, -1 padding) rank within the exact top ``k_live`` of their
+        row of ``queries (n, key_dim)`` among the ``live (L,)`` slots, ties included."""
+        exact = np.full((len(queries), k_live), np.inf, dtype=np.float32)  # (n, k_live) best ranks so far
+        found_rank = np.full(found.shape, np.inf, dtype=np.float32)  # (n, k) rank of each returned id
+        position = np.searchsorted(live, found)  # (n, k) index into live; meaningless for -1
+        for begin in range(0, len(live), RECALL_KEY_BLOCK):
+            block = live[begin : begin + RECALL_KEY_BLOCK]
+            rank = pairwise_distance_np(queries, self._keys[block], self.metric)  # (n, b), lower is nearer
+            if by_magnitude:
+                rank = -np.abs(1.0 - rank)  # largest |similarity| first
+            exact = np.partition(np.concatenate([exact, rank], axis=1), k_live - 1, axis=1)[:, :k_live]
+            rows, cols = np.nonzero((found >= 0) & (position >= begin) & (position < begin + len(block)))
+            found_rank[rows, cols] = rank[rows, position[rows, cols] - begin]
+        threshold = exact.max(axis=1, keepdims=True) + RECALL_TIE_TOLERANCE  # (n, 1): the k-th exact rank
+        return int(np.count_nonzero(found_rank <= threshold))
 
     def insert(self, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
         """Store ``keys (N, key_dim)`` / ``values (N, value_dim)``; returns their slot ids ``(N,)`` int64.
 
-        Free slots are used first; the rest evict the live entries with the lowest LRFU score (never an
-        entry of this call, since victims are chosen before any of it is stored). If ``N > capacity``
-        only the last ``capacity`` rows are stored and the earlier rows get id -1.
+        Free slots are used first; the rest evict live entries chosen by the store's ``eviction`` policy
+        (never an entry of this call, since victims are chosen before any of it is stored). Every stored
+        entry is inserted at the current clock (:meth:`insertion_times`). If ``N > capacity`` only the
+        last ``capacity`` rows are stored and the earlier rows get id -1.
         """
         self._refuse_if_keys_fixed("insert")
         keys = as_float_matrix("keys", keys, self.key_dim)
@@ -156,12 +235,21 @@ class KNNStore:
         # Free slots are derived from the live mask (O(capacity), like the victim scan) so they can
         # never disagree with it.
         free = np.flatnonzero(~self._live)[:stored]
-        victims = self._lrfu.victims(self._live, stored - len(free), self._now)
+        victims = choose_victims(
+            self.eviction,
+            self._live,
+            stored - len(free),
+            self._lrfu,
+            self._inserted_at,
+            self._now,
+            self._stats.inserts,
+        )
         self._remove(victims)
         self._stats.evictions += len(victims)
         slots = np.concatenate([free, victims])
         self._keys[slots], self._values[slots] = keys, values
         self._live[slots] = True
+        self._inserted_at[slots] = self._now
         self._lrfu.reset(slots, self._now)
         self._index.add(slots, keys)
         self._stats.inserts += stored
@@ -191,16 +279,45 @@ class KNNStore:
             raise ValueError(f"ids must lie in [-1, {self.capacity}), got [{ids.min()}, {ids.max()}]")
         return ids
 
-    def reference(self, ids: np.ndarray) -> None:
-        """Count one LRFU reference at the current clock per element of ``ids (M,)``, duplicates each
-        counting; -1 and entries that are no longer live are ignored.
+    def _is_live(self, ids: np.ndarray) -> np.ndarray:
+        """``(M,)`` bool: which of the checked ``ids (M,)`` name live entries (-1 never does)."""
+        live = ids >= 0
+        live[live] = self._live[ids[live]]
+        return live
 
-        :meth:`search` counts none, so a caller references what it used, when it applies its writes (e.g.
-        once per training step on every data-parallel replica).
-        """
+    def _live_ids(self, ids: np.ndarray, operation: str) -> np.ndarray:
+        """``ids`` as flat int64, raising ``ValueError`` unless every one names a live entry."""
         ids = self._check_ids(ids)
-        ids = ids[ids >= 0]
-        self._lrfu.reference(ids[self._live[ids]], self._now)
+        if not self._is_live(ids).all():
+            raise ValueError(f"{operation}() needs ids of live entries")
+        return ids
+
+    def reference(self, ids: np.ndarray) -> None:
+        """Count the LRFU references of one search: ``ids (N, k)`` as :meth:`search` returned them, or
+        ``(M,)`` for a single query of ``M`` references.
+
+        Row ``n`` is referenced at tick ``now + n + 1`` and the clock ends at ``now + N``, also for rows
+        without a valid id, so replicas that apply the same writes keep the same clock. Duplicates each
+        count; -1 and ids of entries that are no longer live are ignored (``stats.reads`` counts the
+        rest). :meth:`search` counts none, so a caller references what it used, when it applies its
+        writes (e.g. once per training step on every data-parallel replica).
+        """
+        rows = np.asarray(ids)
+        if rows.ndim not in (1, 2):
+            raise ValueError(f"ids must have shape (N, k) or (M,), got {rows.shape}")
+        if rows.ndim == 1:
+            rows = rows[None]  # (1, M): one query
+        ids = self._check_ids(rows)  # (N·k,)
+        ticks = self._now + 1 + np.repeat(np.arange(len(rows)), rows.shape[1])  # (N·k,)
+        referenced = self._is_live(ids)
+        self._lrfu.reference(ids[referenced], ticks[referenced])
+        self._now += len(rows)
+        self._stats.reads += int(np.count_nonzero(referenced))
+
+    def insertion_times(self, ids: np.ndarray) -> np.ndarray:
+        """``(M,)`` int64: the clock at which each of the live ``ids (M,)`` was stored (a merge keeps the
+        time of the entry it folds into)."""
+        return self._inserted_at[self._live_ids(ids, "insertion_times")]
 
     def update_values(self, ids: np.ndarray, deltas: np.ndarray) -> None:
         """``values[ids] += deltas`` for ``ids (M,)``, ``deltas (M, value_dim)`` (sparse SGD step).
@@ -212,8 +329,7 @@ class KNNStore:
         deltas = as_float_matrix("deltas", deltas, self.value_dim)
         if len(ids) != len(deltas):
             raise ValueError(f"got {len(ids)} ids but {len(deltas)} deltas")
-        keep = ids >= 0
-        keep[keep] = self._live[ids[keep]]
+        keep = self._is_live(ids)
         if not keep.all():
             ids, deltas = ids[keep], deltas[keep]
         if self._values.dtype == np.float32:
@@ -229,9 +345,7 @@ class KNNStore:
 
     def get(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Keys ``(M, key_dim)`` float32 and values ``(M, value_dim)`` float32 of live ``ids (M,)``."""
-        ids = self._check_ids(ids)
-        if ids.size and (ids.min() < 0 or not self._live[ids].all()):
-            raise ValueError("get() needs ids of live entries")
+        ids = self._live_ids(ids, "get")
         # Fancy indexing copies already; astype(copy=False) adds no second copy of float32 values.
         return self._keys[ids], self._values[ids].astype(np.float32, copy=False)
 
@@ -258,8 +372,7 @@ class KNNStore:
         all_ids = self._check_ids(ids).reshape(all_distances.shape)
         removed = 0
         for row_ids, row_distances in zip(all_ids, all_distances, strict=True):
-            near = (row_ids >= 0) & (row_distances <= max_distance)
-            near[near] = self._live[row_ids[near]]
+            near = self._is_live(row_ids) & (row_distances <= max_distance)
             if np.count_nonzero(near) < 2:
                 continue
             members = row_ids[near]  # ascending distance: the nearest comes first

@@ -10,7 +10,7 @@ import pytest
 
 import dmt
 from dmt.memory import METRICS
-from dmt.memory.hnsw import HnswIndex
+from dmt.memory.hnsw import HnswIndex, derived_ef
 from dmt.memory.metrics import pairwise_distance_np
 
 
@@ -119,3 +119,40 @@ def test_hnswlib_is_imported_only_in_hnsw_module() -> None:
         p.relative_to(package).as_posix() for p in package.rglob("*.py") if pattern.search(p.read_text())
     ]
     assert importers == ["memory/hnsw.py"]
+
+
+# Smallest ef measured for recall@k >= 0.97 on iid Gaussian 64-d keys (the hardest measured case, see
+# derived_ef), by store size and k.
+MEASURED_EF = {10_000: {16: 188, 32: 212, 64: 252}, 100_000: {16: 768, 32: 944, 64: 1152}}
+
+
+def test_derived_ef_covers_the_measurements_with_margin() -> None:
+    for size, needs in MEASURED_EF.items():
+        for k, need in needs.items():
+            assert derived_ef(k, size) >= 1.5 * need
+    assert derived_ef(16, 10_000) == 16 + 399  # k + ⌈size^0.65⌉
+    assert derived_ef(6, 8) == 8  # at most the size ...
+    assert derived_ef(10, 5) == 10  # ... but never below k
+
+
+def test_ef_search_none_is_derived_per_search_and_an_integer_still_works(tmp_path: Path) -> None:
+    index = HnswIndex(8, "l2", capacity=100, num_threads=1)
+    assert index.ef_search is None and index.params["ef_search"] is None  # the default
+    index.add(np.arange(60), _data(60, 8, seed=5))
+    index.remove(np.arange(20))
+    used: list[int] = []
+    knn = index._knn
+    index._knn = lambda queries, k, ef: used.append(ef) or knn(queries, k, ef)  # type: ignore[method-assign]
+    index.search(_data(3, 8, seed=6), 5)
+    assert used == [derived_ef(5, 40)]  # from k and the live size
+    index.save(tmp_path / "index.bin")
+    live = np.zeros(100, dtype=bool)
+    live[20:60] = True
+    assert HnswIndex.load(tmp_path / "index.bin", 8, "l2", 100, live, ef_search=None).ef_search is None
+    index.set_ef(3)
+    assert (index.ef(5), index.ef(2), index.params["ef_search"]) == (5, 3, 3)  # explicit, raised to k
+    for bad in (0, -4, True, 2.5, "64"):
+        with pytest.raises(ValueError, match="ef_search must be an integer >= 1 or None"):
+            index.set_ef(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="ef_search"):
+        HnswIndex(8, "l2", capacity=10, ef_search=0)

@@ -14,7 +14,8 @@ import pytest
 from dmt.memory import KNNStore, MemoryStoreError
 from dmt.memory.integrity import file_record
 
-DATA_FILES = ["keys.npy", "values.npy", "live.npy", "lrfu_crf.npy", "lrfu_last.npy", "index.bin"]
+ARRAYS = ("keys", "values", "live", "lrfu_crf", "lrfu_last", "inserted_at")
+DATA_FILES = [*(f"{name}.npy" for name in ARRAYS), "index.bin"]
 ALL_FILES = [*DATA_FILES, "manifest.json"]
 QUERIES = np.random.default_rng(7).standard_normal((6, 8)).astype(np.float32)
 
@@ -116,15 +117,20 @@ def _set(field: str, value: Any) -> Any:
         (_set("capacity", 33), r"keys\.npy: expected shape \(33, 8\)"),
         (_set("entries", 31), r"live\.npy: 32 live entries, .*manifest\.json says 31"),
         (_set("format_version", 99), r"manifest\.json: format_version 99 is not supported"),
-        (_set("format_version", "2"), r"manifest\.json: format_version '2' is not supported"),
+        (_set("format_version", "3"), r"manifest\.json: format_version '3' is not supported"),
         (_set("metric", "hamming"), r"manifest\.json: unknown metric 'hamming'"),
         (_set("capacity", 0), r"manifest\.json: capacity must be an integer >= 1"),
         (_set("key_dim", True), r"manifest\.json: field 'key_dim' has the wrong type"),
         (_set("now", -1), r"manifest\.json: field 'now' must be >= 0"),
         (_set("stats", {"inserts": 1, "bogus": 2}), r"manifest\.json: field 'stats'"),
         (_set("index_params", {"M": "16"}), r"manifest\.json: field 'index_params'"),
+        (_set("index_params", {"M": None}), r"field 'index_params' .* integers \(ef_search also to null\)"),
+        (_set("stats", {"reads": None}), r"manifest\.json: field 'stats' must map .* to integers, got"),
+        (_set("eviction", "lifo"), r"manifest\.json: eviction must be one of lrfu, fifo, random"),
+        (_set("eviction", 0), r"manifest\.json: field 'eviction' has the wrong type"),
         (_set("index_params", {"backend": "faiss"}), r"manifest\.json: .*unknown backend 'faiss'"),
         (lambda m: m.pop("lrfu_lambda"), r"manifest\.json: missing field 'lrfu_lambda'"),
+        (lambda m: m.pop("eviction"), r"manifest\.json: missing field 'eviction'"),
         (lambda m: m["files"].pop("live.npy"), r"manifest\.json: no integrity record for live\.npy"),
         (lambda m: m["files"]["keys.npy"].update(bytes=1), r"keys\.npy: size \d+ bytes"),
         (lambda m: m["files"]["index.bin"].update(sha256="0" * 64), r"index\.bin: checksum mismatch"),
@@ -150,10 +156,19 @@ def test_extra_or_renamed_files(saved: Path) -> None:
     _fails(saved, r"keys\.npy: missing")
 
 
-def test_older_format_directory_is_refused(saved: Path) -> None:
-    _edit_manifest(saved, lambda m: (m.update(format_version=1), m.pop("files")))  # a format 1 manifest
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_format_directory_is_refused(saved: Path, version: int) -> None:
+    def make_older(manifest: dict[str, Any]) -> None:
+        manifest.update(format_version=version)
+        manifest.pop("eviction")  # format 2 had no eviction policy and no insertion times
+        manifest["files"].pop("inserted_at.npy")
+        if version == 1:
+            manifest.pop("files")  # nor had format 1 integrity records
+
+    _edit_manifest(saved, make_older)
+    (saved / "inserted_at.npy").unlink()
     manifest = re.escape(str(saved / "manifest.json"))
-    _fails(saved, rf"^{manifest}: format_version 1 is not supported \(expected 2\)$")
+    _fails(saved, rf"^{manifest}: format_version {version} is not supported \(expected 3\)$")
 
 
 def _fail_on_nth_save(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
@@ -240,7 +255,13 @@ def _put(key: str, value: Any) -> Any:
         (_drop("keys"), r"state_dict: missing entry 'keys'"),
         (_drop("index_bytes"), r"state_dict: missing entry 'index_bytes'"),
         (_drop("capacity"), r"state_dict: missing field 'capacity'"),
-        (_put("format_version", 2), r"state_dict: format_version 2 is not supported \(expected 1\)"),
+        (_put("format_version", 1), r"state_dict: format_version 1 is not supported \(expected 2\)"),
+        (_drop("inserted_at"), r"state_dict: missing entry 'inserted_at'"),
+        (_drop("eviction"), r"state_dict: missing field 'eviction'"),
+        (
+            _put("inserted_at", np.zeros(32, dtype=np.int32)),
+            r"state_dict\['inserted_at'\]: expected .* int64",
+        ),
         (_put("keys", np.zeros((32, 8), dtype=np.float64)), r"state_dict\['keys'\]: expected .* float32"),
         (_put("values", np.zeros((31, 3), dtype=np.float16)), r"state_dict\['values'\]: expected shape"),
         (_put("lrfu_last", [[1, 2], [3]]), r"state_dict\['lrfu_last'\]: not an array"),

@@ -14,7 +14,7 @@ from dmt.memory import KNNStore
 from dmt.memory.integrity import file_record
 
 
-def _filled_store(value_dtype: str = "float32", backend: str = "hnsw") -> KNNStore:
+def _filled_store(value_dtype: str = "float32", backend: str = "hnsw", eviction: str = "lrfu") -> KNNStore:
     rng = np.random.default_rng(0)
     store = KNNStore(
         8,
@@ -24,6 +24,7 @@ def _filled_store(value_dtype: str = "float32", backend: str = "hnsw") -> KNNSto
         lrfu_lambda=0.25,
         value_dtype=value_dtype,
         index={"backend": backend},
+        eviction=eviction,
     )
     for _ in range(3):  # 90 inserts into 64 slots: evictions and LRFU state worth saving
         store.insert(rng.standard_normal((30, 8)), rng.standard_normal((30, 3)))
@@ -43,11 +44,15 @@ def _answers(store: KNNStore, queries: np.ndarray) -> tuple[np.ndarray, ...]:
 def _assert_equivalent(store: KNNStore, restored: KNNStore) -> None:
     queries = np.random.default_rng(1).standard_normal((10, 8)).astype(np.float32)
     assert restored.stats == store.stats and restored.now == store.now
+    assert restored.eviction == store.eviction
+    live = np.flatnonzero(store._live)
+    np.testing.assert_array_equal(restored.insertion_times(live), store.insertion_times(live))
     for got, want in zip(_answers(restored, queries), _answers(store, queries), strict=True):
         np.testing.assert_array_equal(got, want)
-    # LRFU state came along too: the same victims are evicted next.
+    # LRFU state, insertion times and the clock came along too: the same victims are evicted next.
     keys, values = np.ones((20, 8), dtype=np.float32), np.zeros((20, 3), dtype=np.float32)
-    np.testing.assert_array_equal(store.insert(keys, values), restored.insert(keys, values))
+    for _ in range(2):
+        np.testing.assert_array_equal(store.insert(keys, values), restored.insert(keys, values))
 
 
 @pytest.mark.parametrize("value_dtype", ["float32", "float16"])
@@ -63,9 +68,10 @@ def test_save_load_round_trip(tmp_path: Path, value_dtype: str) -> None:
         "live.npy",
         "lrfu_crf.npy",
         "lrfu_last.npy",
+        "inserted_at.npy",
     }
     manifest = json.loads((tmp_path / "mem" / "manifest.json").read_text())
-    assert manifest["format_version"] == 2
+    assert manifest["format_version"] == 3
     assert set(manifest["files"]) == names - {"manifest.json"}
     assert (manifest["key_dim"], manifest["value_dim"], manifest["capacity"]) == (8, 3, 64)
     assert (manifest["metric"], manifest["lrfu_lambda"], manifest["value_dtype"]) == (
@@ -74,7 +80,9 @@ def test_save_load_round_trip(tmp_path: Path, value_dtype: str) -> None:
         value_dtype,
     )
     assert manifest["entries"] == 64 and manifest["stats"]["evictions"] == 26
+    assert manifest["eviction"] == "lrfu" and manifest["stats"]["reads"] == 60
     assert set(manifest["index_params"]) == {"backend", "M", "ef_construction", "ef_search", "num_threads"}
+    assert manifest["index_params"]["ef_search"] is None  # derived per search: JSON null
     restored = KNNStore.load(tmp_path / "mem")
     assert restored._values.dtype == np.dtype(value_dtype)
     _assert_equivalent(store, restored)
@@ -112,7 +120,9 @@ def _assert_plain(value: Any) -> None:
         for item in value.values():
             _assert_plain(item)
     else:
-        assert isinstance(value, (np.ndarray, int, float, str)) and not isinstance(value, np.memmap)
+        # None: an hnsw ef_search derived per search
+        assert value is None or isinstance(value, (np.ndarray, int, float, str))
+        assert not isinstance(value, np.memmap)
         assert not (isinstance(value, np.ndarray) and value.dtype == object)
 
 
@@ -127,9 +137,9 @@ def test_state_dict_round_trip() -> None:
         KNNStore.from_state_dict(state)
 
 
-@pytest.mark.parametrize("backend", ["hnsw", "exact"])
-def test_checkpoint_and_directory_restore_equal_stores(tmp_path: Path, backend: str) -> None:
-    store = _filled_store("float16", backend)
+@pytest.mark.parametrize(("backend", "eviction"), [("hnsw", "lrfu"), ("exact", "fifo"), ("hnsw", "random")])
+def test_checkpoint_and_directory_restore_equal_stores(tmp_path: Path, backend: str, eviction: str) -> None:
+    store = _filled_store("float16", backend, eviction)
     store.save(tmp_path / "mem")
     from_directory = KNNStore.load(tmp_path / "mem")
     from_checkpoint = KNNStore.from_state_dict(store.state_dict())

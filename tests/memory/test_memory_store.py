@@ -1,11 +1,14 @@
-"""KNNStore: validation, cold start, capacity/eviction, value updates and recombination."""
+"""KNNStore: validation, cold start, capacity/eviction (LRFU, FIFO, random), insertion times, the clock,
+value updates, recombination and recall against exact search."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from dmt.memory import KNNStore, MemoryStats
+from dmt.memory.store import EVICTIONS
 
 
 def _rand(n: int, dim: int, seed: int) -> np.ndarray:
@@ -13,9 +16,9 @@ def _rand(n: int, dim: int, seed: int) -> np.ndarray:
 
 
 def _search_and_reference(store: KNNStore, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """:meth:`KNNStore.search`, then one LRFU reference per returned entry (as a memory layer does)."""
+    """:meth:`KNNStore.search`, then its ``(N, k)`` ids referenced (as a memory layer does)."""
     ids, distances = store.search(queries, k)
-    store.reference(ids[ids >= 0])
+    store.reference(ids)
     return ids, distances
 
 
@@ -28,6 +31,7 @@ def _search_and_reference(store: KNNStore, queries: np.ndarray, k: int) -> tuple
         ({"metric": "hamming"}, "metric"),
         ({"lrfu_lambda": 1.5}, "lrfu_lambda"),
         ({"value_dtype": "int8"}, "value_dtype"),
+        ({"eviction": "lifo"}, r"eviction must be one of lrfu, fifo, random, got 'lifo'"),
     ],
 )
 def test_constructor_validation_names_argument(kwargs: dict, name: str) -> None:
@@ -45,7 +49,7 @@ def test_cold_start_and_search_validation() -> None:
     keys, values = store.get(ids[ids >= 0])  # nothing found: nothing to read
     assert keys.shape == (0, 4) and values.shape == (0, 3)
     assert keys.dtype == values.dtype == np.float32
-    assert store.now == 1 and store.stats == MemoryStats(entries=0, queries=2)
+    assert store.now == 0 and store.stats == MemoryStats(entries=0, queries=2)  # searching: no tick
     with pytest.raises(ValueError, match=r"k=11.*capacity=10|capacity=10.*k=11"):
         store.search(_rand(1, 4, 0), k=11)
     with pytest.raises(ValueError, match=r"queries must have shape \(N, 4\)"):
@@ -97,7 +101,10 @@ def test_capacity_never_exceeded_and_evicted_entries_are_gone() -> None:
         assert len(store) <= 500 and len(store._index) == len(store)
         _search_and_reference(store, keys[:3], k=4)
     stats = store.stats
-    assert stats == MemoryStats(entries=500, inserts=30 * 97, evictions=30 * 97 - 500, queries=90, merges=0)
+    assert stats == MemoryStats(
+        entries=500, inserts=30 * 97, evictions=30 * 97 - 500, queries=90, merges=0, reads=90 * 4
+    )
+    assert store.now == 90  # one tick per query referenced
     all_keys = np.concatenate(batches)
     all_ids = np.concatenate(stored_ids)
     # A slot holds the latest key written to it; every older key written there has been evicted.
@@ -187,10 +194,157 @@ def test_search_by_magnitude_ranks_by_magnitude(backend: str, filled: int, k: in
         np.testing.assert_allclose(distances[row, : len(found)], 1.0 - dots[row, found], rtol=1e-5, atol=1e-5)
         assert np.all(np.diff(np.abs(dots[row, found])) <= 1e-6)  # largest |q·k| first
         assert np.all(distances[row, len(found) :] == np.inf) and np.all(ids[row, len(found) :] == -1)
-    assert store.now == 1  # one search call, one clock tick
+    assert store.now == 0  # searching leaves the clock alone
 
 
 def test_search_by_magnitude_needs_a_similarity_metric() -> None:
     store = KNNStore(key_dim=4, value_dim=1, capacity=8, metric="l2")
     with pytest.raises(ValueError, match=r"by_magnitude ranks by \|similarity\|.*not l2"):
         store.search(_rand(2, 4, 0), 2, by_magnitude=True)
+
+
+def test_reference_ticks_once_per_query_and_counts_reads() -> None:
+    store = KNNStore(4, 1, capacity=6, metric="l2", lrfu_lambda=0.5, index={"backend": "exact"})
+    store.insert(_rand(4, 4, 0), np.zeros((4, 1), np.float32))  # slots 0-3 at t=0
+    store.reference(np.array([[0, 1, -1], [-1, -1, -1], [1, 1, 5]]))  # ticks 1, 2, 3; slot 5 is free
+    assert store.now == 3 and store.stats.reads == 4
+    lrfu = store._lrfu
+    np.testing.assert_array_equal(lrfu.last[:4], [1, 3, 0, 0])
+    # Slot 1: the insert at 0, one reference at 1, two at 3 (duplicates each count); F(x) = 2^(-x/2).
+    np.testing.assert_allclose(lrfu.crf[:2], [1 + 2**-0.5, 2 + 2**-1 + 2**-1.5])
+    store.reference(np.array([2, 2]))  # 1-D: one query of two references, at tick 4
+    store.reference(np.empty((0, 3), dtype=np.int64))  # no query: no tick
+    assert store.now == 4 and store.stats.reads == 6 and lrfu.last[2] == 4
+    assert lrfu.crf[2] == pytest.approx(2 + 2**-2)
+    ids = store.insert(_rand(2, 4, 1), np.zeros((2, 1), np.float32))
+    np.testing.assert_array_equal(store.insertion_times(ids), [4, 4])  # inserted at the current clock
+    np.testing.assert_array_equal(lrfu.last[ids], [4, 4])
+    for bad, message in [
+        (np.zeros((1, 1, 1), dtype=np.int64), r"ids must have shape \(N, k\) or \(M,\), got \(1, 1, 1\)"),
+        (np.array([[0.5]]), "ids must be an integer array"),
+        (np.array([[6]]), r"ids must lie in \[-1, 6\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            store.reference(bad)
+    assert store.now == 4 and store.stats.reads == 6  # refused before any state changed
+
+
+@pytest.mark.parametrize("eviction", EVICTIONS)
+def test_every_eviction_keeps_capacity_and_stores_each_insert_whole(eviction: str) -> None:
+    store = KNNStore(8, 1, capacity=50, metric="l2", index={"backend": "exact"}, eviction=eviction)
+    for step in range(10):
+        keys = _rand(30, 8, step)
+        ids = store.insert(keys, np.full((30, 1), step, np.float32))
+        assert len(set(ids.tolist())) == 30 and len(store) == min(50, 30 * (step + 1))
+        np.testing.assert_array_equal(store.get(ids)[1][:, 0], step)  # no victim among this call's rows
+        _search_and_reference(store, keys[:5], k=3)
+    assert store.stats.evictions == 300 - 50 and store.eviction == eviction
+
+
+def _fifo_script(eviction: str) -> list[np.ndarray]:
+    """Inserts into a 6-slot store around references that favour the oldest entries; returns the ids of
+    each insert."""
+    store = KNNStore(4, 1, capacity=6, metric="l2", index={"backend": "exact"}, eviction=eviction)
+    zeros = np.zeros((4, 1), np.float32)
+    inserted = [store.insert(_rand(3, 4, 0), zeros[:3])]  # slots 0-2 at t=0
+    store.reference(np.array([[0, 1, 2]] * 5))  # t=5
+    inserted.append(store.insert(_rand(3, 4, 1), zeros[:3]))  # slots 3-5 at t=5
+    store.reference(np.array([[4], [0]]))  # t=7
+    np.testing.assert_array_equal(store.insertion_times(np.arange(6)), [0, 0, 0, 5, 5, 5])
+    inserted.append(store.insert(_rand(4, 4, 2), zeros))  # t=7
+    inserted.append(store.insert(_rand(3, 4, 3), zeros[:3]))
+    assert store.stats.evictions == 7
+    return inserted
+
+
+def test_fifo_evicts_the_earliest_inserted_whatever_the_references() -> None:
+    fifo = _fifo_script("fifo")
+    np.testing.assert_array_equal(fifo[2], [0, 1, 2, 3])  # inserted at 0, then the lowest slot of t=5
+    np.testing.assert_array_equal(fifo[3], [4, 5, 0])  # t=5 first, then t=7 by lower slot
+    lrfu = _fifo_script("lrfu")
+    assert set(lrfu[2].tolist()) != {0, 1, 2, 3}  # LRFU keeps the much-referenced oldest entries
+
+
+def _random_victims(global_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Victims of 600 single inserts and of one 5-row insert into a full 20-slot random-eviction store."""
+    np.random.seed(global_seed)  # the global generator plays no part
+    torch.manual_seed(global_seed)
+    store = KNNStore(4, 1, capacity=20, metric="l2", index={"backend": "exact"}, eviction="random")
+    store.insert(_rand(20, 4, 0), np.zeros((20, 1), np.float32))
+    victims = []
+    for step in range(600):
+        if step % 3 == 0:
+            store.reference(np.array([[step % 20]]))
+        victims.append(store.insert(_rand(1, 4, step + 1), np.zeros((1, 1), np.float32)))
+    batch = store.insert(_rand(5, 4, 9999), np.zeros((5, 1), np.float32))
+    return np.concatenate(victims), batch
+
+
+def test_random_eviction_is_uniform_and_the_same_on_every_replica() -> None:
+    victims, batch = _random_victims(global_seed=0)
+    replica_victims, replica_batch = _random_victims(global_seed=1)
+    np.testing.assert_array_equal(victims, replica_victims)
+    np.testing.assert_array_equal(batch, replica_batch)
+    assert len(set(batch.tolist())) == 5 and batch.min() >= 0
+    counts = np.bincount(victims, minlength=20)  # 30 expected per slot
+    chi_squared = ((counts - 30) ** 2 / 30).sum()
+    assert chi_squared < 43.8  # the 0.1% critical value for 19 degrees of freedom
+    assert not np.array_equal(victims[:20], np.arange(20))  # not FIFO's round robin
+
+
+def test_product_key_store_accepts_but_never_evicts() -> None:
+    store = KNNStore(8, 2, capacity=64, metric="ip", index={"backend": "product"}, eviction="random")
+    assert store.eviction == "random" and len(store) == 64
+    np.testing.assert_array_equal(store.insertion_times(np.arange(64)), np.zeros(64))
+
+
+def test_insertion_times_need_live_ids_and_merges_keep_the_target_time() -> None:
+    store = KNNStore(4, 1, capacity=10, metric="l2")
+    first = store.insert(np.array([[1.0, 0, 0, 0]], np.float32), np.zeros((1, 1), np.float32))
+    store.reference(np.array([[first[0]]] * 3))  # t=3
+    second = store.insert(np.array([[1.1, 0, 0, 0]], np.float32), np.zeros((1, 1), np.float32))
+    found, distances = store.search(np.array([[1.09, 0, 0, 0]], np.float32), k=2)
+    np.testing.assert_array_equal(found[0], [second[0], first[0]])  # the later entry is the target
+    assert store.recombine(found, distances, max_distance=1.0) == 1
+    np.testing.assert_array_equal(store.insertion_times(second), [3])
+    assert store.insertion_times(np.empty(0, dtype=np.int64)).shape == (0,)
+    for dead in (first, np.array([-1]), np.array([7])):
+        with pytest.raises(ValueError, match=r"insertion_times\(\) needs ids of live entries"):
+            store.insertion_times(dead)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
+def test_recall_of_exact_search_is_one_despite_ties_and_dead_slots(metric: str) -> None:
+    store = KNNStore(8, 1, capacity=320, metric=metric, index={"backend": "exact"})
+    keys = np.tile(_rand(100, 8, 0), (3, 1))  # every key three times: ties at every rank
+    store.insert(keys, np.zeros((300, 1), np.float32))
+    copies = np.arange(300).reshape(3, 100).T[:30]  # (30, 3) the three slots of each of 30 keys
+    assert store.recombine(copies, np.zeros(copies.shape), max_distance=0.0) == 60  # dead: stale keys
+    queries = _rand(40, 8, 1)
+    lrfu_state = store._lrfu.state_dict()
+    before = (store.stats, store.now)
+    assert store.recall(queries, 10) == 1.0
+    if metric != "l2":
+        assert store.recall(queries, 10, by_magnitude=True) == 1.0
+    assert (store.stats, store.now) == before  # recall changes nothing
+    np.testing.assert_array_equal(store._lrfu.crf, lrfu_state["crf"])
+    np.testing.assert_array_equal(store._lrfu.last, lrfu_state["last"])
+    assert store.recall(queries, 320) == 1.0  # k beyond the live count: all 240 live entries
+    assert np.isnan(store.recall(queries[:0], 5))
+    assert np.isnan(KNNStore(8, 1, capacity=4, metric=metric).recall(queries, 2))  # empty store
+    with pytest.raises(ValueError, match=r"k=321"):
+        store.recall(queries, 321)
+
+
+def test_recall_measures_hnsw_search_breadth(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = KNNStore(32, 1, capacity=4000, metric="cosine", index={"num_threads": 1})
+    store.insert(_rand(4000, 32, 0), np.zeros((4000, 1), np.float32))
+    queries = _rand(300, 32, 1)
+    assert store._index.ef_search is None  # derived from k and the size: the default
+    assert store.recall(queries, 16) >= 0.95
+    store._index.set_ef(1)  # raised to k: far too narrow for 4000 random 32-d keys
+    narrow = store.recall(queries, 16)
+    assert narrow < 0.9
+    monkeypatch.setattr("dmt.memory.store.RECALL_KEY_BLOCK", 333)  # blocks that split the live keys
+    monkeypatch.setattr("dmt.memory.store.RECALL_QUERY_BLOCK", 7)
+    assert store.recall(queries, 16) == pytest.approx(narrow, abs=1e-3)
