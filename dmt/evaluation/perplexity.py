@@ -51,7 +51,12 @@ def _max_positions(model: torch.nn.Module) -> int | None:
 
 @torch.no_grad()
 def sliding_window_nll(
-    model: torch.nn.Module, input_ids: torch.Tensor, window: int, stride: int, batch_size: int = 1
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    window: int,
+    stride: int,
+    batch_size: int = 1,
+    token_nll: torch.Tensor | None = None,
 ) -> tuple[float, int]:
     """Summed next-token NLL of one text under sliding windows.
 
@@ -61,6 +66,8 @@ def sliding_window_nll(
         window: tokens of context per forward pass
         stride: step between window starts, ``1 <= stride <= window``
         batch_size: windows per forward pass; the last batch's short window is right-padded
+        token_nll: optional ``(L,)`` float tensor that receives the NLL of each scored token at its position
+            (positions not scored are left as they are)
     Returns:
         ``(nll_sum, n_scored)``: the NLL in nats summed over the scored tokens; ``n_scored = L - 1`` when
         ``stride < window``, one fewer per extra window when ``stride == window``, 0 when ``L < 2``.
@@ -99,12 +106,13 @@ def sliding_window_nll(
                 labels[row, first - begin : end - begin] = input_ids[first:end]
             logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
             # Logits at t predict token t + 1; float32 so half-precision models sum NLL accurately.
-            nll += F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(),
-                labels[:, 1:].flatten(),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            ).item()
+            predicted, targets = logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten()
+            nll += F.cross_entropy(predicted, targets, ignore_index=IGNORE_INDEX, reduction="sum").item()
+            if token_nll is not None:
+                per_token = F.cross_entropy(predicted, targets, ignore_index=IGNORE_INDEX, reduction="none")
+                per_token = per_token.view(len(chunk), width - 1)  # (B, T - 1): row j scores token j + 1
+                for row, (begin, end, first) in enumerate(chunk):
+                    token_nll[first:end] = per_token[row, first - begin - 1 : end - begin - 1].to(token_nll)
             scored += int((labels[:, 1:] != IGNORE_INDEX).sum())
     finally:
         model.train(was_training)

@@ -1,0 +1,134 @@
+"""Reading a long document window by window: perplexity per quarter, with and without memory inserts.
+
+``python -m dmt.evaluation.long_document student=<export or .ckpt> document=<text file>`` scores one
+document with sliding windows (``conf/long_document.yaml``: window 512, stride 256) three ways: the teacher,
+the student with its memory as trained (no inserts), and the student inserting as it reads (every memory
+layer with a ``novelty_threshold`` stores the novel keys and values of each window after searching it, so
+later windows can retrieve what earlier ones held). Each quarter of the document gets its own perplexity:
+a memory that carries what the window has lost shows up as lower perplexity in later quarters. Prints a
+table and writes ``output`` as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from transformers import PreTrainedModel
+
+import dmt.config  # noqa: F401  (registers the ${pkg:...} resolver)
+from dmt.evaluation.perplexity import sliding_window_nll
+from dmt.model.loading import load_teacher, load_tokenizer
+from dmt.model.persistence import load_student
+from dmt.model.surgery import memory_layers
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+QUARTERS = 4
+
+
+@contextmanager
+def inserting_memory(model: PreTrainedModel) -> Iterator[int]:
+    """Within the block, memory layers that insert in training (``novelty_threshold`` set) insert in
+    evaluation too, writing at once; yields how many layers do. Their settings are restored afterwards;
+    what they stored stays."""
+    layers = [layer for layer in memory_layers(model).values() if layer.cfg.novelty_threshold is not None]
+    saved = [(layer.cfg, layer.deferred_writes) for layer in layers]
+    for layer in layers:
+        layer.cfg = replace(layer.cfg, insert_during_eval=True)
+        layer.deferred_writes = False
+    try:
+        yield len(layers)
+    finally:
+        for layer, (cfg, deferred) in zip(layers, saved, strict=True):
+            layer.cfg, layer.deferred_writes = cfg, deferred
+
+
+def quarter_perplexities(
+    model: PreTrainedModel, input_ids: torch.Tensor, window: int, stride: int
+) -> dict[str, Any]:
+    """Perplexity of each quarter of ``input_ids (L,)`` (by target position), windows read in order.
+
+    Returns ``{"quarters": [4 × {"perplexity", "nll", "tokens"}], "whole": {...}}``.
+    """
+    token_nll = torch.full((input_ids.numel(),), math.nan, dtype=torch.float64)  # (L,)
+    sliding_window_nll(model, input_ids, window, stride, batch_size=1, token_nll=token_nll)
+    bounds = torch.linspace(0, input_ids.numel(), QUARTERS + 1).round().long().tolist()
+
+    def summary(part: torch.Tensor) -> dict[str, float]:
+        scored = part[~part.isnan()]
+        nll = float(scored.sum())
+        return {"perplexity": math.exp(nll / len(scored)), "nll": nll, "tokens": len(scored)}
+
+    quarters = [summary(token_nll[a:b]) for a, b in pairwise(bounds)]
+    return {"quarters": quarters, "whole": summary(token_nll)}
+
+
+def read_document(
+    teacher: PreTrainedModel, student: PreTrainedModel, input_ids: torch.Tensor, window: int, stride: int
+) -> dict[str, Any]:
+    """The three readings of the module docstring, as ``{"rows": [{"name", "quarters": [...]}]}``.
+
+    The student is read without inserts first; the inserting reading then grows its memory.
+    """
+    rows = [
+        {"name": "teacher", **quarter_perplexities(teacher, input_ids, window, stride)},
+        {"name": "student", **quarter_perplexities(student, input_ids, window, stride)},
+    ]
+    with inserting_memory(student) as layers:
+        if not layers:
+            raise ValueError("the student has no memory layer that inserts (novelty_threshold: null)")
+        entries = sum(len(layer.store) for layer in memory_layers(student).values())
+        reading = quarter_perplexities(student, input_ids, window, stride)
+        grown = sum(len(layer.store) for layer in memory_layers(student).values()) - entries
+    rows.append({"name": "student, inserting", **reading, "entries_added": grown})
+    return {"rows": rows, "settings": {"window": window, "stride": stride, "tokens": input_ids.numel()}}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Perplexity per quarter and overall, one row per reading."""
+    header = f"{'reading':<20}" + "".join(f"{f'Q{q + 1}':>10}" for q in range(QUARTERS)) + f"{'whole':>10}"
+    lines = [header]
+    for row in result["rows"]:
+        values = [*row["quarters"], row["whole"]]
+        lines.append(f"{row['name']:<20}" + "".join(f"{v['perplexity']:>10.2f}" for v in values))
+    return "\n".join(lines)
+
+
+def run_long_document(cfg: DictConfig) -> dict[str, Any]:
+    """The whole reading from a composed ``long_document`` config; prints the table, writes ``cfg.output``."""
+    if cfg.student is None or cfg.document is None:
+        raise ValueError("student and document: give an export (or .ckpt) and a text file")
+    tokenizer = load_tokenizer(cfg.teacher)
+    text = Path(cfg.document).read_text(encoding="utf-8", errors="replace")
+    input_ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)  # (L,)
+    if cfg.max_tokens is not None:
+        input_ids = input_ids[: cfg.max_tokens]
+    teacher = load_teacher(cfg.teacher)
+    student = load_student(cfg.student)[0]
+    result = read_document(teacher, student, input_ids, cfg.window, cfg.stride)
+    result |= {"student": str(cfg.student), "document": str(cfg.document)}
+    print(format_table(result))
+    if cfg.output:
+        output = Path(cfg.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2))
+        print(f"\nwritten: {output}")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="long_document")
+def main(cfg: DictConfig) -> None:
+    run_long_document(cfg)
+
+
+if __name__ == "__main__":
+    main()
