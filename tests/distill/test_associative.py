@@ -137,3 +137,30 @@ def test_associative_run_logs_per_step_rates_and_recall(tmp_path, text_dir):
     assert all(0.0 <= share <= 1.0 for share in logged[prefix + "new_read_share"])
     assert logged[prefix + "new_read_share"][-1] > 0  # reads served by entries this run inserted
     assert logged[prefix + "recall_at_k"] and min(logged[prefix + "recall_at_k"]) >= 0.95
+
+
+@pytest.mark.slow
+def test_associative_upper_learns_on_the_real_teacher(tmp_path):
+    """The shipped experiment on SmolLM2-135M, shortened: stores fill, evict and are searched by hnswlib."""
+    cfg = compose_cfg(
+        "experiment=associative_upper",
+        f"paths.output_dir={tmp_path}",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=6",
+        "trainer.log_every_n_steps=1",
+        "data.max_val_blocks=2",
+        "swap.capacity=4096",
+        "callbacks.memory_monitor.recall_every_n_steps=3",
+        "evaluate.enabled=false",
+        "export=false",
+    )
+    summary = run.distill(cfg)
+    logged = scalars(tmp_path / "tensorboard")
+    for index in range(26, 30):
+        prefix = f"memory/layer_{index:02d}/"
+        assert logged[prefix + "entries"][-1] == 4096
+        assert logged[prefix + "evictions_per_step"][-1] > 0
+        assert min(logged[prefix + "recall_at_k"]) >= 0.95
+    assert summary["memory_entries"] == 4 * 4096
+    loss = logged["train/loss"]
+    assert loss[-1] < loss[1], loss  # step 0 reads an empty store; from step 1 on, the inserts are read
