@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import dmt.config  # noqa: F401  (registers the ${pkg:...} resolver)
 from dmt.data.datamodule import resolve_files
-from dmt.evaluation.evaluate import evaluate, format_generations, format_table
+from dmt.evaluation.evaluate import evaluate, format_generations, format_table, write_json
 from dmt.model.loading import load_teacher, load_tokenizer
 from dmt.model.persistence import load_student
 from dmt.model.surgery import swapped_layers
@@ -66,10 +66,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     if result["generations"]:
         print("\n" + format_generations(result))
     if cfg.output:
-        output = Path(cfg.output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=2))
-        print(f"\nwritten: {output}")
+        write_json(cfg.output, result)
+        print(f"\nwritten: {cfg.output}")
     return result
 
 

@@ -62,7 +62,9 @@ def teacher_cache_key(teacher_id: str, texts: Sequence[str], window: int, stride
     return digest.hexdigest()
 
 
-def _write_json_atomically(path: Path, payload: Any) -> None:
+def write_json(path: str | os.PathLike, payload: Any) -> None:
+    """``payload`` as indented JSON at ``path`` (parents created), written aside then moved into place."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as handle:
@@ -97,7 +99,7 @@ def _teacher_perplexity(
             pass  # a corrupt entry is recomputed and overwritten
     result = perplexity(teacher, tokenizer, list(texts), window, stride, batch_size)
     record = {"teacher_id": teacher_id, "window": window, "stride": stride, "texts": len(texts)}
-    _write_json_atomically(path, {**record, "result": dict(result)})
+    write_json(path, {**record, "result": dict(result)})
     return result, False
 
 

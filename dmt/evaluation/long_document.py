@@ -11,7 +11,6 @@ table and writes ``output`` as JSON.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
 import dmt.config  # noqa: F401  (registers the ${pkg:...} resolver)
+from dmt.evaluation.evaluate import write_json
 from dmt.evaluation.perplexity import sliding_window_nll
 from dmt.model.loading import load_teacher, load_tokenizer
 from dmt.model.persistence import load_student
@@ -118,10 +118,8 @@ def run_long_document(cfg: DictConfig) -> dict[str, Any]:
     result |= {"student": str(cfg.student), "document": str(cfg.document)}
     print(format_table(result))
     if cfg.output:
-        output = Path(cfg.output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=2))
-        print(f"\nwritten: {output}")
+        write_json(cfg.output, result)
+        print(f"\nwritten: {cfg.output}")
     return result
 
 

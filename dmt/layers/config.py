@@ -19,8 +19,9 @@ from typing import Any, ClassVar, TypeVar
 
 from dmt.layers.mlp import MLPForm
 from dmt.memory.backends import check_index_settings
+from dmt.memory.eviction import check_eviction
 from dmt.memory.metrics import check_metric
-from dmt.memory.store import EVICTIONS, VALUE_DTYPES
+from dmt.memory.store import VALUE_DTYPES
 
 INITS: tuple[str, ...] = ("empty", "ffn")
 WEIGHTINGS: tuple[str, ...] = ("softmax", "relu", "gelu", "gelu_tanh", "silu")
@@ -135,8 +136,10 @@ class MemoryConfig(LayerConfig):
             raise bad("topk", f"k={self.topk} is larger than the capacity ({self.capacity})")
         if self.temperature is not None and self.temperature <= 0:
             raise bad("temperature", f"must be > 0, got {self.temperature}")
-        if self.eviction not in EVICTIONS:
-            raise bad("eviction", f"unknown policy {self.eviction!r}; expected one of {EVICTIONS}")
+        try:
+            check_eviction(self.eviction)
+        except ValueError as err:
+            raise bad("eviction", str(err)) from None
         if not 0.0 <= self.lrfu_lambda <= 1.0:
             raise bad("lrfu_lambda", f"must lie in [0, 1], got {self.lrfu_lambda}")
         if self.value_dtype not in VALUE_DTYPES:
