@@ -116,7 +116,7 @@ class MemoryConfig(LayerConfig):
     value_dtype: str = "float32"
     novelty_threshold: float | None = None
     eviction: str = "lrfu"
-    lrfu_lambda: float = 0.5
+    lrfu_lambda: float = 0.0
     recombine_distance: float | None = None
     insert_during_eval: bool = False
     index: dict[str, Any] = field(default_factory=lambda: {"backend": "auto"})
