@@ -6,9 +6,7 @@ from dmt.layers.associative import AssociativeMemory
 from dmt.layers.base import MemoryLayer
 from dmt.layers.baselines import BaselineLayer, LowRankMLP, RemovedMLP, build_baseline, matched_rank
 from dmt.layers.config import (
-    BASELINE_TYPES,
     LAYER_TYPES,
-    MEMORY_TYPES,
     AssociativeConfig,
     FeaturalConfig,
     LayerConfig,
@@ -37,10 +35,8 @@ def build_memory_layer(
 
 
 __all__ = [
-    "BASELINE_TYPES",
     "LAYER_CLASSES",
     "LAYER_TYPES",
-    "MEMORY_TYPES",
     "SWAPPED_CLASSES",
     "AssociativeConfig",
     "AssociativeMemory",

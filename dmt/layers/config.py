@@ -337,8 +337,6 @@ class AssociativeConfig(MemoryConfig):
 CONFIG_CLASSES: dict[str, type[LayerConfig]] = {
     cls.type: cls for cls in (FeaturalConfig, AssociativeConfig, RemovedConfig, LowRankConfig)
 }
-MEMORY_TYPES: tuple[str, ...] = tuple(t for t, cls in CONFIG_CLASSES.items() if cls.has_store)
-BASELINE_TYPES: tuple[str, ...] = tuple(t for t, cls in CONFIG_CLASSES.items() if not cls.has_store)
 LAYER_TYPES: tuple[str, ...] = tuple(CONFIG_CLASSES)
 
 
