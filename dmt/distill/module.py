@@ -55,6 +55,19 @@ def insert_targets(layers: dict[int, MemoryLayer], targets: dict[int, torch.Tens
             layer.insert_targets = None
 
 
+@contextmanager
+def token_ids(layers: dict[int, MemoryLayer], input_ids: torch.Tensor) -> Iterator[None]:
+    """Hand every memory layer the ``input_ids (B, T)`` of the forward inside the block, so the entries
+    it inserts record the text they came from (``MemoryLayer.token_ids``)."""
+    for layer in layers.values():
+        layer.token_ids = input_ids
+    try:
+        yield
+    finally:
+        for layer in layers.values():
+            layer.token_ids = None
+
+
 def warmup_cosine(
     step: int, warmup_steps: int, max_steps: int | None, min_ratio: float, time_fraction: float = 0.0
 ) -> float:
@@ -156,7 +169,11 @@ class DistillationModule(pl.LightningModule):
             teacher_mlps = {i: get_mlp(teacher, i) for i in layers}
             with torch.no_grad(), capture_outputs(teacher_mlps) as teacher_out:
                 teacher_logits = teacher(input_ids=input_ids, attention_mask=mask).logits
-        with capture_outputs(layers) as student_out, insert_targets(self.memory_layers, teacher_out):
+        with (
+            capture_outputs(layers) as student_out,
+            insert_targets(self.memory_layers, teacher_out),
+            token_ids(self.memory_layers, input_ids),
+        ):
             logits = self(input_ids, mask)
         out = {"ce": ce_loss(logits, input_ids, mask)}
         if teacher is not None:

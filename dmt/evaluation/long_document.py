@@ -1,12 +1,12 @@
 """Reading a long document window by window: perplexity per quarter, with and without memory inserts.
 
 ``python -m dmt.evaluation.long_document student=<export or .ckpt> document=<text file>`` scores one
-document with sliding windows (``conf/long_document.yaml``: window 512, stride 256) three ways: the teacher,
-the student with its memory as trained (no inserts), and the student inserting as it reads (every memory
-layer with a ``novelty_threshold`` stores the novel keys and values of each window after searching it, so
-later windows can retrieve what earlier ones held). Each quarter of the document gets its own perplexity:
-a memory that carries what the window has lost shows up as lower perplexity in later quarters. Prints a
-table and writes ``output`` as JSON.
+document with sliding windows (``dmt/conf/long_document.yaml``: window 512, stride 256) three ways: the
+teacher, the student with its memory as trained (no inserts), and the student inserting as it reads (every
+memory layer with a ``novelty_threshold`` stores the novel keys and values of each window after searching
+it, so later windows can retrieve what earlier ones held). Each quarter of the document gets its own
+perplexity: a memory that carries what the window has lost shows up as lower perplexity in later quarters.
+Prints a table and writes ``output`` as JSON.
 """
 
 from __future__ import annotations
@@ -24,30 +24,46 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
-import dmt.config  # noqa: F401  (registers the ${pkg:...} resolver)
+from dmt.conf import CONFIG_PATH  # (importing dmt.conf registers the ${pkg:...} resolver)
 from dmt.evaluation.evaluate import write_json
 from dmt.evaluation.perplexity import sliding_window_nll
 from dmt.model.loading import load_teacher, load_tokenizer
 from dmt.model.persistence import load_student
 from dmt.model.surgery import memory_layers
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 QUARTERS = 4
 
 
 @contextmanager
 def inserting_memory(model: PreTrainedModel) -> Iterator[int]:
     """Within the block, memory layers that insert in training (``novelty_threshold`` set) insert in
-    evaluation too, writing at once; yields how many layers do. Their settings are restored afterwards;
-    what they stored stays."""
+    evaluation too, writing at once; yields how many layers do. Each forward of ``model`` hands them its
+    ``input_ids`` (``MemoryLayer.token_ids``), so what they insert records the text it came from. Their
+    settings are restored afterwards; what they stored stays."""
     layers = [layer for layer in memory_layers(model).values() if layer.cfg.novelty_threshold is not None]
     saved = [(layer.cfg, layer.deferred_writes) for layer in layers]
+
+    def set_token_ids(_model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)  # (B, T), or None for embeddings
+        for layer in layers:
+            layer.token_ids = input_ids
+
+    def clear_token_ids(*_: Any) -> None:
+        for layer in layers:
+            layer.token_ids = None
+
+    hooks = [
+        model.register_forward_pre_hook(set_token_ids, with_kwargs=True),
+        model.register_forward_hook(clear_token_ids, always_call=True),
+    ]
     for layer in layers:
         layer.cfg = replace(layer.cfg, insert_during_eval=True)
         layer.deferred_writes = False
     try:
         yield len(layers)
     finally:
+        for hook in hooks:
+            hook.remove()
         for layer, (cfg, deferred) in zip(layers, saved, strict=True):
             layer.cfg, layer.deferred_writes = cfg, deferred
 
@@ -123,7 +139,7 @@ def run_long_document(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="long_document")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="long_document")
 def main(cfg: DictConfig) -> None:
     run_long_document(cfg)
 

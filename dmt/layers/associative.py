@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dmt.layers.base import MemoryLayer, neighbour_distances, neighbour_weights
+from dmt.layers.base import MemoryLayer
 from dmt.layers.config import AssociativeConfig
 from dmt.layers.straight_through import mix_values_straight_through, returned_keys_straight_through
+from dmt.remote_code.memory_ops import neighbour_distances, neighbour_weights
 
 
 class AssociativeMemory(MemoryLayer):

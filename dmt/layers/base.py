@@ -11,18 +11,16 @@ until inserts fill the store.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dmt.layers.config import MemoryConfig
-from dmt.memory import KNNStore
+from dmt.memory import KNNStore, token_spans
+from dmt.remote_code.memory_ops import AppendOne, OutputBias, similarity_scores
 
 # A store mutation recorded by a layer: (operation, arguments of the store method).
 WriteOp = tuple[str, tuple[Any, ...]]
@@ -50,9 +48,11 @@ def apply_writes(store: KNNStore, writes_per_rank: list[list[WriteOp]]) -> None:
 class ReadCounts:
     """What a layer's training searches returned since they were last taken (for per-step rates)."""
 
+    searches: int = 0
     reads: int = 0  # valid neighbours returned
     distinct: int = 0  # distinct entries returned, summed over searches
     new: int = 0  # reads of entries inserted since ``MemoryLayer.run_start``
+    distance_sum: float = 0.0  # of the reads to their queries
 
 
 # Queries a layer keeps from its latest training search, to measure the index's recall on them.
@@ -80,89 +80,6 @@ class Retrieved:
     def nearest(self) -> np.ndarray:
         """``(N,)`` distance of each query's nearest entry, +inf if none."""
         return self.distances[:, 0]
-
-
-# The activation weightings, by name (``gelu_tanh`` is GPT-2's tanh approximation of GELU).
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": partial(F.gelu, approximate="tanh"),
-    "silu": F.silu,
-}
-
-
-# Scoring all (query, table row) pairs with one matmul beats gathering (N, K, D) neighbour rows while the
-# table has at most this many rows per neighbour slot (a row copy costs about as much as 30 multiply-adds).
-DENSE_SCORING_MAX_ROWS_PER_K = 32
-
-
-def neighbour_dots(vectors: torch.Tensor, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``vectors (N, D)`` · ``table (U, D)[rows (N, K)]`` → ``(N, K)``, differentiable in both."""
-    if table.shape[0] <= DENSE_SCORING_MAX_ROWS_PER_K * rows.shape[1]:
-        return (vectors @ table.T).gather(1, rows)  # (N, U) → (N, K)
-    return torch.einsum("nd,nkd->nk", vectors, table[rows])
-
-
-def neighbour_distances(
-    queries: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, metric: str
-) -> torch.Tensor:
-    """Distance ``(N, K)`` of ``queries (N, D)`` to their neighbours ``keys (U, D)[rows (N, K)]``, in the
-    conventions of :mod:`dmt.memory.metrics` (what the index reported, differentiable in the queries)."""
-    if metric == "l2":
-        squared_norms = keys.pow(2).sum(1)[rows]  # (N, K)
-        dots = neighbour_dots(queries, keys, rows)
-        return queries.pow(2).sum(1, keepdim=True) - 2.0 * dots + squared_norms
-    if metric == "cosine":
-        queries = F.normalize(queries, dim=1)
-        keys = F.normalize(keys, dim=1)
-    return 1.0 - neighbour_dots(queries, keys, rows)
-
-
-def neighbour_weights(
-    scores: torch.Tensor, valid: torch.Tensor, weighting: str, gate: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Weights ``(N, K)`` of the neighbours from their ``scores (N, K)``; invalid neighbours get 0.
-
-    ``softmax`` normalises over the neighbours; ``relu``/``gelu``/``gelu_tanh``/``silu`` apply the
-    activation to each score independently, which makes a store seeded from an MLP's rows compute a top-k
-    MLP. ``gate (N, K)``, if given, multiplies the weights (a gated, SwiGLU-like memory).
-    """
-    if weighting == "softmax":
-        weights = scores.masked_fill(~valid, torch.finfo(scores.dtype).min).softmax(dim=-1)
-    else:
-        weights = ACTIVATIONS[weighting](scores)
-    if gate is not None:
-        weights = weights * gate
-    return weights * valid  # rows without any neighbour sum to zero
-
-
-def mix_values(weights: torch.Tensor, rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """``Σ_k weights[n, k] · table[rows[n, k]]`` → ``(N, Dv)`` for ``table (U, Dv)``.
-
-    ``embedding_bag`` forms the sum without the ``(N, K, Dv)`` gather, forward and backward; the table's
-    gradient comes back summed per row (one row per distinct entry).
-    """
-    return F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
-
-
-class AppendOne(nn.Module):
-    """``x (..., C) → [x, 1] (..., C + 1)``: a parameter-free query whose constant lets a stored key carry
-    a bias, as an MLP unit's input weights do."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
-
-
-class OutputBias(nn.Module):
-    """``x → x + bias``: the output "projection" of a memory layer whose values are already ``d_model``
-    wide; the bias is the replaced MLP's output bias (zero for Llama-family MLPs)."""
-
-    def __init__(self, d_model: int) -> None:
-        super().__init__()
-        self.bias = nn.Parameter(torch.zeros(d_model))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.bias
 
 
 class MemoryLayer(nn.Module):
@@ -213,6 +130,9 @@ class MemoryLayer(nn.Module):
         # they can be applied once per optimiser step, identically on every data-parallel replica.
         self.deferred_writes = False
         self._writes: list[WriteOp] = []
+        # The input ids (B, T) of the forward in progress, set by whoever runs the model, so the entries
+        # this layer inserts record the text span they came from. None: origins are not recorded.
+        self.token_ids: torch.Tensor | None = None
 
     def write(self, op: str, *args: Any) -> None:
         """Mutate the store now, or record the mutation when writes are deferred."""
@@ -241,7 +161,7 @@ class MemoryLayer(nn.Module):
             self.last_topk_distance = float(distances[found].mean())
         slots, rows = np.unique(ids, return_inverse=True)  # sorted: a padding id -1 becomes row 0
         if self.training:
-            self._count_reads(ids[found], int(np.count_nonzero(slots >= 0)))
+            self._count_reads(ids[found], distances[found], int(np.count_nonzero(slots >= 0)))
             stride = max(1, len(host_queries) // RECALL_SAMPLE)
             self._recall_queries = host_queries[::stride][:RECALL_SAMPLE]
             self._recall_by_magnitude = by_magnitude
@@ -289,7 +209,9 @@ class MemoryLayer(nn.Module):
     def insert_novel(self, nearest: np.ndarray, keys: torch.Tensor, values: torch.Tensor | None) -> None:
         """Insert the rows of ``keys (N, Dk)`` / ``values (N, Dv)`` whose nearest neighbour is far enough.
 
-        ``values=None`` inserts zero values (featural layers learn them afterwards).
+        ``values=None`` inserts zero values (featural layers learn them afterwards). With :attr:`token_ids`
+        ``(B, T)`` set, row ``n`` of the ``N = B·T·H`` rows comes from token ``(b, t) = divmod(n // H, T)``
+        and its entry records the ids of the tokens up to ``t`` as its origin (``KNNStore.insert``).
         """
         if not self.inserting:
             return
@@ -302,7 +224,17 @@ class MemoryLayer(nn.Module):
                 if values is None
                 else values.detach()[mask].float().cpu().numpy()
             )  # (M, Dv)
-            self.write("insert", new_keys, new_values)
+            origin_tokens = None
+            if self.token_ids is not None:
+                token_ids = self.token_ids.detach().cpu().numpy()  # (B, T)
+                if token_ids.size * self.heads != len(novel):
+                    raise ValueError(
+                        f"token_ids of shape {tuple(token_ids.shape)} do not match the {len(novel)} query "
+                        f"rows of {self.heads} head(s)"
+                    )
+                batch, position = np.divmod(np.flatnonzero(novel) // self.heads, token_ids.shape[1])
+                origin_tokens = token_spans(token_ids, batch, position)  # (M, ORIGIN_SPAN)
+            self.write("insert", new_keys, new_values, None, origin_tokens)
 
     def maybe_recombine(self, found: Retrieved) -> None:
         if self.training and self.cfg.recombine_distance is not None:
@@ -310,9 +242,7 @@ class MemoryLayer(nn.Module):
 
     def scores(self, distances: torch.Tensor) -> torch.Tensor:
         """Similarity ``(N, K)`` from the neighbours' ``distances (N, K)``, scaled by the temperature."""
-        # ip / cosine distances are 1 - similarity; l2 is a plain distance.
-        similarity = -distances if self.cfg.metric == "l2" else 1.0 - distances
-        return similarity / self.cfg.temperature
+        return similarity_scores(distances, self.cfg.metric, self.cfg.temperature)
 
     def split_heads(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """``(B, T, H·dim) -> (B·T·H, dim)``"""
@@ -322,10 +252,13 @@ class MemoryLayer(nn.Module):
         """``(B·T·H, Dv) -> (B, T, H·Dv)`` then the output projection to ``(B, T, C)``."""
         return self.out_proj(x.reshape(*batch_shape, self.heads * self.value_dim))
 
-    def _count_reads(self, read_ids: np.ndarray, distinct: int) -> None:
-        """Count a training search's valid neighbours ``read_ids (M,)`` and its ``distinct`` entries."""
+    def _count_reads(self, read_ids: np.ndarray, read_distances: np.ndarray, distinct: int) -> None:
+        """Count a training search's valid neighbours ``read_ids (M,)`` at ``read_distances (M,)`` and its
+        ``distinct`` entries."""
+        self._reads.searches += 1
         self._reads.reads += len(read_ids)
         self._reads.distinct += distinct
+        self._reads.distance_sum += float(read_distances.sum(dtype=np.float64))
         if self.run_start is not None and len(read_ids):
             self._reads.new += int(np.count_nonzero(self.store.insertion_times(read_ids) > self.run_start))
 

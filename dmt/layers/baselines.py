@@ -105,7 +105,8 @@ class LowRankMLP(BaselineLayer):
     (:meth:`init_from_ffn`).
     """
 
-    def __init__(self, d_model: int, cfg: LowRankConfig, ffn: FFNWeights) -> None:
+    def __init__(self, d_model: int, cfg: LowRankConfig, ffn: FFNWeights, seed: bool = True) -> None:
+        """``seed=False`` skips ``init: ffn`` (saved weights are loaded over the layer instead)."""
         form = ffn.form
         if form.d_model != d_model:
             raise ValueError(f"the MLP reads width {form.d_model}, the model is {d_model} wide")
@@ -115,7 +116,7 @@ class LowRankMLP(BaselineLayer):
         self.gate_keys = nn.Linear(d_model, self.width, bias=False) if form.gated else None
         self.values = nn.Linear(self.width, d_model, bias=form.out_bias)  # (r) → (C)
         self.act = ffn.act_fn
-        if cfg.init == "ffn":
+        if cfg.init == "ffn" and seed:
             self.init_from_ffn(ffn)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -149,10 +150,11 @@ class LowRankMLP(BaselineLayer):
         return f"width={self.width}, gated={self.gate_keys is not None}, init={self.cfg.init}"
 
 
-def build_baseline(d_model: int, cfg: LayerConfig, ffn: FFNWeights) -> BaselineLayer:
-    """The baseline of ``cfg.type`` for the MLP ``ffn`` (read from the block it replaces)."""
+def build_baseline(d_model: int, cfg: LayerConfig, ffn: FFNWeights, seed: bool = True) -> BaselineLayer:
+    """The baseline of ``cfg.type`` for the MLP ``ffn`` (read from the block it replaces); ``seed=False``
+    leaves its weights to be loaded."""
     if isinstance(cfg, RemovedConfig):
         return RemovedMLP(cfg)
     if isinstance(cfg, LowRankConfig):
-        return LowRankMLP(d_model, cfg, ffn)
+        return LowRankMLP(d_model, cfg, ffn, seed=seed)
     raise ValueError(f"swap.type: {cfg.type!r} is not a baseline layer type")

@@ -5,17 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dmt.layers.base import (
-    MemoryLayer,
-    low_rank_factors,
-    mix_values,
-    neighbour_distances,
-    neighbour_dots,
-    neighbour_weights,
-)
+from dmt.layers.base import MemoryLayer, low_rank_factors
 from dmt.layers.config import FeaturalConfig
 from dmt.layers.mlp import FFNWeights
 from dmt.memory import KNNStore
+from dmt.remote_code.memory_ops import mix_values, neighbour_distances, neighbour_dots, neighbour_weights
 
 
 class FeaturalMemory(MemoryLayer):
@@ -84,10 +78,11 @@ class FeaturalMemory(MemoryLayer):
         keys, values, gate_keys = ffn.keys, ffn.values, ffn.gate_keys
         bias = ffn.key_bias if ffn.key_bias is not None else keys.new_zeros(form.units)
         augmented = torch.cat([keys, bias[:, None]], dim=1)  # (U, C + 1)
+        units = torch.arange(form.units).numpy()  # (U,): entry u is seeded from unit u
         self.out_proj.bias.copy_(ffn.out_bias if ffn.out_bias is not None else torch.zeros(form.d_model))
         if not self.cfg.dense_weights:  # the store holds the MLP's own rows
             entries = values if gate_keys is None else torch.cat([values, gate_keys], dim=1)
-            self.store.insert(augmented.numpy(), entries.numpy())
+            self.store.insert(augmented.numpy(), entries.numpy(), origin_units=units)
             return
         key_coords, key_basis = low_rank_factors(augmented, self.key_dim)  # (U, Dk), (Dk, C + 1)
         self.query_proj.weight.copy_(key_basis[:, : form.d_model])
@@ -100,4 +95,4 @@ class FeaturalMemory(MemoryLayer):
             self.gate_query_proj.weight.copy_(gate_basis)
             self.gate_query_proj.bias.zero_()
             entries = torch.cat([value_coords, gate_coords], dim=1)  # (U, Dv + G)
-        self.store.insert(key_coords.numpy(), entries.numpy())
+        self.store.insert(key_coords.numpy(), entries.numpy(), origin_units=units)

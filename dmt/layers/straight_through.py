@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.autograd import Function
 
-from dmt.layers.base import mix_values
+from dmt.remote_code.memory_ops import mix_values
 
 
 class ReturnedKeysStraightThrough(Function):

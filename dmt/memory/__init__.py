@@ -6,6 +6,16 @@ from dmt.memory.base import MemoryStats
 from dmt.memory.integrity import MemoryStoreError
 from dmt.memory.lrfu import LRFU
 from dmt.memory.metrics import METRICS, Metric
-from dmt.memory.store import EVICTIONS, KNNStore
+from dmt.memory.store import EVICTIONS, ORIGIN_SPAN, KNNStore, token_spans
 
-__all__ = ["EVICTIONS", "LRFU", "METRICS", "KNNStore", "MemoryStats", "MemoryStoreError", "Metric"]
+__all__ = [
+    "EVICTIONS",
+    "LRFU",
+    "METRICS",
+    "ORIGIN_SPAN",
+    "KNNStore",
+    "MemoryStats",
+    "MemoryStoreError",
+    "Metric",
+    "token_spans",
+]

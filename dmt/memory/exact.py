@@ -1,12 +1,12 @@
 """Brute-force key index: one matmul and a top-k per block of queries, recall 1 by construction.
 
 Inserting is a row copy, so a full store churns at memory speed instead of hnswlib's ~1 ms per overwrite;
-searching costs ``capacity · dim`` multiply-adds per query, which beats a graph walk for small stores.
+searching costs ``capacity · dim`` multiply-adds per query, which beats a graph walk for small stores. The
+index holds nothing but the store's keys, so it is never saved: a restored store rebuilds it from them.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ class ExactIndex(KeyIndex):
     """
 
     backend = "exact"
+    has_file = False
 
     def __init__(self, dim: int, metric: str, capacity: int) -> None:
         super().__init__(dim, metric, capacity)
@@ -42,11 +43,6 @@ class ExactIndex(KeyIndex):
     def _offsets(self, rows: torch.Tensor) -> torch.Tensor:
         """``(M,)`` offsets of live ``rows (M, D)``."""
         return rows.pow(2).sum(1) if self.metric == "l2" else torch.ones(len(rows))
-
-    @property
-    def _vectors(self) -> torch.Tensor:
-        """``(C, D)`` the stored vectors (normalised for cosine)."""
-        return self._table[:, : self.dim] / -self._scale
 
     @property
     def params(self) -> dict[str, Any]:
@@ -65,9 +61,15 @@ class ExactIndex(KeyIndex):
             raise ValueError(f"got {len(labels)} labels for {len(rows)} vectors")
         if len(np.unique(labels)) != len(labels):
             raise ValueError("labels must be distinct within one add")
-        self._table[torch.from_numpy(labels)] = torch.cat(
-            [-self._scale * rows, self._offsets(rows)[:, None]], 1
-        )
+        if len(labels) > 1 and (np.diff(labels) == 1).all():
+            # A run of labels (a store rebuilding its index) is written in place: no (M, D) temporaries.
+            block = self._table[labels[0] : labels[-1] + 1]  # (M, D + 1) view
+            block[:, : self.dim].copy_(rows).mul_(-self._scale)
+            block[:, self.dim] = self._offsets(rows)
+        else:
+            self._table[torch.from_numpy(labels)] = torch.cat(
+                [-self._scale * rows, self._offsets(rows)[:, None]], 1
+            )
         self._live[labels] = True
 
     def remove(self, labels: np.ndarray) -> None:
@@ -99,19 +101,3 @@ class ExactIndex(KeyIndex):
             labels[begin : begin + block, :k_live] = top.indices.numpy()
             distances[begin : begin + block, :k_live] = found.numpy()
         return labels, distances
-
-    def save(self, path: str | Path) -> None:
-        """The stored vectors ``(capacity, dim)`` as a ``.npy`` file (free rows are kept as they are)."""
-        self._save_array(path, self._vectors.contiguous().numpy())
-
-    @classmethod
-    def load(
-        cls, path: str | Path, dim: int, metric: str, capacity: int, live: np.ndarray, **_hnsw_params: Any
-    ) -> ExactIndex:
-        """Read a :meth:`save` file; ``_hnsw_params`` are accepted (one config serves both backends)."""
-        index = cls(dim, metric, capacity)
-        index._live = index._check_live(live)
-        rows = torch.from_numpy(cls._load_array(path, "vectors", (capacity, dim)))
-        offsets = torch.where(torch.from_numpy(index._live), index._offsets(rows), float("inf"))
-        index._table = torch.cat([-index._scale * rows, offsets[:, None]], dim=1)
-        return index

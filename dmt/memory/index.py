@@ -1,7 +1,9 @@
 """The interface of the key indexes behind ``KNNStore`` and what every backend shares.
 
 A key index maps integer labels (the store's slots ``0 .. capacity - 1``) to vectors and answers k-nearest
-queries over the live ones, numpy in and numpy out; ``dmt.memory.backends`` lists the backends.
+queries over the live ones, numpy in and numpy out; ``dmt.memory.backends`` lists the backends. An index
+that holds something beyond the store's keys (a graph, sub-key tables) is saved as a file next to them; one
+that holds nothing more (:attr:`KeyIndex.has_file` False) is rebuilt from the keys instead.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ class KeyIndex(ABC):
     # True for indexes whose keys are determined by the label (product keys): the store is then full from
     # construction and never inserts or removes.
     keys_are_fixed: bool = False
+    # False for indexes that hold nothing beyond the store's keys: they write no file (no save/load), and a
+    # restored store rebuilds them by adding its live keys.
+    has_file: bool = True
 
     def __init__(self, dim: int, metric: str, capacity: int) -> None:
         if dim < 1:
@@ -60,16 +65,17 @@ class KeyIndex(ABC):
             ascending per row.
         """
 
-    @abstractmethod
     def save(self, path: str | Path) -> None:
-        """Write the index to the file ``path``."""
+        """Write the index to the file ``path`` (indexes with :attr:`has_file` only)."""
+        raise NotImplementedError(f"the {self.backend} index has no file: it is rebuilt from the keys")
 
     @classmethod
-    @abstractmethod
     def load(
         cls, path: str | Path, dim: int, metric: str, capacity: int, live: np.ndarray, **params: Any
     ) -> KeyIndex:
-        """Read a :meth:`save` file; ``live (capacity,)`` is the store's mask of live labels."""
+        """Read a :meth:`save` file; ``live (capacity,)`` is the store's mask of live labels (indexes with
+        :attr:`has_file` only)."""
+        raise NotImplementedError(f"the {cls.backend} index has no file: it is rebuilt from the keys")
 
     def _check_labels(self, labels: np.ndarray) -> np.ndarray:
         labels = np.asarray(labels, dtype=np.int64).ravel()

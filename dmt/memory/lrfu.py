@@ -71,6 +71,12 @@ class LRFU:
         self.crf[slots] = 1.0
         self.last[slots] = now
 
+    def crf_at(self, slots: np.ndarray, now: int) -> np.ndarray:
+        """``CRF(now)`` of ``slots (M,)`` → ``(M,)`` float64 (0 for unused slots; may underflow to 0 for
+        slots not referenced in a long time, where :meth:`score` still ranks them)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        return self.crf[slots] * self._decay(now - self.last[slots])
+
     def score(self, slots: np.ndarray, now: int) -> np.ndarray:
         """``log2 CRF(now)`` of ``slots (M,)`` → ``(M,)`` float64.
 

@@ -2,14 +2,30 @@
 
 :func:`capture` takes a store apart into its *fields* (settings, entry count, clock, counters: JSON-able
 scalars and dicts), its arrays and its key index; :func:`restore` puts one back together and checks every
-field and array against the others, so a container only has to deliver the pieces. The containers:
+field and array against the others, so a container only has to deliver the pieces.
+
+Arrays are kept up to the store's high-water mark ``H`` (highest live slot + 1, 0 when empty): rows
+``0 .. H-1`` of every per-slot array, so a large store holding few entries is saved at its live size
+(``capacity`` is a field). The arrays, by name (file ``<name>.npy``), with ``S = ORIGIN_SPAN``:
+
+- ``keys (H, key_dim)`` float32 and ``values (H, value_dim)`` in ``value_dtype``;
+- ``live (H,)`` bool: which rows hold an entry (rows of merged-away entries are holes);
+- ``lrfu_crf (H,)`` float64 and ``lrfu_last (H,)`` int64: the LRFU state (:class:`dmt.memory.lrfu.LRFU`);
+- ``inserted_at (H,)`` int64 and ``read_count (H,)`` int64: the clock at insertion, references since;
+- ``origin_unit (H,)`` int32 and ``origin_tokens (H, S)`` int32: each entry's origin, -1 where unknown.
+
+Restoring keeps keys and values as loaded (``H`` rows; the store grows them on its first insert beyond) and
+pads the other arrays to ``capacity`` with the state of an empty slot. The key index is saved only when it
+holds something beyond the keys (``KeyIndex.has_file``: the hnsw graph, the product sub-key tables); the
+exact index is rebuilt from the keys and the live mask. The containers:
 
 - a **directory** (:func:`save` / :func:`load`, for exports): ``manifest.json`` (the fields plus the size
-  and SHA-256 of every other file), one ``.npy`` per array and the index file ``index.bin``. It is written
-  atomically and verified with :mod:`dmt.memory.integrity`, and its values may stay memory-mapped, so a
-  store can exceed RAM;
+  and SHA-256 of every other file), one ``.npy`` per array and, for indexes with a file, ``index.bin``. It
+  is written atomically and verified with :mod:`dmt.memory.integrity`, and its keys and values may stay
+  memory-mapped, so a store can exceed RAM;
 - a **checkpoint** dict (:func:`state_dict` / :func:`from_state_dict`, inside training checkpoints): the
-  fields, the arrays and the index file's bytes as a ``uint8`` array; numpy only, never pickled objects.
+  fields, the arrays and, for indexes with a file, its bytes as a ``uint8`` array ``index_bytes``; numpy
+  only, never pickled objects.
 
 Being the store's persistence, this module reads and sets the store's private state; ``KNNStore``'s own
 ``save``/``load``/``state_dict``/``from_state_dict`` only delegate here.
@@ -26,7 +42,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from dmt.memory.backends import HNSW_PARAMS, load_index
+from dmt.memory.backends import HNSW_PARAMS, index_class, load_index, make_index
 from dmt.memory.base import MemoryStats
 from dmt.memory.index import KeyIndex
 from dmt.memory.integrity import (
@@ -44,9 +60,11 @@ if TYPE_CHECKING:
     from dmt.memory.store import KNNStore
 
 # Each container has its own version. Directory format 2 added the integrity records ("files"); directory
-# format 3 and checkpoint format 2 added the eviction policy, the insertion times and the `reads` counter.
-DIRECTORY_FORMAT_VERSION = 3
-CHECKPOINT_FORMAT_VERSION = 2
+# format 3 and checkpoint format 2 added the eviction policy, the insertion times and the `reads` counter;
+# directory format 4 and checkpoint format 3 keep arrays at the high-water mark instead of the capacity,
+# save no exact index, and add the read counts and origins.
+DIRECTORY_FORMAT_VERSION = 4
+CHECKPOINT_FORMAT_VERSION = 3
 INDEX_FILE = "index.bin"
 # Array name → file name in a directory; the names are also the keys of a checkpoint dict.
 ARRAY_FILES = {
@@ -56,6 +74,9 @@ ARRAY_FILES = {
     "lrfu_crf": "lrfu_crf.npy",
     "lrfu_last": "lrfu_last.npy",
     "inserted_at": "inserted_at.npy",
+    "read_count": "read_count.npy",
+    "origin_unit": "origin_unit.npy",
+    "origin_tokens": "origin_tokens.npy",
 }
 # Every file of a directory but the manifest, by the name a checkpoint dict gives its content.
 STORE_FILES = {**ARRAY_FILES, "index_bytes": INDEX_FILE}
@@ -87,12 +108,32 @@ class Captured(NamedTuple):
     """A store taken apart: what both containers hold, each in its own form."""
 
     fields: dict[str, Any]  # the _FIELDS: settings, entry count, LRFU clock, counters
-    arrays: dict[str, np.ndarray]  # every ARRAY_FILES name → the store's own array (not a copy)
-    index: KeyIndex  # written as the index file, or as that file's bytes
+    arrays: dict[str, np.ndarray]  # every ARRAY_FILES name → rows 0 .. H-1 of the store's array (a view)
+    index: KeyIndex  # written as the index file, or as that file's bytes, if it has one
+
+
+def _slot_arrays(store: KNNStore) -> dict[str, np.ndarray]:
+    """The store's own per-slot bookkeeping, ``capacity`` rows each, by ``ARRAY_FILES`` name (all but
+    keys and values)."""
+    return {
+        "live": store._live,
+        "lrfu_crf": store._lrfu.crf,
+        "lrfu_last": store._lrfu.last,
+        "inserted_at": store._inserted_at,
+        "read_count": store._read_count,
+        "origin_unit": store._origin_unit,
+        "origin_tokens": store._origin_tokens,
+    }
+
+
+def high_water_mark(live: np.ndarray) -> int:
+    """``H``: the highest live slot of the ``live (C,)`` mask + 1, or 0 when none is live."""
+    live_slots = np.flatnonzero(live)
+    return int(live_slots[-1]) + 1 if len(live_slots) else 0
 
 
 def capture(store: KNNStore) -> Captured:
-    """``store`` as fields, arrays and key index, for a container to write."""
+    """``store`` as fields, arrays (up to its high-water mark) and key index, for a container to write."""
     fields = {
         "key_dim": store.key_dim,
         "value_dim": store.value_dim,
@@ -106,37 +147,38 @@ def capture(store: KNNStore) -> Captured:
         "now": store.now,
         "stats": dataclasses.asdict(store._stats),
     }
-    arrays = {
-        "keys": store._keys,
-        "values": store._values,
-        "live": store._live,
-        "lrfu_crf": store._lrfu.crf,
-        "lrfu_last": store._lrfu.last,
-        "inserted_at": store._inserted_at,
-    }
-    return Captured(fields, arrays, store._index)
+    rows = high_water_mark(store._live)
+    arrays = {"keys": store._keys, "values": store._values, **_slot_arrays(store)}
+    return Captured(fields, {name: array[:rows] for name, array in arrays.items()}, store._index)
+
+
+def index_has_file(fields: Mapping[str, Any]) -> bool:
+    """Whether the index that checked ``fields`` name is saved (an index file, or ``index_bytes``)."""
+    return index_class(fields["index_params"].get("backend", "hnsw")).has_file
 
 
 def restore(
     store_class: type[KNNStore],
     fields: Mapping[str, Any],
     arrays: Mapping[str, np.ndarray],
-    index: Path | np.ndarray,
+    index: Path | np.ndarray | None,
     source: str,
     where: Callable[[str], str],
 ) -> KNNStore:
-    """Rebuild a store from what :func:`capture` took apart, checking every field and array.
+    """Rebuild a store from what :func:`capture` took apart, checking every array against the fields.
 
     Args:
-        fields: the :class:`Captured` fields (other keys, such as ``format_version``, are ignored).
-        arrays: every ``ARRAY_FILES`` name → its array; used as they are (memory maps stay mapped).
-        index: the index file, or its bytes as a 1-D ``uint8`` array.
+        fields: the :class:`Captured` fields, already checked by :func:`check_fields` (other keys, such as
+            ``format_version``, are ignored).
+        arrays: every ``ARRAY_FILES`` name → its array of ``H <= capacity`` rows; keys and values are used
+            as they are (memory maps stay mapped), the others copied into arrays of ``capacity`` rows.
+        index: the index file, or its bytes as a 1-D ``uint8`` array; None for an index without a file
+            (:func:`index_has_file`), which is rebuilt from the keys.
         source: names the origin of ``fields`` in errors.
         where: names the origin (file or checkpoint key) of an array or of ``"index_bytes"`` in errors.
     Raises:
         MemoryStoreError: naming the field, the array or the index that is wrong.
     """
-    _check_fields(fields, source)
     store = store_class.__new__(store_class)
     try:
         store._configure(
@@ -150,63 +192,90 @@ def restore(
         )
     except ValueError as error:
         raise MemoryStoreError(f"{source}: {error}") from error
-    capacity = store.capacity
+    rows = _check_arrays(store, fields, arrays, source, where)
+    store._keys, store._values = arrays["keys"], arrays["values"]
+    for name, array in _slot_arrays(store).items():  # an empty store's bookkeeping, from _configure
+        array[:rows] = arrays[name]
+    store._index = _restore_index(store, fields["index_params"], index, where)
+    store._now = int(fields["now"])
+    store._stats = MemoryStats(**{name: int(count) for name, count in fields["stats"].items()})
+    return store
+
+
+def _check_arrays(
+    store: KNNStore,
+    fields: Mapping[str, Any],
+    arrays: Mapping[str, np.ndarray],
+    source: str,
+    where: Callable[[str], str],
+) -> int:
+    """Check every array's shape and dtype against the freshly configured ``store`` and the live count
+    against ``fields``; returns their row count ``H``."""
+    live = arrays["live"]
+    if live.ndim != 1 or live.dtype != np.bool_ or len(live) > store.capacity:
+        raise MemoryStoreError(
+            f"{where('live')}: expected shape (H,) with H <= capacity {store.capacity} dtype bool "
+            f"(from {source}), got shape {live.shape} dtype {live.dtype.name}"
+        )
+    if int(np.count_nonzero(live)) != fields["entries"]:
+        raise MemoryStoreError(
+            f"{where('live')}: {np.count_nonzero(live)} live entries, {source} says {fields['entries']}"
+        )
+    rows = len(live)
     expected = {
-        "keys": ((capacity, store.key_dim), np.float32),
-        "values": ((capacity, store.value_dim), np.dtype(store.value_dtype)),
-        "live": ((capacity,), np.bool_),
-        "lrfu_crf": ((capacity,), np.float64),
-        "lrfu_last": ((capacity,), np.int64),
-        "inserted_at": ((capacity,), np.int64),
+        "keys": ((rows, store.key_dim), np.dtype(np.float32)),
+        "values": ((rows, store.value_dim), np.dtype(store.value_dtype)),
+        **{name: ((rows, *array.shape[1:]), array.dtype) for name, array in _slot_arrays(store).items()},
     }
     for name, (shape, dtype) in expected.items():
         array = arrays[name]
         if array.shape != shape or array.dtype != dtype:
             raise MemoryStoreError(
-                f"{where(name)}: expected shape {shape} dtype {np.dtype(dtype).name} (from {source}), "
-                f"got shape {array.shape} dtype {array.dtype.name}"
+                f"{where(name)}: expected shape {shape} dtype {dtype.name} (from {source} and "
+                f"{where('live')}), got shape {array.shape} dtype {array.dtype.name}"
             )
-    live = arrays["live"]
-    if int(np.count_nonzero(live)) != fields["entries"]:
-        raise MemoryStoreError(
-            f"{where('live')}: {np.count_nonzero(live)} live entries, {source} says {fields['entries']}"
-        )
+    return rows
+
+
+def _restore_index(
+    store: KNNStore, params: Mapping[str, Any], index: Path | np.ndarray | None, where: Callable[[str], str]
+) -> KeyIndex:
+    """The key index of ``store`` (keys and live mask already restored): read from ``index`` (a file or
+    its bytes), or rebuilt from the live keys when the index has no file (``index`` None)."""
+    if index is None:
+        rebuilt = make_index(store.key_dim, store.metric, store.capacity, **params)
+        live = np.flatnonzero(store._live)
+        # Without holes the keys go in as a view of the (possibly memory-mapped) array, not a copy.
+        keys = store._keys[: len(live)] if len(live) == high_water_mark(store._live) else store._keys[live]
+        rebuilt.add(live, keys)
+        return rebuilt
     if isinstance(index, np.ndarray) and (index.ndim != 1 or index.dtype != np.uint8):
         raise MemoryStoreError(
             f"{where('index_bytes')}: expected a 1-D uint8 array, "
             f"got shape {index.shape} dtype {index.dtype.name}"
         )
-    store._keys, store._values, store._live = arrays["keys"], arrays["values"], live.copy()
-    store._inserted_at = arrays["inserted_at"].copy()
-    store._lrfu.load_state_dict(
-        {"crf": arrays["lrfu_crf"], "last": arrays["lrfu_last"], "lam": store.lrfu_lambda}
-    )
     try:
-        store._index = load_index(
-            index, store.key_dim, store.metric, capacity, live=live, **fields["index_params"]
-        )
+        return load_index(index, store.key_dim, store.metric, store.capacity, live=store._live, **params)
     except (RuntimeError, ValueError) as error:  # hnswlib reports a corrupt graph as RuntimeError
         raise MemoryStoreError(f"{where('index_bytes')}: not a usable key index ({error})") from error
-    store._now = int(fields["now"])
-    store._stats = MemoryStats(**{name: int(count) for name, count in fields["stats"].items()})
-    return store
 
 
 # ---------------------------------------------------------------------- directory
 
 
 def save(store: KNNStore, directory: str | Path) -> None:
-    """Atomically write ``store`` to ``directory``: ``manifest.json``, one ``.npy`` per array and
-    ``index.bin``, with the size and SHA-256 of every file recorded in the manifest.
+    """Atomically write ``store`` to ``directory``: ``manifest.json``, one ``.npy`` per array and, for an
+    index with a file, ``index.bin``, with the size and SHA-256 of every file recorded in the manifest.
 
     Everything is written and fsynced in a temporary sibling of ``directory`` that then replaces it
     (:func:`dmt.memory.integrity.write_directory`): a failed save (full disk, crash) leaves the
     previous store loadable and no temporary directory behind. An existing ``directory`` holding
     files that are not part of a store is refused rather than deleted.
 
-    A store loaded with ``mmap=True`` follows its latest save: its values are then mapped from the
-    new ``directory/values.npy`` (the file it was loaded from may just have been deleted), so later
-    value writes land there. The mapping follows the file if ``directory`` is moved afterwards.
+    A store whose keys and values are memory-mapped (loaded with ``mmap=True``, not grown since) follows
+    its latest save: they are then mapped from the new ``directory`` (the files it was loaded from may
+    just have been deleted), so later writes land there. The mapping follows the files if ``directory``
+    is moved afterwards.
 
     Raises:
         OSError: naming ``directory`` when writing fails; the original error is the cause.
@@ -220,16 +289,19 @@ def save(store: KNNStore, directory: str | Path) -> None:
             ARRAY_FILES[name]: write_array(staging / ARRAY_FILES[name], array)
             for name, array in captured.arrays.items()
         }
-        index_path = staging / INDEX_FILE
-        captured.index.save(index_path)
-        fsync_path(index_path)
-        files[INDEX_FILE] = file_record(index_path)
+        if captured.index.has_file:
+            index_path = staging / INDEX_FILE
+            captured.index.save(index_path)
+            fsync_path(index_path)
+            files[INDEX_FILE] = file_record(index_path)
         manifest = {"format_version": DIRECTORY_FORMAT_VERSION, **captured.fields, "files": files}
         manifest_path = staging / MANIFEST
         manifest_path.write_text(json.dumps(manifest, indent=2))
         fsync_path(manifest_path)
 
     write_directory(directory, write_files, known_names=(MANIFEST, *STORE_FILES.values()))
+    if isinstance(store._keys, np.memmap):
+        store._keys = _load_npy(directory / ARRAY_FILES["keys"], mmap=True)
     if isinstance(store._values, np.memmap):
         store._values = _load_npy(directory / ARRAY_FILES["values"], mmap=True)
 
@@ -242,10 +314,11 @@ def load(store_class: type[KNNStore], directory: str | Path, mmap: bool, verify:
     (about a second per GB). ``verify=False`` skips only that pass, for huge stores on trusted disks;
     a corruption that keeps a file's size then goes unnoticed.
 
-    With ``mmap`` the values stay in ``values.npy`` and are memory-mapped read/write, so a store may
-    exceed RAM; every later value write (``insert``, ``update_values``, ``recombine``) goes straight
-    to that file. The file then no longer matches its checksum until the next :func:`save`: if the
-    process stops before that, the directory loads only with ``verify=False``.
+    With ``mmap`` the keys and values stay in ``keys.npy`` and ``values.npy`` and are memory-mapped
+    read/write, so a store may exceed RAM; every later key or value write (``insert``, ``update_values``,
+    ``recombine``) goes straight to those files, until an insert needs a slot beyond the saved rows and
+    the store grows into memory. The files then no longer match their checksums until the next
+    :func:`save`: if the process stops before that, the directory loads only with ``verify=False``.
 
     Raises:
         FileNotFoundError: ``directory`` has no ``manifest.json``.
@@ -253,19 +326,23 @@ def load(store_class: type[KNNStore], directory: str | Path, mmap: bool, verify:
             changed, of another ``format_version`` or inconsistent with the manifest.
     """
     directory = Path(directory)
+    source = str(directory / MANIFEST)
     manifest = read_manifest(directory)
-    _check_version(manifest, DIRECTORY_FORMAT_VERSION, source=str(directory / MANIFEST))
-    verify_files(directory, manifest.get("files"), STORE_FILES.values(), checksums=verify)
+    _check_version(manifest, DIRECTORY_FORMAT_VERSION, source=source)
+    check_fields(manifest, source)
+    has_file = index_has_file(manifest)
+    required = [*ARRAY_FILES.values(), *([INDEX_FILE] if has_file else [])]
+    verify_files(directory, manifest.get("files"), required, checksums=verify)
     arrays = {
-        name: _load_npy(directory / file, mmap=mmap and name == "values")
+        name: _load_npy(directory / file, mmap=mmap and name in ("keys", "values"))
         for name, file in ARRAY_FILES.items()
     }
     return restore(
         store_class,
         manifest,
         arrays,
-        directory / INDEX_FILE,
-        source=str(directory / MANIFEST),
+        directory / INDEX_FILE if has_file else None,
+        source=source,
         where=lambda name: str(directory / STORE_FILES[name]),
     )
 
@@ -284,18 +361,20 @@ def _load_npy(path: Path, mmap: bool) -> np.ndarray:
 def state_dict(store: KNNStore) -> dict[str, Any]:
     """``store`` as a plain dict of numpy arrays, ints, floats, strings and dicts of those.
 
-    The fields, a copy of every array (never a memory map) and the key index file (e.g. the hnswlib
-    graph) as a ``uint8`` array ``index_bytes``, so loading does not rebuild the index. To pass
-    ``torch.load(weights_only=True)`` the caller converts the arrays with ``torch.from_numpy`` (and back
-    with ``.numpy()``); this dict stays numpy-only.
+    The fields, a copy of every array (never a memory map) and, for an index with a file (e.g. the
+    hnswlib graph), that file as a ``uint8`` array ``index_bytes``, so loading does not rebuild the
+    graph. To pass ``torch.load(weights_only=True)`` the caller converts the arrays with
+    ``torch.from_numpy`` (and back with ``.numpy()``); this dict stays numpy-only.
     """
     captured = capture(store)
-    return {
+    state = {
         "format_version": CHECKPOINT_FORMAT_VERSION,
         **captured.fields,
         **{name: np.array(array) for name, array in captured.arrays.items()},
-        "index_bytes": captured.index.to_bytes(),
     }
+    if captured.index.has_file:
+        state["index_bytes"] = captured.index.to_bytes()
+    return state
 
 
 def from_state_dict(store_class: type[KNNStore], state: Mapping[str, Any]) -> KNNStore:
@@ -308,13 +387,13 @@ def from_state_dict(store_class: type[KNNStore], state: Mapping[str, Any]) -> KN
     if not isinstance(state, Mapping):
         raise MemoryStoreError(f"state_dict: expected a mapping, got {type(state).__name__}")
     _check_version(state, CHECKPOINT_FORMAT_VERSION, source="state_dict")
-    arrays = {name: _state_array(state, name) for name in STORE_FILES}
-    index_bytes = arrays.pop("index_bytes")
+    check_fields(state, "state_dict")
+    arrays = {name: _state_array(state, name) for name in ARRAY_FILES}
     return restore(
         store_class,
         state,
         arrays,
-        index_bytes,
+        _state_array(state, "index_bytes") if index_has_file(state) else None,
         source="state_dict",
         where=lambda name: f"state_dict[{name!r}]",
     )
@@ -344,7 +423,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _check_fields(fields: Mapping[str, Any], source: str) -> None:
+def check_fields(fields: Mapping[str, Any], source: str) -> None:
     """Presence and types of the fields; their values are checked by ``KNNStore._configure`` and
     against the arrays."""
     for name, kind in _FIELDS.items():

@@ -7,6 +7,14 @@ stays valid until its entry is evicted by :meth:`KNNStore.insert` or merged away
 :meth:`KNNStore.recombine`; after that the slot may be reused for a different entry, so ids must not be
 kept across inserts.
 
+Layout: every live slot lies below the *high-water mark* ``H`` (highest live slot + 1). Keys ``(R, key_dim)``
+and values ``(R, value_dim)`` hold ``R`` rows with ``H <= R <= capacity``: a new store allocates all
+``capacity`` rows, a restored one only the ``H`` rows it saved (kept memory-mapped on request), and the
+first insert into a slot ``>= R`` grows both to ``capacity``. The per-slot bookkeeping always spans the
+capacity: the live mask, LRFU state, insertion time, reads since insertion (:meth:`KNNStore.read_counts`)
+and origin (:meth:`KNNStore.origins`: the MLP unit an entry was seeded from, and the ids of the
+:data:`ORIGIN_SPAN` tokens ending at the one whose query or key inserted it).
+
 Searching neither copies entries, nor counts references, nor moves the LRFU clock: a caller reads what it
 uses with :meth:`KNNStore.get` and reports the ids of each search with :meth:`KNNStore.reference` (a memory
 layer does so once per step, alike on every data-parallel replica), which advances the clock by one per
@@ -38,6 +46,8 @@ RECALL_QUERY_BLOCK = 1024
 RECALL_KEY_BLOCK = 4096
 # recall(): an approximate neighbour this close to the k-th exact distance is a tie, not a miss.
 RECALL_TIE_TOLERANCE = 1e-5
+# Token ids recorded per entry as its origin: the text span ending at the token that inserted it.
+ORIGIN_SPAN = 8
 
 
 class KNNStore:
@@ -72,10 +82,8 @@ class KNNStore:
         eviction: str = "lrfu",
     ) -> None:
         self._configure(key_dim, value_dim, capacity, metric, lrfu_lambda, value_dtype, eviction)
-        self._keys = np.zeros((capacity, key_dim), dtype=np.float32)  # (C, key_dim)
-        self._values = np.zeros((capacity, value_dim), dtype=value_dtype)  # (C, value_dim)
-        self._live = np.zeros(capacity, dtype=bool)  # (C,)
-        self._inserted_at = np.zeros(capacity, dtype=np.int64)  # (C,) clock when each entry was stored
+        self._keys = np.zeros((capacity, key_dim), dtype=np.float32)  # (R, key_dim), R = C here
+        self._values = np.zeros((capacity, value_dim), dtype=value_dtype)  # (R, value_dim)
         self._index = make_index(key_dim, metric, capacity, **(index or {}))
         if self._index.keys_are_fixed:  # product keys: every slot holds its key from the start
             self._keys[:] = self._index.keys(np.arange(capacity))
@@ -91,7 +99,8 @@ class KNNStore:
         value_dtype: str,
         eviction: str,
     ) -> None:
-        """Validate and set everything except the arrays and the index (shared with restoring)."""
+        """Validate and set everything except keys, values and the index (shared with restoring); the
+        per-slot bookkeeping starts as that of an empty store."""
         for name, value in (("key_dim", key_dim), ("value_dim", value_dim), ("capacity", capacity)):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -105,6 +114,11 @@ class KNNStore:
         self.value_dtype = value_dtype
         self.eviction = check_eviction(eviction)
         self._lrfu = LRFU(self.capacity, self.lrfu_lambda)
+        self._live = np.zeros(self.capacity, dtype=bool)  # (C,)
+        self._inserted_at = np.zeros(self.capacity, dtype=np.int64)  # (C,) clock when each entry was stored
+        self._read_count = np.zeros(self.capacity, dtype=np.int64)  # (C,) references since then
+        self._origin_unit = np.full(self.capacity, -1, dtype=np.int32)  # (C,) seeding MLP unit, or -1
+        self._origin_tokens = np.full((self.capacity, ORIGIN_SPAN), -1, dtype=np.int32)  # (C, S) or -1
         self._now = 0
         self._stats = MemoryStats()
 
@@ -214,24 +228,38 @@ class KNNStore:
         threshold = exact.max(axis=1, keepdims=True) + RECALL_TIE_TOLERANCE  # (n, 1): the k-th exact rank
         return int(np.count_nonzero(found_rank <= threshold))
 
-    def insert(self, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    def insert(
+        self,
+        keys: np.ndarray,
+        values: np.ndarray,
+        origin_units: np.ndarray | None = None,
+        origin_tokens: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Store ``keys (N, key_dim)`` / ``values (N, value_dim)``; returns their slot ids ``(N,)`` int64.
 
-        Free slots are used first; the rest evict live entries chosen by the store's ``eviction`` policy
-        (never an entry of this call, since victims are chosen before any of it is stored). Every stored
-        entry is inserted at the current clock (:meth:`insertion_times`). If ``N > capacity`` only the
-        last ``capacity`` rows are stored and the earlier rows get id -1.
+        Free slots are used first (lowest first); the rest evict live entries chosen by the store's
+        ``eviction`` policy (never an entry of this call, since victims are chosen before any of it is
+        stored). Every stored entry is inserted at the current clock (:meth:`insertion_times`) with a
+        read count of 0. If ``N > capacity`` only the last ``capacity`` rows are stored and the earlier
+        rows get id -1.
+
+        Args:
+            origin_units: ``(N,)`` integers, the MLP unit each entry is seeded from; None: -1 for all.
+            origin_tokens: ``(N, ORIGIN_SPAN)`` integers, the token ids of the text span ending at the
+                token that inserts each entry, left-padded with -1; None: -1 for all.
         """
         self._refuse_if_keys_fixed("insert")
         keys = as_float_matrix("keys", keys, self.key_dim)
         values = as_float_matrix("values", values, self.value_dim, dtype=self.value_dtype)
         if len(keys) != len(values):
             raise ValueError(f"got {len(keys)} keys but {len(values)} values")
+        units = origin_array("origin_units", origin_units, (len(keys),))
+        tokens = origin_array("origin_tokens", origin_tokens, (len(keys), ORIGIN_SPAN))
         ids = np.full(len(keys), -1, dtype=np.int64)
         stored = min(len(keys), self.capacity)
         if stored == 0:
             return ids
-        keys, values = keys[-stored:], values[-stored:]
+        keys, values, units, tokens = keys[-stored:], values[-stored:], units[-stored:], tokens[-stored:]
         # Free slots are derived from the live mask (O(capacity), like the victim scan) so they can
         # never disagree with it.
         free = np.flatnonzero(~self._live)[:stored]
@@ -247,14 +275,30 @@ class KNNStore:
         self._remove(victims)
         self._stats.evictions += len(victims)
         slots = np.concatenate([free, victims])
+        if slots.max() >= len(self._keys):
+            self._grow()
         self._keys[slots], self._values[slots] = keys, values
         self._live[slots] = True
         self._inserted_at[slots] = self._now
+        self._read_count[slots] = 0
+        self._origin_unit[slots], self._origin_tokens[slots] = units, tokens
         self._lrfu.reset(slots, self._now)
         self._index.add(slots, keys)
         self._stats.inserts += stored
         ids[-stored:] = slots
         return ids
+
+    def _grow(self) -> None:
+        """Give keys and values a row for every slot (a restored store holds only its saved rows).
+
+        One allocation and copy; ``np.zeros`` pages that are never written cost no memory. A memory-mapped
+        store is held in memory from then on: later writes no longer reach its files.
+        """
+        rows = len(self._keys)
+        keys = np.zeros((self.capacity, self.key_dim), dtype=np.float32)  # (C, key_dim)
+        values = np.zeros((self.capacity, self.value_dim), dtype=self.value_dtype)  # (C, value_dim)
+        keys[:rows], values[:rows] = self._keys, self._values
+        self._keys, self._values = keys, values
 
     def _refuse_if_keys_fixed(self, operation: str) -> None:
         if self.keys_are_fixed:
@@ -298,9 +342,9 @@ class KNNStore:
 
         Row ``n`` is referenced at tick ``now + n + 1`` and the clock ends at ``now + N``, also for rows
         without a valid id, so replicas that apply the same writes keep the same clock. Duplicates each
-        count; -1 and ids of entries that are no longer live are ignored (``stats.reads`` counts the
-        rest). :meth:`search` counts none, so a caller references what it used, when it applies its
-        writes (e.g. once per training step on every data-parallel replica).
+        count; -1 and ids of entries that are no longer live are ignored (``stats.reads`` and each entry's
+        :meth:`read_counts` count the rest). :meth:`search` counts none, so a caller references what it
+        used, when it applies its writes (e.g. once per training step on every data-parallel replica).
         """
         rows = np.asarray(ids)
         if rows.ndim not in (1, 2):
@@ -311,6 +355,7 @@ class KNNStore:
         ticks = self._now + 1 + np.repeat(np.arange(len(rows)), rows.shape[1])  # (N·k,)
         referenced = self._is_live(ids)
         self._lrfu.reference(ids[referenced], ticks[referenced])
+        np.add.at(self._read_count, ids[referenced], 1)
         self._now += len(rows)
         self._stats.reads += int(np.count_nonzero(referenced))
 
@@ -318,6 +363,27 @@ class KNNStore:
         """``(M,)`` int64: the clock at which each of the live ``ids (M,)`` was stored (a merge keeps the
         time of the entry it folds into)."""
         return self._inserted_at[self._live_ids(ids, "insertion_times")]
+
+    def live_ids(self) -> np.ndarray:
+        """``(L,)`` int64: the ids of the live entries, ascending."""
+        return np.flatnonzero(self._live).astype(np.int64)
+
+    def lrfu_scores(self, ids: np.ndarray) -> np.ndarray:
+        """``(M,)`` float64: the LRFU CRF of the live ``ids (M,)`` at the current clock (the ``lrfu``
+        eviction takes the lowest first)."""
+        return self._lrfu.crf_at(self._live_ids(ids, "lrfu_scores"), self._now)
+
+    def read_counts(self, ids: np.ndarray) -> np.ndarray:
+        """``(M,)`` int64: how often each of the live ``ids (M,)`` was referenced since it was stored (a
+        merge adds up the counts of the entries it folds together)."""
+        return self._read_count[self._live_ids(ids, "read_counts")]
+
+    def origins(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where the live ``ids (M,)`` came from: the MLP unit each was seeded from ``(M,)`` int32 and the
+        token ids of the text span that inserted it ``(M, ORIGIN_SPAN)`` int32, -1 where unknown (see
+        :meth:`insert`; a merge keeps the origin of the entry it folds into)."""
+        ids = self._live_ids(ids, "origins")
+        return self._origin_unit[ids], self._origin_tokens[ids]
 
     def update_values(self, ids: np.ndarray, deltas: np.ndarray) -> None:
         """``values[ids] += deltas`` for ``ids (M,)``, ``deltas (M, value_dim)`` (sparse SGD step).
@@ -343,6 +409,14 @@ class KNNStore:
         )
         self._values[ids] = (self._values[ids].astype(np.float32) + summed.numpy()).astype(self.value_dtype)
 
+    def cast_values(self, value_dtype: str) -> None:
+        """Store every value in ``value_dtype`` from now on (one of :data:`VALUE_DTYPES`); a memory-mapped
+        store's values move into memory."""
+        if value_dtype not in VALUE_DTYPES:
+            raise ValueError(f"value_dtype must be one of {', '.join(VALUE_DTYPES)}, got {value_dtype!r}")
+        self._values = np.asarray(self._values).astype(value_dtype)
+        self.value_dtype = value_dtype
+
     def get(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Keys ``(M, key_dim)`` float32 and values ``(M, value_dim)`` float32 of live ``ids (M,)``."""
         ids = self._live_ids(ids, "get")
@@ -356,9 +430,10 @@ class KNNStore:
 
         Per row, the live returned entries with ``distance <= max_distance`` (at least 2) are folded into
         the nearest: key and value become their mean weighted by ``1 / (distance + 1e-6)`` (distances
-        clipped at 0, as ``ip`` distances can be negative), LRFU histories add up, and the others are
-        removed. Entries merged away earlier in the call are skipped; the distances are those of the
-        query, i.e. not recomputed after an earlier row moved a key.
+        clipped at 0, as ``ip`` distances can be negative), LRFU histories and read counts add up, the
+        nearest keeps its insertion time and origin, and the others are removed. Entries merged away
+        earlier in the call are skipped; the distances are those of the query, i.e. not recomputed after
+        an earlier row moved a key.
         """
         self._refuse_if_keys_fixed("recombine")
         all_distances = np.asarray(distances)
@@ -384,6 +459,7 @@ class KNNStore:
                 self.value_dtype
             )
             self._lrfu.merge(target, others)
+            self._read_count[target] += self._read_count[others].sum()
             self._remove(others)
             self._index.add(np.array([target]), self._keys[target : target + 1])
             removed += len(others)
@@ -399,8 +475,8 @@ class KNNStore:
 
     @classmethod
     def load(cls, directory: str | Path, mmap: bool = False, verify: bool = True) -> KNNStore:
-        """Read and check a :meth:`save` directory; ``mmap`` maps the values from their file, ``verify``
-        also hashes every file (see :func:`dmt.memory.persistence.load`).
+        """Read and check a :meth:`save` directory; ``mmap`` maps the keys and values from their files,
+        ``verify`` also hashes every file (see :func:`dmt.memory.persistence.load`).
 
         Raises:
             FileNotFoundError: ``directory`` has no ``manifest.json``.
@@ -421,6 +497,32 @@ class KNNStore:
             MemoryStoreError: naming the entry that is wrong.
         """
         return persistence.from_state_dict(cls, state)
+
+
+def origin_array(name: str, origins: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """``origins`` checked as ``shape`` integers in ``[-1, 2**31)``, as int32; None gives all -1."""
+    if origins is None:
+        return np.full(shape, -1, dtype=np.int32)
+    origins = np.asarray(origins)
+    if origins.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {origins.shape}")
+    if origins.size and origins.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be an integer array, got dtype {origins.dtype}")
+    if origins.size and (origins.min() < -1 or origins.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"{name} must lie in [-1, 2**31), got [{origins.min()}, {origins.max()}]")
+    return origins.astype(np.int32)
+
+
+def token_spans(token_ids: np.ndarray, batch: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """``(M, ORIGIN_SPAN)`` int32 origin tokens: the ids of ``token_ids (B, T)`` in row ``batch[m]`` from
+    ``position[m] - ORIGIN_SPAN + 1`` to ``position[m]``, left-padded with -1 before the sequence start.
+
+    ``batch``, ``position``: ``(M,)`` integers indexing ``token_ids``.
+    """
+    padded = np.full((token_ids.shape[0], token_ids.shape[1] + ORIGIN_SPAN - 1), -1, dtype=np.int32)
+    padded[:, ORIGIN_SPAN - 1 :] = token_ids  # padded column p holds token p - ORIGIN_SPAN + 1
+    columns = np.asarray(position)[:, None] + np.arange(ORIGIN_SPAN)  # (M, S)
+    return padded[np.asarray(batch)[:, None], columns]
 
 
 def merge_by_magnitude(

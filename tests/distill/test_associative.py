@@ -80,6 +80,9 @@ def test_inserted_values_are_the_teacher_mlp_outputs():
     layer = memory_layers(student)[3]
     values = layer.store.get(np.arange(len(layer.store)))[1]  # (T·H, Dv) in insertion order
     torch.testing.assert_close(torch.from_numpy(values), mlp_out[3].reshape(-1, layer.value_dim))
+    # losses() hands the layers the input ids: the last entry came from the last token (its last head).
+    spans = layer.store.origins(np.arange(len(layer.store)))[1]  # (T·H, ORIGIN_SPAN)
+    np.testing.assert_array_equal(spans[-1], tokens[0, -spans.shape[1] :].numpy())
 
 
 @pytest.mark.parametrize("eviction", ["fifo", "lrfu", "random"])
@@ -93,8 +96,8 @@ def test_a_full_store_evicts_by_its_policy_during_training(eviction):
     inserted: list[np.ndarray] = []  # slot ids in insertion order
     insert = store.insert
 
-    def recording_insert(keys, values):
-        ids = insert(keys, values)
+    def recording_insert(*args):
+        ids = insert(*args)
         inserted.append(ids[ids >= 0])
         return ids
 
@@ -130,7 +133,7 @@ def test_associative_run_logs_per_step_rates_and_recall(tmp_path, text_dir):
     summary = run.distill(cfg)
     logged = scalars(tmp_path / "tensorboard")
     prefix = "memory/layer_03/"
-    for stat in ("inserts_per_step", "evictions_per_step", "reads_per_step", "distinct_reads_per_step"):
+    for stat in ("inserts_per_step", "evictions_per_step", "reads_per_step", "distinct_share"):
         assert prefix + stat in logged, sorted(logged)
     assert logged[prefix + "entries"][-1] == 256 and summary["memory_entries"] == 256
     assert max(logged[prefix + "evictions_per_step"]) > 0

@@ -8,6 +8,7 @@ from conftest import tiny_teacher_cfg
 
 from dmt.evaluation.long_document import format_table, inserting_memory, quarter_perplexities, read_document
 from dmt.evaluation.perplexity import sliding_window_nll
+from dmt.memory import ORIGIN_SPAN
 from dmt.model.loading import load_teacher
 from dmt.model.surgery import build_student, memory_layers, resolve_layer_configs
 
@@ -57,3 +58,21 @@ def test_a_student_without_inserting_memory_is_refused():
         assert layers == 0
     with pytest.raises(ValueError, match="no memory layer that inserts"):
         read_document(teacher, student, IDS, window=64, stride=32)
+
+
+def test_the_inserting_reading_records_the_text_of_each_entry():
+    teacher = load_teacher(tiny_teacher_cfg("llama"))
+    student = student_of(teacher, novelty_threshold=0.1)
+    layer = memory_layers(student)[3]
+    document = IDS[:160].tolist()  # four windows
+    with inserting_memory(student):
+        quarter_perplexities(student, torch.tensor(document), window=64, stride=32)
+    assert layer.token_ids is None  # set for each forward only
+    ids = layer.store.live_ids()
+    assert len(ids) > 0
+    _, spans = layer.store.origins(ids)
+    # The first window's first query (slot 0) is the document's first token, with nothing before it.
+    assert spans[0].tolist() == [-1] * (ORIGIN_SPAN - 1) + [document[0]]
+    for span in spans:  # every entry's span is a piece of the document
+        tokens = span[span >= 0].tolist()
+        assert tokens and any(document[i : i + len(tokens)] == tokens for i in range(len(document)))

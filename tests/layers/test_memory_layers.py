@@ -3,7 +3,7 @@ import torch
 from torch.testing import assert_close
 
 from dmt.layers import AssociativeMemory, FeaturalConfig, FeaturalMemory, FFNWeights, layer_config
-from dmt.layers.base import mix_values, neighbour_distances
+from dmt.remote_code.memory_ops import mix_values, neighbour_distances
 
 
 def make(layer_cls, d_model=16, **overrides):

@@ -60,10 +60,9 @@ def test_exact_index_pads_and_overwrites() -> None:
         index.add(np.array([8]), np.ones((1, 4), dtype=np.float32))
 
 
-@pytest.mark.parametrize("backend", ["hnsw", "exact"])
-def test_backends_save_load_and_bytes_round_trip(tmp_path: Path, backend: str) -> None:
-    index = make_index(8, "cosine", 50, backend=backend, ef_search=32)
-    assert index.backend == backend and index.params["backend"] == backend
+def test_hnsw_index_save_load_and_bytes_round_trip(tmp_path: Path) -> None:
+    index = make_index(8, "cosine", 50, backend="hnsw", ef_search=32)
+    assert index.backend == "hnsw" and index.params["backend"] == "hnsw" and index.has_file
     index.add(np.arange(40), _data(40, 8, seed=4))
     index.remove(np.arange(10))
     live = np.zeros(50, dtype=bool)
@@ -78,6 +77,13 @@ def test_backends_save_load_and_bytes_round_trip(tmp_path: Path, backend: str) -
         assert type(restored) is type(index) and len(restored) == 30
         for got, want in zip(restored.search(queries, 5), expected, strict=True):
             np.testing.assert_array_equal(got, want)
+
+
+def test_exact_index_has_no_file(tmp_path: Path) -> None:
+    index = make_index(8, "l2", 10, backend="exact")
+    assert not index.has_file
+    with pytest.raises(NotImplementedError, match="the exact index has no file"):
+        index.save(tmp_path / "index.bin")
 
 
 def test_auto_takes_exact_for_small_stores_only() -> None:
@@ -103,8 +109,10 @@ def test_exact_store_churns_saves_and_matches_brute_force(tmp_path: Path) -> Non
         distances, np.sort(pairwise_distance_np(queries, keys, "l2"), axis=1)[:, :7], atol=1e-5
     )
     store.save(tmp_path / "store")
+    assert not (tmp_path / "store" / "index.bin").exists()  # rebuilt from the keys on loading
     restored = KNNStore.load(tmp_path / "store")
     assert restored.index_backend == "exact"
+    assert "index_bytes" not in store.state_dict()
     np.testing.assert_array_equal(restored.search(queries, 7)[0], ids)
     np.testing.assert_array_equal(KNNStore.from_state_dict(store.state_dict()).search(queries, 7)[0], ids)
 

@@ -14,7 +14,17 @@ import pytest
 from dmt.memory import KNNStore, MemoryStoreError
 from dmt.memory.integrity import file_record
 
-ARRAYS = ("keys", "values", "live", "lrfu_crf", "lrfu_last", "inserted_at")
+ARRAYS = (
+    "keys",
+    "values",
+    "live",
+    "lrfu_crf",
+    "lrfu_last",
+    "inserted_at",
+    "read_count",
+    "origin_unit",
+    "origin_tokens",
+)
 DATA_FILES = [*(f"{name}.npy" for name in ARRAYS), "index.bin"]
 ALL_FILES = [*DATA_FILES, "manifest.json"]
 QUERIES = np.random.default_rng(7).standard_normal((6, 8)).astype(np.float32)
@@ -114,7 +124,7 @@ def _set(field: str, value: Any) -> Any:
         (_set("key_dim", 7), r"keys\.npy: expected shape \(32, 7\)"),
         (_set("value_dim", 4), r"values\.npy: expected shape \(32, 4\)"),
         (_set("value_dtype", "float32"), r"values\.npy: expected .* dtype float32"),
-        (_set("capacity", 33), r"keys\.npy: expected shape \(33, 8\)"),
+        (_set("capacity", 31), r"live\.npy: expected shape \(H,\) with H <= capacity 31"),
         (_set("entries", 31), r"live\.npy: 32 live entries, .*manifest\.json says 31"),
         (_set("format_version", 99), r"manifest\.json: format_version 99 is not supported"),
         (_set("format_version", "3"), r"manifest\.json: format_version '3' is not supported"),
@@ -132,6 +142,7 @@ def _set(field: str, value: Any) -> Any:
         (lambda m: m.pop("lrfu_lambda"), r"manifest\.json: missing field 'lrfu_lambda'"),
         (lambda m: m.pop("eviction"), r"manifest\.json: missing field 'eviction'"),
         (lambda m: m["files"].pop("live.npy"), r"manifest\.json: no integrity record for live\.npy"),
+        (lambda m: m["files"].pop("index.bin"), r"manifest\.json: no integrity record for index\.bin"),
         (lambda m: m["files"]["keys.npy"].update(bytes=1), r"keys\.npy: size \d+ bytes"),
         (lambda m: m["files"]["index.bin"].update(sha256="0" * 64), r"index\.bin: checksum mismatch"),
         (lambda m: m["files"].update({"../x": m["files"]["keys.npy"]}), r"'\.\./x' is not a plain"),
@@ -156,19 +167,21 @@ def test_extra_or_renamed_files(saved: Path) -> None:
     _fails(saved, r"keys\.npy: missing")
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_older_format_directory_is_refused(saved: Path, version: int) -> None:
     def make_older(manifest: dict[str, Any]) -> None:
         manifest.update(format_version=version)
-        manifest.pop("eviction")  # format 2 had no eviction policy and no insertion times
-        manifest["files"].pop("inserted_at.npy")
+        for name in ("read_count.npy", "origin_unit.npy", "origin_tokens.npy"):  # added by format 4
+            manifest["files"].pop(name)
+        if version <= 2:
+            manifest.pop("eviction")  # format 2 had no eviction policy and no insertion times
+            manifest["files"].pop("inserted_at.npy")
         if version == 1:
             manifest.pop("files")  # nor had format 1 integrity records
 
     _edit_manifest(saved, make_older)
-    (saved / "inserted_at.npy").unlink()
     manifest = re.escape(str(saved / "manifest.json"))
-    _fails(saved, rf"^{manifest}: format_version {version} is not supported \(expected 3\)$")
+    _fails(saved, rf"^{manifest}: format_version {version} is not supported \(expected 4\)$")
 
 
 def _fail_on_nth_save(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
@@ -255,7 +268,7 @@ def _put(key: str, value: Any) -> Any:
         (_drop("keys"), r"state_dict: missing entry 'keys'"),
         (_drop("index_bytes"), r"state_dict: missing entry 'index_bytes'"),
         (_drop("capacity"), r"state_dict: missing field 'capacity'"),
-        (_put("format_version", 1), r"state_dict: format_version 1 is not supported \(expected 2\)"),
+        (_put("format_version", 2), r"state_dict: format_version 2 is not supported \(expected 3\)"),
         (_drop("inserted_at"), r"state_dict: missing entry 'inserted_at'"),
         (_drop("eviction"), r"state_dict: missing field 'eviction'"),
         (

@@ -1,5 +1,5 @@
-"""KNNStore persistence: directory save/load (with and without mmap), state_dict round trips, and the
-two forms restoring the same store."""
+"""KNNStore persistence: directory save/load (with and without mmap), state_dict round trips, the two forms
+restoring the same store, arrays saved at the high-water mark, and stores growing after loading."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dmt.memory import KNNStore
+from dmt.memory import ORIGIN_SPAN, KNNStore
 from dmt.memory.integrity import file_record
 
 
@@ -27,7 +27,8 @@ def _filled_store(value_dtype: str = "float32", backend: str = "hnsw", eviction:
         eviction=eviction,
     )
     for _ in range(3):  # 90 inserts into 64 slots: evictions and LRFU state worth saving
-        store.insert(rng.standard_normal((30, 8)), rng.standard_normal((30, 3)))
+        tokens = rng.integers(-1, 50_000, (30, ORIGIN_SPAN))
+        store.insert(rng.standard_normal((30, 8)), rng.standard_normal((30, 3)), np.arange(30), tokens)
         ids, _ = store.search(rng.standard_normal((4, 8)).astype(np.float32), k=5)
         store.reference(ids)
     return store
@@ -42,17 +43,28 @@ def _answers(store: KNNStore, queries: np.ndarray) -> tuple[np.ndarray, ...]:
 
 
 def _assert_equivalent(store: KNNStore, restored: KNNStore) -> None:
-    queries = np.random.default_rng(1).standard_normal((10, 8)).astype(np.float32)
+    """Same entries, bookkeeping and answers; then (stores that insert) the same slots for new entries,
+    which fill the holes and grow a truncated store."""
+    queries = np.random.default_rng(1).standard_normal((10, store.key_dim)).astype(np.float32)
     assert restored.stats == store.stats and restored.now == store.now
-    assert restored.eviction == store.eviction
-    live = np.flatnonzero(store._live)
-    np.testing.assert_array_equal(restored.insertion_times(live), store.insertion_times(live))
+    assert restored.eviction == store.eviction and restored.capacity == store.capacity
+    live = store.live_ids()
+    np.testing.assert_array_equal(restored.live_ids(), live)
+    for method in ("insertion_times", "lrfu_scores", "read_counts"):
+        got, want = getattr(restored, method)(live), getattr(store, method)(live)
+        np.testing.assert_array_equal(got, want, err_msg=method)
+    for got, want in zip(restored.origins(live), store.origins(live), strict=True):
+        np.testing.assert_array_equal(got, want)
     for got, want in zip(_answers(restored, queries), _answers(store, queries), strict=True):
         np.testing.assert_array_equal(got, want)
+    if store.keys_are_fixed:
+        return
     # LRFU state, insertion times and the clock came along too: the same victims are evicted next.
-    keys, values = np.ones((20, 8), dtype=np.float32), np.zeros((20, 3), dtype=np.float32)
+    keys = np.ones((20, store.key_dim), dtype=np.float32)
+    values = np.zeros((20, store.value_dim), dtype=np.float32)
     for _ in range(2):
         np.testing.assert_array_equal(store.insert(keys, values), restored.insert(keys, values))
+    np.testing.assert_array_equal(restored.get(restored.live_ids())[1], store.get(store.live_ids())[1])
 
 
 @pytest.mark.parametrize("value_dtype", ["float32", "float16"])
@@ -69,9 +81,12 @@ def test_save_load_round_trip(tmp_path: Path, value_dtype: str) -> None:
         "lrfu_crf.npy",
         "lrfu_last.npy",
         "inserted_at.npy",
+        "read_count.npy",
+        "origin_unit.npy",
+        "origin_tokens.npy",
     }
     manifest = json.loads((tmp_path / "mem" / "manifest.json").read_text())
-    assert manifest["format_version"] == 3
+    assert manifest["format_version"] == 4
     assert set(manifest["files"]) == names - {"manifest.json"}
     assert (manifest["key_dim"], manifest["value_dim"], manifest["capacity"]) == (8, 3, 64)
     assert (manifest["metric"], manifest["lrfu_lambda"], manifest["value_dtype"]) == (
@@ -92,7 +107,7 @@ def test_mmap_load_writes_through_to_file(tmp_path: Path) -> None:
     store = _filled_store()
     store.save(tmp_path / "mem")
     mapped = KNNStore.load(tmp_path / "mem", mmap=True)
-    assert isinstance(mapped._values, np.memmap)
+    assert isinstance(mapped._keys, np.memmap) and isinstance(mapped._values, np.memmap)
     _assert_equivalent(store, mapped)
     mapped.update_values(np.array([0]), np.full((1, 3), 10.0, dtype=np.float32))
     expected = mapped.get(np.array([0]))[1]
@@ -132,8 +147,10 @@ def test_state_dict_round_trip() -> None:
     _assert_plain(state)
     assert state["index_bytes"].dtype == np.uint8
     _assert_equivalent(store, KNNStore.from_state_dict(state))
-    state["live"] = state["live"][:10]
-    with pytest.raises(ValueError, match=r"state_dict\['live'\]"):
+    state["live"] = np.ones(65, dtype=bool)  # more rows than the capacity of 64
+    with pytest.raises(
+        ValueError, match=r"state_dict\['live'\]: expected shape \(H,\) with H <= capacity 64"
+    ):
         KNNStore.from_state_dict(state)
 
 
@@ -152,3 +169,88 @@ def test_checkpoint_and_directory_restore_equal_stores(tmp_path: Path, backend: 
         else:
             assert value == checkpoint_state[name], name
     _assert_equivalent(from_directory, from_checkpoint)
+
+
+def _store_with_holes(backend: str) -> KNNStore:
+    """40 entries inserted into 64 slots, then merged: holes below the high-water mark. Product keys (which
+    cannot insert or merge) get value updates instead."""
+    rng = np.random.default_rng(2)
+    metric = "ip" if backend == "product" else "l2"
+    store = KNNStore(8, 3, capacity=64, metric=metric, index={"backend": backend}, value_dtype="float16")
+    if backend == "product":
+        store.update_values(np.arange(0, 64, 3), rng.standard_normal((22, 3)).astype(np.float32))
+    else:
+        units = np.arange(40) % 7
+        tokens = rng.integers(0, 1000, (40, ORIGIN_SPAN))
+        store.insert(rng.standard_normal((40, 8)), rng.standard_normal((40, 3)), units, tokens)
+    ids, distances = store.search(rng.standard_normal((6, 8)).astype(np.float32), k=4)
+    store.reference(ids)
+    if backend != "product":
+        assert store.recombine(ids, distances, max_distance=np.inf) > 0
+    return store
+
+
+@pytest.mark.parametrize("backend", ["exact", "hnsw", "product"])
+@pytest.mark.parametrize("mmap", [False, True])
+def test_truncated_round_trip_restores_an_identical_store_that_grows(
+    tmp_path: Path, backend: str, mmap: bool
+) -> None:
+    store = _store_with_holes(backend)
+    live = store.live_ids()
+    high_water = int(live[-1]) + 1
+    assert backend == "product" or len(live) < high_water  # holes below the high-water mark
+    store.save(tmp_path / "mem")
+    assert np.load(tmp_path / "mem" / "keys.npy").shape == (high_water, 8)
+    assert (tmp_path / "mem" / "index.bin").exists() == (backend != "exact")
+    for restored in (
+        KNNStore.load(tmp_path / "mem", mmap=mmap),
+        KNNStore.from_state_dict(store.state_dict()),
+    ):
+        assert len(restored._keys) == len(restored._values) == high_water  # as loaded, not padded
+        _assert_equivalent(_store_with_holes(backend), restored)  # inserts fill the holes, then grow
+        assert len(restored._keys) == (high_water if backend == "product" else 64)
+
+
+def test_mmap_store_maps_keys_and_values_until_it_grows(tmp_path: Path) -> None:
+    store = _store_with_holes("exact")
+    store.save(tmp_path / "mem")
+    mapped = KNNStore.load(tmp_path / "mem", mmap=True)
+    holes = 64 - len(mapped) - (64 - len(mapped._keys))  # free slots below the high-water mark
+    key = np.full((1, 8), 3.0, dtype=np.float32)
+    slots = mapped.insert(np.repeat(key, holes, axis=0), np.ones((holes, 3), dtype=np.float32))
+    assert slots.max() < len(mapped._keys) and isinstance(mapped._keys, np.memmap)  # written to the files
+    mapped._keys.flush()
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "mem" / "keys.npy")[slots], np.repeat(key, holes, axis=0)
+    )
+    mapped.insert(key, np.ones((1, 3), dtype=np.float32))  # no hole left: the store grows into memory
+    assert len(mapped._keys) == 64 and not isinstance(mapped._keys, np.memmap)
+    assert not isinstance(mapped._values, np.memmap)
+
+
+def test_sparse_store_saves_its_live_rows_without_an_exact_index(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    store = KNNStore(16, 32, capacity=4096, metric="ip", index={"backend": "exact"})
+    store.insert(rng.standard_normal((100, 16)), rng.standard_normal((100, 32)))
+    store.save(tmp_path / "mem")
+    manifest = json.loads((tmp_path / "mem" / "manifest.json").read_text())
+    assert manifest["capacity"] == 4096 and manifest["entries"] == 100
+    assert "index.bin" not in manifest["files"] and not (tmp_path / "mem" / "index.bin").exists()
+    for name in ("keys", "values", "live", "lrfu_crf", "read_count", "origin_tokens"):
+        assert len(np.load(tmp_path / "mem" / f"{name}.npy")) == 100, name
+    # Values of 100 rows, not 4096: well under what the padded (4096, 32) float32 array would take.
+    assert manifest["files"]["values.npy"]["bytes"] < 100 * 32 * 4 + 1024
+    restored = KNNStore.load(tmp_path / "mem")
+    queries = rng.standard_normal((5, 16)).astype(np.float32)
+    np.testing.assert_array_equal(restored.search(queries, 10)[0], store.search(queries, 10)[0])
+
+
+def test_empty_store_round_trips_and_grows(tmp_path: Path) -> None:
+    store = KNNStore(4, 2, capacity=16, metric="l2", index={"backend": "exact"})
+    store.save(tmp_path / "mem")
+    assert np.load(tmp_path / "mem" / "keys.npy").shape == (0, 4)
+    restored = KNNStore.load(tmp_path / "mem", mmap=True)
+    assert len(restored) == 0 and len(restored._keys) == 0
+    keys = np.eye(4, dtype=np.float32)[:3]
+    np.testing.assert_array_equal(restored.insert(keys, np.ones((3, 2))), [0, 1, 2])
+    np.testing.assert_array_equal(restored.search(keys[1:2], 1)[0], [[1]])

@@ -1,5 +1,5 @@
 """KNNStore: validation, cold start, capacity/eviction (LRFU, FIFO, random), insertion times, the clock,
-value updates, recombination and recall against exact search."""
+value updates, recombination, per-entry reads and origins, and recall against exact search."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dmt.memory import KNNStore, MemoryStats
+from dmt.memory import ORIGIN_SPAN, KNNStore, MemoryStats, token_spans
 from dmt.memory.store import EVICTIONS
 
 
@@ -348,3 +348,56 @@ def test_recall_measures_hnsw_search_breadth(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr("dmt.memory.store.RECALL_KEY_BLOCK", 333)  # blocks that split the live keys
     monkeypatch.setattr("dmt.memory.store.RECALL_QUERY_BLOCK", 7)
     assert store.recall(queries, 16) == pytest.approx(narrow, abs=1e-3)
+
+
+def test_read_counts_origins_and_lrfu_scores_per_entry() -> None:
+    store = KNNStore(4, 1, capacity=6, metric="l2", lrfu_lambda=0.5, index={"backend": "exact"})
+    keys = np.array([[0, 0, 0, 0], [0.1, 0, 0, 0], [5, 0, 0, 0]], dtype=np.float32)
+    tokens = np.arange(3 * ORIGIN_SPAN).reshape(3, ORIGIN_SPAN)
+    ids = store.insert(keys, np.zeros((3, 1), np.float32), origin_units=[7, -1, 9], origin_tokens=tokens)
+    np.testing.assert_array_equal(store.live_ids(), [0, 1, 2])
+    units, spans = store.origins(ids)
+    assert units.dtype == spans.dtype == np.int32
+    np.testing.assert_array_equal(units, [7, -1, 9])
+    np.testing.assert_array_equal(spans, tokens)
+    store.reference(np.array([[0, 0, 1], [1, -1, 2]]))  # ticks 1 and 2; duplicates each count
+    np.testing.assert_array_equal(store.read_counts(ids), [2, 2, 1])
+    # CRF at the clock (2): slot 0 = the insert at 0 and two references at 1, F(x) = 2^(-x/2).
+    np.testing.assert_allclose(store.lrfu_scores(ids[:1]), [2**-1 + 2 * 2**-0.5])
+    found, distances = store.search(keys[:1], k=2)
+    assert store.recombine(found, distances, max_distance=1.0) == 1  # entry 1 folds into entry 0
+    np.testing.assert_array_equal(store.live_ids(), [0, 2])
+    np.testing.assert_array_equal(store.read_counts(np.array([0])), [4])  # the counts add up
+    np.testing.assert_array_equal(store.origins(np.array([0]))[0], [7])  # the target's origin stays
+    refilled = store.insert(np.ones((1, 4), np.float32), np.zeros((1, 1), np.float32))  # the freed slot 1
+    np.testing.assert_array_equal(refilled, [1])
+    np.testing.assert_array_equal(store.read_counts(refilled), [0])
+    np.testing.assert_array_equal(store.origins(refilled)[0], [-1])
+    np.testing.assert_array_equal(store.origins(refilled)[1], np.full((1, ORIGIN_SPAN), -1))
+    for method in ("lrfu_scores", "read_counts", "origins"):
+        with pytest.raises(ValueError, match=rf"{method}\(\) needs ids of live entries"):
+            getattr(store, method)(np.array([4]))
+
+
+@pytest.mark.parametrize(
+    ("origins", "message"),
+    [
+        ({"origin_units": np.zeros(2, np.int64)}, r"origin_units must have shape \(1,\), got \(2,\)"),
+        ({"origin_tokens": np.zeros((1, 3), np.int64)}, r"origin_tokens must have shape \(1, 8\)"),
+        ({"origin_units": np.array([0.5])}, "origin_units must be an integer array"),
+        ({"origin_tokens": np.full((1, ORIGIN_SPAN), -2)}, r"origin_tokens must lie in \[-1, 2\*\*31\)"),
+    ],
+)
+def test_insert_rejects_malformed_origins(origins: dict[str, np.ndarray], message: str) -> None:
+    store = KNNStore(4, 1, capacity=4, metric="l2")
+    with pytest.raises(ValueError, match=message):
+        store.insert(np.ones((1, 4), np.float32), np.ones((1, 1), np.float32), **origins)
+    assert len(store) == 0
+
+
+def test_token_spans_end_at_each_token_left_padded() -> None:
+    token_ids = np.arange(20).reshape(2, 10) + 100  # (B=2, T=10)
+    spans = token_spans(token_ids, np.array([0, 1, 1]), np.array([2, 9, 7]))
+    np.testing.assert_array_equal(spans[0], [-1] * (ORIGIN_SPAN - 3) + [100, 101, 102])
+    np.testing.assert_array_equal(spans[1], token_ids[1, 10 - ORIGIN_SPAN :])
+    np.testing.assert_array_equal(spans[2], token_ids[1, 8 - ORIGIN_SPAN : 8])

@@ -1,0 +1,107 @@
+"""The arithmetic of a memory layer's read, shared by ``dmt.layers`` and by exported students.
+
+Given the rows of the entries a search returned, these functions score the neighbours, weight them and mix
+their values. They import nothing but torch: an export copies this file next to its ``modeling_dmt.py`` so
+that ``transformers`` loads the student with ``trust_remote_code=True`` without dmt installed, computing
+exactly what the training layers compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The activation weightings, by name (``gelu_tanh`` is GPT-2's tanh approximation of GELU).
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+# Scoring all (query, table row) pairs with one matmul beats gathering (N, K, D) neighbour rows while the
+# table has at most this many rows per neighbour slot (a row copy costs about as much as 30 multiply-adds).
+DENSE_SCORING_MAX_ROWS_PER_K = 32
+
+
+def neighbour_dots(vectors: torch.Tensor, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``vectors (N, D)`` · ``table (U, D)[rows (N, K)]`` → ``(N, K)``, differentiable in both."""
+    if table.shape[0] <= DENSE_SCORING_MAX_ROWS_PER_K * rows.shape[1]:
+        return (vectors @ table.T).gather(1, rows)  # (N, U) → (N, K)
+    return torch.einsum("nd,nkd->nk", vectors, table[rows])
+
+
+def neighbour_distances(
+    queries: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, metric: str
+) -> torch.Tensor:
+    """Distance ``(N, K)`` of ``queries (N, D)`` to their neighbours ``keys (U, D)[rows (N, K)]``, in the
+    conventions of :mod:`dmt.memory.metrics` (what the index reported, differentiable in the queries)."""
+    if metric == "l2":
+        squared_norms = keys.pow(2).sum(1)[rows]  # (N, K)
+        dots = neighbour_dots(queries, keys, rows)
+        return queries.pow(2).sum(1, keepdim=True) - 2.0 * dots + squared_norms
+    if metric == "cosine":
+        queries = F.normalize(queries, dim=1)
+        keys = F.normalize(keys, dim=1)
+    return 1.0 - neighbour_dots(queries, keys, rows)
+
+
+def neighbour_weights(
+    scores: torch.Tensor, valid: torch.Tensor, weighting: str, gate: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Weights ``(N, K)`` of the neighbours from their ``scores (N, K)``; invalid neighbours get 0.
+
+    ``softmax`` normalises over the neighbours; ``relu``/``gelu``/``gelu_tanh``/``silu`` apply the
+    activation to each score independently, which makes a store seeded from an MLP's rows compute a top-k
+    MLP. ``gate (N, K)``, if given, multiplies the weights (a gated, SwiGLU-like memory).
+    """
+    if weighting == "softmax":
+        weights = scores.masked_fill(~valid, torch.finfo(scores.dtype).min).softmax(dim=-1)
+    else:
+        weights = ACTIVATIONS[weighting](scores)
+    if gate is not None:
+        weights = weights * gate
+    return weights * valid  # rows without any neighbour sum to zero
+
+
+def mix_values(weights: torch.Tensor, rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``Σ_k weights[n, k] · table[rows[n, k]]`` → ``(N, Dv)`` for ``table (U, Dv)``.
+
+    ``embedding_bag`` forms the sum without the ``(N, K, Dv)`` gather, forward and backward; the table's
+    gradient comes back summed per row (one row per distinct entry).
+    """
+    return F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
+
+
+class AppendOne(nn.Module):
+    """``x (..., C) → [x, 1] (..., C + 1)``: a parameter-free query whose constant lets a stored key carry
+    a bias, as an MLP unit's input weights do."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+
+
+class OutputBias(nn.Module):
+    """``x → x + bias``: the output "projection" of a memory layer whose values are already ``d_model``
+    wide; the bias is the replaced MLP's output bias (zero for Llama-family MLPs)."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias
+
+
+def similarity_scores(distances: torch.Tensor, metric: str, temperature: float) -> torch.Tensor:
+    """Similarity ``(N, K)`` of neighbours at ``distances (N, K)``, divided by ``temperature``.
+
+    ip and cosine distances are ``1 - similarity``; an l2 distance is its own negated similarity.
+    """
+    similarity = -distances if metric == "l2" else 1.0 - distances
+    return similarity / temperature
