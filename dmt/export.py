@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from dmt.memory.store import VALUE_DTYPES
 from dmt.model.persistence import export_checkpoint
 
 
@@ -16,8 +17,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dmt.export", description=__doc__.splitlines()[0])
     parser.add_argument("ckpt", help="Lightning checkpoint (.ckpt) of a distillation run")
     parser.add_argument("out_dir", help="export directory to write (replaced if it exists)")
+    parser.add_argument(
+        "--value-dtype",
+        choices=VALUE_DTYPES,
+        help="store the memory's values in this dtype (float16 halves them); default: as trained",
+    )
     args = parser.parse_args(argv)
-    print(f"exported: {export_checkpoint(args.ckpt, args.out_dir)}")
+    print(f"exported: {export_checkpoint(args.ckpt, args.out_dir, value_dtype=args.value_dtype)}")
 
 
 if __name__ == "__main__":

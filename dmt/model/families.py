@@ -119,3 +119,12 @@ def get_mlp(model: PreTrainedModel, index: int) -> nn.Module:
 def set_mlp(model: PreTrainedModel, index: int, module: nn.Module) -> None:
     family = family_of(model.config)
     setattr(family.blocks(model)[index], family.mlp_attr, module)
+
+
+def mlp_path(model: PreTrainedModel, index: int) -> str:
+    """The qualified name of block ``index``'s MLP in ``model`` (``model.layers.3.mlp``)."""
+    target = get_mlp(model, index)
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    raise ValueError(f"block {index}'s MLP is not a submodule of the model")

@@ -5,14 +5,19 @@ export directories, :func:`memory_state` / :func:`restore_memory_state` for the 
 checkpoint, :func:`student_from_checkpoint` to rebuild a student from one, :func:`load_student` for either,
 and :func:`export_checkpoint` from one to the other.
 
-An export directory holds::
+An export directory is a Hugging Face custom-code model: ``AutoModelForCausalLM.from_pretrained(export,
+trust_remote_code=True)`` loads it with plain ``transformers`` (the code is :mod:`dmt.remote_code`, copied
+in), and without ``trust_remote_code`` loading fails (``model_type "dmt"``) rather than returning the base
+model with random MLPs. It holds::
 
-    config.json, generation_config.json   the base model's Hugging Face config
+    config.json                           the base model's config (``base_model_type``), ``model_type
+                                          "dmt"``, ``auto_map``, and ``dmt``: the format version, each swapped
+                                          block's dmt settings (``layers``) and what the remote code builds
+                                          for it (``blocks``: module path, read settings, store directory)
+    generation_config.json, tokenizer files
     model.safetensors                     every dense weight of the student (memory layers included)
-    tokenizer files                       as written by ``tokenizer.save_pretrained``
-    dmt_config.json                       format version and the settings of each swapped layer per block
-                                          (memory layers and baselines)
-    memory/layer_XX/                      one store per memory layer (manifest + .npy arrays + index)
+    configuration_dmt.py, modeling_dmt.py, memory_ops.py   the remote code
+    memory/layer_XX/                      one store per memory layer (:mod:`dmt.memory.persistence`)
 
 Nothing here unpickles: weights are safetensors, settings JSON, stores ``.npy`` read without pickle, and
 checkpoints are read with ``torch.load(weights_only=True)``.
@@ -25,15 +30,18 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import replace
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from accelerate import init_empty_weights
 from omegaconf import OmegaConf
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
+from torch import nn
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PretrainedConfig,
@@ -42,16 +50,23 @@ from transformers import (
 )
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from dmt.layers import LayerConfig, layer_config
+from dmt.layers import LayerConfig, LowRankMLP, MemoryLayer, layer_config
 from dmt.memory import KNNStore
+from dmt.model.families import mlp_form, mlp_path
 from dmt.model.loading import load_tokenizer
 from dmt.model.surgery import attach_memory_layers, memory_layers, swapped_layers
+from dmt.remote_code import REMOTE_CODE_FILES
+from dmt.remote_code.configuration_dmt import CLASS_PREFIX, MODEL_TYPE
+from dmt.remote_code.modeling_dmt import EXPORT_FORMAT_VERSION
 
-# 2: per-type layer settings (gate_dim, ranking, dense_weights) and gate_query_proj weights.
+# The layer settings of a checkpoint's ``dmt`` entry. 2: per-type layer settings (gate_dim, ranking,
+# dense_weights) and gate_query_proj weights.
 FORMAT_VERSION = 2
-DMT_CONFIG = "dmt_config.json"
+CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 STUDENT_PREFIX = "student."
+# Keys of an export's config.json that are not the base model's.
+EXPORT_KEYS = ("dmt", "auto_map", "model_type", "base_model_type", "architectures")
 
 
 def layer_configs_of(model: PreTrainedModel) -> dict[int, LayerConfig]:
@@ -67,12 +82,12 @@ def memory_spec(model: PreTrainedModel) -> dict[str, Any]:
     }
 
 
-def layer_configs_from_spec(spec: dict[str, Any]) -> dict[int, LayerConfig]:
+def layer_configs_from_spec(
+    spec: dict[str, Any], expected: int = FORMAT_VERSION, where: str = "checkpoint['dmt']['memory_spec']"
+) -> dict[int, LayerConfig]:
     version = spec.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{DMT_CONFIG}: format_version {version!r} is not supported (expected {FORMAT_VERSION})"
-        )
+    if version != expected:
+        raise ValueError(f"{where}: format_version {version!r} is not supported (expected {expected})")
     return {int(i): layer_config(cfg) for i, cfg in spec["layers"].items()}
 
 
@@ -134,19 +149,71 @@ def _replace_directory(tmp: Path, target: Path) -> None:
         shutil.rmtree(backup)
 
 
+def remote_block(model: PreTrainedModel, index: int, layer: nn.Module) -> dict[str, Any]:
+    """What :mod:`dmt.remote_code` builds for swapped block ``index``: where it goes, and the settings it
+    reads (resolved, so the remote code derives nothing)."""
+    cfg = layer.cfg
+    block: dict[str, Any] = {"module": mlp_path(model, index), "type": cfg.type}
+    if isinstance(layer, MemoryLayer):
+        block["read"] = {
+            "heads": cfg.heads,
+            "key_dim": cfg.key_dim,
+            "value_dim": cfg.value_dim,
+            "gate_dim": cfg.gate_width,
+            "dense": cfg.dense,
+            "topk": cfg.topk,
+            "metric": cfg.metric,
+            "temperature": cfg.temperature,
+            "weighting": getattr(cfg, "weighting", "softmax"),
+            "ranking": getattr(cfg, "ranking", "score"),
+        }
+        block["store"] = f"memory/layer_{index:02d}"
+    elif isinstance(layer, LowRankMLP):
+        block["lowrank"] = {
+            "rank": layer.width,
+            "gated": layer.gate_keys is not None,
+            "key_bias": layer.keys.bias is not None,
+            "out_bias": layer.values.bias is not None,
+            "activation": mlp_form(model.config).activation,
+        }
+    return block
+
+
+def export_config(model: PreTrainedModel) -> dict[str, Any]:
+    """``config.json`` of an export: the base config as a ``trust_remote_code`` model (module docstring)."""
+    base = model.config.to_diff_dict()
+    swapped = swapped_layers(model)
+    return {
+        **base,
+        "model_type": MODEL_TYPE,
+        "base_model_type": base["model_type"],
+        "architectures": [f"{CLASS_PREFIX}{type(model).__name__}"],
+        "auto_map": {
+            "AutoConfig": f"configuration_dmt.{CLASS_PREFIX}{type(model.config).__name__}",
+            "AutoModelForCausalLM": f"modeling_dmt.{CLASS_PREFIX}{type(model).__name__}",
+        },
+        "dmt": {
+            "format_version": EXPORT_FORMAT_VERSION,
+            "layers": {str(i): layer.cfg.to_dict() for i, layer in swapped.items()},
+            "blocks": {str(i): remote_block(model, i, layer) for i, layer in swapped.items()},
+        },
+    }
+
+
 def save_pretrained(model: PreTrainedModel, tokenizer: Any, directory: str | os.PathLike) -> Path:
     """Write an export directory (see module docstring); written aside then moved into place."""
     target = Path(directory).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        model.config.save_pretrained(tmp)
+        (tmp / CONFIG).write_text(json.dumps(export_config(model), indent=2, sort_keys=True))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
-        save_model(model, str(tmp / WEIGHTS))
+        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / DMT_CONFIG).write_text(json.dumps(memory_spec(model), indent=2))
+        for name in REMOTE_CODE_FILES:
+            (tmp / name).write_bytes(resources.files("dmt.remote_code").joinpath(name).read_bytes())
         for index, layer in memory_layers(model).items():
             layer.store.save(tmp / "memory" / f"layer_{index:02d}")
         _replace_directory(tmp, target)
@@ -156,32 +223,62 @@ def save_pretrained(model: PreTrainedModel, tokenizer: Any, directory: str | os.
     return target
 
 
+def read_export_config(directory: Path) -> tuple[PretrainedConfig, dict[int, LayerConfig]]:
+    """The base model's config and the swapped layers' settings of the export ``directory``."""
+    path = directory / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {directory} is not a model directory")
+    raw = json.loads(path.read_text())
+    if raw.get("model_type") != MODEL_TYPE or not isinstance(raw.get("dmt"), dict):
+        raise ValueError(f"{path}: not a dmt export (model_type {raw.get('model_type')!r}, no 'dmt' section)")
+    layers = layer_configs_from_spec(raw["dmt"], EXPORT_FORMAT_VERSION, where=f"{path}: dmt")
+    base = {key: value for key, value in raw.items() if key not in EXPORT_KEYS}
+    return _model_config({**base, "model_type": raw.get("base_model_type")}), layers
+
+
 def load_pretrained(
     directory: str | os.PathLike, *, mmap: bool = False, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, Any]:
     """Load an export directory: ``(model in eval mode, tokenizer or None)``.
 
-    With ``mmap=True`` store values stay on disk, memory-mapped.
+    With ``mmap=True`` store keys and values stay on disk, memory-mapped.
     """
     directory = Path(directory)
-    if not (directory / DMT_CONFIG).is_file():
-        raise FileNotFoundError(
-            f"{directory / DMT_CONFIG} not found: {directory} is not a dmt export directory"
-        )
-    spec = json.loads((directory / DMT_CONFIG).read_text())
-    configs = layer_configs_from_spec(spec)
+    config, configs = read_export_config(directory)
     stores = {
         i: KNNStore.load(directory / "memory" / f"layer_{i:02d}", mmap=mmap)
         for i, cfg in configs.items()
         if cfg.has_store
     }
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
+    # The base model's weights are not allocated (their memory would not be given back after the swap):
+    # every parameter is assigned from the weights file, buffers are built as usual.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
     attach_memory_layers(model, configs, stores)
-    missing, unexpected = load_model(model, str(directory / WEIGHTS), strict=False)
+    weights = load_file(directory / WEIGHTS)
+    unexpected = sorted(set(weights) - set(model.state_dict()))
+    # A tied weight (GPT-2's lm_head and wte) is saved once, under one of its names: give it every name.
+    # Ties are the model's shared parameters, or (transformers 5, not yet tied here) its tied-keys map.
+    tied: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(param), []).append(name)
+    tied_keys = getattr(model, "_tied_weights_keys", None)
+    groups = [*tied.values(), *(tied_keys.items() if isinstance(tied_keys, dict) else ())]
+    for names in groups:
+        saved = [name for name in names if name in weights]
+        for name in names if saved else ():
+            weights.setdefault(name, weights[saved[0]])
+    model.load_state_dict(weights, strict=False, assign=True)
+    model.tie_weights()  # the same parameter again, not two sharing storage
+    missing = [name for name, param in model.named_parameters() if param.is_meta]
     if missing or unexpected:
         raise ValueError(f"{directory / WEIGHTS}: missing keys {missing}, unexpected keys {unexpected}")
+    # Given the base config, the tokenizer does not read config.json (whose auto_map would ask to trust
+    # the remote code).
     tokenizer = (
-        AutoTokenizer.from_pretrained(directory) if (directory / "tokenizer_config.json").exists() else None
+        AutoTokenizer.from_pretrained(directory, config=config)
+        if (directory / "tokenizer_config.json").exists()
+        else None
     )
     return model.to(device).eval(), tokenizer
 
@@ -193,7 +290,7 @@ def _model_config(config_dict: dict[str, Any]) -> PretrainedConfig:
     """A ``transformers`` config from ``PretrainedConfig.to_dict()`` output, without any hub access."""
     model_type = config_dict.get("model_type")
     if model_type not in CONFIG_MAPPING:
-        raise ValueError(f"checkpoint model_config: unknown model_type {model_type!r}")
+        raise ValueError(f"model config: unknown model_type {model_type!r}")
     return CONFIG_MAPPING[model_type].from_dict(dict(config_dict))
 
 
@@ -256,7 +353,22 @@ def load_student(path: str | os.PathLike) -> tuple[PreTrainedModel, PreTrainedTo
     return student_from_checkpoint(checkpoint, str(path)), _checkpoint_tokenizer(checkpoint)
 
 
-def export_checkpoint(ckpt: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Write the student of a Lightning checkpoint as an export directory; returns its resolved path."""
+def cast_memory_values(model: PreTrainedModel, value_dtype: str) -> None:
+    """Hold every store's values in ``value_dtype`` (``float16`` halves them), the layers' settings too,
+    so that an export written afterwards says what it holds."""
+    for layer in memory_layers(model).values():
+        layer.store.cast_values(value_dtype)
+        layer.cfg = replace(layer.cfg, value_dtype=value_dtype)
+
+
+def export_checkpoint(
+    ckpt: str | os.PathLike, out_dir: str | os.PathLike, value_dtype: str | None = None
+) -> Path:
+    """Write the student of a Lightning checkpoint as an export directory; returns its resolved path.
+
+    ``value_dtype`` (e.g. ``float16``) stores the memory's values in that dtype instead of the run's.
+    """
     model, tokenizer = load_student(ckpt)
+    if value_dtype is not None:
+        cast_memory_values(model, value_dtype)
     return save_pretrained(model, tokenizer, out_dir)

@@ -149,9 +149,9 @@ def attach_memory_layers(
     """Replace the MLP of each chosen block of ``model``, in place, with a memory layer or a baseline.
 
     ``stores`` supplies saved stores (on load); otherwise new ones are created and, for ``init: ffn``,
-    seeded from the MLP being replaced. Baselines take their form (and, for ``init: ffn``, their starting
-    weights) from the MLP they replace; on load that is the freshly built model's MLP, and the saved
-    weights are loaded over it afterwards.
+    seeded from the MLP being replaced. Baselines take their form (and, for ``init: ffn`` when not
+    loading, their starting weights) from the MLP they replace; on load (``stores`` given, even empty) the
+    saved weights are loaded over them afterwards, so the model's MLPs may be unallocated (meta).
     """
     num_layers = num_blocks(model)
     device = next(model.parameters()).device
@@ -162,7 +162,7 @@ def attach_memory_layers(
         store = (stores or {}).get(index)
         layer: nn.Module
         if not cfg.has_store:
-            layer = build_baseline(form.d_model, cfg, mlp_weights(model, index))
+            layer = build_baseline(form.d_model, cfg, mlp_weights(model, index), seed=stores is None)
         else:
             layer = build_memory_layer(form.d_model, cfg, store, mlp=form)
             if store is None and isinstance(layer, FeaturalMemory) and layer.cfg.init == "ffn":

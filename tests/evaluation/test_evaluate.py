@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import REPO, tiny_student, tiny_teacher_cfg
+from conftest import tiny_student, tiny_teacher_cfg
 from omegaconf import OmegaConf
 from torch.testing import assert_close
 
@@ -192,7 +192,7 @@ def test_export_cli_writes_a_loadable_directory(tiny_gpt2, tmp_path):
     student = tiny_student(tiny_gpt2, TOKENS)
     write_checkpoint(student, tmp_path / "run.ckpt", tiny_teacher_cfg("gpt2"))
     export_main([str(tmp_path / "run.ckpt"), str(tmp_path / "out")])
-    assert (tmp_path / "out" / "dmt_config.json").is_file()
+    assert (tmp_path / "out" / "modeling_dmt.py").is_file()
     assert (tmp_path / "out" / "tokenizer_config.json").is_file()
     loaded, tokenizer = load_student(tmp_path / "out")
     assert tokenizer is not None
@@ -201,10 +201,11 @@ def test_export_cli_writes_a_loadable_directory(tiny_gpt2, tmp_path):
 
 
 def test_hydra_entry_point(tmp_path, text_dir, monkeypatch):
-    """``conf/eval.yaml`` composes and ``run_eval`` writes the JSON that the notebook reads."""
+    """``dmt/conf/eval.yaml`` composes and ``run_eval`` writes the JSON that the notebook reads."""
     from hydra import compose, initialize_config_dir
 
     import dmt.config  # noqa: F401  (the ${pkg:...} resolver)
+    from dmt.conf import CONF_DIR
     from dmt.evaluation.__main__ import run_eval
 
     monkeypatch.chdir(tmp_path)
@@ -226,7 +227,7 @@ def test_hydra_entry_point(tmp_path, text_dir, monkeypatch):
         f"cache_dir={tmp_path / 'cache'}",
         "seed=0",
     ]
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = compose(config_name="eval", overrides=overrides)
     run_eval(cfg)
     written = json.loads((tmp_path / "eval.json").read_text())
@@ -234,3 +235,18 @@ def test_hydra_entry_point(tmp_path, text_dir, monkeypatch):
     assert written["settings"]["ablate_layers"] == [0, 2]
     assert list(written["generations"][0]) == ["prompt", "teacher", "student", "ablated"]
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_export_cli_casts_memory_values(tiny_gpt2, tmp_path):
+    student = tiny_student(tiny_gpt2, TOKENS)
+    write_checkpoint(student, tmp_path / "run.ckpt", tiny_teacher_cfg("gpt2"))
+    export_main([str(tmp_path / "run.ckpt"), str(tmp_path / "fp32")])
+    export_main([str(tmp_path / "run.ckpt"), str(tmp_path / "fp16"), "--value-dtype", "float16"])
+    loaded, _ = load_student(tmp_path / "fp16")
+    for index, layer in memory_layers(loaded).items():
+        assert layer.store.value_dtype == layer.cfg.value_dtype == "float16"
+        halved = (tmp_path / "fp16" / "memory" / f"layer_{index:02d}" / "values.npy").stat().st_size
+        full = (tmp_path / "fp32" / "memory" / f"layer_{index:02d}" / "values.npy").stat().st_size
+        assert halved < 0.6 * full
+    with torch.no_grad():
+        assert_close(loaded(TOKENS).logits, student(TOKENS).logits, atol=1e-2, rtol=1e-2)

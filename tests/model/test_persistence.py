@@ -48,7 +48,7 @@ def test_export_overwrites_atomically(tiny_gpt2, tmp_path, gpt2_tokenizer):
     save_pretrained(student, gpt2_tokenizer, tmp_path / "export")
     save_pretrained(student, gpt2_tokenizer, tmp_path / "export")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
-    with pytest.raises(FileNotFoundError, match="not a dmt export"):
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
         load_pretrained(tmp_path)
 
 
@@ -93,7 +93,7 @@ def test_baselines_survive_export_and_checkpoint(fixture, request, tmp_path, gpt
     with torch.no_grad():
         expected = student(TOKENS).logits
     save_pretrained(student, gpt2_tokenizer, tmp_path / "export")
-    spec = json.loads((tmp_path / "export" / "dmt_config.json").read_text())
+    spec = json.loads((tmp_path / "export" / "config.json").read_text())["dmt"]
     assert {i: layer["type"] for i, layer in spec["layers"].items()} == {
         "0": "featural",
         "1": "lowrank",
