@@ -1,65 +1,149 @@
-"""Callbacks: per-layer memory statistics for the loggers."""
+"""Callbacks: what the memory layers do during training, written to the run's loggers."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import DeviceStatsMonitor, LearningRateMonitor
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
+from dmt.layers.base import MemoryLayer
 from dmt.memory import MemoryStats
 
 
 class MemoryMonitor(pl.Callback):
-    """Logs ``memory/layer_XX/<stat>`` for every memory layer every ``every_n_steps`` optimiser steps.
+    """Logs ``memory/layer_XX/<stat>`` for every memory layer at the trainer's ``log_every_n_steps``.
 
-    - ``entries``, and the cumulative ``inserts``, ``evictions`` and ``merges`` since the store was made;
-    - per-step rates over the steps since the last log: ``inserts_per_step``, ``evictions_per_step``,
-      ``merges_per_step``, ``reads_per_step`` (neighbours returned to training searches),
-      ``distinct_reads_per_step`` (distinct entries among them) and ``new_read_share`` (the share of reads
-      served by entries inserted during this run);
-    - ``mean_topk_distance`` of the latest search;
+    Scalars, over the optimiser steps since the previous log (the *interval*):
+
+    - ``entries``: live entries now (a level);
+    - ``inserts_per_step``, ``evictions_per_step``, ``merges_per_step``: what the store did per step;
+    - ``reads_per_step``: neighbours the training searches returned per step (all micro-batches of a step);
+    - ``distinct_share``: distinct entries one training search returned, averaged over the interval's
+      searches, over ``entries``: the share of the memory one forward touches. Distinct counts do not add
+      up across searches, so they are divided by searches, not steps: with gradient accumulation a step
+      makes ``accumulate_grad_batches`` searches per layer, and the entries the whole step touched lie
+      between one search's and their sum;
+    - ``new_read_share``: the share of reads served by entries inserted during this run;
+    - ``mean_topk_distance``: the mean distance of those reads to their queries;
     - every ``recall_every_n_steps`` steps (0: never), ``recall_at_k``: the share of the exact top-k that
       the key index returns for a sample of the latest training queries (1 for exact indexes).
+
+    Every ``histogram_every_n_steps`` steps (0: never), loggers that draw histograms (an ``.experiment``
+    with ``add_histogram``, e.g. TensorBoard) get ``lrfu_score`` (each live entry's LRFU score, which the
+    ``lrfu`` eviction takes lowest first: at ``lrfu_lambda`` 0 its reads plus one for its insert; above,
+    older references weigh less) and ``read_count`` (each live entry's reads since it was stored).
+
+    The cumulative counters are not logged: they are in the store's ``stats``, and a rate shows a change of
+    regime that a growing total hides. Reads are counted per process; under data parallelism the logged
+    ones are rank 0's, while inserts, evictions and merges are every rank's (the stores are replicated).
+    Recall and histograms are measured at a logging step, the first one at or after
+    each multiple of their interval (exactly every n steps when n is a multiple of ``log_every_n_steps``).
+
+    Values go to the loggers directly, at the step axis of ``LightningModule.log`` values (the 0-based
+    index of the step just taken, as for ``train/loss``): ``self.log`` would re-send a value that was not
+    logged again (``recall_at_k`` between measurements) at every later logging step. Needs a logger.
     """
 
-    def __init__(self, every_n_steps: int = 1, recall_every_n_steps: int = 0) -> None:
-        if every_n_steps < 1 or recall_every_n_steps < 0:
-            raise ValueError(
-                "callbacks.memory_monitor: every_n_steps must be >= 1 and recall_every_n_steps >= 0, got "
-                f"{every_n_steps} and {recall_every_n_steps}"
-            )
-        self.every_n_steps = every_n_steps
+    def __init__(self, recall_every_n_steps: int = 0, histogram_every_n_steps: int = 0) -> None:
+        for name, value in (
+            ("recall_every_n_steps", recall_every_n_steps),
+            ("histogram_every_n_steps", histogram_every_n_steps),
+        ):
+            if value < 0:
+                raise ValueError(f"callbacks.memory_monitor.{name} must be >= 0, got {value}")
         self.recall_every_n_steps = recall_every_n_steps
-        self._last: dict[int, tuple[int, MemoryStats]] = {}  # block → (step, store counters) at last log
+        self.histogram_every_n_steps = histogram_every_n_steps
+        self._step_seen = 0  # global step after the latest training batch: tells which batches stepped
+        self._logged: dict[int, tuple[int, MemoryStats]] = {}  # block → (step, store counters) at last log
 
     def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if not trainer.loggers:
+            raise MisconfigurationException(
+                "Cannot use MemoryMonitor callback with Trainer that has no logger."
+            )
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        # After a checkpoint is restored: the rates start from the resumed step.
+        self._step_seen = trainer.global_step
         for index, layer in module.memory_layers.items():
             layer.run_start = layer.store.now
-            layer.take_read_counts()  # start the rates from this run
-            self._last[index] = (trainer.global_step, layer.store.stats)
+            layer.take_read_counts()
+            self._logged[index] = (trainer.global_step, layer.store.stats)
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if step % self.every_n_steps:
+        stepped, self._step_seen = step != self._step_seen, step  # False while accumulating gradients
+        interval = trainer.log_every_n_steps
+        if not stepped or not interval or step % interval:
             return
         for index, layer in module.memory_layers.items():
-            metrics = layer.memory_stats()
-            last_step, last = self._last.get(index, (0, MemoryStats()))
-            stats = layer.store.stats
-            steps = max(1, step - last_step)
-            reads = layer.take_read_counts()
-            metrics |= {
-                "inserts_per_step": (stats.inserts - last.inserts) / steps,
-                "evictions_per_step": (stats.evictions - last.evictions) / steps,
-                "merges_per_step": (stats.merges - last.merges) / steps,
-                "reads_per_step": reads.reads / steps,
-                "distinct_reads_per_step": reads.distinct / steps,
-                "new_read_share": reads.new / reads.reads if reads.reads else math.nan,
+            prefix = f"memory/layer_{index:02d}"
+            last_step, last = self._logged[index]
+            self._logged[index] = (step, layer.store.stats)
+            metrics = {
+                f"{prefix}/{name}": value for name, value in interval_scalars(layer, step - last_step, last)
             }
-            if self.recall_every_n_steps and step % self.recall_every_n_steps == 0:
-                metrics["recall_at_k"] = layer.sample_recall()
-            self._last[index] = (step, stats)
-            for name, value in metrics.items():
-                if not math.isnan(value):  # e.g. no read yet: nothing to log
-                    module.log(f"memory/layer_{index:02d}/{name}", float(value), on_step=True, on_epoch=False)
+            if trainer.is_global_zero:  # only rank 0 writes to the loggers
+                if _due(self.recall_every_n_steps, step, last_step):
+                    metrics[f"{prefix}/recall_at_k"] = layer.sample_recall()
+                if _due(self.histogram_every_n_steps, step, last_step):
+                    log_histograms(trainer, prefix, layer)
+            metrics = {name: value for name, value in metrics.items() if not math.isnan(value)}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step - 1)
+
+
+def interval_scalars(layer: MemoryLayer, steps: int, last: MemoryStats) -> list[tuple[str, float]]:
+    """One layer's scalars over the last ``steps`` optimiser steps, from its store counters ``last`` at
+    their start (NaN where nothing was read); the layer's read counts restart."""
+    stats = layer.store.stats
+    reads = layer.take_read_counts()
+    entries = len(layer.store)
+    per_search = reads.distinct / reads.searches if reads.searches else math.nan
+    return [
+        ("entries", float(entries)),
+        ("inserts_per_step", (stats.inserts - last.inserts) / steps),
+        ("evictions_per_step", (stats.evictions - last.evictions) / steps),
+        ("merges_per_step", (stats.merges - last.merges) / steps),
+        ("reads_per_step", reads.reads / steps),
+        ("distinct_share", per_search / entries if entries else math.nan),
+        ("new_read_share", reads.new / reads.reads if reads.reads else math.nan),
+        ("mean_topk_distance", reads.distance_sum / reads.reads if reads.reads else math.nan),
+    ]
+
+
+def _due(every_n_steps: int, step: int, last_step: int) -> bool:
+    """Whether a multiple of ``every_n_steps`` (0: never) lies in ``(last_step, step]``."""
+    return every_n_steps > 0 and step // every_n_steps > last_step // every_n_steps
+
+
+def log_histograms(trainer: pl.Trainer, prefix: str, layer: MemoryLayer) -> None:
+    """Histograms of the live entries' LRFU scores and read counts, to every logger that draws them."""
+    experiments = [
+        experiment
+        for logger in trainer.loggers
+        if hasattr(experiment := getattr(logger, "experiment", None), "add_histogram")
+    ]
+    store = layer.store
+    ids = store.live_ids()  # (L,)
+    if not experiments or not len(ids):
+        return
+    histograms = {"lrfu_score": store.lrfu_scores(ids), "read_count": store.read_counts(ids)}  # (L,) each
+    for experiment in experiments:
+        for name, values in histograms.items():
+            experiment.add_histogram(
+                f"{prefix}/{name}", np.asarray(values), global_step=trainer.global_step - 1
+            )
+
+
+# Callbacks that raise without a logger (Lightning's monitors) or only write to one.
+LOGGER_BOUND = (LearningRateMonitor, DeviceStatsMonitor, MemoryMonitor)
+
+
+def needs_logger(callback: pl.Callback) -> bool:
+    """Whether ``callback`` is of no use, or fails, in a run without a logger."""
+    return isinstance(callback, LOGGER_BOUND)

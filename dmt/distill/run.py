@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dmt.config import validate_config
+from dmt.distill.callbacks import needs_logger
 from dmt.distill.module import DistillationModule
 from dmt.evaluation.evaluate import evaluate, format_generations, format_table, truncate_texts
 from dmt.model.families import family_of
@@ -44,6 +45,22 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
     ]
 
 
+def instantiate_callbacks(cfg: DictConfig, has_logger: bool) -> list[pl.Callback]:
+    """The ``callbacks`` group; without a logger (``logger=none``), less the ones that need one.
+
+    The default callbacks stay usable with any logger group: a run without a logger drops the monitors
+    (``lr_monitor``, ``memory_monitor``) rather than failing on them (Lightning's monitors raise without a
+    logger), and says so once.
+    """
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    if has_logger:
+        return callbacks
+    dropped = [type(callback).__name__ for callback in callbacks if needs_logger(callback)]
+    if dropped:
+        log.info("no logger: running without the callbacks that need one (%s)", ", ".join(dropped))
+    return [callback for callback in callbacks if not needs_logger(callback)]
+
+
 def gather_from_ranks(value: T) -> list[T]:
     """``value`` (picklable) of every data-parallel rank, in rank order (``[value]`` in a single process)."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -67,7 +84,9 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     started = time.monotonic()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    print(f"run directory: {output_dir}\n  tensorboard --logdir {output_dir / 'tensorboard'}")
+    print(f"run directory: {output_dir}")
+    if "tensorboard" in (cfg.get("logger") or {}):
+        print(f"  tensorboard --logdir {cfg.logger.tensorboard.save_dir}")
 
     # Everything that can fail on a bad value fails here, before a model is loaded.
     layer_configs = validate_config(cfg)
@@ -95,10 +114,9 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         **OmegaConf.to_container(cfg.distill, resolve=True),
         run_config=OmegaConf.to_container(cfg, resolve=True),
     )
+    loggers = _instantiate_all(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(
-        cfg.trainer,
-        callbacks=_instantiate_all(cfg.get("callbacks")),
-        logger=_instantiate_all(cfg.get("logger")),
+        cfg.trainer, callbacks=instantiate_callbacks(cfg, has_logger=bool(loggers)), logger=loggers
     )
     fit_started = time.monotonic()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

@@ -3,6 +3,7 @@
 import copy
 import functools
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +16,14 @@ from torch.testing import assert_close
 
 import dmt.config  # (resolvers)
 import dmt.distill.run as run
+from dmt.conf import CONF_DIR
 from dmt.layers import AssociativeConfig, FeaturalConfig, LowRankConfig, RemovedConfig, layer_config
 from dmt.model.families import mlp_form
 from dmt.model.loading import teacher_config
 from dmt.model.persistence import export_checkpoint, load_pretrained
 from dmt.model.surgery import memory_layers, swapped_layers
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = CONF_DIR
 
 
 def compose_cfg(*overrides: str, name: str = "distill"):
@@ -73,7 +75,7 @@ def test_short_distillation_logs_exports_and_reloads(tmp_path, text_dir, monkeyp
     ):
         assert tag in logged, f"{tag} not logged; have {sorted(logged)}"
     for index in (1, 3):
-        for stat in ("entries", "inserts", "evictions", "mean_topk_distance"):
+        for stat in ("entries", "inserts_per_step", "evictions_per_step", "mean_topk_distance"):
             assert f"memory/layer_{index:02d}/{stat}" in logged
         entries = logged[f"memory/layer_{index:02d}/entries"]
         assert entries[-1] > entries[0], "memory did not grow"
@@ -97,6 +99,28 @@ def test_short_distillation_logs_exports_and_reloads(tmp_path, text_dir, monkeyp
         assert_close(from_ckpt(tokens).logits, logits)
     assert torch.isfinite(logits).all()
     assert (tmp_path / "summary.json").is_file()
+
+
+def test_run_without_logger_drops_the_monitors_and_completes(tmp_path, text_dir, caplog):
+    cfg = compose_cfg(
+        *small_run_overrides(tmp_path, text_dir),
+        "logger=none",
+        "trainer.max_steps=3",
+        "evaluate.enabled=false",
+    )
+    assert "lr_monitor" in cfg.callbacks and "memory_monitor" in cfg.callbacks
+    with caplog.at_level(logging.INFO, logger=run.log.name):
+        summary = run.distill(cfg)
+    dropped = [
+        r.getMessage() for r in caplog.records if r.name == run.log.name and "no logger" in r.getMessage()
+    ]
+    assert dropped == [
+        "no logger: running without the callbacks that need one (LearningRateMonitor, MemoryMonitor)"
+    ]
+    assert summary["steps"] == 3 and summary["export_dir"]
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 3
+    assert not (tmp_path / "tensorboard").exists()
 
 
 def test_product_key_memory_in_float16_distils_and_reloads(tmp_path, text_dir):

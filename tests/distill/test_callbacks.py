@@ -1,0 +1,107 @@
+"""MemoryMonitor: interval rates of the memory layers, at the trainer's logging interval, with histograms."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_pipeline import compose_cfg, scalars, small_run_overrides
+
+import dmt.distill.run as run
+from dmt.distill.callbacks import MemoryMonitor, interval_scalars
+from dmt.layers import FeaturalMemory, layer_config
+from dmt.memory import MemoryStats
+
+
+def test_interval_scalars_are_rates_per_step_and_distinct_entries_per_search():
+    cfg = layer_config(
+        {"type": "featural", "key_dim": 8, "topk": 4, "capacity": 256, "novelty_threshold": None}
+    ).resolved(16)
+    torch.manual_seed(0)
+    layer = FeaturalMemory(16, cfg).train()
+    rng = np.random.default_rng(0)
+    layer.store.insert(
+        rng.standard_normal((64, 8), dtype=np.float32), np.zeros((64, layer.entry_dim), np.float32)
+    )
+    layer.run_start = -1  # every entry counts as inserted during the run
+    searches = []  # (ids, distances) of each search the layer makes
+    search = layer.store.search
+
+    def recording_search(*args, **kwargs):
+        searches.append(search(*args, **kwargs))
+        return searches[-1]
+
+    layer.store.search = recording_search
+    for _ in range(2):  # two micro-batches (gradient accumulation) of one optimiser step, twice
+        layer(torch.randn(2, 5, 16))
+        layer(torch.randn(2, 5, 16))
+
+    scalars = dict(interval_scalars(layer, steps=2, last=MemoryStats()))
+    valid = [ids >= 0 for ids, _ in searches]
+    distinct = [len(np.unique(ids[found])) for (ids, _), found in zip(searches, valid, strict=True)]
+    assert len(searches) == 4 and all(found.all() for found in valid)
+    assert scalars["entries"] == 64 and scalars["inserts_per_step"] == 32  # 64 inserts over 2 steps
+    assert scalars["reads_per_step"] == 4 * 2 * 5 * 4 / 2  # 4 searches of 10 queries × top-4, over 2 steps
+    # Distinct entries do not add up over searches: their mean per search, as a share of the entries.
+    assert scalars["distinct_share"] == pytest.approx(np.mean(distinct) / 64)
+    all_distances = np.concatenate([d.ravel() for _, d in searches])
+    assert scalars["mean_topk_distance"] == pytest.approx(all_distances.mean(), rel=1e-6)
+    assert scalars["new_read_share"] == 1.0
+    assert layer.take_read_counts().reads == 0  # the next interval starts afresh
+
+
+def test_memory_monitor_refuses_a_trainer_without_logger():
+    with pytest.raises(MisconfigurationException, match="MemoryMonitor .* no logger"):
+        MemoryMonitor().on_fit_start(SimpleNamespace(loggers=[]), None)
+
+
+@pytest.mark.parametrize("setting", ["recall_every_n_steps", "histogram_every_n_steps"])
+def test_memory_monitor_rejects_negative_intervals(setting):
+    with pytest.raises(ValueError, match=f"callbacks.memory_monitor.{setting}"):
+        MemoryMonitor(**{setting: -1})
+
+
+def test_memory_scalars_and_histograms_land_at_the_logging_interval(tmp_path, text_dir):
+    cfg = compose_cfg(
+        *small_run_overrides(tmp_path, text_dir),
+        "trainer.max_steps=9",
+        "trainer.log_every_n_steps=3",
+        "trainer.accumulate_grad_batches=2",
+        "callbacks.memory_monitor.recall_every_n_steps=4",
+        "callbacks.memory_monitor.histogram_every_n_steps=6",
+        "evaluate.enabled=false",
+        "export=false",
+    )
+    run.distill(cfg)
+    log_dir = tmp_path / "tensorboard"
+    logged = scalars(log_dir)
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+
+    def steps(tag: str) -> list[int]:
+        return [event.step for event in events.Scalars(tag)]
+
+    # Steps 3, 6 and 9 are logged, on the axis of Lightning's own values (the 0-based index of the step).
+    assert steps("train/loss") == [2, 5, 8]
+    memory_tags = [tag for tag in logged if tag.startswith("memory/")]
+    for index in (1, 3):
+        prefix = f"memory/layer_{index:02d}/"
+        for stat in ("entries", "inserts_per_step", "reads_per_step", "distinct_share", "new_read_share"):
+            assert prefix + stat in memory_tags, sorted(memory_tags)
+        # recall at the first logging step at or after each multiple of 4
+        assert steps(prefix + "recall_at_k") == [5, 8]
+        # 2 micro-batches × 2 sequences × 64 tokens × top-8 per step, once the store holds 8 entries
+        assert logged[prefix + "reads_per_step"][1:] == [2 * 2 * 64 * 8] * 2
+        assert all(0 < share <= 1 for share in logged[prefix + "distinct_share"])
+        scores, reads = (events.Histograms(prefix + name) for name in ("lrfu_score", "read_count"))
+        assert [h.step for h in scores] == [h.step for h in reads] == [5]
+        entries = logged[prefix + "entries"][1]
+        assert scores[0].histogram_value.num == reads[0].histogram_value.num == entries
+        # lrfu_lambda 0: an entry's LRFU score counts its reads and its insert
+        assert reads[0].histogram_value.sum > 0
+        assert scores[0].histogram_value.sum == reads[0].histogram_value.sum + entries
+    for tag in memory_tags:
+        if not tag.endswith("recall_at_k"):
+            assert steps(tag) == [2, 5, 8], tag
