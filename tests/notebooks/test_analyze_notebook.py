@@ -8,10 +8,12 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import REPO
+import torch
+from conftest import REPO, tiny_student
 from nbclient import NotebookClient
 
 from dmt.evaluation.evaluate import evaluate
+from dmt.model.persistence import save_pretrained
 
 NOTEBOOK = REPO / "notebooks" / "analyze_run.ipynb"
 KERNEL = "dmt-test-python"
@@ -49,12 +51,23 @@ def write_run_dir(run_dir: Path, eval_result: dict) -> None:
             writer.add_scalar(f"train/{tag}", value, step)
         for layer in (1, 3):
             writer.add_scalar(f"memory/layer_{layer:02d}/entries", min(10 * step, 150), step)
-            writer.add_scalar(f"memory/layer_{layer:02d}/evictions", max(0, 10 * step - 150), step)
+            writer.add_scalar(f"memory/layer_{layer:02d}/evictions_per_step", 10 * (step >= 15), step)
         if step % 5 == 4:
             writer.add_scalar("val/ppl_student", 80 - step, step)
             writer.add_scalar("val/ppl_teacher", 40.0, step)
     writer.close()
     (run_dir / "eval.json").write_text(json.dumps(eval_result))
+
+
+def write_export(export_dir: Path, teacher, tokenizer) -> None:
+    """A student whose memory layers were filled by one training forward and read by two more."""
+    tokens = tokenizer(TEXT, return_tensors="pt").input_ids  # (1, T)
+    tokens = torch.cat([tokens, tokens.flip(1)])  # (2, T)
+    student = tiny_student(teacher, tokens).train()
+    with torch.no_grad():
+        for _ in range(2):
+            student(tokens)
+    save_pretrained(student.eval(), tokenizer, export_dir)
 
 
 def test_notebook_is_stored_without_outputs():
@@ -80,6 +93,7 @@ def test_notebook_runs_and_saves_plots(tmp_path, monkeypatch, venv_kernel, tiny_
         max_new_tokens=3,
     )
     write_run_dir(run_dir, result)
+    write_export(run_dir / "export", tiny_gpt2, gpt2_tokenizer)
     monkeypatch.setenv("DMT_RUN_DIR", str(run_dir))  # the kernel inherits the environment
     monkeypatch.setenv("MPLBACKEND", "Agg")
 
@@ -93,7 +107,7 @@ def test_notebook_runs_and_saves_plots(tmp_path, monkeypatch, venv_kernel, tiny_
     client.execute()
 
     plots = run_dir / "plots"
-    for name in ("losses", "val_perplexity", "memory", "eval_perplexity"):
+    for name in ("losses", "val_perplexity", "memory", "memory_use", "memory_age", "eval_perplexity"):
         path = plots / f"{name}.png"
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     outputs = "".join(
