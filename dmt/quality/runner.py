@@ -1,4 +1,4 @@
-"""Run the quality comparison: one ``distill.py experiment=quality_<configuration>_<variant>`` per run.
+"""Run the quality comparison: one ``dmt-distill experiment=quality_<configuration>_<variant>`` per run.
 
 Each run is a subprocess (a fresh process per run: no state, cache or memory carried between runs) in
 ``<out>/runs/<configuration>_<variant>/``, which is also its Hydra run directory. The training budget is
@@ -17,10 +17,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from dmt.conf import CONF_DIR
 from dmt.quality.collect import RUN_RECORD, VARIANTS
 
-REPO = Path(__file__).resolve().parents[2]
-EXPERIMENTS = REPO / "conf" / "experiment"
+EXPERIMENTS = CONF_DIR / "experiment"
 
 
 def configurations() -> list[str]:
@@ -51,10 +51,14 @@ def distill_command(
     max_steps: int | None = None,
     overrides: Sequence[str] = (),
 ) -> list[str]:
-    """The ``distill.py`` command line of one run; ``overrides`` (Hydra syntax) come last and win."""
+    """The ``dmt-distill`` command line of one run; ``overrides`` (Hydra syntax) come last and win.
+
+    ``python -m`` with this interpreter, so that the run uses the same installation of dmt.
+    """
     command = [
         sys.executable,
-        str(REPO / "distill.py"),
+        "-m",
+        "dmt.distill",
         f"experiment={experiment}",
         f"hydra.run.dir={run_dir}",
         f"trainer.max_time={max_time(budget_minutes)}",
@@ -107,7 +111,7 @@ def run_one(
     started = time.monotonic()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # run.log follows the run as it goes
     with open(run_dir / "run.log", "w") as log:
-        process = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        process = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     returncode = process.returncode
     record.update(returncode=returncode, wall_seconds=time.monotonic() - started)
     record_path.write_text(json.dumps(record, indent=2))

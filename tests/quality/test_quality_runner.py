@@ -12,14 +12,13 @@ from omegaconf import OmegaConf
 
 import dmt.config  # noqa: F401  (resolvers)
 import dmt.quality.runner as runner
+from dmt.conf import CONF_DIR
 from dmt.quality.__main__ import main
 from dmt.quality.collect import VARIANTS
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
-
 
 def compose_experiment(name: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="distill", overrides=[f"experiment={name}", "paths.output_dir=/unused"])
 
 
@@ -35,7 +34,7 @@ def test_every_configuration_has_all_variants():
     assert runner.configurations() == ["all", "upper"]
     for configuration in runner.configurations():
         for variant in VARIANTS:
-            assert (CONF / "experiment" / f"{runner.experiment_name(configuration, variant)}.yaml").is_file()
+            assert (runner.EXPERIMENTS / f"{runner.experiment_name(configuration, variant)}.yaml").is_file()
 
 
 @pytest.mark.parametrize("configuration", ["upper", "all"])
@@ -61,11 +60,11 @@ def test_variants_differ_only_in_what_replaces_the_mlps(configuration):
 
 
 def fake_distill(calls: list[list[str]], fail: set[str] = frozenset()):
-    """Stands in for ``subprocess.run(distill.py ...)``: writes the run's summary.json, or fails."""
+    """Stands in for the ``python -m dmt.distill`` subprocess: writes the run's summary.json, or fails."""
 
-    def run(command, stdout, stderr, cwd, env):
+    def run(command, stdout, stderr, env):
         calls.append(command)
-        overrides = dict(arg.split("=", 1) for arg in command[2:])
+        overrides = dict(arg.split("=", 1) for arg in command[3:])
         if overrides["experiment"] in fail:
             return subprocess.CompletedProcess(command, 1)
         layer_type = overrides["experiment"].rsplit("_", 1)[1].replace("memory", "featural")
@@ -91,9 +90,9 @@ def test_runner_runs_every_variant_then_collects(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(runner.subprocess, "run", fake_distill(calls))
     argv = ["--budget-minutes", "0.5", "--max-steps", "7", "--configs", "upper", "--out", str(tmp_path)]
     assert main([*argv, "--", "teacher=tiny_llama", "data.batch_size=2"]) == 0
-    assert [c[2] for c in calls] == [f"experiment=quality_upper_{v}" for v in VARIANTS]
-    assert calls[0][1].endswith("distill.py")
-    assert calls[0][3:] == [
+    assert [c[3] for c in calls] == [f"experiment=quality_upper_{v}" for v in VARIANTS]
+    assert calls[0][1:3] == ["-m", "dmt.distill"]  # the installed package's app: no checkout needed
+    assert calls[0][4:] == [
         f"hydra.run.dir={tmp_path.resolve() / 'runs' / 'upper_memory'}",
         "trainer.max_time=00:00:00:30",
         "trainer.max_steps=7",
