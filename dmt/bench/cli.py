@@ -19,6 +19,7 @@ from transformers import GPT2Config
 
 from dmt.bench.measure import (
     distillation_throughput,
+    exact_scan,
     layer_benchmarks,
     memory_footprint,
 )
@@ -139,6 +140,13 @@ def table(report: dict[str, Any]) -> str:
         if r["size"] == largest:
             parts = ", ".join(f"{k} {v:.2f}" for k, v in r["profile"]["fractions"].items())
             lines.append(f"profile {r['layer']} @ {largest}: {parts}")
+    if "exact_scan" in report:
+        e = report["exact_scan"]
+        every, live = e["seconds"]["all_rows"] * 1e3, e["seconds"]["live_rows"] * 1e3
+        lines.append(
+            f"exact search, {e['entries']} entries in capacity {e['capacity']}: scanning every slot "
+            f"{every:.1f} ms, the live rows {live:.1f} ms ({e['speedup']:.1f}x)"
+        )
     if "distillation" in report:
         d = report["distillation"]
         lines.append(
@@ -189,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
             report["layers"].append(result)
             report["machine"]["hnswlib_params"] = result["store_build"]["index_params"]
             write_report(report, args.out)
+    report["exact_scan"] = exact_scan(
+        max(args.sizes), min(args.sizes) // 16, 64, args.queries * 4, 32, **timing
+    )
+    write_report(report, args.out)
     report["distillation"] = distillation_throughput(
         distill_model(args.quick), args.cache_dir, min(args.sizes), args.batch, args.seq, **timing
     )

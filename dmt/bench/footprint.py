@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from dmt.bench.stores import directory_bytes
+
 FORWARD_TOKENS = 128
 LOADERS = ("teacher", "student_dmt_mmap", "student_dmt", "student_transformers")
 
@@ -34,10 +36,6 @@ def rss_bytes() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("VmRSS not found in /proc/self/status")
-
-
-def directory_bytes(directory: Path) -> int:
-    return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
 
 
 def measure(loader: str, directory: Path) -> dict[str, int]:

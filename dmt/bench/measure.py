@@ -176,6 +176,37 @@ def search_and_read(store: KNNStore, queries: np.ndarray, k: int) -> tuple[np.nd
     return store.get(ids[ids >= 0])
 
 
+def exact_scan(
+    capacity: int, entries: int, dim: int, n_queries: int, k: int, warmup: int, repeats: int
+) -> dict[str, Any]:
+    """Exact search in a store of ``capacity`` holding ``entries`` keys, side by side: as a store fills
+    them (the lowest slots, so the index scans ``entries`` rows) and with one more key in the top slot
+    (the scan then covers every slot up to capacity, as it did before the index tracked its live rows)."""
+    from dmt.memory.exact import ExactIndex
+
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((entries, dim)).astype(np.float32)
+    queries = rng.standard_normal((n_queries, dim)).astype(np.float32)
+    indexes = {"live_rows": ExactIndex(dim, "ip", capacity), "all_rows": ExactIndex(dim, "ip", capacity)}
+    for index in indexes.values():
+        index.add(np.arange(entries), keys)
+    indexes["all_rows"].add(np.array([capacity - 1]), keys[:1])
+    seconds = paired_median_seconds(
+        {name: lambda index=index: index.search(queries, k) for name, index in indexes.items()},
+        warmup,
+        repeats,
+    )
+    return {
+        "capacity": capacity,
+        "entries": entries,
+        "dim": dim,
+        "queries": n_queries,
+        "k": k,
+        "seconds": seconds,
+        "speedup": seconds["all_rows"] / seconds["live_rows"],
+    }
+
+
 def live_keys(store: KNNStore) -> np.ndarray:
     """All keys of a full store by slot, read in chunks so the values are never copied at once."""
     chunks = [

@@ -157,7 +157,8 @@ def fill_store(spec: StoreSpec) -> tuple[KNNStore, dict[str, float | None]]:
 
 
 def directory_bytes(directory: Path) -> int:
-    return sum(path.stat().st_size for path in directory.iterdir() if path.is_file())
+    """Bytes of every file under ``directory``, subdirectories included."""
+    return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
 
 
 def cached_store(spec: StoreSpec, cache_dir: Path, mmap: bool = False) -> tuple[KNNStore, dict[str, Any]]:

@@ -1,8 +1,11 @@
 """Brute-force key index: one matmul and a top-k per block of queries, recall 1 by construction.
 
 Inserting is a row copy, so a full store churns at memory speed instead of hnswlib's ~1 ms per overwrite;
-searching costs ``capacity · dim`` multiply-adds per query, which beats a graph walk for small stores. The
-index holds nothing but the store's keys, so it is never saved: a restored store rebuilds it from them.
+searching costs ``rows · dim`` multiply-adds per query, where ``rows`` is the high-water mark of the live
+labels (the highest + 1, not the capacity: a store fills its lowest free slots first, so the rows below it
+are live but for the holes merges leave), which beats a graph walk for small stores. The table grows with
+the high-water mark, so an empty large store costs no memory. The index holds nothing but the store's keys,
+so it is never saved: a restored store rebuilds it from them.
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ import torch
 from dmt.memory.base import as_float_matrix
 from dmt.memory.index import KeyIndex
 
-# Queries per matmul block: bounds the (block, capacity) distance matrix to 256 MiB.
+# Queries per matmul block: bounds the (block, rows) distance matrix to 256 MiB. Smaller blocks were
+# slower at 64k-256k rows (the matmul and the top-k both favour long blocks).
 MAX_BLOCK_ELEMENTS = 2**26
+# Rows allocated at first; the table then doubles as the high-water mark passes its size.
+INITIAL_ROWS = 1024
 
 
 class ExactIndex(KeyIndex):
@@ -24,7 +30,7 @@ class ExactIndex(KeyIndex):
 
     Distances are ``offset[label] - scale · q·v``, formed by a single matmul per block of queries: each
     row of the table is ``[-scale · v | offset]`` and each query gets a trailing 1, so no separate pass
-    adds the offsets to the ``(block, capacity)`` result (for small ``dim`` that pass costs as much as
+    adds the offsets to the ``(block, rows)`` result (for small ``dim`` that pass costs as much as
     the matmul). ``offset`` holds ``1`` (ip, cosine) or ``||v||²`` (l2) for live labels and ``+inf`` for
     free ones, so free slots are never returned while ``k`` does not exceed the live count. l2 adds
     ``||q||²`` after the top-k (it does not change the order). Cosine vectors are normalised on
@@ -37,8 +43,20 @@ class ExactIndex(KeyIndex):
     def __init__(self, dim: int, metric: str, capacity: int) -> None:
         super().__init__(dim, metric, capacity)
         self._scale = 2.0 if self.metric == "l2" else 1.0  # a power of two: v is recovered exactly
-        self._table = torch.zeros(capacity, dim + 1)  # (C, D + 1): [-scale · v | offset]
-        self._table[:, dim] = float("inf")
+        self._table = self._empty_rows(min(capacity, INITIAL_ROWS))  # (R, D + 1): [-scale · v | offset]
+        self._rows = 0  # high-water mark: labels >= it are free, and not searched
+
+    def _empty_rows(self, n: int) -> torch.Tensor:
+        """``(n, D + 1)`` free table rows (offset +inf)."""
+        rows = torch.zeros(n, self.dim + 1)
+        rows[:, self.dim] = float("inf")
+        return rows
+
+    def _reserve(self, rows: int) -> None:
+        """Grow the table (doubling, at most to capacity) to hold at least ``rows`` rows."""
+        if rows > len(self._table):
+            size = min(self.capacity, max(rows, 2 * len(self._table)))
+            self._table = torch.cat([self._table, self._empty_rows(size - len(self._table))])
 
     def _offsets(self, rows: torch.Tensor) -> torch.Tensor:
         """``(M,)`` offsets of live ``rows (M, D)``."""
@@ -61,6 +79,10 @@ class ExactIndex(KeyIndex):
             raise ValueError(f"got {len(labels)} labels for {len(rows)} vectors")
         if len(np.unique(labels)) != len(labels):
             raise ValueError("labels must be distinct within one add")
+        if not len(labels):
+            return
+        self._rows = max(self._rows, int(labels.max()) + 1)
+        self._reserve(self._rows)
         if len(labels) > 1 and (np.diff(labels) == 1).all():
             # A run of labels (a store rebuilding its index) is written in place: no (M, D) temporaries.
             block = self._table[labels[0] : labels[-1] + 1]  # (M, D + 1) view
@@ -74,9 +96,12 @@ class ExactIndex(KeyIndex):
 
     def remove(self, labels: np.ndarray) -> None:
         labels = np.asarray(labels, dtype=np.int64).ravel()
-        labels = labels[(labels >= 0) & (labels < self.capacity)]
+        labels = labels[(labels >= 0) & (labels < self._rows)]
         self._table[torch.from_numpy(labels), self.dim] = float("inf")
         self._live[labels] = False
+        if len(labels) and not self._live[self._rows - 1]:
+            live = np.flatnonzero(self._live[: self._rows])
+            self._rows = int(live[-1]) + 1 if len(live) else 0
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if k < 1:
@@ -90,9 +115,10 @@ class ExactIndex(KeyIndex):
         if self.metric == "cosine":
             queries_t = torch.nn.functional.normalize(queries_t, dim=1)
         augmented = torch.cat([queries_t, torch.ones(len(queries_t), 1)], dim=1)  # (N, D + 1)
-        block = max(1, MAX_BLOCK_ELEMENTS // self.capacity)
+        table = self._table[: self._rows]  # (rows, D + 1)
+        block = max(1, MAX_BLOCK_ELEMENTS // self._rows)
         for begin in range(0, len(queries_t), block):
-            all_distances = augmented[begin : begin + block] @ self._table.T  # (b, C)
+            all_distances = augmented[begin : begin + block] @ table.T  # (b, rows)
             top = all_distances.topk(k_live, dim=1, largest=False, sorted=True)
             found = top.values
             if self.metric == "l2":

@@ -60,6 +60,23 @@ def test_exact_index_pads_and_overwrites() -> None:
         index.add(np.array([8]), np.ones((1, 4), dtype=np.float32))
 
 
+def test_exact_index_scans_and_holds_only_up_to_its_highest_live_label() -> None:
+    rng = np.random.default_rng(2)
+    index = ExactIndex(dim=8, metric="ip", capacity=1_000_000)
+    vectors = rng.standard_normal((300, 8)).astype(np.float32)
+    index.add(np.arange(300), vectors)
+    assert len(index._table) < 2048  # grown with the labels, not allocated at capacity
+    index.remove(np.array([299, 298, 10]))
+    assert index._rows == 298  # the hole at 10 stays within the scanned rows, the top two leave them
+    queries = rng.standard_normal((5, 8)).astype(np.float32)
+    labels, distances = index.search(queries, k=4)
+    live = np.setdiff1d(np.arange(298), [10])
+    exact = live[np.argsort(pairwise_distance_np(queries, vectors[live], "ip"), axis=1)[:, :4]]
+    np.testing.assert_array_equal(labels, exact)
+    index.add(np.array([5000]), vectors[:1])
+    assert index._rows == 5001 and index.search(vectors[:1], k=1)[0][0, 0] in (0, 5000)
+
+
 def test_hnsw_index_save_load_and_bytes_round_trip(tmp_path: Path) -> None:
     index = make_index(8, "cosine", 50, backend="hnsw", ef_search=32)
     assert index.backend == "hnsw" and index.params["backend"] == "hnsw" and index.has_file
