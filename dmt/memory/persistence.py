@@ -17,7 +17,9 @@ Arrays are kept up to the store's high-water mark ``H`` (highest live slot + 1, 
 Restoring keeps keys and values as loaded (``H`` rows; the store grows them on its first insert beyond) and
 pads the other arrays to ``capacity`` with the state of an empty slot. The key index is saved only when it
 holds something beyond the keys (``KeyIndex.has_file``: the hnsw graph, the product sub-key tables); the
-exact index is rebuilt from the keys and the live mask. The containers:
+exact index is rebuilt from the keys and the live mask. An hnsw graph of an ``ip`` or ``l2`` store holds
+the keys exactly (:func:`index_holds_keys`), so its keys are saved there only and read back from it
+(``cosine`` graphs hold them normalised, so those stores also save ``keys``). The containers:
 
 - a **directory** (:func:`save` / :func:`load`, for exports): ``manifest.json`` (the fields plus the size
   and SHA-256 of every other file), one ``.npy`` per array and, for indexes with a file, ``index.bin``. It
@@ -55,6 +57,7 @@ from dmt.memory.integrity import (
     write_array,
     write_directory,
 )
+from dmt.remote_code.hnsw_file import read_hnsw_vectors
 
 if TYPE_CHECKING:
     from dmt.memory.store import KNNStore
@@ -149,12 +152,38 @@ def capture(store: KNNStore) -> Captured:
     }
     rows = high_water_mark(store._live)
     arrays = {"keys": store._keys, "values": store._values, **_slot_arrays(store)}
-    return Captured(fields, {name: array[:rows] for name, array in arrays.items()}, store._index)
+    return Captured(fields, {name: arrays[name][:rows] for name in saved_arrays(fields)}, store._index)
 
 
 def index_has_file(fields: Mapping[str, Any]) -> bool:
     """Whether the index that checked ``fields`` name is saved (an index file, or ``index_bytes``)."""
     return index_class(fields["index_params"].get("backend", "hnsw")).has_file
+
+
+def index_holds_keys(fields: Mapping[str, Any]) -> bool:
+    """Whether the saved index of checked ``fields`` holds the keys as they are (an hnsw graph of an ip or
+    l2 store), so that ``keys`` is not saved beside it."""
+    return fields["index_params"].get("backend", "hnsw") == "hnsw" and fields["metric"] != "cosine"
+
+
+def saved_arrays(fields: Mapping[str, Any]) -> list[str]:
+    """The ``ARRAY_FILES`` names a container of a store with checked ``fields`` holds."""
+    return [name for name in ARRAY_FILES if not (name == "keys" and index_holds_keys(fields))]
+
+
+def keys_from_index(index: Path | np.ndarray, live: np.ndarray, key_dim: int, where: str) -> np.ndarray:
+    """``(H, key_dim)`` keys of the ``live (H,)`` rows, read from an hnsw index file (or its bytes)."""
+    try:
+        labels, vectors = read_hnsw_vectors(index, key_dim)
+    except ValueError as error:
+        raise MemoryStoreError(f"{where}: {error}") from error
+    keys = np.zeros((len(live), key_dim), dtype=np.float32)
+    stored = np.zeros(len(live), dtype=bool)
+    inside = labels < len(live)
+    keys[labels[inside]], stored[labels[inside]] = vectors[inside], True
+    if (live & ~stored).any():
+        raise MemoryStoreError(f"{where}: the graph lacks keys of live entries")
+    return keys
 
 
 def restore(
@@ -192,6 +221,11 @@ def restore(
         )
     except ValueError as error:
         raise MemoryStoreError(f"{source}: {error}") from error
+    if index_holds_keys(fields) and index is not None:
+        arrays = {
+            **arrays,
+            "keys": keys_from_index(index, arrays["live"], store.key_dim, where("index_bytes")),
+        }
     rows = _check_arrays(store, fields, arrays, source, where)
     store._keys, store._values = arrays["keys"], arrays["values"]
     for name, array in _slot_arrays(store).items():  # an empty store's bookkeeping, from _configure
@@ -300,7 +334,7 @@ def save(store: KNNStore, directory: str | Path) -> None:
         fsync_path(manifest_path)
 
     write_directory(directory, write_files, known_names=(MANIFEST, *STORE_FILES.values()))
-    if isinstance(store._keys, np.memmap):
+    if isinstance(store._keys, np.memmap) and "keys" in captured.arrays:
         store._keys = _load_npy(directory / ARRAY_FILES["keys"], mmap=True)
     if isinstance(store._values, np.memmap):
         store._values = _load_npy(directory / ARRAY_FILES["values"], mmap=True)
@@ -331,11 +365,12 @@ def load(store_class: type[KNNStore], directory: str | Path, mmap: bool, verify:
     _check_version(manifest, DIRECTORY_FORMAT_VERSION, source=source)
     check_fields(manifest, source)
     has_file = index_has_file(manifest)
-    required = [*ARRAY_FILES.values(), *([INDEX_FILE] if has_file else [])]
+    names = saved_arrays(manifest)
+    required = [*(ARRAY_FILES[name] for name in names), *([INDEX_FILE] if has_file else [])]
     verify_files(directory, manifest.get("files"), required, checksums=verify)
     arrays = {
-        name: _load_npy(directory / file, mmap=mmap and name in ("keys", "values"))
-        for name, file in ARRAY_FILES.items()
+        name: _load_npy(directory / ARRAY_FILES[name], mmap=mmap and name in ("keys", "values"))
+        for name in names
     }
     return restore(
         store_class,
@@ -388,7 +423,7 @@ def from_state_dict(store_class: type[KNNStore], state: Mapping[str, Any]) -> KN
         raise MemoryStoreError(f"state_dict: expected a mapping, got {type(state).__name__}")
     _check_version(state, CHECKPOINT_FORMAT_VERSION, source="state_dict")
     check_fields(state, "state_dict")
-    arrays = {name: _state_array(state, name) for name in ARRAY_FILES}
+    arrays = {name: _state_array(state, name) for name in saved_arrays(state)}
     return restore(
         store_class,
         state,

@@ -6,4 +6,4 @@ auto classes import them without dmt installed.
 """
 
 # The files an export carries, in the export directory's top level.
-REMOTE_CODE_FILES = ("configuration_dmt.py", "modeling_dmt.py", "memory_ops.py")
+REMOTE_CODE_FILES = ("configuration_dmt.py", "modeling_dmt.py", "memory_ops.py", "hnsw_file.py")

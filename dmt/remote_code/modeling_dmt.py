@@ -32,6 +32,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .configuration_dmt import CLASS_PREFIX, student_config_class
+from .hnsw_file import read_hnsw_vectors
 from .memory_ops import (
     ACTIVATIONS,
     AppendOne,
@@ -47,7 +48,6 @@ from .memory_ops import (
 EXPORT_FORMAT_VERSION = 3
 # Queries per block of the exact search: bounds the (queries, entries) score matrix to 2**26 elements.
 MAX_SCORE_ELEMENTS = 2**26
-STORE_ARRAYS = ("keys.npy", "values.npy", "live.npy")
 
 
 class MemoryRead(nn.Module):
@@ -185,38 +185,55 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _checked_file(directory: Path, name: str, records: dict[str, Any]) -> Path:
+    """``directory / name``, after checking it against its manifest record (size and SHA-256)."""
+    path, record = directory / name, records.get(name)
+    if record is None or not path.is_file():
+        raise ValueError(f"{path}: missing or not listed in {directory / 'manifest.json'}")
+    if path.stat().st_size != record["bytes"] or _sha256(path) != record["sha256"]:
+        raise ValueError(f"{path}: does not match its size and SHA-256 in {directory / 'manifest.json'}")
+    return path
+
+
 def read_store(directory: Path, spec: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``keys (H, Dk)``, ``entries (H, E)``, ``live (H,)`` of a saved store, memory-mapped copy-on-write
-    and checked against its manifest (sizes, SHA-256, shapes, dtypes); ``ValueError`` naming the file."""
+    """``keys (H, Dk)``, ``entries (H, E)``, ``live (H,)`` of a saved store, checked against its manifest
+    (sizes, SHA-256, shapes); ``ValueError`` naming the file. Values and keys are memory-mapped
+    copy-on-write; a store without ``keys.npy`` keeps its keys in its hnsw graph (``index.bin``)."""
     manifest_path = directory / "manifest.json"
     if not manifest_path.is_file():
         raise ValueError(f"{manifest_path}: missing; the export's memory is incomplete")
     manifest = json.loads(manifest_path.read_text())
     records = manifest.get("files", {})
-    arrays = {}
-    for name in STORE_ARRAYS:
-        path, record = directory / name, records.get(name)
-        if record is None or not path.is_file():
-            raise ValueError(f"{path}: missing or not listed in {manifest_path}")
-        if path.stat().st_size != record["bytes"] or _sha256(path) != record["sha256"]:
-            raise ValueError(f"{path}: does not match its size and SHA-256 in {manifest_path}")
-        arrays[name] = np.load(path, mmap_mode="c", allow_pickle=False)
-    keys, entries, live = (arrays[name] for name in STORE_ARRAYS)
     read = spec["read"]
-    rows = len(live)
-    expected = {
-        "keys.npy": (rows, read["key_dim"]),
-        "values.npy": (rows, read["value_dim"] + read["gate_dim"]),
-        "live.npy": (rows,),
-    }
-    for name, shape in expected.items():
-        if arrays[name].shape != shape:
-            raise ValueError(f"{directory / name}: shape {arrays[name].shape}, expected {shape}")
     if manifest.get("metric") != read["metric"]:
         raise ValueError(
             f"{manifest_path}: metric {manifest.get('metric')!r}, config says {read['metric']!r}"
         )
-    return torch.from_numpy(keys), torch.from_numpy(entries), torch.from_numpy(live.astype(bool))
+    arrays = {
+        name: np.load(_checked_file(directory, name, records), mmap_mode="c", allow_pickle=False)
+        for name in ("values.npy", "live.npy")
+    }
+    live = arrays["live.npy"].astype(bool)
+    if "keys.npy" in records:
+        arrays["keys.npy"] = np.load(_checked_file(directory, "keys.npy", records), mmap_mode="c")
+    else:
+        labels, vectors = read_hnsw_vectors(_checked_file(directory, "index.bin", records), read["key_dim"])
+        keys = np.zeros((len(live), read["key_dim"]), dtype=np.float32)
+        inside = labels < len(live)
+        keys[labels[inside]] = vectors[inside]
+        arrays["keys.npy"] = keys
+    expected = {
+        "keys.npy": (len(live), read["key_dim"]),
+        "values.npy": (len(live), read["value_dim"] + read["gate_dim"]),
+    }
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise ValueError(f"{directory / name}: shape {arrays[name].shape}, expected {shape}")
+    return (
+        torch.from_numpy(arrays["keys.npy"]),
+        torch.from_numpy(arrays["values.npy"]),
+        torch.from_numpy(live),
+    )
 
 
 class StudentMixin:

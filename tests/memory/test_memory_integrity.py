@@ -32,7 +32,8 @@ QUERIES = np.random.default_rng(7).standard_normal((6, 8)).astype(np.float32)
 
 def _store(seed: int = 0) -> KNNStore:
     rng = np.random.default_rng(seed)
-    store = KNNStore(8, 3, capacity=32, metric="l2", value_dtype="float16")
+    # cosine: the graph holds normalised keys, so keys.npy is saved too and every file is checked
+    store = KNNStore(8, 3, capacity=32, metric="cosine", value_dtype="float16")
     store.insert(rng.standard_normal((40, 8)), rng.standard_normal((40, 3)))  # evicts: LRFU state to save
     ids, _ = store.search(rng.standard_normal((3, 8)).astype(np.float32), k=4)
     store.reference(ids)

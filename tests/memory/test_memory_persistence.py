@@ -200,7 +200,9 @@ def test_truncated_round_trip_restores_an_identical_store_that_grows(
     high_water = int(live[-1]) + 1
     assert backend == "product" or len(live) < high_water  # holes below the high-water mark
     store.save(tmp_path / "mem")
-    assert np.load(tmp_path / "mem" / "keys.npy").shape == (high_water, 8)
+    # An l2 (or ip) hnsw graph holds the keys exactly: they are saved there only (keys once).
+    assert (tmp_path / "mem" / "keys.npy").exists() == (backend != "hnsw")
+    assert np.load(tmp_path / "mem" / "values.npy").shape[0] == high_water
     assert (tmp_path / "mem" / "index.bin").exists() == (backend != "exact")
     for restored in (
         KNNStore.load(tmp_path / "mem", mmap=mmap),

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from functools import partial
 
 import pytest
 import torch
@@ -71,10 +72,11 @@ def load_in_plain_transformers(export, expected_logits, tmp_path) -> dict:
     return json.loads((tmp_path / "report.json").read_text())
 
 
-def mixed_student(teacher):
+def mixed_student(teacher, backend: str = "auto"):
     """Featural (filled by inserts), associative, low-rank and removed blocks, trained one step."""
     configs = resolve_layer_configs(
         {
+            "index": {"backend": backend},
             "blocks": [0, 1, 2, 3],
             "type": ["featural", "associative", "lowrank", "removed"],
             "capacity": 256,
@@ -105,13 +107,21 @@ def seeded_llama_student(teacher):
 
 @pytest.mark.parametrize(
     ("fixture", "make"),
-    [("tiny_gpt2", mixed_student), ("tiny_llama", seeded_llama_student), ("tiny_llama", None)],
-    ids=["gpt2-mixed", "llama-seeded-fp16", "llama-featural-associative"],
+    [
+        ("tiny_gpt2", mixed_student),
+        ("tiny_gpt2", partial(mixed_student, backend="hnsw")),
+        ("tiny_llama", seeded_llama_student),
+        ("tiny_llama", None),
+    ],
+    ids=["gpt2-mixed", "gpt2-mixed-hnsw", "llama-seeded-fp16", "llama-featural-associative"],
 )
 def test_export_loads_in_plain_transformers(fixture, make, request, tmp_path, gpt2_tokenizer):
     teacher = request.getfixturevalue(fixture)
     student = make(teacher) if make else tiny_student(teacher, TOKENS)
     save_pretrained(student, gpt2_tokenizer, tmp_path / "export")
+    for index, layer in memory_layers(student).items():  # keys once: an ip/l2 hnsw graph holds them
+        in_graph = layer.store.index_backend == "hnsw" and layer.store.metric != "cosine"
+        assert (tmp_path / "export" / "memory" / f"layer_{index:02d}" / "keys.npy").exists() != in_graph
     loaded, _ = load_pretrained(tmp_path / "export")
     with torch.no_grad():
         logits = loaded(TOKENS).logits
