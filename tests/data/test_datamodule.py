@@ -1,14 +1,21 @@
-"""TextDataModule: document-level split, packed blocks, batches and early errors."""
+"""TextDataModule: document-level split, packed blocks, batches, named sources and early errors."""
 
 from __future__ import annotations
 
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 
+import dmt.config  # noqa: F401  (resolvers)
+from dmt.conf import CONF_DIR
+from dmt.data import corpus as corpus_module
 from dmt.data import datamodule as dm_module
+from dmt.data.corpus import SOURCES, Source, unwrap_paragraphs
 from dmt.data.datamodule import TextDataModule, pack_blocks, split_documents
 
 BLOCK = 64
@@ -111,10 +118,13 @@ def test_bad_arguments(gpt2_tokenizer, text_dir, kwargs, match):
 
 
 def test_needs_exactly_one_source(gpt2_tokenizer, text_dir):
-    with pytest.raises(ValueError, match=r"paths or data\.hub_dataset"):
+    message = r"data\.paths, data\.hub_dataset or data\.sources"
+    with pytest.raises(ValueError, match=message):
         TextDataModule(gpt2_tokenizer)
-    with pytest.raises(ValueError, match=r"paths or data\.hub_dataset"):
+    with pytest.raises(ValueError, match=message):
         TextDataModule(gpt2_tokenizer, paths=str(text_dir), hub_dataset="wikitext")
+    with pytest.raises(ValueError, match=message):
+        TextDataModule(gpt2_tokenizer, paths=str(text_dir), sources={"war_and_peace": "train"})
 
 
 def test_single_document(gpt2_tokenizer, text_dir):
@@ -161,3 +171,128 @@ def test_hub_rows_are_documents(gpt2_tokenizer, monkeypatch):
     wrong = TextDataModule(gpt2_tokenizer, hub_dataset="user/plays", text_column="text")
     with pytest.raises(ValueError, match="no column 'text'"):
         wrong.prepare_data()
+
+
+# -- named sources (the broad corpus) -----------------------------------------------------------------------
+
+
+def _roman(number: int) -> str:
+    return ["I", "II", "III", "IV", "V", "VI", "VII", "VIII"][number - 1]
+
+
+def _chapters(topic: str, count: int) -> str:
+    """Hard-wrapped chapters about ``topic``, each long enough for several 16-token blocks."""
+    return "".join(
+        f"CHAPTER {_roman(i)}\n\n" + f"In chapter {i} the {topic} went on,\nline after line.\n" * 12
+        for i in range(1, count + 1)
+    )
+
+
+@pytest.fixture
+def fake_sources(tmp_path, monkeypatch) -> dict[str, str]:
+    """Two books of one Gutenberg file and a folder of news articles, as an installed package would ship."""
+    root = tmp_path / "fakecorpus"
+    (root / "news").mkdir(parents=True)
+    books = "".join(
+        f"*** START OF THE PROJECT GUTENBERG EBOOK, {title} ***\nTitle page\n{_chapters(topic, 6)}"
+        f"*** END OF THE PROJECT GUTENBERG EBOOK, {title} ***\nLicence.\n"
+        for title, topic in (("A NOVEL", "story"), ("A HISTORY", "state"))  # (topics of one length)
+    )
+    (root / "books.txt").write_text(books)
+    for i in range(6):
+        (root / "news" / f"{i:03d}.txt").write_text(f"Newsroom report {i}\n\n" + "Markets rose. " * 40)
+    real_package_path = corpus_module.package_path
+    monkeypatch.setattr(
+        corpus_module,
+        "package_path",
+        lambda package: str(root) if package == "fakecorpus" else real_package_path(package),
+    )
+    common = {"package": "fakecorpus", "licence": "test", "distribution": "test"}
+    chapters = {"path": "books.txt", "chapter": r"CHAPTER [IVX]+", "unwrap": True}
+    fakes = {
+        "fake_novel": Source(book="A NOVEL", domain="novel", **chapters, **common),
+        "fake_history": Source(book="A HISTORY", domain="history", **chapters, **common),
+        "fake_news": Source(path="news", glob="*.txt", domain="news", **common),
+    }
+    for name, source in fakes.items():
+        monkeypatch.setitem(SOURCES, name, source)
+    return {"fake_novel": "train", "fake_history": "train", "fake_news": "heldout"}
+
+
+def test_sources_split_per_source_and_keep_held_out_sources_apart(gpt2_tokenizer, fake_sources):
+    module = make(gpt2_tokenizer, None, sources=fake_sources, block_size=16, val_fraction=0.2)
+    train, val = module.train_documents, module.val_documents
+    assert not set(train) & set(val)
+    assert sorted(train + val) == [
+        f"fake_{book}/{i:03d}" for book in ("history", "novel") for i in range(1, 7)
+    ]
+    for book in ("fake_novel", "fake_history"):
+        assert sum(name.startswith(book) for name in val) == 1  # round(0.2 * 6) per source
+    assert module.heldout_documents == {"fake_news": [f"fake_news/{i:03d}" for i in range(6)]}
+    heldout = module.heldout_texts()
+    assert list(heldout) == ["fake_news"] and heldout["fake_news"][2].startswith("Newsroom report 2")
+    # Held-out text is in no training or validation block, and the books were unwrapped.
+    for dataset in (module.train_dataset, module.val_dataset):
+        text = gpt2_tokenizer.decode([t for row in dataset[:]["input_ids"].tolist() for t in row])
+        assert "Newsroom" not in text and "Markets" not in text
+        assert "went on, line after line." in text and "Licence" not in text
+
+
+def test_source_budgets(gpt2_tokenizer, fake_sources):
+    chapter = len(unwrap_paragraphs(_chapters("story", 1)))
+    module = TextDataModule(
+        gpt2_tokenizer,
+        sources=fake_sources,
+        max_source_chars=3 * chapter + 6,
+        heldout_chars=250,
+        heldout_document_chars=100,
+    )
+    # Three chapters of each book: the headings' lengths differ, so a fourth never fits.
+    assert len(module.train_documents + module.val_documents) == 6
+    texts = module.heldout_texts()["fake_news"]
+    assert len(texts) == 2 and all(len(text) <= 100 for text in texts)
+
+
+def test_bad_sources_fail_at_construction(gpt2_tokenizer, fake_sources, monkeypatch):
+    with pytest.raises(ValueError, match=r"data\.sources\.fake_poems: unknown source"):
+        TextDataModule(gpt2_tokenizer, sources={**fake_sources, "fake_poems": "train"})
+    with pytest.raises(ValueError, match=r"data\.sources\.fake_news: role must be"):
+        TextDataModule(gpt2_tokenizer, sources={**fake_sources, "fake_news": "eval"})
+    ghost = Source(
+        package="no_such_data_package", path="x", glob="*", domain="", licence="", distribution="x==1"
+    )
+    monkeypatch.setitem(SOURCES, "ghost", ghost)
+    with pytest.raises(
+        FileNotFoundError, match=r"data\.sources\.ghost: .*'no_such_data_package'.*make setup"
+    ):
+        TextDataModule(gpt2_tokenizer, sources={**fake_sources, "ghost": "heldout"})
+    one_chapter = len(unwrap_paragraphs(_chapters("story", 1)))
+    with pytest.raises(ValueError, match=r"data\.sources\.fake_novel: need at least 2 documents.*got 1"):
+        make(gpt2_tokenizer, None, sources={"fake_novel": "train"}, max_source_chars=one_chapter)
+
+
+def test_file_corpora_have_no_held_out_sources(data):
+    assert data.heldout_texts() == {} and data.heldout_documents == {}
+
+
+@pytest.mark.skipif(
+    any(find_spec(source.package) is None for source in SOURCES.values()),
+    reason="broad-corpus packages not installed; run make setup",
+)
+def test_broad_config_composes_and_builds(gpt2_tokenizer):
+    overrides = [
+        "data=broad",
+        "data.max_source_chars=120000",
+        "data.heldout_chars=20000",
+        "data.block_size=64",
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="distill", overrides=overrides)
+    module = instantiate(cfg.data, tokenizer=gpt2_tokenizer, _convert_="all")
+    module.setup("fit")
+    roles = cfg.data.sources
+    trained = {name.split("/")[0] for name in module.train_documents + module.val_documents}
+    assert trained == {name for name, role in roles.items() if role == "train"}
+    assert set(module.heldout_texts()) == {name for name, role in roles.items() if role == "heldout"}
+    assert not set(module.train_documents) & set(module.val_documents)
+    assert next(iter(module.train_dataloader()))["input_ids"].shape == (cfg.data.batch_size, 64)
