@@ -152,7 +152,9 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("export"):
         summary["export_dir"] = str(save_pretrained(student, tokenizer, output_dir / "export"))
     if cfg.evaluate.enabled:
-        summary["evaluation"] = evaluate_on_held_out(cfg, base, student, tokenizer, datamodule, output_dir)
+        summary["evaluation"], summary["heldout_evaluation"] = evaluate_on_held_out(
+            cfg, base, student, tokenizer, datamodule, output_dir
+        )
     summary["wall_seconds"] = time.monotonic() - started
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary)
@@ -161,29 +163,43 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
 
 def evaluate_on_held_out(
     cfg: DictConfig, teacher: Any, student: Any, tokenizer: Any, datamodule: Any, output_dir: Path
-) -> dict[str, Any]:
-    """Sliding-window perplexity of teacher, student and ablated teacher on the validation documents."""
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Sliding-window perplexity of teacher, student and ablated teacher on the validation documents
+    (``eval.json``) and on each held-out source of the data (``data=broad``: ``eval_heldout.json``).
+
+    Returns ``({row: perplexity} on the validation documents, {source: {row: perplexity}})``.
+    """
     settings = cfg.evaluate
-    texts = truncate_texts(datamodule.val_texts(), tokenizer, settings.max_tokens_per_text)
-    result = evaluate(
-        teacher,
-        tokenizer,
-        texts,
-        student=student.eval(),
-        ablate_layers=sorted(swapped_layers(student)),
-        window=settings.window,
-        stride=settings.stride,
-        batch_size=settings.batch_size,
-        cache_dir=settings.cache_dir,
-        teacher_id=json.dumps(OmegaConf.to_container(cfg.teacher, resolve=True), sort_keys=True),
-        generation_prompts=list(settings.prompts or []),
-        max_new_tokens=settings.max_new_tokens,
-    )
-    (output_dir / "eval.json").write_text(json.dumps(result, indent=2))
-    print(format_table(result))
-    if result["generations"]:
-        print(format_generations(result))
-    return {row["name"]: row["perplexity"] for row in result["rows"]}
+    sets = {"validation": datamodule.val_texts()}
+    heldout = datamodule.heldout_texts() if hasattr(datamodule, "heldout_texts") else {}
+    results: dict[str, Any] = {}
+    for name, texts in {**sets, **heldout}.items():
+        results[name] = evaluate(
+            teacher,
+            tokenizer,
+            truncate_texts(texts, tokenizer, settings.max_tokens_per_text),
+            student=student.eval(),
+            ablate_layers=sorted(swapped_layers(student)),
+            window=settings.window,
+            stride=settings.stride,
+            batch_size=settings.batch_size,
+            cache_dir=settings.cache_dir,
+            teacher_id=json.dumps(OmegaConf.to_container(cfg.teacher, resolve=True), sort_keys=True),
+            generation_prompts=list(settings.prompts or []) if name == "validation" else [],
+            max_new_tokens=settings.max_new_tokens,
+        )
+        print(f"{name}:\n{format_table(results[name])}")
+    validation = results.pop("validation")
+    (output_dir / "eval.json").write_text(json.dumps(validation, indent=2))
+    if results:
+        (output_dir / "eval_heldout.json").write_text(json.dumps(results, indent=2))
+    if validation["generations"]:
+        print(format_generations(validation))
+
+    def perplexities(result: dict[str, Any]) -> dict[str, float]:
+        return {row["name"]: row["perplexity"] for row in result["rows"]}
+
+    return perplexities(validation), {name: perplexities(result) for name, result in results.items()}
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -204,4 +220,6 @@ def print_summary(summary: dict[str, Any]) -> None:
     ]
     for name, value in summary.get("evaluation", {}).items():
         lines.append(f"held-out ppl {name:<10} {value:.2f}")
+    for source, rows in summary.get("heldout_evaluation", {}).items():
+        lines.append(f"{source} ppl " + ", ".join(f"{name} {value:.2f}" for name, value in rows.items()))
     print("\n".join(lines))

@@ -26,8 +26,9 @@ class RunResult:
     """One run of the comparison, read back from its directory.
 
     ``ratio`` is the student's held-out perplexity over the teacher's (``eval.json``; lower is better),
-    ``ablated_ratio`` the same for the teacher without the swapped MLPs. Missing values are ``None``; a
-    run that wrote no ``summary.json`` has ``status`` ``"failed"`` and little else.
+    ``ablated_ratio`` the same for the teacher without the swapped MLPs; ``heldout_ratios`` the student's
+    ratio on each held-out source of the data (``eval_heldout.json``, ``data=broad``). Missing values are
+    ``None``; a run that wrote no ``summary.json`` has ``status`` ``"failed"`` and little else.
     """
 
     run_dir: str
@@ -44,6 +45,7 @@ class RunResult:
     student_perplexity: float | None = None
     ratio: float | None = None
     ablated_ratio: float | None = None
+    heldout_ratios: dict[str, float] | None = None
     steps: int | None = None
     tokens_seen: int | None = None
     fit_minutes: float | None = None
@@ -78,6 +80,24 @@ def _ratios(run_dir: Path, summary: dict[str, Any]) -> dict[str, float]:
     if evaluation is not None:
         return {row["name"]: float(row["perplexity"]) for row in evaluation["rows"]}
     return {name: float(value) for name, value in (summary.get("evaluation") or {}).items()}
+
+
+def _heldout_ratios(run_dir: Path, summary: dict[str, Any]) -> dict[str, float] | None:
+    """Student ÷ teacher perplexity per held-out source, from ``eval_heldout.json`` or the summary."""
+    evaluation = _read_json(run_dir / "eval_heldout.json")
+    if evaluation is not None:
+        sources = {
+            source: {row["name"]: float(row["perplexity"]) for row in result["rows"]}
+            for source, result in evaluation.items()
+        }
+    else:
+        sources = summary.get("heldout_evaluation") or {}
+    ratios = {
+        source: ppl["student"] / ppl["teacher"]
+        for source, ppl in sources.items()
+        if ppl.get("teacher") and "student" in ppl
+    }
+    return ratios or None
 
 
 def read_run(run_dir: str | os.PathLike) -> RunResult:
@@ -122,6 +142,7 @@ def read_run(run_dir: str | os.PathLike) -> RunResult:
         student_perplexity=ppl.get("student"),
         ratio=ratio("student"),
         ablated_ratio=ratio("ablated"),
+        heldout_ratios=_heldout_ratios(run_dir, summary),
         steps=summary.get("steps"),
         tokens_seen=summary.get("tokens_seen"),
         fit_minutes=fit / 60 if fit is not None else None,
@@ -146,6 +167,9 @@ def configuration_rows(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
                 "dense_parameter_fraction": memory.dense_parameter_fraction if memory else None,
                 "memory_entries": memory.memory_entries if memory else None,
                 **{f"{variant}_ratio": _get(row["runs"].get(variant), "ratio") for variant in VARIANTS},
+                "heldout_ratios": {
+                    variant: run.heldout_ratios for variant, run in row["runs"].items() if run.heldout_ratios
+                },
                 "budget": {
                     variant: {
                         "fit_minutes": run.fit_minutes,
@@ -199,6 +223,27 @@ def markdown_tables(runs: Sequence[RunResult]) -> str:
             f"| {_fmt(row['removed_ratio'], '.3f')} | {_fmt(row['lowrank_ratio'], '.3f')} "
             f"| {_budget(row['budget'].get('memory'))} |"
         )
+    rows = configuration_rows(runs)
+    sources = sorted(
+        {source for row in rows for ratios in row["heldout_ratios"].values() for source in ratios}
+    )
+    if sources:
+        lines += [
+            "",
+            "Held-out sources (never trained on), student ppl ÷ teacher, memory / removed / low-rank:",
+            "",
+            "| configuration | " + " | ".join(sources) + " |",
+            "|---|" + "---|" * len(sources),
+        ]
+        for row in rows:
+            cells = [
+                " / ".join(
+                    _fmt((row["heldout_ratios"].get(variant) or {}).get(source), ".3f")
+                    for variant in VARIANTS
+                )
+                for source in sources
+            ]
+            lines.append(f"| {row['configuration']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "| run | variant | blocks swapped | dense params (× teacher) | trainable params | memory entries "

@@ -323,3 +323,33 @@ def test_removed_layers_cannot_train_alone(tmp_path, text_dir, monkeypatch):
     )
     with pytest.raises(ValueError, match="distill.trainable: 'memory' trains only the swapped layers"):
         run.distill(cfg)
+
+
+def test_held_out_sources_are_evaluated_one_by_one(tmp_path, tiny_gpt2, gpt2_tokenizer):
+    """``data=broad`` holds whole sources out: each gets its own perplexities, beside the validation's."""
+    from conftest import tiny_student
+
+    texts = {
+        "validation": ["To be, or not to be, that is the question. " * 8],
+        "bbc_news": ["The minister said on Monday that the budget would rise. " * 8],
+        "sherlock_holmes": ["I had seen little of Holmes lately. My marriage had drifted us away. " * 8],
+    }
+
+    class Data:
+        def val_texts(self):
+            return texts["validation"]
+
+        def heldout_texts(self):
+            return {name: texts[name] for name in ("bbc_news", "sherlock_holmes")}
+
+    cfg = compose_cfg(
+        "evaluate.cache_dir=null", "evaluate.prompts=[]", "evaluate.window=32", "evaluate.stride=16"
+    )
+    student = tiny_student(tiny_gpt2, torch.randint(0, 1000, (2, 16)))
+    validation, heldout = run.evaluate_on_held_out(cfg, tiny_gpt2, student, gpt2_tokenizer, Data(), tmp_path)
+    assert set(validation) == {"teacher", "student", "ablated"}
+    assert set(heldout) == {"bbc_news", "sherlock_holmes"}
+    written = json.loads((tmp_path / "eval_heldout.json").read_text())
+    for source, rows in heldout.items():
+        assert {row["name"]: row["perplexity"] for row in written[source]["rows"]} == rows
+    assert heldout["bbc_news"]["teacher"] != heldout["sherlock_holmes"]["teacher"]

@@ -159,3 +159,19 @@ def test_names_of_layer_sets_and_variants():
     assert variant_of(["lowrank"]) == "lowrank"
     assert variant_of(["featural", "associative"]) == "memory"
     assert variant_of(["featural", "removed"]) == "memory"
+
+
+def test_heldout_sources_get_their_own_table(tmp_path):
+    upper = list(range(20, 30))
+    runs = []
+    for variant, student in (("memory", 11.0), ("removed", 14.0)):
+        layer_type = "featural" if variant == "memory" else "removed"
+        run_dir = fake_run(tmp_path, variant, upper, layer_type, student, with_eval=False)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        summary["heldout_evaluation"] = {"bbc_news": {"teacher": 20.0, "student": 2 * student}}
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+        runs.append(read_run(run_dir))
+    assert runs[0].heldout_ratios == {"bbc_news": 1.1}
+    table = markdown_tables(runs)
+    assert "| configuration | bbc_news |" in table
+    assert "| upper 10 | 1.100 / 1.400 / — |" in table
