@@ -24,38 +24,35 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from dmt.bench.stores import directory_bytes
+from dmt.bench.stores import PeakRSS, directory_bytes
 
 FORWARD_TOKENS = 128
 LOADERS = ("teacher", "student_dmt_mmap", "student_dmt", "student_transformers")
 
 
-def rss_bytes() -> int:
-    """This process's resident set size (Linux ``/proc/self/status``)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("VmRSS not found in /proc/self/status")
-
-
 def measure(loader: str, directory: Path) -> dict[str, int]:
-    """Load ``directory`` with ``loader`` in this (fresh) process; resident bytes at each stage."""
+    """Load ``directory`` with ``loader`` in this (fresh) process; resident bytes at each stage (and the
+    peak while loading)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from dmt.model.persistence import load_pretrained
 
-    after_imports = rss_bytes()
-    if loader == "teacher":
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    elif loader == "student_transformers":
-        model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)
-    else:
-        model, _ = load_pretrained(directory, mmap=loader == "student_dmt_mmap")
-    after_load = rss_bytes()
+    with PeakRSS() as load:
+        if loader == "teacher":
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        elif loader == "student_transformers":
+            model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)
+        else:
+            model, _ = load_pretrained(directory, mmap=loader == "student_dmt_mmap")
     with torch.no_grad():
         model.eval()(torch.arange(FORWARD_TOKENS)[None] % model.config.vocab_size)
-    return {"after_imports": after_imports, "after_load": after_load, "after_forward": rss_bytes()}
+    return {
+        "after_imports": load.start,
+        "load_peak": load.peak,
+        "after_load": load.end,
+        "after_forward": load.rss(),
+    }
 
 
 def build_exports(overrides: list[str], directory: Path, value_dtype: str | None) -> dict[str, Any]:
