@@ -7,6 +7,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 import dmt.conf  # noqa: F401  (registers the ${pkg:...} resolver)
+from dmt.distill.losses import DIVERGENCES
 from dmt.layers import LayerConfig
 from dmt.model.loading import teacher_config
 from dmt.model.surgery import resolve_layer_configs
@@ -41,6 +42,11 @@ def validate_config(cfg: DictConfig) -> dict[int, LayerConfig]:
         )
     if distill.temperature <= 0:
         raise ValueError(f"distill.temperature: must be > 0, got {distill.temperature}")
+    divergence = distill.get("divergence", "forward_kl")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"distill.divergence: expected one of {', '.join(DIVERGENCES)}, got {divergence!r}")
+    if not 0.0 <= distill.get("jsd_beta", 0.5) <= 1.0:
+        raise ValueError(f"distill.jsd_beta: must lie in [0, 1], got {distill.jsd_beta}")
     if cfg.data.block_size > model_config.max_position_embeddings:
         raise ValueError(
             f"data.block_size: {cfg.data.block_size} exceeds the teacher's context "

@@ -14,7 +14,7 @@ from pytorch_lightning.callbacks import Timer
 from torch import nn
 from transformers import PreTrainedModel
 
-from dmt.distill.losses import ce_loss, hidden_mse, kd_loss
+from dmt.distill.losses import DIVERGENCES, ce_loss, distillation_divergence, hidden_mse
 from dmt.layers import AssociativeMemory, MemoryLayer
 from dmt.layers.base import apply_writes
 from dmt.model.families import get_mlp
@@ -97,7 +97,12 @@ def time_budget_fraction(timer: Timer | None) -> float:
 
 
 class DistillationModule(pl.LightningModule):
-    """Loss ``α_kd · KL(teacher ‖ student)·T² + α_ce · CE + α_hidden · Σ_layers MSE(student, teacher)``.
+    """Loss ``α_kd · D(teacher, student)·T² + α_ce · CE + α_hidden · Σ_layers MSE(student, teacher)``.
+
+    ``D`` is the ``divergence`` between the softened distributions: ``forward_kl``, ``KL(teacher ‖ student)``;
+    ``reverse_kl``, ``KL(student ‖ teacher)``; or ``jsd``, the generalised Jensen–Shannon divergence with
+    the teacher weighted ``jsd_beta`` in the mixture (``dmt.distill.losses.jsd_loss``). Whichever it is,
+    it is logged as ``train/kd``.
 
     With ``teacher=None`` only the CE term is used (plain language-model training, ``train.py``). The
     teacher is frozen, runs under ``no_grad`` and is deliberately not a submodule, so it stays out of
@@ -119,6 +124,8 @@ class DistillationModule(pl.LightningModule):
         alpha_ce: float = 0.0,
         alpha_hidden: float = 0.0,
         temperature: float = 2.0,
+        divergence: str = "forward_kl",
+        jsd_beta: float = 0.5,
         lr: float = 3e-4,
         memory_lr: float = 1e-3,
         weight_decay: float = 0.01,
@@ -131,6 +138,12 @@ class DistillationModule(pl.LightningModule):
         super().__init__()
         if trainable not in ("all", "memory"):
             raise ValueError(f"distill.trainable: expected all or memory, got {trainable!r}")
+        if divergence not in DIVERGENCES:
+            raise ValueError(
+                f"distill.divergence: expected one of {', '.join(DIVERGENCES)}, got {divergence!r}"
+            )
+        if not 0.0 <= jsd_beta <= 1.0:
+            raise ValueError(f"distill.jsd_beta: must be in [0, 1], got {jsd_beta}")
         if teacher is None and alpha_ce <= 0:
             raise ValueError("distill.alpha_ce must be > 0 when there is no teacher")
         # run_config: the composed Hydra config, kept so `dmt.export` can rebuild tokenizer and model.
@@ -177,7 +190,9 @@ class DistillationModule(pl.LightningModule):
             logits = self(input_ids, mask)
         out = {"ce": ce_loss(logits, input_ids, mask)}
         if teacher is not None:
-            out["kd"] = kd_loss(logits, teacher_logits, mask, hp.temperature)
+            out["kd"] = distillation_divergence(
+                hp.divergence, logits, teacher_logits, mask, hp.temperature, hp.jsd_beta
+            )
             if layers:
                 out["hidden"] = torch.stack(
                     [hidden_mse(student_out[i], teacher_out[i], mask) for i in layers]

@@ -17,11 +17,13 @@ from torch.testing import assert_close
 import dmt.config  # (resolvers)
 import dmt.distill.run as run
 from dmt.conf import CONF_DIR
+from dmt.distill.losses import distillation_divergence, kd_loss
+from dmt.distill.module import DistillationModule
 from dmt.layers import AssociativeConfig, FeaturalConfig, LowRankConfig, RemovedConfig, layer_config
 from dmt.model.families import mlp_form
 from dmt.model.loading import teacher_config
 from dmt.model.persistence import export_checkpoint, load_pretrained
-from dmt.model.surgery import memory_layers, swapped_layers
+from dmt.model.surgery import build_student, memory_layers, resolve_layer_configs, swapped_layers
 
 CONF = CONF_DIR
 
@@ -262,6 +264,8 @@ def test_every_experiment_composes(experiment, tmp_path, monkeypatch):
         ("swap.metric=manhattan", "swap.metric"),
         ("data.paths=[/nonexistent/corpus]", "/nonexistent/corpus"),
         ("distill.temperature=0", "distill.temperature"),
+        ("distill.divergence=kl", "distill.divergence"),
+        ("distill.jsd_beta=1.5", "distill.jsd_beta"),
     ],
 )
 def test_invalid_values_fail_before_any_model_loads(override, message, tmp_path, text_dir, monkeypatch):
@@ -323,6 +327,48 @@ def test_removed_layers_cannot_train_alone(tmp_path, text_dir, monkeypatch):
     )
     with pytest.raises(ValueError, match="distill.trainable: 'memory' trains only the swapped layers"):
         run.distill(cfg)
+
+
+def _module_from_config(cfg, student, teacher) -> DistillationModule:
+    """The module as ``run.distill`` builds it: every ``distill`` key passed through."""
+    return DistillationModule(student, teacher, **OmegaConf.to_container(cfg.distill, resolve=True))
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+def test_divergence_option_composes_and_chooses_the_kd_term(divergence, tmp_path, tiny_gpt2):
+    cfg = compose_cfg(
+        f"paths.output_dir={tmp_path}", f"distill.divergence={divergence}", "distill.jsd_beta=0.3"
+    )
+    student = build_student(
+        tiny_gpt2, resolve_layer_configs({"blocks": [1], "type": "removed"}, tiny_gpt2.config)
+    )
+    module = _module_from_config(cfg, student, tiny_gpt2).eval()  # eval: no dropout, the same logits twice
+    ids = torch.randint(0, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    with torch.no_grad():
+        kd = module.losses({"input_ids": ids, "attention_mask": mask})["kd"]
+        student_logits = module(ids, mask)
+        teacher_logits = tiny_gpt2(input_ids=ids, attention_mask=mask).logits
+    temperature = cfg.distill.temperature
+    expected = distillation_divergence(divergence, student_logits, teacher_logits, mask, temperature, 0.3)
+    assert_close(kd, expected)
+    assert not torch.isclose(kd, kd_loss(student_logits, teacher_logits, mask, temperature))
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "distill.divergence=kl",
+            r"distill\.divergence: expected one of forward_kl, reverse_kl, jsd, got 'kl'",
+        ),
+        ("distill.jsd_beta=1.5", r"distill\.jsd_beta: must be in \[0, 1\], got 1\.5"),
+    ],
+)
+def test_bad_divergence_settings_name_the_key(override, message, tmp_path, tiny_gpt2):
+    cfg = compose_cfg(f"paths.output_dir={tmp_path}", override)
+    with pytest.raises(ValueError, match=message):
+        _module_from_config(cfg, copy.deepcopy(tiny_gpt2), tiny_gpt2)
 
 
 def test_held_out_sources_are_evaluated_one_by_one(tmp_path, tiny_gpt2, gpt2_tokenizer):
