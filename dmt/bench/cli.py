@@ -115,18 +115,24 @@ def table(report: dict[str, Any]) -> str:
     settings = report["settings"]
     lines = [
         f"fwd+bwd on B={settings['batch']} T={settings['seq']} (median of {settings['repeats']}), "
-        "beside the GPT-2 MLP (768-3072-768) interleaved",
-        f"{'layer':<18}{'size':>9}{'ms':>9}{'MLP ms':>9}{'us/tok':>9}{'x MLP':>8}{'recall near/rand':>18}"
-        f"{'query/s':>10}{'build ins/s':>12}{'churn ins/s':>12}  dominant (fraction)",
+        "beside the GPT-2 MLP (768-3072-768) interleaved; forward multiply-adds per token in millions "
+        "(~: hnsw graph hops estimated) and over the MLP's",
+        f"{'layer':<18}{'size':>9}{'ms':>9}{'MLP ms':>9}{'us/tok':>9}{'x MLP':>8}{'MMAC/tok':>10}"
+        f"{'MAC x MLP':>10}{'recall near/rand':>18}{'query/s':>10}{'build ins/s':>12}{'churn ins/s':>12}"
+        "  dominant (fraction)",
     ]
     largest = max(r["size"] for r in report["layers"])
     for r in report["layers"]:
         index, profile = r["index"], r["profile"]
         dominant = profile["dominant"]
+        multiply_adds = r["multiply_adds"]
+        approximate = "~" if multiply_adds["search_estimated"] else ""
         lines.append(
             f"{r['layer']:<18}{r['size']:>9}{r['median_s'] * 1e3:>9.1f}{r['mlp_median_s'] * 1e3:>9.1f}"
-            f"{r['per_token_us']:>9.1f}"
-            f"{r['ratio_vs_mlp']:>8.2f}{index['recall_near']:>9.3f}/{index['recall_random']:.3f}"
+            f"{r['per_token_us']:>9.1f}{r['ratio_vs_mlp']:>8.2f}"
+            f"{approximate + format(multiply_adds['total'] / 1e6, '.2f'):>10}"
+            f"{approximate + format(r['multiply_adds_vs_mlp'], '.2f'):>10}"
+            f"{index['recall_near']:>9.3f}/{index['recall_random']:.3f}"
             f"{index['queries_per_s']:>10.0f}{rate(r['store_build']['last_batch_inserts_per_s'], 12)}"
             f"{rate(index['churn_inserts_per_s'], 12)}  {dominant} ({profile['fractions'][dominant]:.2f})"
         )

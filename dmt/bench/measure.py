@@ -22,7 +22,9 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from dmt.bench.stores import PeakRSS, StoreSpec, cached_store, directory_bytes, float16_copy, layer_config
 from dmt.distill.module import DistillationModule
 from dmt.layers import MemoryConfig, MemoryLayer, build_memory_layer
+from dmt.layers.arithmetic import layer_multiply_adds, mlp_multiply_adds
 from dmt.memory import KNNStore
+from dmt.model.families import mlp_form
 from dmt.model.surgery import attach_memory_layers, memory_layers
 
 GPT2_WIDTH = 768
@@ -258,12 +260,15 @@ def index_quality(
 def layer_benchmarks(
     kind: str, size: int, cache_dir: Path, batch: int, seq: int, warmup: int, repeats: int, n_queries: int
 ) -> dict[str, Any]:
-    """Index quality, fwd+bwd time beside the GPT-2 MLP's (same batches, interleaved) and a profile of
-    one ``kind`` layer over a full ``size``-entry store."""
+    """Index quality, fwd+bwd time beside the GPT-2 MLP's (same batches, interleaved), multiply-adds per
+    token beside the MLP's (:mod:`dmt.layers.arithmetic`) and a profile of one ``kind`` layer over a full
+    ``size``-entry store."""
     cfg = layer_config(kind, size, GPT2_WIDTH)
     store, build = cached_store(StoreSpec.for_layer(cfg), cache_dir)
     index = index_quality(store, cfg.topk, n_queries, batch * seq, warmup, repeats)
     layer = memory_layer(cfg, store)
+    multiply_adds = layer_multiply_adds(layer)  # of the full store, which the timed steps keep full
+    mlp_multiply_add_count = mlp_multiply_adds(mlp_form(GPT2Config()))
     torch.manual_seed(0)
     mlp = gpt2_mlp()
     # Two batches beyond the timed steps: the profile's warm-up and profiled steps see new ones too.
@@ -281,6 +286,9 @@ def layer_benchmarks(
         "ratio_vs_mlp": seconds["layer"] / seconds["mlp"],
         "per_token_us": seconds["layer"] / (batch * seq) * 1e6,
         "mlp_per_token_us": seconds["mlp"] / (batch * seq) * 1e6,
+        "multiply_adds": multiply_adds.to_dict(),
+        "mlp_multiply_adds": mlp_multiply_add_count,
+        "multiply_adds_vs_mlp": multiply_adds.total / mlp_multiply_add_count,
         "profile": profile_step(layer_step),
     }
 

@@ -1,4 +1,4 @@
-"""Callbacks: what the memory layers do during training, written to the run's loggers."""
+"""Callbacks: what the memory layers do (and cost) during training, written to the run's loggers."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import DeviceStatsMonitor, LearningRateMonitor
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
+from dmt.layers.arithmetic import swap_arithmetic
 from dmt.layers.base import MemoryLayer
 from dmt.memory import MemoryStats
+from dmt.model.families import mlp_form
 
 
 class MemoryMonitor(pl.Callback):
@@ -43,6 +45,12 @@ class MemoryMonitor(pl.Callback):
     Recall and histograms are measured at a logging step, the first one at or after
     each multiple of their interval (exactly every n steps when n is a multiple of ``log_every_n_steps``).
 
+    Every swapped layer (memory layer or baseline) also gets its arithmetic (:mod:`dmt.layers.arithmetic`):
+    ``arithmetic/layer_XX/multiply_adds_per_token`` and ``arithmetic/layer_XX/mlp_fraction`` (over the
+    replaced MLP's), and ``arithmetic/mlp_fraction`` for all swapped layers over all replaced MLPs. They are
+    logged at train start, at the index of the step to come, and again at a logging step when they changed:
+    a memory layer's search and read grow with its store until it is full.
+
     Values go to the loggers directly, at the step axis of ``LightningModule.log`` values (the 0-based
     index of the step just taken, as for ``train/loss``): ``self.log`` would re-send a value that was not
     logged again (``recall_at_k`` between measurements) at every later logging step. Needs a logger.
@@ -59,6 +67,7 @@ class MemoryMonitor(pl.Callback):
         self.histogram_every_n_steps = histogram_every_n_steps
         self._step_seen = 0  # global step after the latest training batch: tells which batches stepped
         self._logged: dict[int, tuple[int, MemoryStats]] = {}  # block → (step, store counters) at last log
+        self._arithmetic_logged: dict[str, float] = {}  # the arithmetic scalars last logged
 
     def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if not trainer.loggers:
@@ -73,6 +82,8 @@ class MemoryMonitor(pl.Callback):
             layer.run_start = layer.store.now
             layer.take_read_counts()
             self._logged[index] = (trainer.global_step, layer.store.stats)
+        self._arithmetic_logged = {}
+        self._log_arithmetic_if_changed(trainer, module, step=trainer.global_step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -80,6 +91,7 @@ class MemoryMonitor(pl.Callback):
         interval = trainer.log_every_n_steps
         if not stepped or not interval or step % interval:
             return
+        self._log_arithmetic_if_changed(trainer, module, step=step - 1)
         for index, layer in module.memory_layers.items():
             prefix = f"memory/layer_{index:02d}"
             last_step, last = self._logged[index]
@@ -95,6 +107,28 @@ class MemoryMonitor(pl.Callback):
             metrics = {name: value for name, value in metrics.items() if not math.isnan(value)}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step - 1)
+
+    def _log_arithmetic_if_changed(self, trainer: pl.Trainer, module: pl.LightningModule, step: int) -> None:
+        """Log the swapped layers' arithmetic at ``step`` unless it equals what was logged last."""
+        metrics = arithmetic_scalars(swap_arithmetic(module.swapped_layers, mlp_form(module.student.config)))
+        if metrics == self._arithmetic_logged:
+            return
+        self._arithmetic_logged = metrics
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+
+def arithmetic_scalars(arithmetic: dict[str, Any]) -> dict[str, float]:
+    """``arithmetic/...`` scalars of a :func:`~dmt.layers.arithmetic.swap_arithmetic` result: per block
+    its multiply-adds per token and their fraction of the replaced MLP's, and the fraction in total."""
+    metrics = {}
+    for index, block in arithmetic["blocks"].items():
+        prefix = f"arithmetic/layer_{int(index):02d}"
+        metrics[f"{prefix}/multiply_adds_per_token"] = float(block["total"])
+        metrics[f"{prefix}/mlp_fraction"] = float(block["mlp_fraction"])
+    if arithmetic["mlp_fraction"] is not None:
+        metrics["arithmetic/mlp_fraction"] = float(arithmetic["mlp_fraction"])
+    return metrics
 
 
 def interval_scalars(layer: MemoryLayer, steps: int, last: MemoryStats) -> list[tuple[str, float]]:

@@ -19,7 +19,8 @@ from dmt.config import validate_config
 from dmt.distill.callbacks import needs_logger
 from dmt.distill.module import DistillationModule
 from dmt.evaluation.evaluate import evaluate, format_generations, format_table, truncate_texts
-from dmt.model.families import family_of
+from dmt.layers.arithmetic import swap_arithmetic
+from dmt.model.families import family_of, mlp_form
 from dmt.model.loading import load_teacher, load_tokenizer
 from dmt.model.persistence import memory_digest, save_pretrained
 from dmt.model.surgery import (
@@ -79,7 +80,9 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
 
     The summary (also written to ``summary.json``) records what the run cost and what it gave: steps,
     training tokens and seconds, dense parameters of teacher and student, the swapped layers' types and
-    parameters, memory entries, validation and held-out perplexities.
+    parameters, memory entries, their multiply-adds per token at the end of training beside the replaced
+    MLPs' (``arithmetic``, see :func:`dmt.layers.arithmetic.swap_arithmetic`), validation and held-out
+    perplexities.
     """
     started = time.monotonic()
     output_dir = Path(cfg.paths.output_dir)
@@ -143,6 +146,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         "swapped_layers": {str(i): layer.cfg.type for i, layer in swapped.items()},
         "swapped_layer_parameters": sum(count_parameters(layer) for layer in swapped.values()),
         "memory_entries": memory_entries(student),
+        "arithmetic": swap_arithmetic(swapped, mlp_form(student.config)),
         "export_dir": None,
         "world_size": trainer.world_size,
         "memory_digests": digests,
@@ -216,6 +220,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"{summary['swapped_layer_parameters']:,} parameters",
         f"trainable parameters   {summary['trainable_parameters']:,}",
         f"memory entries         {summary['memory_entries']:,}",
+        f"multiply-adds / token  {arithmetic_line(summary['arithmetic'])}",
         f"export                 {summary['export_dir']}",
     ]
     for name, value in summary.get("evaluation", {}).items():
@@ -223,3 +228,14 @@ def print_summary(summary: dict[str, Any]) -> None:
     for source, rows in summary.get("heldout_evaluation", {}).items():
         lines.append(f"{source} ppl " + ", ".join(f"{name} {value:.2f}" for name, value in rows.items()))
     print("\n".join(lines))
+
+
+def arithmetic_line(arithmetic: dict[str, Any]) -> str:
+    """The swapped layers' multiply-adds per token beside the replaced MLPs', for the printed summary."""
+    if arithmetic["mlp_fraction"] is None:
+        return "no swapped layers"
+    estimate = " (hnsw search estimated)" if arithmetic["search_estimated"] else ""
+    return (
+        f"{arithmetic['total']:,} in the swapped layers, {arithmetic['mlp_fraction']:.2f}x the replaced "
+        f"MLPs' {arithmetic['mlp']:,}{estimate}"
+    )

@@ -27,8 +27,11 @@ class RunResult:
 
     ``ratio`` is the student's held-out perplexity over the teacher's (``eval.json``; lower is better),
     ``ablated_ratio`` the same for the teacher without the swapped MLPs; ``heldout_ratios`` the student's
-    ratio on each held-out source of the data (``eval_heldout.json``, ``data=broad``). Missing values are
-    ``None``; a run that wrote no ``summary.json`` has ``status`` ``"failed"`` and little else.
+    ratio on each held-out source of the data (``eval_heldout.json``, ``data=broad``).
+    ``multiply_add_fraction`` is the swapped layers' multiply-adds per token over the replaced MLPs' at the
+    end of training (``summary.json: arithmetic``, :mod:`dmt.layers.arithmetic`), an estimate where
+    ``multiply_adds_estimated`` (an hnsw search). Missing values are ``None``; a run that wrote no
+    ``summary.json`` has ``status`` ``"failed"`` and little else.
     """
 
     run_dir: str
@@ -41,6 +44,8 @@ class RunResult:
     trainable_parameters: int | None = None
     swapped_layer_parameters: int | None = None
     memory_entries: int | None = None
+    multiply_add_fraction: float | None = None
+    multiply_adds_estimated: bool | None = None
     teacher_perplexity: float | None = None
     student_perplexity: float | None = None
     ratio: float | None = None
@@ -125,6 +130,7 @@ def read_run(run_dir: str | os.PathLike) -> RunResult:
 
     fit = summary.get("fit_seconds")
     wall = wall if wall is not None else summary.get("wall_seconds")
+    arithmetic = summary.get("arithmetic") or {}
     fraction = summary.get("dense_parameter_fraction")
     if fraction is None and summary.get("teacher_dense_parameters"):
         fraction = summary["student_dense_parameters"] / summary["teacher_dense_parameters"]
@@ -138,6 +144,8 @@ def read_run(run_dir: str | os.PathLike) -> RunResult:
         trainable_parameters=summary.get("trainable_parameters"),
         swapped_layer_parameters=summary.get("swapped_layer_parameters"),
         memory_entries=summary.get("memory_entries"),
+        multiply_add_fraction=arithmetic.get("mlp_fraction"),
+        multiply_adds_estimated=arithmetic.get("search_estimated"),
         teacher_perplexity=teacher,
         student_perplexity=ppl.get("student"),
         ratio=ratio("student"),
@@ -151,8 +159,9 @@ def read_run(run_dir: str | os.PathLike) -> RunResult:
 
 
 def configuration_rows(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
-    """One row per configuration (in order of first appearance): the memory run's size and budget, and
-    each variant's held-out perplexity ratio (``None`` where that variant did not run or failed)."""
+    """One row per configuration (in order of first appearance): the memory run's size, arithmetic and
+    budget, and each variant's held-out perplexity ratio (``None`` where that variant did not run or
+    failed)."""
     rows: dict[str, dict[str, Any]] = {}
     for run in runs:
         row = rows.setdefault(run.configuration, {"configuration": run.configuration, "runs": {}})
@@ -166,6 +175,8 @@ def configuration_rows(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
                 "layers": memory.layers if memory else None,
                 "dense_parameter_fraction": memory.dense_parameter_fraction if memory else None,
                 "memory_entries": memory.memory_entries if memory else None,
+                "multiply_add_fraction": memory.multiply_add_fraction if memory else None,
+                "multiply_adds_estimated": memory.multiply_adds_estimated if memory else None,
                 **{f"{variant}_ratio": _get(row["runs"].get(variant), "ratio") for variant in VARIANTS},
                 "heldout_ratios": {
                     variant: run.heldout_ratios for variant, run in row["runs"].items() if run.heldout_ratios
@@ -194,6 +205,13 @@ def _fmt(value: Any, spec: str = "", missing: str = "—") -> str:
     return format(value, spec)
 
 
+def _multiply_adds(fraction: float | None, estimated: bool | None) -> str:
+    """A multiply-add fraction, ``≈``-marked where it rests on an hnsw search estimate."""
+    if fraction is None:
+        return "—"
+    return ("≈" if estimated else "") + _fmt(fraction, ".2f")
+
+
 def _budget(run: dict[str, Any] | None) -> str:
     if not run:
         return "—"
@@ -212,14 +230,17 @@ def markdown_tables(runs: Sequence[RunResult]) -> str:
         f"Teacher held-out perplexity: {', '.join(teacher) or '—'}"
         + (" (differs between runs: their evaluation settings differ)" if len(teacher) > 1 else ""),
         "",
-        "| configuration | dense parameters (× teacher) | memory entries | memory student ppl ÷ teacher "
+        "| configuration | dense parameters (× teacher) | memory entries "
+        "| memory layers' multiply-adds ÷ MLP's | memory student ppl ÷ teacher "
         "| removed ppl ÷ teacher | low-rank ppl ÷ teacher | budget used (memory run) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in configuration_rows(runs):
         lines.append(
             f"| {row['configuration']} | {_fmt(row['dense_parameter_fraction'], '.1%')} "
-            f"| {_fmt(row['memory_entries'], ',')} | {_fmt(row['memory_ratio'], '.3f')} "
+            f"| {_fmt(row['memory_entries'], ',')} "
+            f"| {_multiply_adds(row['multiply_add_fraction'], row['multiply_adds_estimated'])} "
+            f"| {_fmt(row['memory_ratio'], '.3f')} "
             f"| {_fmt(row['removed_ratio'], '.3f')} | {_fmt(row['lowrank_ratio'], '.3f')} "
             f"| {_budget(row['budget'].get('memory'))} |"
         )
@@ -247,8 +268,9 @@ def markdown_tables(runs: Sequence[RunResult]) -> str:
     lines += [
         "",
         "| run | variant | blocks swapped | dense params (× teacher) | trainable params | memory entries "
-        "| ppl | ppl ÷ teacher | ablated ÷ teacher | train min | wall min | steps | tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| multiply-adds ÷ MLP's | ppl | ppl ÷ teacher | ablated ÷ teacher | train min | wall min | steps "
+        "| tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         swapped = f"{len(run.layers)}/{run.teacher_blocks}" if run.layers is not None else "—"
@@ -257,6 +279,7 @@ def markdown_tables(runs: Sequence[RunResult]) -> str:
             f"| {Path(run.run_dir).name} | {variant} "
             f"| {swapped} | {_fmt(run.dense_parameter_fraction, '.1%')} "
             f"| {_fmt(run.trainable_parameters, ',')} | {_fmt(run.memory_entries, ',')} "
+            f"| {_multiply_adds(run.multiply_add_fraction, run.multiply_adds_estimated)} "
             f"| {_fmt(run.student_perplexity, '.2f')} | {_fmt(run.ratio, '.3f')} "
             f"| {_fmt(run.ablated_ratio, '.3f')} | {_fmt(run.fit_minutes, '.1f')} "
             f"| {_fmt(run.wall_minutes, '.1f')} | {_fmt(run.steps, ',')} | {_fmt(run.tokens_seen, ',')} |"

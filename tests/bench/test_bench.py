@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from dmt.bench.cli import main
+from dmt.bench.cli import main, table
+from dmt.layers.arithmetic import MultiplyAdds
 
 
 def numbers(tree: Any) -> Iterator[float]:
@@ -72,3 +73,20 @@ def test_ratios_come_from_measured_times(report):
     d = report["distillation"]
     assert d["ratio_vs_dense"] == pytest.approx(d["memory"]["tokens_per_s"] / d["dense"]["tokens_per_s"])
     assert d["dense"]["tokens_per_s"] == pytest.approx(tokens / d["dense"]["median_s"])
+
+
+def test_multiply_adds_beside_the_mlps(report):
+    mlp = 2 * 768 * 3072  # GPT-2's MLP, 768 → 3072 → 768
+    lines = table(report).splitlines()
+    for r in report["layers"]:
+        counts = MultiplyAdds(**{k: v for k, v in r["multiply_adds"].items() if k != "total"})
+        assert counts.total == r["multiply_adds"]["total"] > 0 and r["mlp_multiply_adds"] == mlp
+        assert r["multiply_adds_vs_mlp"] == pytest.approx(counts.total / mlp, rel=1e-12)
+        settings = r["settings"]
+        per_head = settings["topk"] * (settings["key_dim"] + settings["value_dim"])  # distances, values
+        assert counts.read == settings["heads"] * per_head
+        row = next(line for line in lines if line.startswith(r["layer"] + " "))
+        assert f"{counts.total / 1e6:.2f}" in row and f"{r['multiply_adds_vs_mlp']:.2f}" in row
+    product = next(r for r in report["layers"] if r["layer"] == "featural_product")
+    # 4096 = 64² product keys: two tables of 64 sub-keys of key_dim / 2
+    assert product["multiply_adds"]["search"] == 64 * product["settings"]["key_dim"]

@@ -12,7 +12,9 @@ from test_pipeline import compose_cfg, scalars, small_run_overrides
 import dmt.distill.run as run
 from dmt.distill.callbacks import MemoryMonitor, interval_scalars
 from dmt.layers import FeaturalMemory, layer_config
+from dmt.layers.arithmetic import layer_multiply_adds
 from dmt.memory import MemoryStats
+from dmt.model.surgery import build_student, memory_layers, resolve_layer_configs, swapped_layers
 
 
 def test_interval_scalars_are_rates_per_step_and_distinct_entries_per_search():
@@ -63,6 +65,66 @@ def test_memory_monitor_rejects_negative_intervals(setting):
         MemoryMonitor(**{setting: -1})
 
 
+class RecordingLogger:
+    """A logger that keeps every ``log_metrics`` call as ``(step, metrics)``."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, dict[str, float]]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.calls.append((step, metrics))
+
+    def arithmetic(self) -> list[tuple[int, dict[str, float]]]:
+        return [(step, m) for step, m in self.calls if any(tag.startswith("arithmetic/") for tag in m)]
+
+
+def test_arithmetic_is_logged_at_train_start_and_again_when_a_store_grows(tiny_gpt2):
+    configs = resolve_layer_configs(
+        {
+            "blocks": [0, 2],
+            "type": ["featural", "removed"],
+            "key_dim": 8,
+            "topk": 4,
+            "capacity": 64,
+            "index": {"backend": "exact"},
+        },
+        tiny_gpt2.config,
+    )
+    student = build_student(tiny_gpt2, configs)
+    module = SimpleNamespace(
+        student=student, swapped_layers=swapped_layers(student), memory_layers=memory_layers(student)
+    )
+    logger = RecordingLogger()
+    trainer = SimpleNamespace(global_step=0, loggers=[logger], log_every_n_steps=1, is_global_zero=True)
+    monitor = MemoryMonitor()
+    monitor.on_train_start(trainer, module)
+    featural = module.memory_layers[0]
+    mlp = 2 * 32 * 128  # GPT-2 MLP: 32 → 128 → 32
+    start = {
+        "arithmetic/layer_00/multiply_adds_per_token": float(32 * 8 + 32 * 32),  # projections only
+        "arithmetic/layer_00/mlp_fraction": (32 * 8 + 32 * 32) / mlp,
+        "arithmetic/layer_02/multiply_adds_per_token": 0.0,
+        "arithmetic/layer_02/mlp_fraction": 0.0,
+        "arithmetic/mlp_fraction": (32 * 8 + 32 * 32) / (2 * mlp),
+    }
+    assert logger.arithmetic() == [(0, pytest.approx(start))]
+    trainer.global_step = 1  # a step with an unchanged store: nothing new to log
+    monitor.on_train_batch_end(trainer, module)
+    assert len(logger.arithmetic()) == 1
+    filled = 10
+    rng = np.random.default_rng(0)
+    featural.store.insert(
+        rng.standard_normal((filled, 8), dtype=np.float32), np.zeros((filled, featural.entry_dim), np.float32)
+    )
+    trainer.global_step = 2
+    monitor.on_train_batch_end(trainer, module)
+    step, logged = logger.arithmetic()[-1]
+    grown = layer_multiply_adds(featural).total
+    assert step == 1 and grown == 32 * 8 + 32 * 32 + filled * 8 + 4 * (8 + 32)
+    assert logged["arithmetic/layer_00/multiply_adds_per_token"] == grown
+    assert logged["arithmetic/mlp_fraction"] == pytest.approx(grown / (2 * mlp))
+
+
 def test_memory_scalars_and_histograms_land_at_the_logging_interval(tmp_path, text_dir):
     cfg = compose_cfg(
         *small_run_overrides(tmp_path, text_dir),
@@ -74,7 +136,7 @@ def test_memory_scalars_and_histograms_land_at_the_logging_interval(tmp_path, te
         "evaluate.enabled=false",
         "export=false",
     )
-    run.distill(cfg)
+    summary = run.distill(cfg)
     log_dir = tmp_path / "tensorboard"
     logged = scalars(log_dir)
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0})
@@ -105,3 +167,12 @@ def test_memory_scalars_and_histograms_land_at_the_logging_interval(tmp_path, te
     for tag in memory_tags:
         if not tag.endswith("recall_at_k"):
             assert steps(tag) == [2, 5, 8], tag
+    # Arithmetic at train start (empty stores), then where the stores grew; the last is the summary's.
+    arithmetic = summary["arithmetic"]
+    assert steps("arithmetic/mlp_fraction")[0] == 0
+    assert set(steps("arithmetic/mlp_fraction")) <= {0, 2, 5, 8}
+    assert logged["arithmetic/mlp_fraction"][-1] == pytest.approx(arithmetic["mlp_fraction"])
+    for index in ("1", "3"):
+        per_token = logged[f"arithmetic/layer_{int(index):02d}/multiply_adds_per_token"]
+        assert per_token[0] < per_token[-1] == arithmetic["blocks"][index]["total"]
+        assert arithmetic["blocks"][index]["mlp"] == 2 * 64 * 256  # tiny_gpt2: 64 → 256 → 64

@@ -31,6 +31,7 @@ def fake_run(
     record: dict | None = None,
     with_eval: bool = True,
     blocks: int = 30,
+    multiply_add_fraction: float | None = None,
 ) -> Path:
     """A run directory as distill.py (and, with ``record``, the quality runner) leaves it."""
     run_dir = root / name
@@ -52,6 +53,15 @@ def fake_run(
         "memory_entries": 1536 * len(layers) if layer_type == "featural" else 0,
         "evaluation": {"teacher": TEACHER_PPL, "student": student_ppl, "ablated": 1000.0},
     }
+    if multiply_add_fraction is not None:  # as swap_arithmetic writes it, less the blocks
+        mlp = 3 * 576 * 1536 * len(layers)
+        summary["arithmetic"] = {
+            "blocks": {},
+            "total": round(multiply_add_fraction * mlp),
+            "mlp": mlp,
+            "mlp_fraction": multiply_add_fraction,
+            "search_estimated": False,
+        }
     (run_dir / "summary.json").write_text(json.dumps(summary))
     if with_eval:
         rows = [
@@ -68,9 +78,11 @@ def fake_run(
 def runs(tmp_path) -> list[Path]:
     upper = list(range(20, 30))
     return [
-        fake_run(tmp_path, "upper_memory", upper, "featural", 60.0),
-        fake_run(tmp_path, "upper_removed", upper, "removed", 80.0),
-        fake_run(tmp_path, "upper_lowrank", upper, "lowrank", 50.0, with_eval=False),
+        fake_run(tmp_path, "upper_memory", upper, "featural", 60.0, multiply_add_fraction=1.1734),
+        fake_run(tmp_path, "upper_removed", upper, "removed", 80.0, multiply_add_fraction=0.0),
+        fake_run(
+            tmp_path, "upper_lowrank", upper, "lowrank", 50.0, with_eval=False, multiply_add_fraction=0.375
+        ),
         fake_run(
             tmp_path,
             "all_memory",
@@ -87,6 +99,7 @@ def test_read_run(runs):
     assert memory.status == "ok" and memory.configuration == "upper 10" and memory.variant == "memory"
     assert memory.ratio == pytest.approx(1.5) and memory.ablated_ratio == pytest.approx(25.0)
     assert memory.memory_entries == 15_360 and memory.dense_parameter_fraction == pytest.approx(0.9)
+    assert memory.multiply_add_fraction == 1.1734 and memory.multiply_adds_estimated is False
     assert (memory.steps, memory.tokens_seen, memory.fit_minutes, memory.wall_minutes) == (
         120,
         122_880,
@@ -98,6 +111,8 @@ def test_read_run(runs):
     # The runner's record names the configuration and gives the wall time of the whole subprocess.
     everything = read_run(runs[3])
     assert everything.configuration == "all" and everything.wall_minutes == 15
+    # A summary from before the arithmetic was recorded.
+    assert everything.multiply_add_fraction is None and everything.multiply_adds_estimated is None
 
 
 def test_a_run_without_summary_is_failed(tmp_path):
@@ -118,7 +133,7 @@ def test_a_run_without_summary_is_failed(tmp_path):
 def test_configuration_rows_put_the_baselines_beside_the_memory_run(runs):
     upper, everything = configuration_rows([read_run(r) for r in runs])
     assert upper["configuration"] == "upper 10" and upper["layers"] == list(range(20, 30))
-    assert upper["memory_ratio"] == pytest.approx(1.5)
+    assert upper["memory_ratio"] == pytest.approx(1.5) and upper["multiply_add_fraction"] == 1.1734
     assert upper["removed_ratio"] == pytest.approx(2.0) and upper["lowrank_ratio"] == pytest.approx(1.25)
     assert upper["budget"]["memory"] == {
         "fit_minutes": 10,
@@ -127,22 +142,25 @@ def test_configuration_rows_put_the_baselines_beside_the_memory_run(runs):
         "tokens": 122_880,
     }
     assert everything["configuration"] == "all" and everything["removed_ratio"] is None
+    assert everything["multiply_add_fraction"] is None
 
 
 def test_collect_writes_json_and_markdown(runs, tmp_path):
     results = collect(runs, tmp_path / "out", {"budget_minutes": 10})
     assert results["settings"] == {"budget_minutes": 10}
-    assert (
-        json.loads((tmp_path / "out" / "results.json").read_text())["configurations"][0]["memory_ratio"]
-        == 1.5
-    )
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["configurations"][0]["memory_ratio"] == 1.5
+    assert written["configurations"][0]["multiply_add_fraction"] == 1.1734
+    assert [run["multiply_add_fraction"] for run in written["runs"]] == [1.1734, 0.0, 0.375, None]
     table = (tmp_path / "out" / "results.md").read_text()
     assert "Teacher held-out perplexity: 40.00\n" in table
     assert (
-        "| upper 10 | 90.0% | 15,360 | 1.500 | 2.000 | 1.250 | 10.0 min, 120 steps, 122,880 tokens |" in table
+        "| upper 10 | 90.0% | 15,360 | 1.17 | 1.500 | 2.000 | 1.250 | 10.0 min, 120 steps, 122,880 tokens |"
+        in table
     )
-    assert "| all | 70.0% | 46,080 | 5.000 | — | — |" in table
-    assert "| upper_lowrank | lowrank | 10/30 |" in table
+    assert "| all | 70.0% | 46,080 | — | 5.000 | — | — |" in table
+    assert "| upper_lowrank | lowrank | 10/30 | 100.0% | 5,000 | 0 | 0.38 | 50.00 |" in table
+    assert "| upper_removed | removed | 10/30 | 90.0% | 5,000 | 0 | 0.00 | 80.00 |" in table
 
 
 def test_collect_only_cli(runs, tmp_path, capsys):
@@ -175,3 +193,13 @@ def test_heldout_sources_get_their_own_table(tmp_path):
     table = markdown_tables(runs)
     assert "| configuration | bbc_news |" in table
     assert "| upper 10 | 1.100 / 1.400 / — |" in table
+
+
+def test_an_estimated_multiply_add_fraction_is_marked(tmp_path):
+    run_dir = fake_run(tmp_path, "hnsw", [3], "featural", 60.0, blocks=4, multiply_add_fraction=0.25)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["arithmetic"]["search_estimated"] = True  # an hnsw store: graph hops estimated
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    run = read_run(run_dir)
+    assert run.multiply_adds_estimated is True
+    assert "| upper 1 | 99.0% | 1,536 | ≈0.25 | 1.500 |" in markdown_tables([run])
