@@ -103,8 +103,8 @@ PROFILE_FUNCTIONS: dict[str, list[tuple[str, str]]] = {
     "layer_search": [("dmt/layers/base.py", "search")],
     "search": [
         ("dmt/memory/hnsw.py", "search"),
-        ("dmt/memory/exact.py", "search"),
-        ("dmt/memory/product.py", "search"),
+        ("dmt/memory/exact.py", "search_torch"),
+        ("dmt/memory/product.py", "search_torch"),
     ],
     "lrfu_reference": [("dmt/memory/store.py", "reference")],
     "weighted_sum": [

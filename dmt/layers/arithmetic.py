@@ -21,7 +21,8 @@ widths, ``K`` neighbours read: ``topk``, or fewer while the store holds fewer en
   a store filled from its lowest slots does not have); ``product`` scores ``2n`` sub-keys of ``Dk/2``,
   ``n · Dk``; ``hnsw`` walks a graph whose hops hnswlib does not report, so its count is an *estimate*,
   ``max(ef, K) · M`` distance evaluations of ``Dk`` (``MultiplyAdds.search_estimated``). Ranking by
-  ``|q·k|`` (``ranking: magnitude``) searches twice, for ``q`` and ``-q``.
+  ``|q·k|`` (``ranking: magnitude``) costs the index's ``magnitude_searches``: ``exact`` and ``product``
+  rank in one pass over their scores, ``hnsw`` searches twice, for ``q`` and ``-q``.
 - ``read``, per head query: the distances to the ``K`` returned keys recomputed (differentiably),
   ``K · Dk``; featural gate dots ``K · G``; the value mix ``K · Dv``. (When a batch's distinct returned
   entries are few, :func:`dmt.remote_code.memory_ops.neighbour_dots` scores each query against all of them
@@ -51,6 +52,7 @@ from dmt.layers.baselines import LowRankMLP, RemovedMLP
 from dmt.layers.config import FeaturalConfig
 from dmt.layers.featural import FeaturalMemory
 from dmt.layers.mlp import MLPForm
+from dmt.memory.backends import index_class
 from dmt.memory.hnsw import HnswIndex, derived_ef
 
 # The graph degree of an hnsw index whose settings leave ``M`` out.
@@ -95,7 +97,8 @@ def search_multiply_adds(layer: MemoryLayer, entries: int) -> tuple[int, bool]:
         cost = ef * int(cfg.index.get("M", HNSW_DEFAULT_M)) * key_dim if k else 0
     else:
         raise ValueError(f"swap.index.backend: no multiply-add count for the {backend!r} index")
-    searches = 2 if isinstance(cfg, FeaturalConfig) and cfg.ranking == "magnitude" else 1  # q and -q
+    by_magnitude = isinstance(cfg, FeaturalConfig) and cfg.ranking == "magnitude"
+    searches = index_class(backend).magnitude_searches if by_magnitude else 1
     return searches * cost, backend == "hnsw"
 
 

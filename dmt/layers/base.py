@@ -7,10 +7,17 @@ store, like product-key memories), so the store sees ``B·T·H`` queries per ste
 Cold start: an empty store returns no neighbours; a query without neighbours contributes a zero vector,
 so a layer with an empty store outputs ``out_proj.bias`` — the block behaves as if its MLP were removed
 until inserts fill the store.
+
+Devices: a layer keeps its store's searchable state on its own device (``.to()``, ``.cuda()``, Lightning's
+placement, and a store swapped in later at its first search). An exact or product store there is searched
+and read without copying queries, keys or values through the host; the bookkeeping (LRFU references, read
+counts, the write log) reads the ids on the host, copied there once per search. An hnsw store stays on the
+host: its queries go there once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,7 +131,7 @@ class MemoryLayer(nn.Module):
         # the run's own. None: reads are not told apart.
         self.run_start: int | None = None
         self._reads = ReadCounts()
-        self._recall_queries = np.zeros((0, self.key_dim), np.float32)  # (≤ RECALL_SAMPLE, Dk)
+        self._recall_queries = torch.zeros(0, self.key_dim)  # (≤ RECALL_SAMPLE, Dk) float32
         self._recall_by_magnitude = False
         # When set (by the training loop), store writes wait in `_writes` for `take_writes()`, so that
         # they can be applied once per optimiser step, identically on every data-parallel replica.
@@ -150,37 +157,60 @@ class MemoryLayer(nn.Module):
     def inserting(self) -> bool:
         return self.cfg.novelty_threshold is not None and (self.training or self.cfg.insert_during_eval)
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MemoryLayer:
+        """Move the parameters (``nn.Module``), then the store after them: it is not a parameter or buffer
+        (it lives outside the state dict), so ``.to()`` alone would leave it behind."""
+        super()._apply(fn, recurse)
+        device = self.out_proj.bias.device
+        # Meta parameters are a model built empty, its weights loaded later (dmt.model.persistence): the
+        # store already holds its data and stays where it is.
+        if device.type != "meta":
+            self.store.to(device)
+        return self
+
     def search(self, queries: torch.Tensor, by_magnitude: bool = False) -> Retrieved:
         """Batched top-k search for ``queries (N, Dk)`` (by ``|similarity|`` with ``by_magnitude``); tensors
-        on the queries' device and dtype."""
-        host_queries = queries.detach().float().cpu().numpy()  # (N, Dk)
-        ids, distances = self.store.search(host_queries, self.cfg.topk, by_magnitude=by_magnitude)
+        on the queries' device and dtype.
+
+        The store is first put on the queries' device (nothing to do once it is there). On that device the
+        search, and the gathering of the returned keys and entries, copy nothing to the host but the ids
+        and distances, in :func:`host_results` (one device→host copy); an hnsw store is searched on the
+        host from one copy of the queries.
+
+        Raises:
+            ValueError: a query holds NaN or inf (its neighbours' distances are not finite).
+        """
+        detached = queries.detach().float()  # (N, Dk)
+        self.store.to(queries.device)
+        if self.store.device == queries.device:
+            ids, distances = host_results(*self.store.search_torch(detached, self.cfg.topk, by_magnitude))
+        else:
+            ids, distances = self.store.search(detached.cpu().numpy(), self.cfg.topk, by_magnitude)
         found = ids >= 0
+        found_distances = distances[found]
+        if not np.isfinite(found_distances).all():
+            raise ValueError(f"{self.cfg.type} memory search: queries contain NaN or inf")
         self.write("reference", ids)  # LRFU: each query referenced every entry it returned
         if found.any():
-            self.last_topk_distance = float(distances[found].mean())
+            self.last_topk_distance = float(found_distances.mean())
         slots, rows = np.unique(ids, return_inverse=True)  # sorted: a padding id -1 becomes row 0
         if self.training:
-            self._count_reads(ids[found], distances[found], int(np.count_nonzero(slots >= 0)))
-            stride = max(1, len(host_queries) // RECALL_SAMPLE)
-            self._recall_queries = host_queries[::stride][:RECALL_SAMPLE]
+            self._count_reads(ids[found], found_distances, int(np.count_nonzero(slots >= 0)))
+            stride = max(1, len(detached) // RECALL_SAMPLE)
+            self._recall_queries = detached[::stride][:RECALL_SAMPLE].clone()  # not a view of the batch
             self._recall_by_magnitude = by_magnitude
-        keys, entries = self.store.get(slots[slots >= 0])  # (U', Dk), (U', E)
+        keys, entries = self.store.get_tensors(slots[slots >= 0])  # (U', Dk), (U', E) on the store's device
         if len(slots) and slots[0] < 0:
-            keys = np.concatenate([np.zeros((1, self.key_dim), np.float32), keys])
-            entries = np.concatenate([np.zeros((1, self.entry_dim), np.float32), entries])
-
-        def to_torch(array: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(array).to(device=queries.device, dtype=queries.dtype)
-
+            keys = torch.cat([keys.new_zeros(1, self.key_dim), keys])
+            entries = torch.cat([entries.new_zeros(1, self.entry_dim), entries])
         return Retrieved(
             ids=ids,
             distances=distances,
             valid=torch.from_numpy(found).to(queries.device),
             rows=torch.from_numpy(rows.reshape(ids.shape)).to(queries.device),
             slots=slots,
-            keys=to_torch(keys),
-            entries=to_torch(entries),
+            keys=keys.to(device=queries.device, dtype=queries.dtype),
+            entries=entries.to(device=queries.device, dtype=queries.dtype),
         )
 
     def learnable_entries(self, found: Retrieved) -> torch.Tensor:
@@ -272,7 +302,8 @@ class MemoryLayer(nn.Module):
         (NaN before any); the store is left unchanged."""
         if not len(self._recall_queries):
             return float("nan")
-        return self.store.recall(self._recall_queries, self.cfg.topk, by_magnitude=self._recall_by_magnitude)
+        queries = self._recall_queries.cpu().numpy()  # (≤ RECALL_SAMPLE, Dk)
+        return self.store.recall(queries, self.cfg.topk, by_magnitude=self._recall_by_magnitude)
 
     def memory_stats(self) -> dict[str, float]:
         """Cumulative counters of the store, its size and the latest mean top-k distance."""
@@ -290,6 +321,15 @@ class MemoryLayer(nn.Module):
             f"type={self.cfg.type}, heads={self.heads}, key_dim={self.key_dim}, value_dim={self.value_dim}, "
             f"topk={self.cfg.topk}, metric={self.cfg.metric}, capacity={self.cfg.capacity}"
         )
+
+
+def host_results(ids: torch.Tensor, distances: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``ids (N, K)`` int64 and ``distances (N, K)`` float32 as numpy on the host, in one device→host copy:
+    both travel as float64, exact for ids below 2**53 and for every float32 (no copy for host tensors)."""
+    if ids.device.type == "cpu":
+        return ids.numpy(), distances.numpy()
+    packed = torch.stack([ids.double(), distances.double()]).cpu().numpy()  # (2, N, K)
+    return packed[0].astype(np.int64), packed[1].astype(np.float32)
 
 
 def low_rank_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

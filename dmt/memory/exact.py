@@ -5,7 +5,8 @@ searching costs ``rows · dim`` multiply-adds per query, where ``rows`` is the h
 labels (the highest + 1, not the capacity: a store fills its lowest free slots first, so the rows below it
 are live but for the holes merges leave), which beats a graph walk for small stores. The table grows with
 the high-water mark, so an empty large store costs no memory. The index holds nothing but the store's keys,
-so it is never saved: a restored store rebuilds it from them.
+so it is never saved: a restored store rebuilds it from them. The table lives on the index's device
+(:meth:`ExactIndex.to`), where searches run.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from dmt.memory.base import as_float_matrix
-from dmt.memory.index import KeyIndex
+from dmt.memory.index import HOST, TorchKeyIndex
 
 # Queries per matmul block: bounds the (block, rows) distance matrix to 256 MiB. Smaller blocks were
 # slower at 64k-256k rows (the matmul and the top-k both favour long blocks).
@@ -25,7 +26,7 @@ MAX_BLOCK_ELEMENTS = 2**26
 INITIAL_ROWS = 1024
 
 
-class ExactIndex(KeyIndex):
+class ExactIndex(TorchKeyIndex):
     """Exact k-nearest search over labels ``0 .. capacity - 1`` in the ``dmt.memory.metrics`` conventions.
 
     Distances are ``offset[label] - scale · q·v``, formed by a single matmul per block of queries: each
@@ -34,7 +35,8 @@ class ExactIndex(KeyIndex):
     the matmul). ``offset`` holds ``1`` (ip, cosine) or ``||v||²`` (l2) for live labels and ``+inf`` for
     free ones, so free slots are never returned while ``k`` does not exceed the live count. l2 adds
     ``||q||²`` after the top-k (it does not change the order). Cosine vectors are normalised on
-    insertion, as in hnswlib.
+    insertion, as in hnswlib. Ranking by ``|q·v|`` (``ip``, ``cosine``) reads ``|1 - distance|`` off the
+    same matmul, free rows masked: one pass, not a search for ``q`` and one for ``-q``.
     """
 
     backend = "exact"
@@ -43,31 +45,40 @@ class ExactIndex(KeyIndex):
     def __init__(self, dim: int, metric: str, capacity: int) -> None:
         super().__init__(dim, metric, capacity)
         self._scale = 2.0 if self.metric == "l2" else 1.0  # a power of two: v is recovered exactly
-        self._table = self._empty_rows(min(capacity, INITIAL_ROWS))  # (R, D + 1): [-scale · v | offset]
+        self._table = self._empty_rows(min(capacity, INITIAL_ROWS), HOST)  # (R, D + 1): [-scale · v | offset]
         self._rows = 0  # high-water mark: labels >= it are free, and not searched
 
-    def _empty_rows(self, n: int) -> torch.Tensor:
-        """``(n, D + 1)`` free table rows (offset +inf)."""
-        rows = torch.zeros(n, self.dim + 1)
+    def _empty_rows(self, n: int, device: torch.device) -> torch.Tensor:
+        """``(n, D + 1)`` free table rows (offset +inf) on ``device``."""
+        rows = torch.zeros(n, self.dim + 1, device=device)
         rows[:, self.dim] = float("inf")
         return rows
+
+    @property
+    def device(self) -> torch.device:
+        return self._table.device
+
+    def to(self, device: torch.device | str) -> ExactIndex:
+        self._table = self._table.to(device)
+        return self
 
     def _reserve(self, rows: int) -> None:
         """Grow the table (doubling, at most to capacity) to hold at least ``rows`` rows."""
         if rows > len(self._table):
             size = min(self.capacity, max(rows, 2 * len(self._table)))
-            self._table = torch.cat([self._table, self._empty_rows(size - len(self._table))])
+            self._table = torch.cat([self._table, self._empty_rows(size - len(self._table), self.device)])
 
     def _offsets(self, rows: torch.Tensor) -> torch.Tensor:
         """``(M,)`` offsets of live ``rows (M, D)``."""
-        return rows.pow(2).sum(1) if self.metric == "l2" else torch.ones(len(rows))
+        return rows.pow(2).sum(1) if self.metric == "l2" else rows.new_ones(len(rows))
 
     @property
     def params(self) -> dict[str, Any]:
         return {"backend": self.backend}
 
     def _prepared(self, vectors: np.ndarray) -> torch.Tensor:
-        rows = torch.from_numpy(as_float_matrix("vectors", vectors, self.dim))
+        """``vectors (M, D)`` checked, as rows on the table's device (normalised for cosine)."""
+        rows = torch.from_numpy(as_float_matrix("vectors", vectors, self.dim)).to(self.device)
         if self.metric == "cosine":
             rows = torch.nn.functional.normalize(rows, dim=1)
         return rows
@@ -89,7 +100,7 @@ class ExactIndex(KeyIndex):
             block[:, : self.dim].copy_(rows).mul_(-self._scale)
             block[:, self.dim] = self._offsets(rows)
         else:
-            self._table[torch.from_numpy(labels)] = torch.cat(
+            self._table[torch.from_numpy(labels).to(self.device)] = torch.cat(
                 [-self._scale * rows, self._offsets(rows)[:, None]], 1
             )
         self._live[labels] = True
@@ -97,33 +108,44 @@ class ExactIndex(KeyIndex):
     def remove(self, labels: np.ndarray) -> None:
         labels = np.asarray(labels, dtype=np.int64).ravel()
         labels = labels[(labels >= 0) & (labels < self._rows)]
-        self._table[torch.from_numpy(labels), self.dim] = float("inf")
+        self._table[torch.from_numpy(labels).to(self.device), self.dim] = float("inf")
         self._live[labels] = False
         if len(labels) and not self._live[self._rows - 1]:
             live = np.flatnonzero(self._live[: self._rows])
             self._rows = int(live[-1]) + 1 if len(live) else 0
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search_torch(
+        self, queries: torch.Tensor, k: int, by_magnitude: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        queries_t = torch.from_numpy(as_float_matrix("queries", queries, self.dim))
-        labels = np.full((len(queries_t), k), -1, dtype=np.int64)
-        distances = np.full((len(queries_t), k), np.inf, dtype=np.float32)
+        self._check_ranking(by_magnitude)
+        answer_device = queries.device
+        queries = queries.to(self.device)  # (N, D); no copy when the index is on the queries' device
+        labels = torch.full((len(queries), k), -1, dtype=torch.int64, device=self.device)
+        distances = torch.full((len(queries), k), float("inf"), device=self.device)
         k_live = min(k, len(self))
-        if k_live == 0 or len(queries_t) == 0:
-            return labels, distances
+        if k_live == 0 or len(queries) == 0:
+            return labels.to(answer_device), distances.to(answer_device)
         if self.metric == "cosine":
-            queries_t = torch.nn.functional.normalize(queries_t, dim=1)
-        augmented = torch.cat([queries_t, torch.ones(len(queries_t), 1)], dim=1)  # (N, D + 1)
+            queries = torch.nn.functional.normalize(queries, dim=1)
+        augmented = torch.cat([queries, queries.new_ones(len(queries), 1)], dim=1)  # (N, D + 1)
         table = self._table[: self._rows]  # (rows, D + 1)
+        free = table[:, self.dim].isinf() if by_magnitude else None  # (rows,)
         block = max(1, MAX_BLOCK_ELEMENTS // self._rows)
-        for begin in range(0, len(queries_t), block):
+        for begin in range(0, len(queries), block):
             all_distances = augmented[begin : begin + block] @ table.T  # (b, rows)
-            top = all_distances.topk(k_live, dim=1, largest=False, sorted=True)
-            found = top.values
+            if free is not None:
+                # |s| = |1 - distance| of live rows; free rows (distance +inf) rank below every live one.
+                magnitude = (1.0 - all_distances).abs_().masked_fill_(free, -1.0)
+                top = magnitude.topk(k_live, dim=1, sorted=True)
+                found = all_distances.gather(1, top.indices)
+            else:
+                top = all_distances.topk(k_live, dim=1, largest=False, sorted=True)
+                found = top.values
             if self.metric == "l2":
-                squared_norms = queries_t[begin : begin + block].pow(2).sum(1, keepdim=True)
+                squared_norms = queries[begin : begin + block].pow(2).sum(1, keepdim=True)
                 found = (found + squared_norms).clamp_min(0.0)
-            labels[begin : begin + block, :k_live] = top.indices.numpy()
-            distances[begin : begin + block, :k_live] = found.numpy()
-        return labels, distances
+            labels[begin : begin + block, :k_live] = top.indices
+            distances[begin : begin + block, :k_live] = found
+        return labels.to(answer_device), distances.to(answer_device)

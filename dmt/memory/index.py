@@ -1,9 +1,12 @@
 """The interface of the key indexes behind ``KNNStore`` and what every backend shares.
 
 A key index maps integer labels (the store's slots ``0 .. capacity - 1``) to vectors and answers k-nearest
-queries over the live ones, numpy in and numpy out; ``dmt.memory.backends`` lists the backends. An index
-that holds something beyond the store's keys (a graph, sub-key tables) is saved as a file next to them; one
-that holds nothing more (:attr:`KeyIndex.has_file` False) is rebuilt from the keys instead.
+queries over the live ones: numpy in and out (:meth:`KeyIndex.search`) or torch in and out on the queries'
+device (:meth:`KeyIndex.search_torch`); ``dmt.memory.backends`` lists the backends. Host indexes (hnsw)
+search numpy arrays on the host; :class:`TorchKeyIndex` ones (exact, product) compute in torch on their
+:attr:`~KeyIndex.device`, which :meth:`~KeyIndex.to` moves. An index that holds something beyond the
+store's keys (a graph, sub-key tables) is saved as a file next to them; one that holds nothing more
+(:attr:`KeyIndex.has_file` False) is rebuilt from the keys instead. Files always hold host arrays.
 """
 
 from __future__ import annotations
@@ -14,8 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from dmt.memory.base import as_float_matrix
 from dmt.memory.metrics import Metric, check_metric
+
+HOST = torch.device("cpu")
 
 
 class KeyIndex(ABC):
@@ -28,6 +35,9 @@ class KeyIndex(ABC):
     # False for indexes that hold nothing beyond the store's keys: they write no file (no save/load), and a
     # restored store rebuilds them by adding its live keys.
     has_file: bool = True
+    # Index searches that a ranking by |q·k| (``by_magnitude``) costs: a host index searches for q and for
+    # -q and merges the two (merge_by_magnitude).
+    magnitude_searches: int = 2
 
     def __init__(self, dim: int, metric: str, capacity: int) -> None:
         if dim < 1:
@@ -64,6 +74,41 @@ class KeyIndex(ABC):
             labels ``(N, k)`` int64 (-1 padding) and distances ``(N, k)`` float32 (+inf padding),
             ascending per row.
         """
+
+    @property
+    def device(self) -> torch.device:
+        """Where the index searches: the host, for an index that is not computed in torch (hnsw)."""
+        return HOST
+
+    def to(self, device: torch.device | str) -> KeyIndex:
+        """Put the searchable state on ``device``; a host index (hnsw) stays on the host. Returns self."""
+        return self
+
+    def search_torch(
+        self, queries: torch.Tensor, k: int, by_magnitude: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`search` for float32 ``queries (N, D)`` on any device, answered on that device.
+
+        ``by_magnitude`` (``ip``, ``cosine``): the ``k`` labels of largest ``|q·v|``, largest first, with
+        the distances of ``q`` itself (:func:`merge_by_magnitude`). A host index sends the queries to the
+        host once and its results back once (no copy at all for host queries); it checks them for NaN/inf
+        as :meth:`search` does.
+
+        Returns:
+            labels ``(N, k)`` int64 and distances ``(N, k)`` float32, as :meth:`search`.
+        """
+        self._check_ranking(by_magnitude)
+        host_queries = queries.detach().cpu().numpy()  # (N, D): the one device→host copy
+        labels, distances = (torch.from_numpy(array) for array in self.search(host_queries, k))
+        if by_magnitude:
+            negative = tuple(torch.from_numpy(array) for array in self.search(-host_queries, k))
+            labels, distances = merge_by_magnitude((labels, distances), negative)
+        return labels.to(queries.device), distances.to(queries.device)  # the one host→device copy
+
+    def _check_ranking(self, by_magnitude: bool) -> None:
+        """``ValueError`` for a ranking by |similarity| under l2, which has no similarity to rank by."""
+        if by_magnitude and self.metric == "l2":
+            raise ValueError("by_magnitude ranks by |similarity|: needs an ip or cosine index, not l2")
 
     def save(self, path: str | Path) -> None:
         """Write the index to the file ``path`` (indexes with :attr:`has_file` only)."""
@@ -123,3 +168,59 @@ class KeyIndex(ABC):
             path = Path(tmp) / "index.bin"
             np.asarray(data, dtype=np.uint8).tofile(path)
             return cls.load(path, dim, metric, capacity, live, **params)
+
+
+class TorchKeyIndex(KeyIndex):
+    """A key index computed in torch on its :attr:`device` (the host until :meth:`to` moves it).
+
+    :meth:`search_torch` keeps queries and results on the device the queries are on (moving the queries to
+    the index's device and the results back only when those differ), and ranks by ``|q·v|`` in one pass
+    over the keys. The numpy :meth:`search` wraps it.
+    """
+
+    magnitude_searches = 1
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """The device of the searchable state."""
+
+    @abstractmethod
+    def to(self, device: torch.device | str) -> TorchKeyIndex:
+        """Move the searchable state to ``device``; returns self."""
+
+    @abstractmethod
+    def search_torch(
+        self, queries: torch.Tensor, k: int, by_magnitude: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """See :meth:`KeyIndex.search_torch`; queries are not checked for NaN/inf (on an accelerator that
+        would wait for the device): a non-finite query gets non-finite distances to its neighbours."""
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries_t = torch.from_numpy(as_float_matrix("queries", queries, self.dim))  # (N, D) on the host
+        labels, distances = self.search_torch(queries_t, k)
+        return labels.numpy(), distances.numpy()
+
+
+def merge_by_magnitude(
+    positive: tuple[torch.Tensor, torch.Tensor], negative: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` entries of largest ``|s|`` (``s = 1 - distance``, an ``ip``/``cosine`` similarity) from the
+    top-k of the query (``positive``) and of the negated query (``negative``), each ``(ids, distances)``
+    of shape ``(N, k)``. Returns ``(ids, distances)`` ``(N, k)``, largest ``|s|`` first, distances of the
+    query itself (``1 - s``), padding -1 / +inf, on the inputs' device.
+
+    Exact: an entry with ``s >= 0`` among the overall top-k by ``|s|`` is within the query's top-k, one
+    with ``s < 0`` within the negated query's. Keeping each list's own sign makes the two disjoint.
+    """
+    (pos_ids, pos_dist), (neg_ids, neg_dist) = positive, negative
+    k = pos_ids.shape[1]
+    similarity = torch.cat([1.0 - pos_dist, neg_dist - 1.0], dim=1)  # (N, 2k), of the query
+    ids = torch.cat([pos_ids, neg_ids], dim=1)  # (N, 2k)
+    own_side = torch.cat([similarity[:, :k] >= 0, similarity[:, k:] < 0], dim=1) & (ids >= 0)
+    magnitude = torch.where(own_side, similarity.abs(), -1.0)
+    order = torch.argsort(-magnitude, dim=1, stable=True)[:, :k]  # (N, k)
+    kept = own_side.gather(1, order)
+    ids = torch.where(kept, ids.gather(1, order), -1)
+    distances = torch.where(kept, 1.0 - similarity.gather(1, order), float("inf"))
+    return ids.long(), distances.float()

@@ -8,7 +8,9 @@ that is 65k multiply-adds per query, against 64M for brute force.
 
 The keys are fixed at construction (random sub-keys from a fixed seed, the same on every replica): a
 store on this index is full from the start, learns by updating its values, and cannot insert or remove
-entries.
+entries. The sub-key tables live on the index's device (:meth:`ProductKeyIndex.to`), where searches run;
+ranking by ``|q·k|`` (``ip``) scores the sub-keys once and selects the best pairs of ``q`` and of ``-q``
+from those scores.
 """
 
 from __future__ import annotations
@@ -20,14 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from dmt.memory.base import as_float_matrix
-from dmt.memory.index import KeyIndex
+from dmt.memory.index import TorchKeyIndex, merge_by_magnitude
 
 PRODUCT_METRICS = ("ip", "l2")
 SUBKEY_SEED = 0
 
 
-class ProductKeyIndex(KeyIndex):
+class ProductKeyIndex(TorchKeyIndex):
     """Exact k-nearest search over the ``capacity = n²`` product keys of two sub-key tables."""
 
     backend = "product"
@@ -61,10 +62,19 @@ class ProductKeyIndex(KeyIndex):
     def params(self) -> dict[str, Any]:
         return {"backend": self.backend}
 
+    @property
+    def device(self) -> torch.device:
+        return self._subkeys.device
+
+    def to(self, device: torch.device | str) -> ProductKeyIndex:
+        self._subkeys = self._subkeys.to(device)
+        return self
+
     def keys(self, labels: np.ndarray) -> np.ndarray:
-        """The fixed keys ``(M, D)`` float32 of ``labels (M,)``."""
-        labels = torch.from_numpy(self._check_labels(labels))
-        return torch.cat([self._subkeys[0, labels // self.n], self._subkeys[1, labels % self.n]], 1).numpy()
+        """The fixed keys ``(M, D)`` float32 of ``labels (M,)``, on the host."""
+        labels = torch.from_numpy(self._check_labels(labels)).to(self.device)
+        keys = torch.cat([self._subkeys[0, labels // self.n], self._subkeys[1, labels % self.n]], 1)
+        return keys.cpu().numpy()
 
     def add(self, labels: np.ndarray, vectors: np.ndarray) -> None:
         raise ValueError(
@@ -83,27 +93,43 @@ class ProductKeyIndex(KeyIndex):
         # -(||q||² - 2 q·a + ||a||²) without the ||q||² term, added back to the final distances.
         return 2.0 * dots - self._subkeys[half].pow(2).sum(1)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        queries_t = torch.from_numpy(as_float_matrix("queries", queries, self.dim))
-        k = min(k, self.capacity)
+    def _best_pairs(
+        self, half_scores: list[torch.Tensor], squared_norms: torch.Tensor | None, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels ``(N, k)`` and distances ``(N, k)`` of the ``k`` best keys given both halves' sub-key
+        scores ``(N, n)`` (larger is nearer); ``squared_norms (N, 1)`` are the queries' for l2."""
         per_half = min(k, self.n)
-        best = [self._half_scores(queries_t, half).topk(per_half, dim=1) for half in (0, 1)]  # (N, k') each
+        best = [scores.topk(per_half, dim=1) for scores in half_scores]  # (N, k') each
         pair_scores = best[0].values[:, :, None] + best[1].values[:, None, :]  # (N, k', k')
         top = pair_scores.flatten(1).topk(k, dim=1)  # (N, k), sorted best first
         first = best[0].indices.gather(1, top.indices // per_half)
         second = best[1].indices.gather(1, top.indices % per_half)
         labels = first * self.n + second
-        if self.metric == "ip":
-            distances = 1.0 - top.values
-        else:
-            distances = (queries_t.pow(2).sum(1, keepdim=True) - top.values).clamp_min(0.0)
-        return labels.numpy(), distances.numpy()
+        if squared_norms is None:  # ip
+            return labels, 1.0 - top.values
+        return labels, (squared_norms - top.values).clamp_min(0.0)
+
+    def search_torch(
+        self, queries: torch.Tensor, k: int, by_magnitude: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self._check_ranking(by_magnitude)
+        answer_device = queries.device
+        queries = queries.to(self.device)  # (N, D); no copy when the index is on the queries' device
+        k = min(k, self.capacity)
+        half_scores = [self._half_scores(queries, half) for half in (0, 1)]  # (N, n) each
+        squared_norms = queries.pow(2).sum(1, keepdim=True) if self.metric == "l2" else None
+        labels, distances = self._best_pairs(half_scores, squared_norms, k)
+        if by_magnitude:
+            # -q's sub-key scores are exactly the negated ones (ip): no second matmul.
+            negative = self._best_pairs([-scores for scores in half_scores], None, k)
+            labels, distances = merge_by_magnitude((labels, distances), negative)
+        return labels.to(answer_device), distances.to(answer_device)
 
     def save(self, path: str | Path) -> None:
         """The sub-key tables ``(2, n, D/2)`` as a ``.npy`` file."""
-        self._save_array(path, self._subkeys.numpy())
+        self._save_array(path, self._subkeys.cpu().numpy())
 
     @classmethod
     def load(

@@ -19,6 +19,11 @@ Searching neither copies entries, nor counts references, nor moves the LRFU cloc
 uses with :meth:`KNNStore.get` and reports the ids of each search with :meth:`KNNStore.reference` (a memory
 layer does so once per step, alike on every data-parallel replica), which advances the clock by one per
 query. Saving and loading live in :mod:`dmt.memory.persistence`.
+
+Devices: the store's arrays and bookkeeping are numpy on the host, and they are what is saved.
+:meth:`KNNStore.to` puts the searchable state of an exact or product index on a torch device together with
+a copy of the keys and values there (every write updates both), so that :meth:`KNNStore.search_torch` and
+:meth:`KNNStore.get_tensors` answer on the device without host copies; an hnsw store stays on the host.
 """
 
 from __future__ import annotations
@@ -121,6 +126,10 @@ class KNNStore:
         self._origin_tokens = np.full((self.capacity, ORIGIN_SPAN), -1, dtype=np.int32)  # (C, S) or -1
         self._now = 0
         self._stats = MemoryStats()
+        # Copies of keys (R, key_dim) and values (R, value_dim) on the index's device; None on the host,
+        # where the numpy arrays are read directly.
+        self._device_keys: torch.Tensor | None = None
+        self._device_values: torch.Tensor | None = None
 
     def __len__(self) -> int:
         """Number of live entries."""
@@ -148,19 +157,56 @@ class KNNStore:
         """The concrete key index in use: ``hnsw``, ``exact`` or ``product``."""
         return self._index.backend
 
-    def _check_search(self, queries: np.ndarray, k: int, by_magnitude: bool) -> np.ndarray:
-        """``queries`` validated as ``(N, key_dim)`` float32, after checking ``k`` and ``by_magnitude``."""
+    @property
+    def device(self) -> torch.device:
+        """Where searches run and :meth:`get_tensors` answers: the index's device (the host for hnsw)."""
+        return self._index.device
+
+    def to(self, device: torch.device | str) -> KNNStore:
+        """Put the searchable state (the exact index's table, the product index's sub-keys) and a copy of
+        the keys and values on ``device``; an hnsw store stays on the host. Returns self.
+
+        The numpy arrays on the host stay the store's record (saved, read by :meth:`get`, counted by the
+        bookkeeping); on a device other than the host each write also updates the copies there.
+        """
+        self._index.to(device)
+        if self.device.type == "cpu":
+            self._device_keys = self._device_values = None
+        elif self._device_keys is None or self._device_keys.device != self.device:
+            self._copy_to_device()
+        return self
+
+    def _copy_to_device(self) -> None:
+        """Copy all keys and values to the index's device (a move, or a change of their row count or
+        dtype)."""
+        self._device_keys = torch.from_numpy(np.asarray(self._keys)).to(self.device)
+        self._device_values = torch.from_numpy(np.asarray(self._values)).to(self.device)
+
+    def _copy_rows_to_device(self, slots: np.ndarray) -> None:
+        """After a write on the host: copy its keys and values of ``slots (M,)`` to the device copies."""
+        if self._device_keys is None or self._device_values is None:
+            return
+        rows = torch.from_numpy(slots).to(self.device)
+        self._device_keys[rows] = torch.from_numpy(self._keys[slots]).to(self.device)
+        self._device_values[rows] = torch.from_numpy(self._values[slots]).to(self.device)
+
+    def _check_k(self, k: int, by_magnitude: bool) -> None:
+        """``ValueError`` unless ``k`` is an integer in ``[1, capacity]`` and ``by_magnitude`` fits the
+        metric."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or k > self.capacity:
             raise ValueError(f"k must be an integer in [1, capacity={self.capacity}], got k={k!r}")
         if by_magnitude and self.metric == "l2":
             raise ValueError("by_magnitude ranks by |similarity|: needs an ip or cosine store, not l2")
+
+    def _check_search(self, queries: np.ndarray, k: int, by_magnitude: bool) -> np.ndarray:
+        """``queries`` validated as ``(N, key_dim)`` float32, after checking ``k`` and ``by_magnitude``."""
+        self._check_k(k, by_magnitude)
         return as_float_matrix("queries", queries, self.key_dim)
 
-    def _search(self, queries: np.ndarray, k: int, by_magnitude: bool) -> tuple[np.ndarray, np.ndarray]:
-        """The index's answer for checked ``queries (N, key_dim)``, touching no counter."""
-        if not by_magnitude:
-            return self._index.search(queries, int(k))  # (N, k), (N, k)
-        return merge_by_magnitude(self._index.search(queries, int(k)), self._index.search(-queries, int(k)))
+    def _search(self, queries: torch.Tensor, k: int, by_magnitude: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The index's answer ``(N, k)``, ``(N, k)`` for checked float32 ``queries (N, key_dim)``, on their
+        device, touching no counter."""
+        return self._index.search_torch(queries, int(k), by_magnitude)
 
     def search(
         self, queries: np.ndarray, k: int, by_magnitude: bool = False
@@ -169,8 +215,9 @@ class KNNStore:
         nearest entries of each of ``queries (N, key_dim)``, nearest first; no keys or values are copied.
 
         ``by_magnitude`` (``ip`` and ``cosine`` stores): the ``k`` entries of largest ``|similarity|``
-        instead, largest first, with their ordinary distances ``1 - similarity`` (see
-        :func:`merge_by_magnitude`).
+        instead, largest first, with their ordinary distances ``1 - similarity`` (exact and product
+        indexes rank so in one pass, hnsw merges a search for ``q`` and one for ``-q``, see
+        :func:`dmt.memory.index.merge_by_magnitude`).
 
         An empty store (cold start) answers with all ids -1, and ``N = 0`` with empty ``(0, k)`` results.
         Neither the clock nor the LRFU state changes: a caller reports what it used with
@@ -178,7 +225,27 @@ class KNNStore:
         """
         queries = self._check_search(queries, k, by_magnitude)
         self._stats.queries += len(queries)
-        return self._search(queries, k, by_magnitude)
+        ids, distances = self._search(torch.from_numpy(queries), k, by_magnitude)
+        return ids.numpy(), distances.numpy()
+
+    def search_torch(
+        self, queries: torch.Tensor, k: int, by_magnitude: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`search` for floating ``queries (N, key_dim)`` on any device (cast to float32, detached),
+        answered as int64 ids and float32 distances on that device.
+
+        On the store's :attr:`device` (exact or product index moved there) nothing leaves the device.
+        Otherwise the queries go where the index is once and the results come back once (hnsw: the host,
+        which checks the queries for NaN/inf as :meth:`search` does). A torch index does not check them:
+        that would wait for the device; a non-finite query gets non-finite distances instead.
+        """
+        self._check_k(k, by_magnitude)
+        if queries.ndim != 2 or queries.shape[1] != self.key_dim:
+            raise ValueError(f"queries must have shape (N, {self.key_dim}), got {tuple(queries.shape)}")
+        if not queries.is_floating_point():
+            raise ValueError(f"queries must be a floating-point tensor, got dtype {queries.dtype}")
+        self._stats.queries += len(queries)
+        return self._search(queries.detach().float(), k, by_magnitude)
 
     def recall(self, queries: np.ndarray, k: int, by_magnitude: bool = False) -> float:
         """Recall@k of :meth:`search` against exact search over the live entries, for ``queries
@@ -196,7 +263,7 @@ class KNNStore:
         k_live = min(int(k), len(live))
         if k_live == 0 or len(queries) == 0:
             return float("nan")
-        found, _ = self._search(queries, k, by_magnitude)  # (N, k)
+        found = self._search(torch.from_numpy(queries), k, by_magnitude)[0].numpy()  # (N, k)
         hits = sum(
             self._exact_hits(
                 queries[begin : begin + RECALL_QUERY_BLOCK],
@@ -284,6 +351,7 @@ class KNNStore:
         self._origin_unit[slots], self._origin_tokens[slots] = units, tokens
         self._lrfu.reset(slots, self._now)
         self._index.add(slots, keys)
+        self._copy_rows_to_device(slots)
         self._stats.inserts += stored
         ids[-stored:] = slots
         return ids
@@ -299,6 +367,8 @@ class KNNStore:
         values = np.zeros((self.capacity, self.value_dim), dtype=self.value_dtype)  # (C, value_dim)
         keys[:rows], values[:rows] = self._keys, self._values
         self._keys, self._values = keys, values
+        if self._device_keys is not None:
+            self._copy_to_device()
 
     def _refuse_if_keys_fixed(self, operation: str) -> None:
         if self.keys_are_fixed:
@@ -402,12 +472,15 @@ class KNNStore:
             # In place through a shared torch view (memory-mapped values included): one multi-threaded
             # pass that also sums duplicate ids, where numpy's fancy-indexed += would drop them.
             torch.from_numpy(self._values).index_add_(0, torch.from_numpy(ids), torch.from_numpy(deltas))
+            if self._device_keys is not None:
+                self._copy_rows_to_device(np.unique(ids))
             return
         ids, inverse = np.unique(ids, return_inverse=True)
         summed = torch.zeros(len(ids), self.value_dim).index_add_(
             0, torch.from_numpy(inverse.ravel()), torch.from_numpy(deltas)
         )
         self._values[ids] = (self._values[ids].astype(np.float32) + summed.numpy()).astype(self.value_dtype)
+        self._copy_rows_to_device(ids)
 
     def cast_values(self, value_dtype: str) -> None:
         """Store every value in ``value_dtype`` from now on (one of :data:`VALUE_DTYPES`); a memory-mapped
@@ -416,12 +489,23 @@ class KNNStore:
             raise ValueError(f"value_dtype must be one of {', '.join(VALUE_DTYPES)}, got {value_dtype!r}")
         self._values = np.asarray(self._values).astype(value_dtype)
         self.value_dtype = value_dtype
+        if self._device_keys is not None:
+            self._copy_to_device()
 
     def get(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Keys ``(M, key_dim)`` float32 and values ``(M, value_dim)`` float32 of live ``ids (M,)``."""
         ids = self._live_ids(ids, "get")
         # Fancy indexing copies already; astype(copy=False) adds no second copy of float32 values.
         return self._keys[ids], self._values[ids].astype(np.float32, copy=False)
+
+    def get_tensors(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`get` as new float32 tensors on :attr:`device`: on a device, gathered from the copies
+        there (only ``ids`` cross from the host)."""
+        if self._device_keys is None or self._device_values is None:
+            keys, values = self.get(ids)
+            return torch.from_numpy(keys), torch.from_numpy(values)
+        rows = torch.from_numpy(self._live_ids(ids, "get_tensors")).to(self.device)
+        return self._device_keys[rows], self._device_values[rows].float()
 
     def recombine(self, ids: np.ndarray, distances: np.ndarray, max_distance: float) -> int:
         """Merge near entries that were returned together for one query; returns entries removed.
@@ -446,6 +530,7 @@ class KNNStore:
             raise ValueError(f"max_distance must be a number, got {max_distance!r}")
         all_ids = self._check_ids(ids).reshape(all_distances.shape)
         removed = 0
+        targets = []  # slots whose key and value changed
         for row_ids, row_distances in zip(all_ids, all_distances, strict=True):
             near = self._is_live(row_ids) & (row_distances <= max_distance)
             if np.count_nonzero(near) < 2:
@@ -462,7 +547,9 @@ class KNNStore:
             self._read_count[target] += self._read_count[others].sum()
             self._remove(others)
             self._index.add(np.array([target]), self._keys[target : target + 1])
+            targets.append(target)
             removed += len(others)
+        self._copy_rows_to_device(np.array(targets, dtype=np.int64))
         self._stats.merges += removed
         return removed
 
@@ -523,28 +610,3 @@ def token_spans(token_ids: np.ndarray, batch: np.ndarray, position: np.ndarray) 
     padded[:, ORIGIN_SPAN - 1 :] = token_ids  # padded column p holds token p - ORIGIN_SPAN + 1
     columns = np.asarray(position)[:, None] + np.arange(ORIGIN_SPAN)  # (M, S)
     return padded[np.asarray(batch)[:, None], columns]
-
-
-def merge_by_magnitude(
-    positive: tuple[np.ndarray, np.ndarray], negative: tuple[np.ndarray, np.ndarray]
-) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` entries of largest ``|s|`` (``s = 1 - distance``, an ``ip``/``cosine`` similarity) from the
-    top-k of the query (``positive``) and of the negated query (``negative``), each ``(ids, distances)``
-    of shape ``(N, k)``. Returns ``(ids, distances)`` ``(N, k)``, largest ``|s|`` first, distances of the
-    query itself (``1 - s``), padding -1 / +inf.
-
-    Exact: an entry with ``s >= 0`` among the overall top-k by ``|s|`` is within the query's top-k, one
-    with ``s < 0`` within the negated query's. Keeping each list's own sign makes the two disjoint.
-    """
-    (pos_ids, pos_dist), (neg_ids, neg_dist) = positive, negative
-    k = pos_ids.shape[1]
-    with np.errstate(invalid="ignore"):  # inf padding distances give nan similarities, masked below
-        similarity = np.concatenate([1.0 - pos_dist, neg_dist - 1.0], axis=1)  # (N, 2k), of the query
-    ids = np.concatenate([pos_ids, neg_ids], axis=1)  # (N, 2k)
-    own_side = np.concatenate([similarity[:, :k] >= 0, similarity[:, k:] < 0], axis=1) & (ids >= 0)
-    magnitude = np.where(own_side, np.abs(similarity), -1.0)
-    order = np.argsort(-magnitude, axis=1, kind="stable")[:, :k]  # (N, k)
-    kept = np.take_along_axis(own_side, order, axis=1)
-    ids = np.where(kept, np.take_along_axis(ids, order, axis=1), -1)
-    distances = np.where(kept, 1.0 - np.take_along_axis(similarity, order, axis=1), np.inf)
-    return ids.astype(np.int64), distances.astype(np.float32)

@@ -79,30 +79,29 @@ def test_projection_free_featural_reading_every_unit_of_a_swiglu_store():
     assert counts.search == units * (d_model + 1)  # the exact index scores every unit's [k, b]
     assert counts.read == units * (d_model + 1) + units * 2 * d_model  # distances, then gate and value
     assert mlp_multiply_adds(form) == 3 * d_model * units
-    # Ranking by |q·k| searches for q and for -q.
+    # The exact index ranks by |q·k| in the same single pass over the units.
     by_magnitude, _ = seeded_swiglu_layer(units, d_model, topk=units // 2, ranking="magnitude")
     counts = layer_multiply_adds(by_magnitude)
-    assert counts.search == 2 * units * (d_model + 1)
+    assert counts.search == units * (d_model + 1)
     assert counts.read == units // 2 * (3 * d_model + 1)
 
 
-def test_associative_counts_its_four_projections_and_the_attention_read():
-    layer = filled(memory(type="associative", heads=2, key_dim=8, topk=4, capacity=64), 10)
-    counts = layer_multiply_adds(layer)
-    # query and key C → 2·8, value C → 2·8, output 2·8 → C
-    assert counts.projections == 2 * C * 2 * 8 + C * 2 * 8 + 2 * 8 * C
-    assert counts.search == 2 * 10 * 8
-    assert counts.read == 2 * 4 * (8 + 8)  # scores of the returned keys, then their values mixed
-
-
-def test_product_keys_score_two_sub_key_tables():
-    # capacity 64 = 8², 8-d keys: two tables of 8 sub-keys of 4 dims, 64 multiply-adds per head query.
-    layer = memory(type="featural", key_dim=8, topk=4, capacity=64, index={"backend": "product"})
-    assert len(layer.store) == 64
-    counts = layer_multiply_adds(layer)
-    assert counts.search == 2 * 8 * 4
-    assert counts.read == 4 * (8 + C)
-    assert counts.projections == C * 8 + C * C
+@pytest.mark.parametrize(
+    ("index", "by_score", "searches"),
+    [
+        ({"backend": "exact"}, 64 * 8, 1),  # every entry of the full store scored
+        ({"backend": "product"}, 8 * 8, 1),  # 2 tables of 8 sub-keys of 4 dims, scored once for q and -q
+        ({"backend": "hnsw", "M": 8, "ef_search": 10}, 10 * 8 * 8, 2),  # a graph walk for q and for -q
+    ],
+)
+def test_ranking_by_magnitude_searches_twice_only_on_hnsw(index, by_score, searches):
+    settings = {"type": "featural", "key_dim": 8, "topk": 4, "capacity": 64, "metric": "ip", "index": index}
+    by_magnitude = {"ranking": "magnitude", "weighting": "silu", "novelty_threshold": None}
+    counts = []
+    for ranking in ({}, by_magnitude):
+        layer = memory(**settings, **ranking)
+        counts.append(layer_multiply_adds(layer if layer.store.keys_are_fixed else filled(layer, 64)).search)
+    assert counts == [by_score, searches * by_score]
 
 
 def test_hnsw_search_is_an_estimate_from_ef_and_m():
