@@ -1,10 +1,13 @@
-"""Shared fixtures: the offline GPT-2 tokenizer and tiny random GPT-2 / Llama teachers."""
+"""Shared fixtures: the offline GPT-2 tokenizer, tiny random GPT-2 / Llama teachers, and a recorder of
+numpy conversions (for the on-device memory tests)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from dmt.model.loading import load_teacher, load_tokenizer, package_path
@@ -81,3 +84,17 @@ def tiny_student(teacher, tokens):
     student = build_student(teacher, configs)
     student(tokens)  # training mode: fills the stores
     return student.eval()
+
+
+@pytest.fixture
+def numpy_conversions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """Records (shape, dtype) of every ``torch.Tensor.numpy`` call."""
+    calls: list[tuple[tuple[int, ...], torch.dtype]] = []
+    original = torch.Tensor.numpy
+
+    def recording(tensor: torch.Tensor, *args, **kwargs) -> np.ndarray:
+        calls.append((tuple(tensor.shape), tensor.dtype))
+        return original(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "numpy", recording)
+    return calls

@@ -81,14 +81,14 @@ def format_table(report: dict[str, dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    split = argv.index("--") if "--" in argv else len(argv)
     parser = argparse.ArgumentParser(
         prog="python -m dmt.bench.arithmetic", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--experiments", nargs="+", default=list(DEFAULT_EXPERIMENTS))
     parser.add_argument("--out", type=Path, help="JSON report path")
-    args = parser.parse_args(argv[:split])
-    report = experiment_arithmetic(args.experiments, argv[split + 1 :])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the distill config (after --)")
+    args = parser.parse_args(argv)
+    report = experiment_arithmetic(args.experiments, args.overrides)
     print(format_table(report))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -286,7 +286,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    split = argv.index("--") if "--" in argv else len(argv)
     parser = argparse.ArgumentParser(
         prog="python -m dmt.quality.unit_budget", description=__doc__.split("\n\n")[0]
     )
@@ -295,8 +294,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, nargs="*", default=[128], help="lowrank predictor ranks")
     parser.add_argument("--ivf", nargs="*", default=["64:16"], help="ivf LISTS:PROBES settings")
     parser.add_argument("--sources", nargs="*", default=None, help="held-out sources (default: all)")
-    args = parser.parse_args(argv[:split])
-    overrides = argv[split + 1 :]
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the distill config (after --)")
+    args = parser.parse_args(argv)
+    overrides = args.overrides
 
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate

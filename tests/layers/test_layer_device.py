@@ -45,20 +45,6 @@ def make(layer_cls: type, index: str, **overrides) -> FeaturalMemory | Associati
     return layer
 
 
-@pytest.fixture
-def numpy_conversions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    """Records (shape, dtype) of every ``torch.Tensor.numpy`` call."""
-    calls: list[tuple[tuple[int, ...], torch.dtype]] = []
-    original = torch.Tensor.numpy
-
-    def recording(tensor: torch.Tensor, *args, **kwargs) -> np.ndarray:
-        calls.append((tuple(tensor.shape), tensor.dtype))
-        return original(tensor, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "numpy", recording)
-    return calls
-
-
 @pytest.mark.parametrize(
     ("layer_cls", "index"),
     [(FeaturalMemory, "exact"), (FeaturalMemory, "product"), (AssociativeMemory, "exact")],

@@ -26,20 +26,6 @@ def _store(backend: str, metric: str = "ip", capacity: int = 64, filled: int = 4
     return store
 
 
-@pytest.fixture
-def numpy_conversions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    """Records (shape, dtype) of every ``torch.Tensor.numpy`` call."""
-    calls: list[tuple[tuple[int, ...], torch.dtype]] = []
-    original = torch.Tensor.numpy
-
-    def recording(tensor: torch.Tensor, *args, **kwargs) -> np.ndarray:
-        calls.append((tuple(tensor.shape), tensor.dtype))
-        return original(tensor, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "numpy", recording)
-    return calls
-
-
 @pytest.mark.parametrize(
     ("backend", "metric", "by_magnitude"),
     [("exact", "ip", False), ("exact", "ip", True), ("exact", "l2", False), ("product", "ip", True)],
