@@ -114,19 +114,14 @@ class ExactIndex(TorchKeyIndex):
             live = np.flatnonzero(self._live[: self._rows])
             self._rows = int(live[-1]) + 1 if len(live) else 0
 
-    def search_torch(
-        self, queries: torch.Tensor, k: int, by_magnitude: bool = False
+    def _search_on_device(
+        self, queries: torch.Tensor, k: int, by_magnitude: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        self._check_ranking(by_magnitude)
-        answer_device = queries.device
-        queries = queries.to(self.device)  # (N, D); no copy when the index is on the queries' device
         labels = torch.full((len(queries), k), -1, dtype=torch.int64, device=self.device)
         distances = torch.full((len(queries), k), float("inf"), device=self.device)
         k_live = min(k, len(self))
         if k_live == 0 or len(queries) == 0:
-            return labels.to(answer_device), distances.to(answer_device)
+            return labels, distances
         if self.metric == "cosine":
             queries = torch.nn.functional.normalize(queries, dim=1)
         augmented = torch.cat([queries, queries.new_ones(len(queries), 1)], dim=1)  # (N, D + 1)
@@ -148,4 +143,4 @@ class ExactIndex(TorchKeyIndex):
                 found = (found + squared_norms).clamp_min(0.0)
             labels[begin : begin + block, :k_live] = top.indices
             distances[begin : begin + block, :k_live] = found
-        return labels.to(answer_device), distances.to(answer_device)
+        return labels, distances

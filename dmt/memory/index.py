@@ -189,12 +189,23 @@ class TorchKeyIndex(KeyIndex):
     def to(self, device: torch.device | str) -> TorchKeyIndex:
         """Move the searchable state to ``device``; returns self."""
 
-    @abstractmethod
     def search_torch(
         self, queries: torch.Tensor, k: int, by_magnitude: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """See :meth:`KeyIndex.search_torch`; queries are not checked for NaN/inf (on an accelerator that
         would wait for the device): a non-finite query gets non-finite distances to its neighbours."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self._check_ranking(by_magnitude)
+        # (N, D): no copy when the index is on the queries' device, and none back.
+        labels, distances = self._search_on_device(queries.to(self.device), k, by_magnitude)
+        return labels.to(queries.device), distances.to(queries.device)
+
+    @abstractmethod
+    def _search_on_device(
+        self, queries: torch.Tensor, k: int, by_magnitude: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`search_torch` for checked ``queries (N, D)`` on :attr:`device`, answering there."""
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries_t = torch.from_numpy(as_float_matrix("queries", queries, self.dim))  # (N, D) on the host

@@ -109,14 +109,9 @@ class ProductKeyIndex(TorchKeyIndex):
             return labels, 1.0 - top.values
         return labels, (squared_norms - top.values).clamp_min(0.0)
 
-    def search_torch(
-        self, queries: torch.Tensor, k: int, by_magnitude: bool = False
+    def _search_on_device(
+        self, queries: torch.Tensor, k: int, by_magnitude: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        self._check_ranking(by_magnitude)
-        answer_device = queries.device
-        queries = queries.to(self.device)  # (N, D); no copy when the index is on the queries' device
         k = min(k, self.capacity)
         half_scores = [self._half_scores(queries, half) for half in (0, 1)]  # (N, n) each
         squared_norms = queries.pow(2).sum(1, keepdim=True) if self.metric == "l2" else None
@@ -125,7 +120,7 @@ class ProductKeyIndex(TorchKeyIndex):
             # -q's sub-key scores are exactly the negated ones (ip): no second matmul.
             negative = self._best_pairs([-scores for scores in half_scores], None, k)
             labels, distances = merge_by_magnitude((labels, distances), negative)
-        return labels.to(answer_device), distances.to(answer_device)
+        return labels, distances
 
     def save(self, path: str | Path) -> None:
         """The sub-key tables ``(2, n, D/2)`` as a ``.npy`` file."""
