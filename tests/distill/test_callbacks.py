@@ -28,14 +28,15 @@ def test_interval_scalars_are_rates_per_step_and_distinct_entries_per_search():
         rng.standard_normal((64, 8), dtype=np.float32), np.zeros((64, layer.entry_dim), np.float32)
     )
     layer.run_start = -1  # every entry counts as inserted during the run
-    searches = []  # (ids, distances) of each search the layer makes
-    search = layer.store.search
+    searches = []  # (ids, distances) as numpy of each search the layer makes
+    search = layer.store.search_torch
 
     def recording_search(*args, **kwargs):
-        searches.append(search(*args, **kwargs))
-        return searches[-1]
+        ids, distances = search(*args, **kwargs)
+        searches.append((ids.numpy(), distances.numpy()))
+        return ids, distances
 
-    layer.store.search = recording_search
+    layer.store.search_torch = recording_search
     for _ in range(2):  # two micro-batches (gradient accumulation) of one optimiser step, twice
         layer(torch.randn(2, 5, 16))
         layer(torch.randn(2, 5, 16))
