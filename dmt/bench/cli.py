@@ -23,6 +23,7 @@ from dmt.bench.measure import (
     layer_benchmarks,
     memory_footprint,
 )
+from dmt.bench.stores import LAYER_KINDS
 
 GIB = 2**30
 # Targets are fixed by the project plan; they are printed beside the measurements, never tuned.
@@ -32,8 +33,6 @@ TARGETS = {
     "distill_throughput_min_ratio": 0.8,
     "store_resident_max_bytes": 2 * GIB,
 }
-# conf/swap options benchmarked, each at every store size.
-LAYER_KINDS = ("featural", "associative", "featural_product")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,9 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--layers",
         nargs="+",
-        choices=LAYER_KINDS,
+        choices=list(LAYER_KINDS),
         default=list(LAYER_KINDS),
-        help="conf/swap options to time",
+        help="layers to time: conf/swap options, and featural/associative on the cells index",
     )
     parser.add_argument("--repeats", type=int, help="timed repeats per measurement (default 5)")
     parser.add_argument("--warmup", type=int, help="untimed warm-up iterations (default 2)")

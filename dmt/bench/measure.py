@@ -105,6 +105,7 @@ PROFILE_FUNCTIONS: dict[str, list[tuple[str, str]]] = {
         ("dmt/memory/hnsw.py", "search"),
         ("dmt/memory/exact.py", "_search_on_device"),
         ("dmt/memory/product.py", "_search_on_device"),
+        ("dmt/memory/cells.py", "_search_on_device"),
     ],
     "lrfu_reference": [("dmt/memory/store.py", "reference")],
     "weighted_sum": [

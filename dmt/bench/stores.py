@@ -39,11 +39,25 @@ def memory_option(name: str) -> DictConfig:
     return OmegaConf.merge(merged, option)
 
 
-def layer_config(option: str, capacity: int, d_model: int) -> MemoryConfig:
-    """The resolved settings of the ``conf/swap`` ``option`` (e.g. ``featural``) for one layer of
-    ``capacity`` in a GPT-2 of width ``d_model``."""
+# Benchmarked layers → the ``conf/swap`` option they are and the index backend they use instead of the
+# option's own (None: the option's).
+LAYER_KINDS: dict[str, tuple[str, str | None]] = {
+    "featural": ("featural", None),
+    "associative": ("associative", None),
+    "featural_product": ("featural_product", None),
+    "featural_cells": ("featural", "cells"),
+    "associative_cells": ("associative", "cells"),
+}
+
+
+def layer_config(kind: str, capacity: int, d_model: int) -> MemoryConfig:
+    """The resolved settings of the benchmarked layer ``kind`` (:data:`LAYER_KINDS`, e.g. ``featural``)
+    for one layer of ``capacity`` in a GPT-2 of width ``d_model``."""
+    option, backend = LAYER_KINDS[kind]
     settings: dict[str, Any] = OmegaConf.to_container(memory_option(option), resolve=True)  # type: ignore[assignment]
     settings.update(blocks=[0], capacity=capacity)
+    if backend is not None:
+        settings["index"] = {**settings["index"], "backend": backend}
     return resolve_layer_configs(settings, GPT2Config(n_layer=1, n_embd=d_model))[0]  # type: ignore[return-value]
 
 

@@ -93,7 +93,7 @@ class MemoryConfig(LayerConfig):
     farther than this (in the store's metric); ``None`` disables inserts. A full store makes room by evicting
     (``eviction``: ``lrfu`` with ``lrfu_lambda``, ``fifo`` or ``random``). ``value_dtype`` is the stores'
     storage type of values (computation stays float32); ``index`` the key index settings of
-    :mod:`dmt.memory.backends` (``backend: auto | exact | hnsw | product`` and hnsw's own).
+    :mod:`dmt.memory.backends` (``backend: auto | exact | hnsw | product | cells`` and each backend's own).
     ``value_lr``: the write-back SGD rate of the stored values returned in training.
     """
 
@@ -217,6 +217,10 @@ class FeaturalConfig(MemoryConfig):
                 raise bad("ranking", "softmax weights favour the largest scores; use an activation weighting")
             if self.metric == "l2":
                 raise bad("ranking", "ranking by |q·k| needs metric ip or cosine, not l2")
+            if self.index.get("backend") == "cells":
+                raise bad(
+                    "ranking", "a cells index ranks by q·k only; ranking by |q·k| needs another backend"
+                )
             self.refuse_writes("ranking by |q·k| orders entries by |similarity|, not distance")
         if not self.dense_weights and self.heads != 1:
             raise bad("heads", f"dense_weights=false needs heads=1, got {self.heads}")

@@ -7,6 +7,9 @@
 - ``product`` (:class:`dmt.memory.product.ProductKeyIndex`): ``n²`` fixed product keys searched exactly at
   a cost of ``2n`` sub-keys; the store is full from the start and learns only its values. Never chosen by
   ``auto``: fixed keys are a modelling choice.
+- ``cells`` (:class:`dmt.memory.cells.CellIndex`): the store's own keys filed into ``n²`` product-key
+  cells, a query ranking exactly the keys of its ``probe_cells`` nearest cells; inserts are row copies.
+  Never chosen by ``auto``: its recall depends on how the keys cluster (``ip``/``cosine`` only).
 
 ``auto`` takes ``exact`` while ``capacity · dim`` is at most :data:`EXACT_MAX_WORK` (a 131,072-entry store
 of 64-d keys): measured on 2 CPU cores, exact search there costs about what hnswlib costs at ``ef_search=64``
@@ -20,15 +23,19 @@ from typing import Any
 
 import numpy as np
 
+from dmt.memory.cells import CellIndex
 from dmt.memory.exact import ExactIndex
 from dmt.memory.hnsw import HnswIndex
 from dmt.memory.index import KeyIndex
 from dmt.memory.product import ProductKeyIndex
 
-BACKENDS: tuple[str, ...] = ("auto", "hnsw", "exact", "product")
+BACKENDS: tuple[str, ...] = ("auto", "hnsw", "exact", "product", "cells")
 EXACT_MAX_WORK = 131072 * 64
-# Settings only the hnsw backend reads; `exact` accepts and ignores them so one config serves both.
+# Settings only the hnsw backend reads, and those only the cells backend reads; every backend accepts and
+# ignores the others' so that one config serves them all.
 HNSW_PARAMS = ("M", "ef_construction", "ef_search", "num_threads")
+CELL_PARAMS = ("cells_per_half", "probe_cells")
+INDEX_PARAMS = (*HNSW_PARAMS, *CELL_PARAMS)
 
 
 def resolve_backend(backend: str, dim: int, capacity: int) -> str:
@@ -40,39 +47,40 @@ def resolve_backend(backend: str, dim: int, capacity: int) -> str:
     return backend
 
 
-def _split_params(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """``(backend, hnsw settings)`` from index settings, rejecting names no backend knows."""
+def _split_params(params: dict[str, Any], dim: int, capacity: int) -> tuple[str, dict[str, Any]]:
+    """``(concrete backend, the settings it reads)`` from index settings, rejecting names no backend
+    knows."""
     params = dict(params)
-    backend = params.pop("backend", "hnsw")
-    unknown = sorted(set(params) - set(HNSW_PARAMS))
+    backend = resolve_backend(params.pop("backend", "hnsw"), dim, capacity)
+    unknown = sorted(set(params) - set(INDEX_PARAMS))
     if unknown:
-        raise ValueError(f"unknown index setting(s) {unknown}; known: ['backend', *{list(HNSW_PARAMS)}]")
-    return backend, params
+        raise ValueError(f"unknown index setting(s) {unknown}; known: ['backend', *{list(INDEX_PARAMS)}]")
+    own = {"hnsw": HNSW_PARAMS, "cells": CELL_PARAMS}.get(backend, ())
+    return backend, {name: value for name, value in params.items() if name in own}
 
 
 def check_index_settings(params: dict[str, Any], dim: int, metric: str, capacity: int) -> str:
     """Validate index settings for a store of this shape without building anything; returns the concrete
     backend. Raises ``ValueError`` naming the setting that cannot work (for config validation)."""
-    backend, _ = _split_params(params)
-    backend = resolve_backend(backend, dim, capacity)
+    backend, own = _split_params(params, dim, capacity)
     if backend == "product":
         ProductKeyIndex.check_shape(dim, metric, capacity)
+    elif backend == "cells":
+        CellIndex.check_settings(dim, metric, capacity, own.get("cells_per_half"), own.get("probe_cells"))
     return backend
 
 
 def index_class(backend: str) -> type[KeyIndex]:
     """The class of a concrete backend."""
-    return {"hnsw": HnswIndex, "exact": ExactIndex, "product": ProductKeyIndex}[backend]
+    return {"hnsw": HnswIndex, "exact": ExactIndex, "product": ProductKeyIndex, "cells": CellIndex}[backend]
 
 
 def make_index(dim: int, metric: str, capacity: int, **params: Any) -> KeyIndex:
-    """A new index: ``backend`` (``auto`` | ``hnsw`` | ``exact`` | ``product``, default ``hnsw``) plus the
-    hnsw settings ``M``, ``ef_construction``, ``ef_search``, ``num_threads`` (ignored by the others)."""
-    backend, hnsw_params = _split_params(params)
-    backend = resolve_backend(backend, dim, capacity)
-    if backend == "hnsw":
-        return HnswIndex(dim, metric, capacity, **hnsw_params)
-    return index_class(backend)(dim, metric, capacity)
+    """A new index: ``backend`` (``auto`` | ``hnsw`` | ``exact`` | ``product`` | ``cells``, default ``hnsw``)
+    plus the hnsw settings ``M``, ``ef_construction``, ``ef_search``, ``num_threads`` and the cells ones
+    ``cells_per_half``, ``probe_cells`` (each ignored by the other backends)."""
+    backend, own = _split_params(params, dim, capacity)
+    return index_class(backend)(dim, metric, capacity, **own)
 
 
 def load_index(
@@ -80,8 +88,8 @@ def load_index(
 ) -> KeyIndex:
     """Read an index written by the backend that ``params`` (an index's :attr:`params`) names: from the
     file ``source``, or from that file's bytes (:meth:`KeyIndex.to_bytes`, a ``uint8`` array)."""
-    backend, hnsw_params = _split_params(params)
-    cls = index_class(resolve_backend(backend, dim, capacity))
+    backend, own = _split_params(params, dim, capacity)
+    cls = index_class(backend)
     if isinstance(source, np.ndarray):
-        return cls.from_bytes(source, dim, metric, capacity, live, **hnsw_params)
-    return cls.load(source, dim, metric, capacity, live, **hnsw_params)
+        return cls.from_bytes(source, dim, metric, capacity, live, **own)
+    return cls.load(source, dim, metric, capacity, live, **own)

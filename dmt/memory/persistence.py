@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from dmt.memory.backends import HNSW_PARAMS, index_class, load_index, make_index
+from dmt.memory.backends import BACKENDS, INDEX_PARAMS, index_class, load_index, make_index
 from dmt.memory.base import MemoryStats
 from dmt.memory.index import KeyIndex
 from dmt.memory.integrity import (
@@ -103,7 +103,7 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
 # when derived per search from k and the size.
 _COUNTER_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "stats": (tuple(field.name for field in dataclasses.fields(MemoryStats)), ()),
-    "index_params": (HNSW_PARAMS, ("ef_search",)),
+    "index_params": (INDEX_PARAMS, ("ef_search",)),
 }
 
 
@@ -468,7 +468,7 @@ def check_fields(fields: Mapping[str, Any], source: str) -> None:
         if isinstance(value, bool) or not isinstance(value, kind):
             raise MemoryStoreError(f"{source}: field {name!r} has the wrong type ({value!r})")
     backend = fields["index_params"].get("backend", "hnsw")
-    if backend not in ("hnsw", "exact", "product"):
+    if backend == "auto" or backend not in BACKENDS:
         raise MemoryStoreError(f"{source}: field 'index_params' names an unknown backend {backend!r}")
     for name, (allowed, nullable) in _COUNTER_FIELDS.items():
         counters = {k: v for k, v in fields[name].items() if k != "backend"}

@@ -40,8 +40,10 @@ import torch
 from dmt.memory import persistence
 from dmt.memory.backends import make_index
 from dmt.memory.base import MemoryStats, as_float_matrix
+from dmt.memory.cells import CellIndex
 from dmt.memory.eviction import EVICTIONS as EVICTIONS  # re-exported: the policies a store accepts
 from dmt.memory.eviction import check_eviction, choose_victims
+from dmt.memory.hnsw import HnswIndex
 from dmt.memory.lrfu import LRFU
 from dmt.memory.metrics import Metric, check_metric, pairwise_distance_np
 
@@ -156,6 +158,23 @@ class KNNStore:
     def index_backend(self) -> str:
         """The concrete key index in use: ``hnsw``, ``exact`` or ``product``."""
         return self._index.backend
+
+    @property
+    def index_params(self) -> dict[str, Any]:
+        """The key index's settings, as :func:`~dmt.memory.backends.make_index` takes them."""
+        return self._index.params
+
+    @property
+    def pending_entries(self) -> int:
+        """Entries a cells index has not filed into its cells yet (searched exactly); 0 for the others."""
+        return len(self._index.pending) if isinstance(self._index, CellIndex) else 0
+
+    def set_search_breadth(self, ef_search: int | None) -> None:
+        """An hnsw store's ``ef_search`` from now on (None: derived per search from k and the size);
+        ``ValueError`` for the other backends, which have no search breadth."""
+        if not isinstance(self._index, HnswIndex):
+            raise ValueError(f"ef_search is an hnsw setting; this store's index is {self.index_backend}")
+        self._index.set_ef(ef_search)
 
     @property
     def device(self) -> torch.device:

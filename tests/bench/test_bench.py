@@ -40,6 +40,8 @@ def test_every_section_present_and_finite(report):
         ("featural", 4096),
         ("associative", 4096),
         ("featural_product", 4096),
+        ("featural_cells", 4096),
+        ("associative_cells", 4096),
     }
     assert all(math.isfinite(x) for x in numbers(report))
 

@@ -140,6 +140,23 @@ def test_product_key_memory_in_float16_distils_and_reloads(tmp_path, text_dir):
     assert torch.isfinite(model(torch.randint(0, 1000, (1, 10))).logits).all()
 
 
+def test_memory_on_the_cells_index_inserts_evicts_and_reloads(tmp_path, text_dir):
+    overrides = small_run_overrides(tmp_path, text_dir)
+    overrides += [
+        "swap.index.backend=cells",
+        "swap.capacity=256",
+        "trainer.max_steps=4",
+        "evaluate.enabled=false",
+    ]
+    summary = run.distill(compose_cfg(*overrides))
+    model, _ = load_pretrained(summary["export_dir"])
+    for layer in memory_layers(model).values():
+        store = layer.store
+        assert (store.index_backend, len(store)) == ("cells", 256)
+        assert store.stats.inserts > 256 and store.stats.evictions > 0  # full, and evicting
+    assert torch.isfinite(model(torch.randint(0, 1000, (1, 10))).logits).all()
+
+
 def test_resume_from_checkpoint_restores_memory(tmp_path, text_dir):
     overrides = small_run_overrides(tmp_path / "a", text_dir)
     first = run.distill(compose_cfg(*overrides))

@@ -175,7 +175,7 @@ def _store_with_holes(backend: str) -> KNNStore:
     """40 entries inserted into 64 slots, then merged: holes below the high-water mark. Product keys (which
     cannot insert or merge) get value updates instead."""
     rng = np.random.default_rng(2)
-    metric = "ip" if backend == "product" else "l2"
+    metric = "ip" if backend in ("product", "cells") else "l2"  # cells: ip or cosine only
     store = KNNStore(8, 3, capacity=64, metric=metric, index={"backend": backend}, value_dtype="float16")
     if backend == "product":
         store.update_values(np.arange(0, 64, 3), rng.standard_normal((22, 3)).astype(np.float32))
@@ -190,7 +190,7 @@ def _store_with_holes(backend: str) -> KNNStore:
     return store
 
 
-@pytest.mark.parametrize("backend", ["exact", "hnsw", "product"])
+@pytest.mark.parametrize("backend", ["exact", "hnsw", "product", "cells"])
 @pytest.mark.parametrize("mmap", [False, True])
 def test_truncated_round_trip_restores_an_identical_store_that_grows(
     tmp_path: Path, backend: str, mmap: bool
@@ -203,7 +203,7 @@ def test_truncated_round_trip_restores_an_identical_store_that_grows(
     # An l2 (or ip) hnsw graph holds the keys exactly: they are saved there only (keys once).
     assert (tmp_path / "mem" / "keys.npy").exists() == (backend != "hnsw")
     assert np.load(tmp_path / "mem" / "values.npy").shape[0] == high_water
-    assert (tmp_path / "mem" / "index.bin").exists() == (backend != "exact")
+    assert (tmp_path / "mem" / "index.bin").exists() == (backend not in ("exact", "cells"))
     for restored in (
         KNNStore.load(tmp_path / "mem", mmap=mmap),
         KNNStore.from_state_dict(store.state_dict()),

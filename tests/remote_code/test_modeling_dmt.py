@@ -110,10 +110,17 @@ def seeded_llama_student(teacher):
     [
         ("tiny_gpt2", mixed_student),
         ("tiny_gpt2", partial(mixed_student, backend="hnsw")),
+        ("tiny_gpt2", partial(mixed_student, backend="cells")),
         ("tiny_llama", seeded_llama_student),
         ("tiny_llama", None),
     ],
-    ids=["gpt2-mixed", "gpt2-mixed-hnsw", "llama-seeded-fp16", "llama-featural-associative"],
+    ids=[
+        "gpt2-mixed",
+        "gpt2-mixed-hnsw",
+        "gpt2-mixed-cells",
+        "llama-seeded-fp16",
+        "llama-featural-associative",
+    ],
 )
 def test_export_loads_in_plain_transformers(fixture, make, request, tmp_path, gpt2_tokenizer):
     teacher = request.getfixturevalue(fixture)
