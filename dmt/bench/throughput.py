@@ -23,7 +23,9 @@ For each experiment (``dmt/conf/experiment/<name>.yaml``, composed as ``distill.
   (:func:`~dmt.bench.measure.paired_median_seconds`), so both share the load of a shared machine.
 - **Stores start as the run's do** (empty for associative layers, seeded from the MLPs for ``init: ffn``)
   and the warm-up steps are training steps that fill them; the timed steps go on filling or evicting, as
-  training does. The report gives the entries before and after the timed steps.
+  training does. The report gives the entries before and after the timed steps and the evictions during
+  them: a store that evicts replaces entries (for hnsw, an in-place graph update, far slower than an
+  insert), so the steady state of a long run is measured only once the warm-up has filled the stores.
 
 The memory student of ``--profile`` experiments, and of any that misses the target ratio, is then profiled
 beside the dense one: :func:`~dmt.bench.measure.profile_step` splits one step into the layers' phases
@@ -232,20 +234,26 @@ def timed_steps(
     warmup: int,
     steps: int,
 ) -> tuple[dict[str, float], dict[str, int]]:
-    """Median seconds of a step of each student (alternating) after ``warmup`` steps each, and the memory
-    student's entries at the start, after the warm-up and after the timed steps."""
+    """Median seconds of a step of each student (alternating) after ``warmup`` steps each; the memory
+    student's entries at the start, after the warm-up and after the timed steps, and the evictions during
+    the timed steps (none: the stores were still filling, not yet churning as a full store does)."""
 
     def stepper(role: str) -> Callable[[], None]:
         return lambda: distillation_step(modules[role], optimizers[role], next(feeds[role]))
 
+    def evictions() -> int:
+        return sum(layer.store.stats.evictions for layer in memory_layers(modules["memory"].student).values())
+
     steppers = {role: stepper(role) for role in modules}
-    entries = {"at_start": memory_entries(modules["memory"].student)}
+    entries: dict[str, int] = {"at_start": memory_entries(modules["memory"].student)}
     for _ in range(warmup):  # here rather than in paired_median_seconds, to count the entries after it
         for step in steppers.values():
             step()
     entries["before_timed_steps"] = memory_entries(modules["memory"].student)
+    evicted = evictions()
     seconds = paired_median_seconds(steppers, 0, steps)
     entries["after_timed_steps"] = memory_entries(modules["memory"].student)
+    entries["evictions_in_timed_steps"] = evictions() - evicted
     return seconds, entries
 
 

@@ -297,13 +297,18 @@ class MemoryLayer(nn.Module):
         counts, self._reads = self._reads, ReadCounts()
         return counts
 
+    def search_sample(self) -> tuple[np.ndarray, bool]:
+        """Up to :data:`RECALL_SAMPLE` queries ``(n, Dk)`` of the latest training search, on the host, and
+        whether that search ranked by magnitude (``n = 0`` before any)."""
+        return self._recall_queries.cpu().numpy(), self._recall_by_magnitude
+
     def sample_recall(self) -> float:
         """The index's recall@k against exact search on a sample of the latest training search's queries
         (NaN before any); the store is left unchanged."""
-        if not len(self._recall_queries):
+        queries, by_magnitude = self.search_sample()  # (≤ RECALL_SAMPLE, Dk)
+        if not len(queries):
             return float("nan")
-        queries = self._recall_queries.cpu().numpy()  # (≤ RECALL_SAMPLE, Dk)
-        return self.store.recall(queries, self.cfg.topk, by_magnitude=self._recall_by_magnitude)
+        return self.store.recall(queries, self.cfg.topk, by_magnitude=by_magnitude)
 
     def memory_stats(self) -> dict[str, float]:
         """Cumulative counters of the store, its size and the latest mean top-k distance."""

@@ -142,6 +142,7 @@ def test_report_has_both_students_and_their_ratio(report, text_dir):
 def test_stores_start_empty_and_fill_during_training(report):
     entries = report["experiments"]["associative_upper_third"]["memory_entries"]
     assert entries["at_start"] == 0 < entries["before_timed_steps"] <= entries["after_timed_steps"]
+    assert entries["evictions_in_timed_steps"] == 0  # capacity 32768: the tiny run never fills a store
 
 
 def test_profiled_experiment_splits_both_students_steps(report):
