@@ -19,6 +19,7 @@ from transformers import GPT2Config
 
 from dmt.bench.measure import (
     distillation_throughput,
+    exact_blocks,
     exact_scan,
     layer_benchmarks,
     memory_footprint,
@@ -26,6 +27,8 @@ from dmt.bench.measure import (
 from dmt.bench.stores import LAYER_KINDS
 
 GIB = 2**30
+# Exact search blocks compared (distances per block, as powers of two).
+BLOCK_EXPONENTS = [20, 22, 24, 26]
 # Targets are fixed by the project plan; they are printed beside the measurements, never tuned.
 TARGETS = {
     "layer_vs_mlp_max_ratio_at_largest": 1.0,
@@ -152,6 +155,12 @@ def table(report: dict[str, Any]) -> str:
             f"exact search, {e['entries']} entries in capacity {e['capacity']}: scanning every slot "
             f"{every:.1f} ms, the live rows {live:.1f} ms ({e['speedup']:.1f}x)"
         )
+    for e in report.get("exact_blocks", []):
+        times = ", ".join(f"{name} {seconds * 1e3:.0f} ms" for name, seconds in e["seconds"].items())
+        lines.append(
+            f"exact search of {e['queries']} queries among {e['rows']} {e['dim']}-d keys by distances per "
+            f"block: {times} (default {e['default']})"
+        )
     if "distillation" in report:
         d = report["distillation"]
         lines.append(
@@ -205,6 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     report["exact_scan"] = exact_scan(
         max(args.sizes), min(args.sizes) // 16, 64, args.queries * 4, 32, **timing
     )
+    write_report(report, args.out)
+    # Block sizes at the shapes of the featural (64-d, top-32) and associative (4 heads of 32-d, top-16)
+    # layers: the batch's queries among a store of the smallest size and one of half that size.
+    queries = args.batch * args.seq
+    report["exact_blocks"] = [
+        exact_blocks(min(args.sizes), 64, queries, 32, BLOCK_EXPONENTS, **timing),
+        exact_blocks(min(args.sizes) // 2, 32, 4 * queries, 16, BLOCK_EXPONENTS, **timing),
+    ]
     write_report(report, args.out)
     report["distillation"] = distillation_throughput(
         distill_model(args.quick), args.cache_dir, min(args.sizes), args.batch, args.seq, **timing

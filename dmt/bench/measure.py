@@ -210,6 +210,38 @@ def exact_scan(
     }
 
 
+def exact_blocks(
+    rows: int, dim: int, n_queries: int, k: int, exponents: list[int], warmup: int, repeats: int
+) -> dict[str, Any]:
+    """Exact search of ``n_queries`` among ``rows`` keys with blocks of ``2^e`` distances for each of
+    ``exponents``, side by side (the default, ``MAX_BLOCK_ELEMENTS``, among them or not)."""
+    from dmt.memory.exact import MAX_BLOCK_ELEMENTS, ExactIndex
+
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((rows, dim)).astype(np.float32)
+    queries = torch.from_numpy(rng.standard_normal((n_queries, dim)).astype(np.float32))
+    indexes = {}
+    for exponent in exponents:
+        index = ExactIndex(dim, "cosine", rows)
+        index.add(np.arange(rows), keys)
+        index.block_elements = 2**exponent
+        indexes[f"2^{exponent}"] = index
+    seconds = paired_median_seconds(
+        {name: lambda index=index: index.search_torch(queries, k) for name, index in indexes.items()},
+        warmup,
+        repeats,
+    )
+    return {
+        "rows": rows,
+        "dim": dim,
+        "queries": n_queries,
+        "k": k,
+        "default": f"2^{MAX_BLOCK_ELEMENTS.bit_length() - 1}",
+        "seconds": seconds,
+        "fastest": min(seconds, key=seconds.__getitem__),
+    }
+
+
 def live_keys(store: KNNStore) -> np.ndarray:
     """All keys of a full store by slot, read in chunks so the values are never copied at once."""
     chunks = [

@@ -19,9 +19,9 @@ import torch
 from dmt.memory.base import as_float_matrix
 from dmt.memory.index import HOST, TorchKeyIndex
 
-# Queries per matmul block: bounds the (block, rows) distance matrix to 256 MiB. Smaller blocks were
-# slower at 64k-256k rows (the matmul and the top-k both favour long blocks).
-MAX_BLOCK_ELEMENTS = 2**26
+# Distances per block of queries, (block, rows): small enough that the top-k reads them while they are
+# still in cache (dmt.bench's exact_blocks section compares sizes side by side; README).
+MAX_BLOCK_ELEMENTS = 2**22
 # Rows allocated at first; the table then doubles as the high-water mark passes its size.
 INITIAL_ROWS = 1024
 
@@ -41,6 +41,7 @@ class ExactIndex(TorchKeyIndex):
 
     backend = "exact"
     has_file = False
+    block_elements: int = MAX_BLOCK_ELEMENTS  # distances per block of queries
 
     def __init__(self, dim: int, metric: str, capacity: int) -> None:
         super().__init__(dim, metric, capacity)
@@ -127,7 +128,7 @@ class ExactIndex(TorchKeyIndex):
         augmented = torch.cat([queries, queries.new_ones(len(queries), 1)], dim=1)  # (N, D + 1)
         table = self._table[: self._rows]  # (rows, D + 1)
         free = table[:, self.dim].isinf() if by_magnitude else None  # (rows,)
-        block = max(1, MAX_BLOCK_ELEMENTS // self._rows)
+        block = max(1, self.block_elements // self._rows)
         for begin in range(0, len(queries), block):
             all_distances = augmented[begin : begin + block] @ table.T  # (b, rows)
             if free is not None:

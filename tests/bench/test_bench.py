@@ -92,3 +92,12 @@ def test_multiply_adds_beside_the_mlps(report):
     product = next(r for r in report["layers"] if r["layer"] == "featural_product")
     # 4096 = 64² product keys: two tables of 64 sub-keys of key_dim / 2
     assert product["multiply_adds"]["search"] == 64 * product["settings"]["key_dim"]
+
+
+def test_exact_block_sizes_are_compared_side_by_side(report):
+    assert len(report["exact_blocks"]) == 2
+    for e in report["exact_blocks"]:
+        assert set(e["seconds"]) == {"2^20", "2^22", "2^24", "2^26"} and e["default"] == "2^22"
+        assert all(seconds > 0 for seconds in e["seconds"].values())
+        assert e["fastest"] in e["seconds"]
+    assert "distances per block" in table(report)

@@ -32,12 +32,12 @@ def test_exact_index_returns_the_true_neighbours(metric: str) -> None:
     np.testing.assert_allclose(distances, reported, atol=1e-4)
 
 
-def test_exact_index_blocks_queries_without_changing_results(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_exact_index_blocks_queries_without_changing_results() -> None:
     keys, queries = _data(64, 8, seed=2), _data(33, 8, seed=3)
     index = ExactIndex(8, "l2", capacity=64)
     index.add(np.arange(64), keys)
     whole = index.search(queries, 5)
-    monkeypatch.setattr("dmt.memory.exact.MAX_BLOCK_ELEMENTS", 64 * 4)  # 4 queries per block
+    index.block_elements = 64 * 4  # 4 queries per block
     labels, distances = index.search(queries, 5)
     np.testing.assert_array_equal(labels, whole[0])
     np.testing.assert_allclose(distances, whole[1], rtol=1e-6)  # matmul blocking may move the last bit
