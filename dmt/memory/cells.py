@@ -219,11 +219,12 @@ class CellIndex(ExactIndex):
         """Labels and distances ``(b, k)`` for augmented queries ``(b, D + 1)``."""
         b = len(augmented)
         row_labels = self._filed_candidates(augmented[:, : self.dim])  # (b, W)
-        if len(self._pending):
-            row_labels = torch.cat([row_labels, self._pending.expand(b, -1)], 1)  # (b, W + P)
-        # One row gather and one batched product: (b, W', D + 1) keys against (b, D + 1, 1) queries.
+        # The filed candidates: one row gather and one batched product, (b, W, D + 1) by (b, D + 1, 1).
         keys = torch.index_select(self._table, 0, row_labels.clamp_min(0).flatten()).view(b, -1, self.dim + 1)
         rows = torch.bmm(keys, augmented[:, :, None]).squeeze(2).masked_fill_(row_labels < 0, float("inf"))
+        if len(self._pending):  # the unfiled keys, shared by every query: one matmul
+            rows = torch.cat([rows, augmented @ self._table[self._pending].T], 1)  # (b, W + P)
+            row_labels = torch.cat([row_labels, self._pending.expand(b, -1)], 1)
         k_found = min(k, rows.shape[1])
         top = rows.topk(k_found, dim=1, largest=False, sorted=True)
         labels = torch.full((b, k), -1, dtype=torch.int64, device=self.device)
