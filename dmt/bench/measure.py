@@ -24,6 +24,7 @@ from dmt.distill.module import DistillationModule
 from dmt.layers import MemoryConfig, MemoryLayer, build_memory_layer
 from dmt.layers.arithmetic import layer_multiply_adds, mlp_multiply_adds
 from dmt.memory import KNNStore
+from dmt.memory.index import KeyIndex
 from dmt.model.families import mlp_form
 from dmt.model.surgery import attach_memory_layers, memory_layers
 
@@ -179,6 +180,17 @@ def search_and_read(store: KNNStore, queries: np.ndarray, k: int) -> tuple[np.nd
     return store.get(ids[ids >= 0])
 
 
+def paired_search_seconds(
+    indexes: dict[str, KeyIndex], queries: torch.Tensor, k: int, warmup: int, repeats: int
+) -> dict[str, float]:
+    """Median seconds of a top-``k`` search of ``queries (N, D)`` in each of ``indexes``, interleaved."""
+    return paired_median_seconds(
+        {name: lambda index=index: index.search_torch(queries, k) for name, index in indexes.items()},
+        warmup,
+        repeats,
+    )
+
+
 def exact_scan(
     capacity: int, entries: int, dim: int, n_queries: int, k: int, warmup: int, repeats: int
 ) -> dict[str, Any]:
@@ -190,15 +202,14 @@ def exact_scan(
     rng = np.random.default_rng(0)
     keys = rng.standard_normal((entries, dim)).astype(np.float32)
     queries = rng.standard_normal((n_queries, dim)).astype(np.float32)
-    indexes = {"live_rows": ExactIndex(dim, "ip", capacity), "all_rows": ExactIndex(dim, "ip", capacity)}
+    indexes: dict[str, KeyIndex] = {
+        "live_rows": ExactIndex(dim, "ip", capacity),
+        "all_rows": ExactIndex(dim, "ip", capacity),
+    }
     for index in indexes.values():
         index.add(np.arange(entries), keys)
     indexes["all_rows"].add(np.array([capacity - 1]), keys[:1])
-    seconds = paired_median_seconds(
-        {name: lambda index=index: index.search(queries, k) for name, index in indexes.items()},
-        warmup,
-        repeats,
-    )
+    seconds = paired_search_seconds(indexes, torch.from_numpy(queries), k, warmup, repeats)
     return {
         "capacity": capacity,
         "entries": entries,
@@ -220,17 +231,13 @@ def exact_blocks(
     rng = np.random.default_rng(0)
     keys = rng.standard_normal((rows, dim)).astype(np.float32)
     queries = torch.from_numpy(rng.standard_normal((n_queries, dim)).astype(np.float32))
-    indexes = {}
+    indexes: dict[str, KeyIndex] = {}
     for exponent in exponents:
         index = ExactIndex(dim, "cosine", rows)
         index.add(np.arange(rows), keys)
         index.block_elements = 2**exponent
         indexes[f"2^{exponent}"] = index
-    seconds = paired_median_seconds(
-        {name: lambda index=index: index.search_torch(queries, k) for name, index in indexes.items()},
-        warmup,
-        repeats,
-    )
+    seconds = paired_search_seconds(indexes, queries, k, warmup, repeats)
     return {
         "rows": rows,
         "dim": dim,
