@@ -156,7 +156,7 @@ class KNNStore:
 
     @property
     def index_backend(self) -> str:
-        """The concrete key index in use: ``hnsw``, ``exact`` or ``product``."""
+        """The concrete key index in use: ``hnsw``, ``exact``, ``product`` or ``cells``."""
         return self._index.backend
 
     @property
