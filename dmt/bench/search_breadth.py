@@ -177,6 +177,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--sample-steps must lie in [1, --steps={args.steps}], got {args.sample_steps}")
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     return args
 
 

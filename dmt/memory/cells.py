@@ -184,11 +184,7 @@ class CellIndex(ExactIndex):
         # Position of each candidate in `order`: its cell's begin plus its rank within the cell; and in its
         # query's row: its rank among that query's candidates.
         ranks = torch.arange(total, device=self.device)
-        in_order = (
-            begins.repeat_interleave(lengths)
-            + ranks
-            - (torch.cumsum(lengths, 0) - lengths).repeat_interleave(lengths)
-        )
+        in_order = (begins - (torch.cumsum(lengths, 0) - lengths)).repeat_interleave(lengths) + ranks
         in_row = ranks - (torch.cumsum(per_query, 0) - per_query)[query_rows]
         labels = self._order[in_order]  # (C,)
         candidates = torch.full((len(queries), width), -1, dtype=torch.int64, device=self.device)
@@ -210,26 +206,26 @@ class CellIndex(ExactIndex):
         # Queries per block so that its candidates stay near MAX_BLOCK_CANDIDATES.
         per_query = max(1, len(self) * self.probe_cells // (self.n * self.n) + len(self._pending))
         block = max(1, MAX_BLOCK_CANDIDATES // per_query)
+        pending_keys = self._table[self._pending]  # (P, D + 1): the unfiled keys, scored by every query
         for begin in range(0, len(queries), block):
-            found = self._search_block(augmented[begin : begin + block], k)
-            labels[begin : begin + block], distances[begin : begin + block] = found
+            found_labels, found = self._search_block(augmented[begin : begin + block], pending_keys, k)
+            labels[begin : begin + block, : found.shape[1]] = found_labels
+            distances[begin : begin + block, : found.shape[1]] = found
         return labels, distances
 
-    def _search_block(self, augmented: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Labels and distances ``(b, k)`` for augmented queries ``(b, D + 1)``."""
+    def _search_block(
+        self, augmented: torch.Tensor, pending_keys: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels and distances ``(b, k')``, ``k' <= k``, for augmented queries ``(b, D + 1)`` among the
+        keys filed in their probed cells and the ``pending_keys (P, D + 1)``; -1 / +inf where none."""
         b = len(augmented)
         row_labels = self._filed_candidates(augmented[:, : self.dim])  # (b, W)
         # The filed candidates: one row gather and one batched product, (b, W, D + 1) by (b, D + 1, 1).
         keys = torch.index_select(self._table, 0, row_labels.clamp_min(0).flatten()).view(b, -1, self.dim + 1)
         rows = torch.bmm(keys, augmented[:, :, None]).squeeze(2).masked_fill_(row_labels < 0, float("inf"))
-        if len(self._pending):  # the unfiled keys, shared by every query: one matmul
-            rows = torch.cat([rows, augmented @ self._table[self._pending].T], 1)  # (b, W + P)
+        if len(pending_keys):  # shared by every query: one matmul
+            rows = torch.cat([rows, augmented @ pending_keys.T], 1)  # (b, W + P)
             row_labels = torch.cat([row_labels, self._pending.expand(b, -1)], 1)
-        k_found = min(k, rows.shape[1])
-        top = rows.topk(k_found, dim=1, largest=False, sorted=True)
-        labels = torch.full((b, k), -1, dtype=torch.int64, device=self.device)
-        distances = torch.full((b, k), float("inf"), device=self.device)
+        top = rows.topk(min(k, rows.shape[1]), dim=1, largest=False, sorted=True)
         found = top.values.isfinite()
-        labels[:, :k_found] = torch.where(found, row_labels.gather(1, top.indices), -1)
-        distances[:, :k_found] = top.values
-        return labels, distances
+        return torch.where(found, row_labels.gather(1, top.indices), -1), top.values
