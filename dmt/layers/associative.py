@@ -40,7 +40,7 @@ class AssociativeMemory(MemoryLayer):
         # (inserted_values: mlp_output); None: values are projected.
         self.insert_targets: torch.Tensor | None = None
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def read_write(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_shape = hidden_states.shape[:-1]  # (B, T)
         queries = self.split_heads(self.query_proj(hidden_states), self.key_dim)  # (N, Dk)
         keys = self.split_heads(self.key_proj(hidden_states), self.key_dim)  # (N, Dk)
@@ -58,7 +58,8 @@ class AssociativeMemory(MemoryLayer):
         attended = mix_values_straight_through(weights, found.rows, entries, values)  # (N, Dv)
         inserted = values
         if self.insert_targets is not None and self.cfg.inserted_values == "mlp_output":
-            inserted = self.split_heads(self.insert_targets, self.value_dim)  # (N, Dv)
+            # The teacher ran under the trainer's precision: its outputs may be bfloat16.
+            inserted = self.split_heads(self.insert_targets.to(values.dtype), self.value_dim)  # (N, Dv)
         self.insert_novel(found.nearest, keys, inserted)
         self.maybe_recombine(found)
         return self.merge_heads(attended, batch_shape)  # (B, T, C)

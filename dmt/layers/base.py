@@ -141,6 +141,21 @@ class MemoryLayer(nn.Module):
         # this layer inserts record the text span they came from. None: origins are not recorded.
         self.token_ids: torch.Tensor | None = None
 
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``(B, T, C) → (B, T, C)``: :meth:`read_write` in the layer's own dtype, outside any autocast.
+
+        Scores, top-k and the stores' keys and values stay float32 under mixed precision: bfloat16 scores
+        reorder close neighbours, and CUDA's ``embedding_bag`` refuses bfloat16 weights over a float32
+        table. The output takes the input's dtype.
+        """
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            output = self.read_write(hidden_states.to(self.out_proj.bias.dtype))
+        return output.to(hidden_states.dtype)
+
+    def read_write(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The layer's search, read and inserts, ``(B, T, C) → (B, T, C)``."""
+        raise NotImplementedError
+
     def write(self, op: str, *args: Any) -> None:
         """Mutate the store now, or record the mutation when writes are deferred."""
         if self.deferred_writes:

@@ -32,7 +32,7 @@ class FeaturalMemory(MemoryLayer):
         elif cfg.gate_dim:
             self.gate_query_proj = nn.Identity()  # the gate query is the hidden state itself
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def read_write(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_shape = hidden_states.shape[:-1]  # (B, T)
         queries = self.split_heads(self.query_proj(hidden_states), self.key_dim)  # (N, Dk)
         found = self.search(queries, by_magnitude=self.cfg.ranking == "magnitude")

@@ -217,3 +217,30 @@ def test_mix_values_equals_the_weighted_gather():
         strict=True,
     ):
         assert_close(a, b)
+
+
+@pytest.mark.parametrize("layer_cls", [FeaturalMemory, AssociativeMemory])
+def test_memory_layers_compute_in_float32_under_autocast(layer_cls):
+    """bf16-mixed training (the GPU trainer) autocasts the block around the layer: the layer's own search
+    and read still run in float32, so they return what a float32 forward returns, in the input's dtype."""
+    layer = make(layer_cls).train()
+    layer(torch.randn(2, 5, 16))  # fill the store
+    layer.eval()
+    x = torch.randn(3, 5, 16)
+    expected = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = layer(x)
+    assert_close(mixed, expected, rtol=0, atol=0)
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_bfloat16_teacher_outputs_are_stored_as_float32_values():
+    layer = make(AssociativeMemory, value_dim=8, inserted_values="mlp_output").train()
+    targets = torch.randn(2, 5, 16)
+    layer.insert_targets = targets.bfloat16()  # a teacher run under bf16 autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(torch.randn(2, 5, 16))
+    _, values = layer.store.get(layer.store.live_ids())
+    stored = torch.as_tensor(values)  # (20, 8): every token's 2 heads were novel
+    assert stored.dtype == torch.float32
+    assert_close(stored.sort(dim=0).values, targets.bfloat16().float().reshape(-1, 8).sort(dim=0).values)
