@@ -168,8 +168,9 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
 def evaluate_on_held_out(
     cfg: DictConfig, teacher: Any, student: Any, tokenizer: Any, datamodule: Any, output_dir: Path
 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """Sliding-window perplexity of teacher, student and ablated teacher on the validation documents
-    (``eval.json``) and on each held-out source of the data (``data=broad``: ``eval_heldout.json``).
+    """Sliding-window perplexity of teacher, student and (``evaluate.ablated``) ablated teacher on the
+    validation documents (``eval.json``) and on each held-out source of the data (``data=broad``:
+    ``eval_heldout.json``).
 
     Returns ``({row: perplexity} on the validation documents, {source: {row: perplexity}})``.
     """
@@ -183,7 +184,7 @@ def evaluate_on_held_out(
             tokenizer,
             truncate_texts(texts, tokenizer, settings.max_tokens_per_text),
             student=student.eval(),
-            ablate_layers=sorted(swapped_layers(student)),
+            ablate_layers=sorted(swapped_layers(student)) if settings.ablated else None,
             window=settings.window,
             stride=settings.stride,
             batch_size=settings.batch_size,

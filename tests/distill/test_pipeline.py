@@ -416,3 +416,13 @@ def test_held_out_sources_are_evaluated_one_by_one(tmp_path, tiny_gpt2, gpt2_tok
     for source, rows in heldout.items():
         assert {row["name"]: row["perplexity"] for row in written[source]["rows"]} == rows
     assert heldout["bbc_news"]["teacher"] != heldout["sherlock_holmes"]["teacher"]
+
+    # evaluate.ablated=false: the same student and teacher perplexities, without the ablated teacher.
+    cfg.evaluate.ablated = False
+    without, heldout_without = run.evaluate_on_held_out(
+        cfg, tiny_gpt2, student, gpt2_tokenizer, Data(), tmp_path
+    )
+    assert without == {name: validation[name] for name in ("teacher", "student")}
+    assert heldout_without == {
+        source: {name: rows[name] for name in ("teacher", "student")} for source, rows in heldout.items()
+    }
