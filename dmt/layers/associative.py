@@ -58,8 +58,7 @@ class AssociativeMemory(MemoryLayer):
         attended = mix_values_straight_through(weights, found.rows, entries, values)  # (N, Dv)
         inserted = values
         if self.insert_targets is not None and self.cfg.inserted_values == "mlp_output":
-            # The teacher ran under the trainer's precision: its outputs may be bfloat16.
-            inserted = self.split_heads(self.insert_targets.to(values.dtype), self.value_dim)  # (N, Dv)
+            inserted = self.split_heads(self.insert_targets, self.value_dim)  # (N, Dv)
         self.insert_novel(found.nearest, keys, inserted)
         self.maybe_recombine(found)
         return self.merge_heads(attended, batch_shape)  # (B, T, C)
