@@ -8,7 +8,11 @@ sources are split per source, and those with role ``heldout`` are in neither spl
 for evaluation (:meth:`TextDataModule.heldout_texts`).
 
 Each split is tokenised with ``datasets.Dataset.map``, every document is followed by the tokenizer's EOS
-token, and the token stream is cut into contiguous blocks of ``block_size`` tokens.
+token, and the token stream is cut into contiguous blocks of ``block_size`` tokens. Training batches are
+shuffled blocks (``train_order: shuffled``) or *streams* (``train_order: streams``): the training documents
+in a seeded order, cut into ``batch_size`` contiguous streams, so that row ``b`` of each batch continues row
+``b`` of the batch before it. A memory that inserts as it trains then holds what its documents said a few
+windows back, as it will when it reads a long document (:mod:`dmt.evaluation.long_document`).
 
 Local files are read as UTF-8 with ``errors="replace"``: a stray non-UTF-8 byte becomes U+FFFD instead of
 aborting a long run.
@@ -27,6 +31,8 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from dmt.data.corpus import SOURCES, Document, build_corpus, check_roles, source_root
+
+TRAIN_ORDERS = ("shuffled", "streams")
 
 # Documents per ``Dataset.map`` batch. Packing runs per batch (as in Hugging Face's ``run_clm``), so each
 # batch drops at most ``block_size - 1`` tokens, while memory stays bounded for large hub datasets.
@@ -84,6 +90,16 @@ def resolve_files(paths: Sequence[str | os.PathLike[str]], glob: str) -> list[Pa
     return list(dict.fromkeys(files))
 
 
+def stream_order(n_blocks: int, streams: int) -> list[int]:
+    """Block indices that make consecutive batches of ``streams`` rows read ``streams`` contiguous streams.
+
+    Blocks ``0 .. n_blocks - 1`` are cut into ``streams`` runs of ``n_blocks // streams`` (the remainder is
+    dropped); batch ``i`` is ``[run_0[i], run_1[i], ...]``. E.g. ``stream_order(6, 2) == [0, 3, 1, 4, 2, 5]``.
+    """
+    length = n_blocks // streams
+    return [stream * length + step for step in range(length) for stream in range(streams)]
+
+
 def collate_blocks(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack packed blocks into a causal-LM batch.
 
@@ -123,7 +139,9 @@ class TextDataModule(pl.LightningDataModule):
         batch_size: training batch size
         eval_batch_size: validation batch size (defaults to ``batch_size``)
         val_fraction: share of documents held out for validation, in (0, 1)
-        max_train_blocks, max_val_blocks: keep a seeded random subset of at most this many blocks
+        max_train_blocks, max_val_blocks: keep a seeded random subset of at most this many blocks (with
+            ``train_order: streams``, the training stream's first blocks)
+        train_order: ``shuffled`` blocks, or ``streams`` (module docstring); streams need one process
         num_workers: ``DataLoader`` workers
         seed: seeds the document split, the block subsets and the training shuffle
     """
@@ -147,6 +165,7 @@ class TextDataModule(pl.LightningDataModule):
         val_fraction: float = 0.1,
         max_train_blocks: int | None = None,
         max_val_blocks: int | None = None,
+        train_order: str = "shuffled",
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
@@ -163,6 +182,8 @@ class TextDataModule(pl.LightningDataModule):
             raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if train_order not in TRAIN_ORDERS:
+            raise ValueError(f"train_order must be one of {TRAIN_ORDERS}, got {train_order!r}")
         caps = {
             "max_train_blocks": max_train_blocks,
             "max_val_blocks": max_val_blocks,
@@ -244,11 +265,20 @@ class TextDataModule(pl.LightningDataModule):
         self._heldout = corpus.heldout
         return Dataset.from_dict({"text": texts}), (train, val)
 
+    def _train_indices(self) -> list[int]:
+        """The training documents' corpus rows in the order training reads them."""
+        train = self._documents()[1][0]
+        if self.hparams.train_order != "streams":
+            return train
+        # A seeded order, so that each stream mixes sources, each document read from its start.
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.hparams.seed))
+        return [train[i] for i in order.tolist()]
+
     @property
     def train_documents(self) -> list[str]:
-        """Names of the training documents: file paths, ``split[row]`` (hub) or ``source/unit`` (sources)."""
-        train, _ = self._documents()[1]
-        return [self._names[i] for i in train]
+        """Names of the training documents (file paths, ``split[row]`` (hub) or ``source/unit`` (sources)),
+        in the order that ``train_order: streams`` reads them."""
+        return [self._names[i] for i in self._train_indices()]
 
     @property
     def val_documents(self) -> list[str]:
@@ -284,9 +314,19 @@ class TextDataModule(pl.LightningDataModule):
             return
         corpus, (train, val) = self._documents()
         hp = self.hparams
-        self.train_dataset = self._blocks(
-            corpus.select(train, keep_in_memory=True), "train", hp.max_train_blocks
-        )
+        if hp.train_order == "streams":
+            blocks = self._blocks(corpus.select(self._train_indices(), keep_in_memory=True), "train", None)
+            if hp.max_train_blocks is not None:
+                blocks = blocks.select(range(min(hp.max_train_blocks, len(blocks))), keep_in_memory=True)
+            if len(blocks) < hp.batch_size:
+                raise ValueError(
+                    f"train_order=streams: {len(blocks)} training blocks cannot fill {hp.batch_size} streams"
+                )
+            self.train_dataset = blocks.select(stream_order(len(blocks), hp.batch_size), keep_in_memory=True)
+        else:
+            self.train_dataset = self._blocks(
+                corpus.select(train, keep_in_memory=True), "train", hp.max_train_blocks
+            )
         self.val_dataset = self._blocks(
             corpus.select(val, keep_in_memory=True), "validation", hp.max_val_blocks
         )
@@ -333,7 +373,11 @@ class TextDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, self.hparams.batch_size, shuffle=True)
+        streams = self.hparams.train_order == "streams"
+        if streams and self.trainer is not None and self.trainer.world_size > 1:
+            # A distributed sampler would deal each stream's blocks out over the ranks.
+            raise ValueError("data.train_order=streams runs in one process; use shuffled with DDP")
+        return self._loader(self.train_dataset, self.hparams.batch_size, shuffle=not streams)
 
     def val_dataloader(self) -> DataLoader:
         batch_size = self.hparams.eval_batch_size or self.hparams.batch_size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from importlib.util import find_spec
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from dmt.conf import CONF_DIR
 from dmt.data import corpus as corpus_module
 from dmt.data import datamodule as dm_module
 from dmt.data.corpus import SOURCES, Source, unwrap_paragraphs
-from dmt.data.datamodule import TextDataModule, pack_blocks, split_documents
+from dmt.data.datamodule import TextDataModule, pack_blocks, split_documents, stream_order
 
 BLOCK = 64
 
@@ -91,6 +92,41 @@ def test_max_blocks_cap(gpt2_tokenizer, text_dir):
     assert [len(batch["input_ids"]) for batch in capped.val_dataloader()] == [2, 1]
 
 
+def test_stream_order_interleaves_contiguous_runs():
+    assert stream_order(6, 2) == [0, 3, 1, 4, 2, 5]
+    assert stream_order(7, 3) == [0, 2, 4, 1, 3, 5]  # the remainder block is dropped
+    assert stream_order(4, 1) == [0, 1, 2, 3]
+
+
+def test_streams_continue_row_by_row_across_batches(gpt2_tokenizer, text_dir):
+    streams = make(gpt2_tokenizer, text_dir, val_fraction=0.34, batch_size=2, train_order="streams")
+    batches = [batch["input_ids"] for batch in streams.train_dataloader()]
+    # The training documents, in the order the streams read them, packed into one token stream.
+    texts = [Path(name).read_text(encoding="utf-8") for name in streams.train_documents]
+    stream = pack_blocks([gpt2_tokenizer(t)["input_ids"] for t in texts], BLOCK, gpt2_tokenizer.eos_token_id)
+    length = len(stream) // 2
+    assert len(batches) == length
+    for row in range(2):
+        read = [batch[row].tolist() for batch in batches]  # row `row` of every batch, in order
+        assert read == stream[row * length : (row + 1) * length]
+    # Same documents as the shuffled order, same validation; the reading order is seeded.
+    shuffled = make(gpt2_tokenizer, text_dir, val_fraction=0.34, batch_size=2)
+    assert sorted(streams.train_documents) == sorted(shuffled.train_documents)
+    assert streams.val_documents == shuffled.val_documents
+    again = make(gpt2_tokenizer, text_dir, val_fraction=0.34, batch_size=2, train_order="streams")
+    assert torch.equal(next(iter(again.train_dataloader()))["input_ids"], batches[0])
+
+
+def test_streams_take_the_first_blocks_and_refuse_too_few(gpt2_tokenizer, text_dir):
+    capped = make(gpt2_tokenizer, text_dir, batch_size=2, train_order="streams", max_train_blocks=7)
+    assert len(capped.train_dataset) == 6  # 2 streams of 3; the 7th block is dropped
+    with pytest.raises(ValueError, match="cannot fill 8 streams"):
+        make(gpt2_tokenizer, text_dir, batch_size=8, train_order="streams", max_train_blocks=5)
+    capped.trainer = SimpleNamespace(world_size=2)  # a DDP run's sampler would split the streams
+    with pytest.raises(ValueError, match="train_order=streams runs in one process"):
+        capped.train_dataloader()
+
+
 def test_missing_path_is_named(gpt2_tokenizer, text_dir):
     missing = text_dir / "no_such_play.txt"
     with pytest.raises(FileNotFoundError, match=r"no_such_play\.txt"):
@@ -110,6 +146,7 @@ def test_folder_without_matching_files(gpt2_tokenizer, text_dir):
         ({"val_fraction": 1.0}, "val_fraction"),
         ({"val_fraction": 0.0}, "val_fraction"),
         ({"max_train_blocks": 0}, "max_train_blocks"),
+        ({"train_order": "sequential"}, "train_order must be one of"),
     ],
 )
 def test_bad_arguments(gpt2_tokenizer, text_dir, kwargs, match):
