@@ -88,6 +88,12 @@ def quarter_perplexities(
     return {"quarters": quarters, "whole": summary(token_nll)}
 
 
+def store_counts(model: PreTrainedModel) -> dict[str, int]:
+    """Entries inserted into and evicted from all of ``model``'s stores so far."""
+    stats = [layer.store.stats for layer in memory_layers(model).values()]
+    return {"inserted": sum(s.inserts for s in stats), "evicted": sum(s.evictions for s in stats)}
+
+
 def read_document(
     teacher: PreTrainedModel, student: PreTrainedModel, input_ids: torch.Tensor, window: int, stride: int
 ) -> dict[str, Any]:
@@ -102,10 +108,12 @@ def read_document(
     with inserting_memory(student) as layers:
         if not layers:
             raise ValueError("the student has no memory layer that inserts (novelty_threshold: null)")
-        entries = sum(len(layer.store) for layer in memory_layers(student).values())
+        before = store_counts(student)
         reading = quarter_perplexities(student, input_ids, window, stride)
-        grown = sum(len(layer.store) for layer in memory_layers(student).values()) - entries
-    rows.append({"name": "student, inserting", **reading, "entries_added": grown})
+        after = store_counts(student)
+    # A full store evicts as it inserts: its size alone would not show what the reading stored.
+    counts = {f"entries_{name}": after[name] - before[name] for name in ("inserted", "evicted")}
+    rows.append({"name": "student, inserting", **reading, **counts})
     return {"rows": rows, "settings": {"window": window, "stride": stride, "tokens": input_ids.numel()}}
 
 

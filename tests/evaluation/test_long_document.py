@@ -15,8 +15,8 @@ from dmt.model.surgery import build_student, memory_layers, resolve_layer_config
 IDS = torch.randint(0, 50257, (403,), generator=torch.Generator().manual_seed(5))
 
 
-def student_of(teacher, novelty_threshold):
-    plan = {"blocks": [3], "type": "associative", "heads": 2, "key_dim": 8, "topk": 4, "capacity": 4096}
+def student_of(teacher, novelty_threshold, capacity=4096):
+    plan = {"blocks": [3], "type": "associative", "heads": 2, "key_dim": 8, "topk": 4, "capacity": capacity}
     plan["novelty_threshold"] = novelty_threshold
     return build_student(teacher, resolve_layer_configs(plan, teacher.config)).eval()
 
@@ -42,13 +42,23 @@ def test_the_inserting_reading_grows_the_memory_and_restores_the_settings():
     result = read_document(teacher, student, IDS, window=64, stride=32)
     names = [row["name"] for row in result["rows"]]
     assert names == ["teacher", "student", "student, inserting"]
-    added = result["rows"][2]["entries_added"]
-    assert added == len(layer.store) > 0  # only the inserting reading stored anything
+    inserting = result["rows"][2]
+    assert inserting["entries_inserted"] == len(layer.store) > 0  # only the inserting reading stored
+    assert inserting["entries_evicted"] == 0
     assert layer.cfg is cfg and not layer.cfg.insert_during_eval
     # Later windows read what earlier ones stored, so the readings differ after the first window.
     student_q, inserting_q = result["rows"][1]["quarters"], result["rows"][2]["quarters"]
     assert student_q[-1]["perplexity"] != inserting_q[-1]["perplexity"]
     assert len(format_table(result).splitlines()) == 4
+
+
+def test_a_full_store_reports_what_the_reading_inserted_and_evicted():
+    teacher = load_teacher(tiny_teacher_cfg("llama"))
+    student = student_of(teacher, novelty_threshold=0.1, capacity=64)
+    inserting = read_document(teacher, student, IDS, window=64, stride=32)["rows"][2]
+    store = memory_layers(student)[3].store
+    assert len(store) == 64 < inserting["entries_inserted"]
+    assert inserting["entries_evicted"] == inserting["entries_inserted"] - 64
 
 
 def test_a_student_without_inserting_memory_is_refused():
