@@ -121,6 +121,9 @@ def memory_multiply_adds(layer: MemoryLayer, entries: int) -> MultiplyAdds:
         projections = d_model * heads * (key_dim + value_dim + gate_dim)  # query, output, gate query
         if isinstance(layer, AssociativeMemory):
             projections += d_model * heads * (key_dim + value_dim)  # key, value
+    if isinstance(layer, AssociativeMemory) and layer.mlp is not None:
+        # The kept MLP (keep_mlp): one multiply-add per weight of its matrices.
+        projections += sum(p.numel() for p in layer.mlp.parameters() if p.ndim == 2)
     search, estimated = search_multiply_adds(layer, entries)
     read = k * (key_dim + gate_dim + value_dim)  # distances, gate dots, value mix
     return MultiplyAdds(projections, heads * search, heads * read, estimated)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,6 +22,10 @@ class AssociativeMemory(MemoryLayer):
     :mod:`dmt.layers.straight_through`: the query projection and the key projection receive the gradient of
     the returned keys, the value projection that of the returned values; the returned values themselves are
     written back into the store (sparse SGD at ``value_lr``), as a featural memory's are.
+
+    With ``keep_mlp`` the block's own MLP (:meth:`keep`) runs beside the memory and the two outputs add;
+    with ``inserted_values: next_token`` the layer reads the model's input embeddings
+    (:meth:`bind_token_embeddings`) and the forward's :attr:`token_ids`.
     """
 
     cfg: AssociativeConfig
@@ -29,16 +34,67 @@ class AssociativeMemory(MemoryLayer):
         super().__init__(*args, **kwargs)
         self.key_proj = nn.Linear(self.d_model, self.heads * self.key_dim)
         self.value_proj = nn.Linear(self.d_model, self.heads * self.value_dim)
-        if self.cfg.inserted_values == "mlp_output":
+        if self.cfg.inserted_values != "projected":
             with torch.no_grad():
                 # A token's query starts equal to its key, so it finds what tokens like it stored, and the
-                # stored MLP outputs pass through the output projection unchanged.
+                # stored residual-stream vectors pass through the output projection unchanged.
                 self.key_proj.load_state_dict(self.query_proj.state_dict())
                 nn.init.eye_(self.out_proj.weight)
                 nn.init.zeros_(self.out_proj.bias)
+        if self.cfg.keep_mlp:
+            with torch.no_grad():
+                # The memory adds to the kept MLP: starting from zero, the student starts as the teacher.
+                nn.init.zeros_(self.out_proj.weight)
+                nn.init.zeros_(self.out_proj.bias)
+        # The block's own MLP, kept beside the memory (keep_mlp; set by keep()).
+        self.register_module("mlp", None)
         # The teacher MLP's outputs (B, T, C) for the forward in progress, set by the training loop
         # (inserted_values: mlp_output); None: values are projected.
         self.insert_targets: torch.Tensor | None = None
+        # The model's input embeddings (inserted_values: next_token). Not a submodule: the model owns them.
+        self._token_embeddings: nn.Module | None = None
+
+    def keep(self, mlp: nn.Module) -> None:
+        """Run ``mlp`` (the block's own MLP, ``keep_mlp``) beside the memory: the layer outputs their sum."""
+        if not self.cfg.keep_mlp:
+            raise ValueError("swap.keep_mlp is false: this layer replaces its block's MLP")
+        self.mlp = mlp
+
+    def bind_token_embeddings(self, embeddings: nn.Module) -> None:
+        """The model's input embeddings, which ``inserted_values: next_token`` stores as values."""
+        object.__setattr__(self, "_token_embeddings", embeddings)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        output = super().forward(hidden_states)  # (B, T, C)
+        if self.mlp is not None:
+            output = output + self.mlp(hidden_states)
+        return output
+
+    def next_token_values(
+        self, nearest: np.ndarray, batch_shape: torch.Size
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """What ``inserted_values: next_token`` inserts: each token's successor's input embedding, split
+        per head ``(N, Dv)``, and ``nearest (N,)`` with every row's last token made never novel (its
+        successor is not in the batch).
+
+        Raises:
+            RuntimeError: the input ids or the embeddings are not set.
+        """
+        if self.token_ids is None or self._token_embeddings is None:
+            raise RuntimeError(
+                "swap.inserted_values=next_token: the layer needs the forward's input ids (token_ids) and "
+                "the model's input embeddings (bind_token_embeddings) to insert"
+            )
+        token_ids = self.token_ids.to(self.out_proj.bias.device)  # (B, T)
+        if tuple(token_ids.shape) != tuple(batch_shape):
+            raise ValueError(
+                f"token_ids of shape {tuple(token_ids.shape)} do not match the batch {tuple(batch_shape)}"
+            )
+        following = self._token_embeddings(token_ids[:, 1:]).detach().float()  # (B, T - 1, C)
+        following = torch.cat([following, following.new_zeros(len(following), 1, following.shape[2])], 1)
+        last = np.zeros((*batch_shape, self.heads), dtype=bool)  # (B, T, H)
+        last[:, -1] = True
+        return self.split_heads(following, self.value_dim), np.where(last.reshape(-1), -np.inf, nearest)
 
     def read_write(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_shape = hidden_states.shape[:-1]  # (B, T)
@@ -56,9 +112,11 @@ class AssociativeMemory(MemoryLayer):
         weights = neighbour_weights(scores, found.valid, "softmax")
         entries = self.learnable_entries(found)  # (U, Dv)
         attended = mix_values_straight_through(weights, found.rows, entries, values)  # (N, Dv)
-        inserted = values
+        inserted, nearest = values, found.nearest
         if self.insert_targets is not None and self.cfg.inserted_values == "mlp_output":
             inserted = self.split_heads(self.insert_targets, self.value_dim)  # (N, Dv)
-        self.insert_novel(found.nearest, keys, inserted)
+        elif self.inserting and self.cfg.inserted_values == "next_token":
+            inserted, nearest = self.next_token_values(nearest, batch_shape)  # (N, Dv), (N,)
+        self.insert_novel(nearest, keys, inserted)
         self.maybe_recombine(found)
         return self.merge_heads(attended, batch_shape)  # (B, T, C)

@@ -312,12 +312,21 @@ class AssociativeConfig(MemoryConfig):
     insertion: the value a query should retrieve is known exactly); the value space is then the residual
     stream (``heads · value_dim = d_model``, each head storing its slice) and the output projection starts
     as the identity. Without a teacher (evaluation, ``insert_during_eval``) values are projected.
+    ``next_token``: the input embedding of the token that follows it (a continuous cache, Grave et al.
+    2017; kNN-LM, Khandelwal et al. 2020: what came next after a similar context), also residual-stream
+    wide; a row's last token, whose successor is not in the batch, inserts nothing. It needs the input
+    ids, in training and in evaluation alike.
+
+    ``keep_mlp``: the block keeps its MLP and the memory's output is added to it (a memory beside the MLP,
+    as Memorizing Transformers add kNN attention beside a block's own); the output projection starts at
+    zero, so the student starts as the teacher, and the kept MLP does not train with the memory.
     """
 
     type: ClassVar[str] = "associative"
-    INSERTED_VALUES: ClassVar[tuple[str, ...]] = ("projected", "mlp_output")
+    INSERTED_VALUES: ClassVar[tuple[str, ...]] = ("projected", "mlp_output", "next_token")
 
     inserted_values: str = "projected"
+    keep_mlp: bool = False
 
     def __post_init__(self) -> None:
         if self.inserted_values not in self.INSERTED_VALUES:
@@ -325,15 +334,19 @@ class AssociativeConfig(MemoryConfig):
                 "inserted_values",
                 f"unknown value source {self.inserted_values!r}; expected one of {self.INSERTED_VALUES}",
             )
+        if self.keep_mlp and self.inserted_values == "mlp_output":
+            raise bad(
+                "keep_mlp", "the kept MLP already adds its output; inserted_values=mlp_output would too"
+            )
         super().__post_init__()
 
     def resolved(self, d_model: int, mlp: MLPForm | None = None) -> AssociativeConfig:
         config = super().resolved(d_model, mlp)
-        if config.inserted_values == "mlp_output" and config.heads * config.value_dim != d_model:
+        if config.inserted_values != "projected" and config.heads * config.value_dim != d_model:
             raise bad(
                 "value_dim",
-                f"inserted_values=mlp_output stores d_model-wide MLP outputs: heads x value_dim must be "
-                f"{d_model}, got {config.heads} x {config.value_dim}",
+                f"inserted_values={config.inserted_values} stores d_model-wide vectors: heads x value_dim "
+                f"must be {d_model}, got {config.heads} x {config.value_dim}",
             )
         return config
 

@@ -166,6 +166,7 @@ def remote_block(model: PreTrainedModel, index: int, layer: nn.Module) -> dict[s
             "temperature": cfg.temperature,
             "weighting": getattr(cfg, "weighting", "softmax"),
             "ranking": getattr(cfg, "ranking", "score"),
+            "keep_mlp": getattr(cfg, "keep_mlp", False),
         }
         block["store"] = f"memory/layer_{index:02d}"
     elif isinstance(layer, LowRankMLP):

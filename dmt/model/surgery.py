@@ -11,6 +11,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from dmt.layers import (
     SWAPPED_CLASSES,
+    AssociativeMemory,
     FeaturalConfig,
     FeaturalMemory,
     LayerConfig,
@@ -24,7 +25,7 @@ from dmt.layers import (
 from dmt.layers.config import CONFIG_CLASSES, bad
 from dmt.layers.mlp import MLPForm
 from dmt.memory import KNNStore
-from dmt.model.families import family_of, mlp_form, mlp_weights, num_blocks, set_mlp
+from dmt.model.families import family_of, get_mlp, mlp_form, mlp_weights, num_blocks, set_mlp
 
 # Keys of the ``swap`` config group that choose blocks and layer types rather than configure layers.
 SELECTION_KEYS = ("blocks", "type", "per_block")
@@ -151,7 +152,9 @@ def attach_memory_layers(
     ``stores`` supplies saved stores (on load); otherwise new ones are created and, for ``init: ffn``,
     seeded from the MLP being replaced. Baselines take their form (and, for ``init: ffn`` when not
     loading, their starting weights) from the MLP they replace; on load (``stores`` given, even empty) the
-    saved weights are loaded over them afterwards, so the model's MLPs may be unallocated (meta).
+    saved weights are loaded over them afterwards, so the model's MLPs may be unallocated (meta). An
+    associative layer with ``keep_mlp`` takes the block's MLP inside it; one that inserts ``next_token``
+    values is given the model's input embeddings.
     """
     num_layers = num_blocks(model)
     device = next(model.parameters()).device
@@ -167,6 +170,11 @@ def attach_memory_layers(
             layer = build_memory_layer(form.d_model, cfg, store, mlp=form)
             if store is None and isinstance(layer, FeaturalMemory) and layer.cfg.init == "ffn":
                 layer.init_from_ffn(mlp_weights(model, index))
+            if isinstance(layer, AssociativeMemory):
+                if layer.cfg.keep_mlp:
+                    layer.keep(get_mlp(model, index))
+                if layer.cfg.inserted_values == "next_token":
+                    layer.bind_token_embeddings(model.get_input_embeddings())
         set_mlp(model, index, layer.to(device))
     return model
 

@@ -6,7 +6,7 @@ the modules that ``config.dmt["blocks"]`` names swapped:
 
 - ``featural`` / ``associative``: a :class:`MemoryRead` over the entries of ``memory/layer_XX/`` (the
   store's live rows: ``keys.npy``, ``values.npy``, ``live.npy``, checked against ``manifest.json``),
-  searched exactly, in torch, on the model's device;
+  searched exactly, in torch, on the model's device (beside the block's own MLP where it was kept);
 - ``removed``: :class:`RemovedMLP` (the block has no MLP); ``lowrank``: :class:`LowRankMLP`.
 
 Weight names are those of dmt's own student, so ``model.safetensors`` loads as it is. A memory read here
@@ -56,10 +56,16 @@ class MemoryRead(nn.Module):
     ``spec`` is a block of ``config.dmt["blocks"]``: ``type``, and ``read`` with ``heads``, ``key_dim``,
     ``value_dim``, ``gate_dim``, ``dense``, ``topk``, ``metric``, ``temperature``, ``weighting`` and
     ``ranking``. The entries are set by :meth:`load_entries`; until then the layer outputs the output bias.
+    With ``read["keep_mlp"]`` the block's own ``mlp`` runs beside the memory and the outputs add.
     """
 
-    def __init__(self, d_model: int, spec: dict[str, Any]) -> None:
+    def __init__(self, d_model: int, spec: dict[str, Any], mlp: nn.Module | None = None) -> None:
         super().__init__()
+        self.mlp = None
+        if read_keeps_mlp(spec):
+            if mlp is None:
+                raise ValueError("config.json: a memory kept beside its block's MLP needs that MLP")
+            self.mlp = mlp
         self.kind = spec["type"]
         read = spec["read"]
         self.heads, self.key_dim, self.value_dim = read["heads"], read["key_dim"], read["value_dim"]
@@ -136,7 +142,13 @@ class MemoryRead(nn.Module):
             gate = neighbour_dots(gate_queries, entries[:, self.value_dim :], rows)  # (N, K)
         weights = neighbour_weights(scores, valid, self.weighting, gate)  # (N, K)
         mixed = mix_values(weights, rows, entries[:, : self.value_dim])  # (N, Dv)
-        return self.out_proj(mixed.reshape(*batch_shape, self.heads * self.value_dim))  # (B, T, C)
+        output = self.out_proj(mixed.reshape(*batch_shape, self.heads * self.value_dim))  # (B, T, C)
+        return output if self.mlp is None else output + self.mlp(hidden_states)
+
+
+def read_keeps_mlp(spec: dict[str, Any]) -> bool:
+    """Whether a block's memory runs beside the block's MLP (exports before keep_mlp lack the key)."""
+    return bool(spec.get("read", {}).get("keep_mlp", False))
 
 
 class RemovedMLP(nn.Module):
@@ -165,11 +177,11 @@ class LowRankMLP(nn.Module):
         return self.values(hidden)  # (B, T, C)
 
 
-def swapped_module(d_model: int, spec: dict[str, Any]) -> nn.Module:
-    """The module that stands in for a block's MLP, per ``spec["type"]``."""
+def swapped_module(d_model: int, spec: dict[str, Any], mlp: nn.Module | None = None) -> nn.Module:
+    """The module that stands in for a block's MLP ``mlp``, per ``spec["type"]``."""
     kind = spec["type"]
     if kind in ("featural", "associative"):
-        return MemoryRead(d_model, spec)
+        return MemoryRead(d_model, spec, mlp)
     if kind == "removed":
         return RemovedMLP()
     if kind == "lowrank":
@@ -249,7 +261,8 @@ class StudentMixin:
                 f"(expected {EXPORT_FORMAT_VERSION})"
             )
         for block in spec["blocks"].values():
-            self.set_submodule(block["module"], swapped_module(config.hidden_size, block))
+            mlp = self.get_submodule(block["module"])
+            self.set_submodule(block["module"], swapped_module(config.hidden_size, block, mlp))
 
     def load_memory(self, directory: str | os.PathLike) -> None:
         """Read every memory layer's entries from the export ``directory`` (its ``memory/layer_XX``)."""

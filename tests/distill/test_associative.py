@@ -167,3 +167,39 @@ def test_associative_upper_learns_on_the_real_teacher(tmp_path):
     assert summary["memory_entries"] == 4 * 4096
     loss = logged["train/loss"]
     assert loss[-1] < loss[1], loss  # step 0 reads an empty store; from step 1 on, the inserts are read
+
+
+def test_a_memory_beside_the_mlp_starts_as_the_teacher_and_caches_next_tokens():
+    teacher = load_teacher(tiny_teacher_cfg("llama"))
+    torch.manual_seed(0)
+    student = associative_student(
+        teacher, inserted_values="next_token", keep_mlp=True, novelty_threshold=-1.0, value_lr=0.0
+    )
+    with torch.no_grad():  # the output projection starts at zero: the teacher's logits exactly
+        torch.testing.assert_close(student.eval()(TOKENS).logits, teacher(TOKENS).logits)
+    student.train()
+    module = DistillationModule(student, teacher, alpha_kd=1.0, alpha_ce=1.0, trainable="memory")
+    layer = memory_layers(student)[3]
+    kept = {name: p.detach().clone() for name, p in layer.mlp.named_parameters()}
+    assert kept and not any(p.requires_grad for p in layer.mlp.parameters())
+    assert layer.out_proj.weight.requires_grad
+    module.on_fit_start()
+    tokens = TOKENS[:1]
+    module.losses({"input_ids": tokens, "attention_mask": torch.ones_like(tokens)})
+    module.commit_memory_writes()
+    # Each token but the last stored its successor's input embedding, each head its slice.
+    values = layer.store.get(np.arange(len(layer.store)))[1]  # ((T - 1)·H, Dv) in insertion order
+    following = teacher.get_input_embeddings()(tokens[0, 1:]).reshape(-1, layer.value_dim)
+    torch.testing.assert_close(torch.from_numpy(values), following)
+    # The memory learns what to add; the kept MLP stays the teacher's.
+    train(module, 3, [TOKENS[:2], TOKENS[2:]], lr=1e-2)
+    assert layer.out_proj.weight.abs().sum() > 0
+    for name, p in layer.mlp.named_parameters():
+        torch.testing.assert_close(p, kept[name])
+
+
+def test_next_token_values_need_the_input_ids():
+    teacher = load_teacher(tiny_teacher_cfg("llama"))
+    student = associative_student(teacher, inserted_values="next_token", keep_mlp=True).train()
+    with pytest.raises(RuntimeError, match="token_ids"):
+        student(TOKENS)

@@ -224,6 +224,13 @@ EXPECTED_PLANS = {
     "quality_all_memory": [(ALL, FeaturalConfig, ALL_MEMORY)],
     "quality_all_removed": [(ALL, RemovedConfig, {})],
     "quality_all_lowrank": [(ALL, LowRankConfig, {"rank": 100, "init": "ffn"})],
+    "associative_cache": [
+        (
+            range(29, 30),
+            AssociativeConfig,
+            {"keep_mlp": True, "inserted_values": "next_token", "lrfu_lambda": 1.0},
+        )
+    ],
     "tiny_mixed": [
         (range(0, 2), FeaturalConfig, {"init": "empty", "capacity": 20000, "gate_dim": 0}),
         (range(2, 4), AssociativeConfig, {"capacity": 20000}),

@@ -186,3 +186,12 @@ def test_a_cells_search_counts_the_sub_keys_and_the_probed_cells_mean_keys():
     filled(layer, 30, seed=1)
     assert layer.store.pending_entries == 30
     assert layer_multiply_adds(layer).search == (8 + math.ceil(670 * 4 / 64) + 30) * 8
+
+
+def test_a_memory_beside_its_kept_mlp_also_pays_for_the_mlp(tiny_llama):
+    plan = {"blocks": [0, 1], "type": "associative", "heads": 2, "key_dim": 8, "topk": 4, "capacity": 64}
+    plan |= {"index": {"backend": "exact"}, "per_block": {1: {"keep_mlp": True}}}
+    layers = swapped_layers(build_student(tiny_llama, resolve_layer_configs(plan, tiny_llama.config)))
+    alone, beside = (layer_multiply_adds(filled(layers[i], 30)) for i in (0, 1))
+    assert beside.projections == alone.projections + 3 * 32 * 64  # SwiGLU: gate, up and down matrices
+    assert (beside.search, beside.read) == (alone.search, alone.read)

@@ -43,13 +43,21 @@ def test_lowrank_rank_null_is_left_to_the_plan():
         FeaturalConfig(topk=4, novelty_threshold=0.2, index={"backend": "exact"}).resolved(32),
         FeaturalConfig(init="ffn", topk=64, ranking="magnitude", dense_weights=False).resolved(32, SWIGLU),
         AssociativeConfig(heads=4, metric="cosine", temperature=0.1).resolved(32),
+        AssociativeConfig(heads=4, inserted_values="next_token", keep_mlp=True).resolved(32),
         RemovedConfig(),
         LowRankConfig(rank=8, init="ffn"),
     ],
-    ids=["featural", "featural_ffn", "associative", "removed", "lowrank"],
+    ids=["featural", "featural_ffn", "associative", "associative_cache", "removed", "lowrank"],
 )
 def test_to_dict_round_trips_through_layer_config(cfg):
     saved = json.loads(json.dumps(cfg.to_dict()))  # as dmt_config.json holds it
     assert saved["type"] == cfg.type
     loaded = layer_config(saved)
     assert type(loaded) is type(cfg) and loaded == cfg
+
+
+def test_inserted_residual_stream_values_need_its_width_and_no_second_mlp():
+    with pytest.raises(ValueError, match="swap.value_dim: inserted_values=next_token"):
+        AssociativeConfig(heads=4, value_dim=4, inserted_values="next_token").resolved(32)
+    with pytest.raises(ValueError, match="swap.keep_mlp"):
+        AssociativeConfig(inserted_values="mlp_output", keep_mlp=True)

@@ -96,6 +96,24 @@ def mixed_student(teacher, backend: str = "auto"):
     return student.eval()
 
 
+def cache_student(teacher):
+    """Associative memories beside the kept MLPs of blocks 1 and 2, caching next tokens, trained one step."""
+    settings = {"blocks": [1, 2], "type": "associative", "heads": 2, "key_dim": 8, "topk": 4}
+    settings |= {"capacity": 256, "novelty_threshold": 0.0, "inserted_values": "next_token", "keep_mlp": True}
+    student = build_student(teacher, resolve_layer_configs(settings, teacher.config)).train()
+    layers = memory_layers(student).values()
+    for layer in layers:
+        layer.token_ids = TOKENS
+    for _ in range(2):  # the first step fills the stores, the second reads them
+        student.zero_grad()
+        student(TOKENS, labels=TOKENS).loss.backward()
+        torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.1).step()
+    for layer in layers:
+        layer.token_ids = None
+        assert layer.out_proj.weight.abs().sum() > 0
+    return student.eval()
+
+
 def seeded_llama_student(teacher):
     """Every MLP a featural memory holding that MLP's own gated rows, read by |gate score| (all-MLP form)."""
     c = teacher.config.hidden_size
@@ -112,6 +130,7 @@ def seeded_llama_student(teacher):
         ("tiny_gpt2", partial(mixed_student, backend="hnsw")),
         ("tiny_gpt2", partial(mixed_student, backend="cells")),
         ("tiny_llama", seeded_llama_student),
+        ("tiny_llama", cache_student),
         ("tiny_llama", None),
     ],
     ids=[
@@ -119,6 +138,7 @@ def seeded_llama_student(teacher):
         "gpt2-mixed-hnsw",
         "gpt2-mixed-cells",
         "llama-seeded-fp16",
+        "llama-cache-beside-mlp",
         "llama-featural-associative",
     ],
 )
