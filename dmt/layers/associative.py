@@ -34,17 +34,17 @@ class AssociativeMemory(MemoryLayer):
         super().__init__(*args, **kwargs)
         self.key_proj = nn.Linear(self.d_model, self.heads * self.key_dim)
         self.value_proj = nn.Linear(self.d_model, self.heads * self.value_dim)
-        if self.cfg.inserted_values != "projected":
-            with torch.no_grad():
-                # A token's query starts equal to its key, so it finds what tokens like it stored, and the
-                # stored residual-stream vectors pass through the output projection unchanged.
+        with torch.no_grad():
+            if self.cfg.inserted_values != "projected":
+                # A token's query starts equal to its key, so it finds what tokens like it stored.
                 self.key_proj.load_state_dict(self.query_proj.state_dict())
-                nn.init.eye_(self.out_proj.weight)
-                nn.init.zeros_(self.out_proj.bias)
-        if self.cfg.keep_mlp:
-            with torch.no_grad():
+            if self.cfg.keep_mlp:
                 # The memory adds to the kept MLP: starting from zero, the student starts as the teacher.
                 nn.init.zeros_(self.out_proj.weight)
+                nn.init.zeros_(self.out_proj.bias)
+            elif self.cfg.inserted_values != "projected":
+                # The stored residual-stream vectors pass through the output projection unchanged.
+                nn.init.eye_(self.out_proj.weight)
                 nn.init.zeros_(self.out_proj.bias)
         # The block's own MLP, kept beside the memory (keep_mlp; set by keep()).
         self.register_module("mlp", None)
