@@ -27,6 +27,7 @@ DEFAULT_EXPERIMENTS = (
     "quality_all_lowrank",
     "associative_upper",
     "associative_upper_third",
+    "associative_cache",
 )
 
 
