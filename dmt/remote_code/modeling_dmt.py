@@ -61,13 +61,13 @@ class MemoryRead(nn.Module):
 
     def __init__(self, d_model: int, spec: dict[str, Any], mlp: nn.Module | None = None) -> None:
         super().__init__()
+        self.kind = spec["type"]
+        read = spec["read"]
         self.mlp = None
-        if read_keeps_mlp(spec):
+        if read.get("keep_mlp", False):  # exports made before keep_mlp lack the key
             if mlp is None:
                 raise ValueError("config.json: a memory kept beside its block's MLP needs that MLP")
             self.mlp = mlp
-        self.kind = spec["type"]
-        read = spec["read"]
         self.heads, self.key_dim, self.value_dim = read["heads"], read["key_dim"], read["value_dim"]
         self.gate_dim = read["gate_dim"]
         self.topk, self.metric, self.temperature = read["topk"], read["metric"], read["temperature"]
@@ -144,11 +144,6 @@ class MemoryRead(nn.Module):
         mixed = mix_values(weights, rows, entries[:, : self.value_dim])  # (N, Dv)
         output = self.out_proj(mixed.reshape(*batch_shape, self.heads * self.value_dim))  # (B, T, C)
         return output if self.mlp is None else output + self.mlp(hidden_states)
-
-
-def read_keeps_mlp(spec: dict[str, Any]) -> bool:
-    """Whether a block's memory runs beside the block's MLP (exports before keep_mlp lack the key)."""
-    return bool(spec.get("read", {}).get("keep_mlp", False))
 
 
 class RemovedMLP(nn.Module):
