@@ -114,7 +114,7 @@ PROFILE_FUNCTIONS: dict[str, list[tuple[str, str]]] = {
         ("dmt/remote_code/memory_ops.py", "neighbour_dots"),
         ("dmt/remote_code/memory_ops.py", "neighbour_weights"),
         ("dmt/remote_code/memory_ops.py", "mix_values"),
-        ("dmt/layers/straight_through.py", "returned_keys_straight_through"),
+        ("dmt/layers/straight_through.py", "distances_straight_through"),
         ("dmt/layers/straight_through.py", "mix_values_straight_through"),
         ("dmt/memory/metrics.py", "distance"),
     ],

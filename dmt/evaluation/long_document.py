@@ -4,9 +4,11 @@
 document with sliding windows (``dmt/conf/long_document.yaml``: window 512, stride 256) three ways: the
 teacher, the student with its memory as trained (no inserts), and the student inserting as it reads (every
 memory layer with a ``novelty_threshold`` stores the novel keys and values of each window after searching
-it, so later windows can retrieve what earlier ones held). Each quarter of the document gets its own
-perplexity: a memory that carries what the window has lost shows up as lower perplexity in later quarters.
-Prints a table and writes ``output`` as JSON.
+it, so later windows can retrieve what earlier ones held). With ``from_empty: true`` a fourth reading
+inserts as it reads into emptied stores, so that what the document's own entries do is told apart from
+what the memory held before. Each quarter of the document gets its own perplexity: a memory that carries
+what the window has lost shows up as lower perplexity in later quarters. Prints a table and writes
+``output`` as JSON.
 """
 
 from __future__ import annotations
@@ -94,36 +96,58 @@ def store_counts(model: PreTrainedModel) -> dict[str, int]:
     return {"inserted": sum(s.inserts for s in stats), "evicted": sum(s.evictions for s in stats)}
 
 
-def read_document(
-    teacher: PreTrainedModel, student: PreTrainedModel, input_ids: torch.Tensor, window: int, stride: int
+def inserting_reading(
+    student: PreTrainedModel, input_ids: torch.Tensor, window: int, stride: int
 ) -> dict[str, Any]:
-    """The three readings of the module docstring, as ``{"rows": [{"name", "quarters": [...]}]}``.
-
-    The student is read without inserts first; the inserting reading then grows its memory.
-    """
-    rows = [
-        {"name": "teacher", **quarter_perplexities(teacher, input_ids, window, stride)},
-        {"name": "student", **quarter_perplexities(student, input_ids, window, stride)},
-    ]
+    """The student reading ``input_ids`` while its memory inserts, and how many entries that inserted and
+    evicted (a full store evicts as it inserts: its size alone would not show what the reading stored)."""
     with inserting_memory(student) as layers:
         if not layers:
             raise ValueError("the student has no memory layer that inserts (novelty_threshold: null)")
         before = store_counts(student)
         reading = quarter_perplexities(student, input_ids, window, stride)
         after = store_counts(student)
-    # A full store evicts as it inserts: its size alone would not show what the reading stored.
-    counts = {f"entries_{name}": after[name] - before[name] for name in ("inserted", "evicted")}
-    rows.append({"name": "student, inserting", **reading, **counts})
+    return reading | {f"entries_{name}": after[name] - before[name] for name in ("inserted", "evicted")}
+
+
+def read_document(
+    teacher: PreTrainedModel,
+    student: PreTrainedModel,
+    input_ids: torch.Tensor,
+    window: int,
+    stride: int,
+    from_empty: bool = False,
+) -> dict[str, Any]:
+    """The readings of the module docstring, as ``{"rows": [{"name", "quarters": [...]}]}``.
+
+    The student is read without inserts first; the inserting reading then grows its memory. With
+    ``from_empty`` the stores of the layers that insert are then replaced by empty ones (the student is
+    changed in place) and read into once more.
+    """
+    rows = [
+        {"name": "teacher", **quarter_perplexities(teacher, input_ids, window, stride)},
+        {"name": "student", **quarter_perplexities(student, input_ids, window, stride)},
+    ]
+    rows.append({"name": "student, inserting", **inserting_reading(student, input_ids, window, stride)})
+    if from_empty:
+        for layer in memory_layers(student).values():
+            if layer.cfg.novelty_threshold is not None:
+                layer.store = layer.empty_store()
+        reading = inserting_reading(student, input_ids, window, stride)
+        rows.append({"name": "student, inserting into empty memory", **reading})
     return {"rows": rows, "settings": {"window": window, "stride": stride, "tokens": input_ids.numel()}}
 
 
 def format_table(result: dict[str, Any]) -> str:
     """Perplexity per quarter and overall, one row per reading."""
-    header = f"{'reading':<20}" + "".join(f"{f'Q{q + 1}':>10}" for q in range(QUARTERS)) + f"{'whole':>10}"
+    width = max(len(row["name"]) for row in result["rows"]) + 2
+    header = (
+        f"{'reading':<{width}}" + "".join(f"{f'Q{q + 1}':>10}" for q in range(QUARTERS)) + f"{'whole':>10}"
+    )
     lines = [header]
     for row in result["rows"]:
         values = [*row["quarters"], row["whole"]]
-        lines.append(f"{row['name']:<20}" + "".join(f"{v['perplexity']:>10.2f}" for v in values))
+        lines.append(f"{row['name']:<{width}}" + "".join(f"{v['perplexity']:>10.2f}" for v in values))
     return "\n".join(lines)
 
 
@@ -138,7 +162,7 @@ def run_long_document(cfg: DictConfig) -> dict[str, Any]:
         input_ids = input_ids[: cfg.max_tokens]
     teacher = load_teacher(cfg.teacher)
     student = load_student(cfg.student)[0]
-    result = read_document(teacher, student, input_ids, cfg.window, cfg.stride)
+    result = read_document(teacher, student, input_ids, cfg.window, cfg.stride, cfg.from_empty)
     result |= {"student": str(cfg.student), "document": str(cfg.document)}
     print(format_table(result))
     if cfg.output:

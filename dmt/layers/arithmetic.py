@@ -51,7 +51,6 @@ from torch import nn
 from dmt.layers.associative import AssociativeMemory
 from dmt.layers.base import MemoryLayer
 from dmt.layers.baselines import LowRankMLP, RemovedMLP
-from dmt.layers.config import FeaturalConfig
 from dmt.layers.featural import FeaturalMemory
 from dmt.layers.mlp import MLPForm
 from dmt.memory.backends import index_class
@@ -106,7 +105,7 @@ def search_multiply_adds(layer: MemoryLayer, entries: int) -> tuple[int, bool]:
         cost = (n + candidates) * key_dim if k else 0
     else:
         raise ValueError(f"swap.index.backend: no multiply-add count for the {backend!r} index")
-    by_magnitude = isinstance(cfg, FeaturalConfig) and cfg.ranking == "magnitude"
+    by_magnitude = cfg.ranking == "magnitude"
     searches = index_class(backend).magnitude_searches if by_magnitude else 1
     return searches * cost, backend in ("hnsw", "cells")
 

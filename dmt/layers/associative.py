@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dmt.layers.base import MemoryLayer
 from dmt.layers.config import AssociativeConfig
-from dmt.layers.straight_through import mix_values_straight_through, returned_keys_straight_through
-from dmt.remote_code.memory_ops import neighbour_distances, neighbour_weights
+from dmt.layers.straight_through import distances_straight_through, mix_values_straight_through
+from dmt.remote_code.memory_ops import neighbour_weights
 
 
 class AssociativeMemory(MemoryLayer):
@@ -26,6 +27,11 @@ class AssociativeMemory(MemoryLayer):
     With ``keep_mlp`` the block's own MLP (:meth:`keep`) runs beside the memory and the two outputs add;
     with ``inserted_values: next_token`` the layer reads the model's input embeddings
     (:meth:`bind_token_embeddings`) and the forward's :attr:`token_ids`.
+
+    With ``init: ffn`` (:meth:`init_from_ffn`) the store starts with the replaced MLP's units and the
+    attention weights are the MLP's activation of each score (times the gate for a gated MLP), so the layer
+    starts as that MLP restricted to its top-k units; a token's own entry is then its projected key and
+    value and, gated, its gate query scaled to unit length as the gate key.
     """
 
     cfg: AssociativeConfig
@@ -35,16 +41,28 @@ class AssociativeMemory(MemoryLayer):
         self.key_proj = nn.Linear(self.d_model, self.heads * self.key_dim)
         self.value_proj = nn.Linear(self.d_model, self.heads * self.value_dim)
         with torch.no_grad():
-            if self.cfg.inserted_values != "projected":
+            if self.cfg.init == "ffn":
+                # The tokens' own entries start inert (zero key: score 0, weight act(0) = 0 for ReLU-like
+                # activations; zero value) and grow from the straight-through gradients, so that the MLP's
+                # units read as they did in the MLP instead of being outranked by new keys of another scale.
+                for proj in (self.key_proj, self.value_proj):
+                    nn.init.zeros_(proj.weight)
+                    nn.init.zeros_(proj.bias)
+            elif self.cfg.inserted_values != "projected":
                 # A token's query starts equal to its key, so it finds what tokens like it stored.
                 self.key_proj.load_state_dict(self.query_proj.state_dict())
-            if self.cfg.keep_mlp:
-                # The memory adds to the kept MLP: starting from zero, the student starts as the teacher.
-                nn.init.zeros_(self.out_proj.weight)
-                nn.init.zeros_(self.out_proj.bias)
-            elif self.cfg.inserted_values != "projected":
-                # The stored residual-stream vectors pass through the output projection unchanged.
+            if self.cfg.inserted_values != "projected":
+                # Residual-stream values: the output projection starts as output_gain × identity; by
+                # default the stored vectors pass through unchanged, or, beside a kept MLP, start at zero so
+                # that the student starts as the teacher.
+                gain = self.cfg.output_gain
+                if gain is None:
+                    gain = 0.0 if self.cfg.keep_mlp else 1.0
                 nn.init.eye_(self.out_proj.weight)
+                self.out_proj.weight.mul_(gain)
+                nn.init.zeros_(self.out_proj.bias)
+            elif self.cfg.keep_mlp:  # the memory adds to the kept MLP: from zero, the student is the teacher
+                nn.init.zeros_(self.out_proj.weight)
                 nn.init.zeros_(self.out_proj.bias)
         # The block's own MLP, kept beside the memory (keep_mlp; set by keep()).
         self.register_module("mlp", None)
@@ -101,22 +119,24 @@ class AssociativeMemory(MemoryLayer):
         queries = self.split_heads(self.query_proj(hidden_states), self.key_dim)  # (N, Dk)
         keys = self.split_heads(self.key_proj(hidden_states), self.key_dim)  # (N, Dk)
         values = self.split_heads(self.value_proj(hidden_states), self.value_dim)  # (N, Dv)
-        found = self.search(queries)
-        keys_ret = returned_keys_straight_through(queries, keys, found.keys[found.rows])  # (N, K, Dk)
-        # Each query's own returned keys as a table: row n·K + k is its k-th neighbour.
-        own_rows = torch.arange(keys_ret.shape[0] * keys_ret.shape[1], device=queries.device)
-        distances = neighbour_distances(
-            queries, keys_ret.flatten(0, 1), own_rows.view(found.rows.shape), self.cfg.metric
+        found = self.search(queries, by_magnitude=self.cfg.ranking == "magnitude")
+        distances = distances_straight_through(
+            queries, keys, found.keys, found.rows, self.cfg.metric
         )  # (N, K)
         scores = self.scores(distances)
-        weights = neighbour_weights(scores, found.valid, "softmax")
-        entries = self.learnable_entries(found)  # (U, Dv)
-        attended = mix_values_straight_through(weights, found.rows, entries, values)  # (N, Dv)
+        entries = self.learnable_entries(found)  # (U, Dv + G): value, then gate key
+        gate_queries, gate = self.gate(hidden_states, entries, found)  # (N, G), (N, K); None ungated
+        weights = neighbour_weights(scores, found.valid, self.cfg.weighting, gate)
+        attended = mix_values_straight_through(
+            weights, found.rows, entries[:, : self.value_dim], values
+        )  # (N, Dv)
         inserted, nearest = values, found.nearest
         if self.insert_targets is not None and self.cfg.inserted_values == "mlp_output":
             inserted = self.split_heads(self.insert_targets, self.value_dim)  # (N, Dv)
         elif self.inserting and self.cfg.inserted_values == "next_token":
             inserted, nearest = self.next_token_values(nearest, batch_shape)  # (N, Dv), (N,)
+        if gate_queries is not None:
+            inserted = torch.cat([inserted, F.normalize(gate_queries, dim=1)], dim=1)  # (N, Dv + G)
         self.insert_novel(nearest, keys, inserted)
         self.maybe_recombine(found)
         return self.merge_heads(attended, batch_shape)  # (B, T, C)

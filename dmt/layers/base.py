@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from dmt.layers.config import MemoryConfig
+from dmt.layers.mlp import FFNWeights
 from dmt.memory import KNNStore, token_spans
-from dmt.remote_code.memory_ops import AppendOne, OutputBias, similarity_scores
+from dmt.remote_code.memory_ops import AppendOne, OutputBias, neighbour_dots, similarity_scores
 
 # A store mutation recorded by a layer: (operation, arguments of the store method).
 WriteOp = tuple[str, tuple[Any, ...]]
@@ -85,8 +86,9 @@ class Retrieved:
 
     @property
     def nearest(self) -> np.ndarray:
-        """``(N,)`` distance of each query's nearest entry, +inf if none."""
-        return self.distances[:, 0]
+        """``(N,)`` distance of each query's nearest returned entry, +inf if none (the first, unless the
+        search ranked by ``|similarity|``)."""
+        return self.distances.min(axis=1)
 
 
 class MemoryLayer(nn.Module):
@@ -102,16 +104,7 @@ class MemoryLayer(nn.Module):
         self.value_dim = cfg.value_dim
         # What a store entry holds besides its key: the value, then (gated featural memory) the gate key.
         self.entry_dim = self.value_dim + cfg.gate_width
-        self.store = store or KNNStore(
-            key_dim=self.key_dim,
-            value_dim=self.entry_dim,
-            capacity=cfg.capacity,
-            metric=cfg.metric,
-            lrfu_lambda=cfg.lrfu_lambda,
-            value_dtype=cfg.value_dtype,
-            index=dict(cfg.index),
-            eviction=cfg.eviction,
-        )
+        self.store = store or self.empty_store()
         if (self.store.key_dim, self.store.value_dim) != (self.key_dim, self.entry_dim):
             raise ValueError(
                 f"store dims (key {self.store.key_dim}, value {self.store.value_dim}) do not match the "
@@ -123,6 +116,12 @@ class MemoryLayer(nn.Module):
         else:  # the config checked that queries and values are d_model (+ 1) wide
             self.query_proj = AppendOne()
             self.out_proj = OutputBias(d_model)
+        # The second query of gated entries (gate_dim > 0), dotted with each returned entry's gate key.
+        self.gate_query_proj: nn.Module | None = None
+        if cfg.gate_width and cfg.dense:
+            self.gate_query_proj = nn.Linear(d_model, self.heads * cfg.gate_width)
+        elif cfg.gate_width:
+            self.gate_query_proj = nn.Identity()  # the gate query is the hidden state itself
         self.last_topk_distance = float("nan")
         # (store slots (U,), returned entries (U, E) with .grad after backward) of the training forwards
         # since the last apply_value_updates.
@@ -141,6 +140,20 @@ class MemoryLayer(nn.Module):
         # this layer inserts record the text span they came from. None: origins are not recorded.
         self.token_ids: torch.Tensor | None = None
 
+    def empty_store(self) -> KNNStore:
+        """A new, empty store of this layer's settings."""
+        cfg = self.cfg
+        return KNNStore(
+            key_dim=self.key_dim,
+            value_dim=self.entry_dim,
+            capacity=cfg.capacity,
+            metric=cfg.metric,
+            lrfu_lambda=cfg.lrfu_lambda,
+            value_dtype=cfg.value_dtype,
+            index=dict(cfg.index),
+            eviction=cfg.eviction,
+        )
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``(B, T, C) → (B, T, C)``: :meth:`read_write` in the layer's own dtype, outside any autocast.
 
@@ -155,6 +168,65 @@ class MemoryLayer(nn.Module):
     def read_write(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The layer's search, read and inserts, ``(B, T, C) → (B, T, C)``."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def init_from_ffn(self, ffn: FFNWeights) -> None:
+        """Seed the store from the MLP it replaces, read as a key-value memory (Geva et al., 2021).
+
+        ``MLP(x) = Σ_u act(k_u·x + b_u) v_u + b_out`` for ``keys (U, C)``, ``key_bias (U,)``,
+        ``values (U, C)``. The bias is folded in by appending a constant 1 to ``x``; the query projection
+        and stored keys are the truncated SVD of ``[keys | bias]`` (exact when ``key_dim >= C + 1``), the
+        output projection and stored values that of ``values`` (exact when ``value_dim >= C``). With an
+        inner-product store and the MLP's activation as ``weighting`` (what :meth:`MemoryConfig.resolved`
+        derives), the layer then computes the MLP restricted to its top-k units. A gated MLP
+        ``Σ_u act(k_u·x) (g_u·x) v_u`` (SwiGLU) also has ``gate_keys (U, C)``; with ``gate_dim >= C`` the
+        gated layer reproduces it the same way. Without dense weights the store takes the MLP's rows as
+        they are.
+        """
+        form = ffn.form
+        if self.heads != 1:
+            raise ValueError("swap.init=ffn needs swap.heads=1")
+        if form.units > self.store.capacity:
+            raise ValueError(f"swap.capacity={self.store.capacity} cannot hold the MLP's {form.units} units")
+        if form.activation != self.cfg.weighting:
+            raise ValueError(
+                f"swap.weighting={self.cfg.weighting!r} does not compute the {form.activation} MLP"
+            )
+        if form.gated != (self.gate_query_proj is not None):
+            raise ValueError(
+                f"swap.gate_dim={self.cfg.gate_dim} does not fit a {'' if form.gated else 'non-'}gated MLP"
+            )
+        keys, values, gate_keys = ffn.keys, ffn.values, ffn.gate_keys
+        bias = ffn.key_bias if ffn.key_bias is not None else keys.new_zeros(form.units)
+        augmented = torch.cat([keys, bias[:, None]], dim=1)  # (U, C + 1)
+        units = torch.arange(form.units).numpy()  # (U,): entry u is seeded from unit u
+        self.out_proj.bias.copy_(ffn.out_bias if ffn.out_bias is not None else torch.zeros(form.d_model))
+        if not self.cfg.dense:  # the store holds the MLP's own rows
+            entries = values if gate_keys is None else torch.cat([values, gate_keys], dim=1)
+            self.store.insert(augmented.numpy(), entries.numpy(), origin_units=units)
+            return
+        key_coords, key_basis = low_rank_factors(augmented, self.key_dim)  # (U, Dk), (Dk, C + 1)
+        self.query_proj.weight.copy_(key_basis[:, : form.d_model])
+        self.query_proj.bias.copy_(key_basis[:, form.d_model])
+        value_coords, value_basis = low_rank_factors(values, self.value_dim)  # (U, Dv), (Dv, C)
+        self.out_proj.weight.copy_(value_basis.T)
+        entries = value_coords  # (U, Dv)
+        if gate_keys is not None:
+            gate_coords, gate_basis = low_rank_factors(gate_keys, self.cfg.gate_width)  # (U, G), (G, C)
+            self.gate_query_proj.weight.copy_(gate_basis)
+            self.gate_query_proj.bias.zero_()
+            entries = torch.cat([value_coords, gate_coords], dim=1)  # (U, Dv + G)
+        self.store.insert(key_coords.numpy(), entries.numpy(), origin_units=units)
+
+    def gate(
+        self, hidden_states: torch.Tensor, entries: torch.Tensor, found: Retrieved
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Gate queries ``(N, G)`` of ``hidden_states (B, T, C)`` and their dots ``(N, K)`` with the returned
+        entries' gate keys (``entries (U, Dv + G)``); ``(None, None)`` for ungated entries."""
+        if self.gate_query_proj is None:
+            return None, None
+        gate_queries = self.split_heads(self.gate_query_proj(hidden_states), self.cfg.gate_width)  # (N, G)
+        return gate_queries, neighbour_dots(gate_queries, entries[:, self.value_dim :], found.rows)
 
     def write(self, op: str, *args: Any) -> None:
         """Mutate the store now, or record the mutation when writes are deferred."""

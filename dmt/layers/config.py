@@ -95,6 +95,14 @@ class MemoryConfig(LayerConfig):
     storage type of values (computation stays float32); ``index`` the key index settings of
     :mod:`dmt.memory.backends` (``backend: auto | exact | hnsw | product | cells`` and each backend's own).
     ``value_lr``: the write-back SGD rate of the stored values returned in training.
+
+    How a layer weights what it read: ``weighting`` turns an entry's score into its weight (``softmax``
+    over the k, or an MLP activation of each score); ``gate_dim > 0``: each entry also stores a gate key
+    whose dot product with a second query scales its weight, as the up projection does in a SwiGLU MLP.
+    ``ranking``: which entries a query reads, the top-k by score ``q·k`` or by its magnitude ``|q·k|`` (a
+    SwiGLU MLP's gate scores mostly lie within ±2, where ``silu`` of a negative score is as large as of a
+    small positive one); a query is novel when none of the entries it read is within the threshold.
+    ``init: ffn`` seeds the store from the replaced MLP, one entry per unit (see :meth:`derived`).
     """
 
     has_store: ClassVar[bool] = True
@@ -121,8 +129,31 @@ class MemoryConfig(LayerConfig):
     insert_during_eval: bool = False
     index: dict[str, Any] = field(default_factory=lambda: {"backend": "auto"})
     value_lr: float = 0.01
+    weighting: str | None = None
+    gate_dim: int | None = None
+    ranking: str = "score"
+    init: str = "empty"
 
     def __post_init__(self) -> None:
+        if self.ranking not in RANKINGS:
+            raise bad("ranking", f"unknown ranking {self.ranking!r}; expected one of {RANKINGS}")
+        if self.ranking == "magnitude":
+            if self.weighting == "softmax":
+                raise bad("ranking", "softmax weights favour the largest scores; use an activation weighting")
+            if self.metric == "l2":
+                raise bad("ranking", "ranking by |q·k| needs metric ip or cosine, not l2")
+            if self.index.get("backend") == "cells":
+                raise bad(
+                    "ranking", "a cells index ranks by q·k only; ranking by |q·k| needs another backend"
+                )
+            if self.recombine_distance is not None:
+                raise bad("recombine_distance", "ranking by |q·k| returns entries out of distance order")
+        if self.weighting is not None and self.weighting not in WEIGHTINGS:
+            raise bad("weighting", f"unknown weighting {self.weighting!r}; expected one of {WEIGHTINGS}")
+        if self.gate_dim is not None and self.gate_dim < 0:
+            raise bad("gate_dim", f"must be >= 0, got {self.gate_dim}")
+        if self.init not in INITS:
+            raise bad("init", f"unknown init {self.init!r}; expected one of {INITS}")
         if self.metric is not None:
             try:
                 check_metric(self.metric)
@@ -165,79 +196,12 @@ class MemoryConfig(LayerConfig):
     @property
     def gate_width(self) -> int:
         """Width of the gate key a store entry holds after its value (0: entries are values only)."""
-        return 0
+        return self.gate_dim or 0
 
     @property
     def dense(self) -> bool:
         """Whether the layer has dense query and output projections."""
         return True
-
-    def derived(self, d_model: int, mlp: MLPForm | None) -> dict[str, Any]:
-        """The value of every derivable setting, for :meth:`resolved`."""
-        return {**self.DEFAULTS, "value_dim": d_model // self.heads}
-
-    def resolved(self: C, d_model: int, mlp: MLPForm | None = None) -> C:
-        derived = self.derived(d_model, mlp)  # type: ignore[attr-defined]
-        return replace(self, **{key: value for key, value in derived.items() if getattr(self, key) is None})
-
-
-@dataclass
-class FeaturalConfig(MemoryConfig):
-    """Featural memory: a learned query reads the top-k of fixed feature keys with learnable values.
-
-    ``weighting``: how an entry's score becomes its weight (``softmax`` over the k, or an MLP activation of
-    each score). ``gate_dim > 0``: each entry also stores a gate key whose dot product with a second query
-    scales its weight, as the up projection does in a SwiGLU MLP. ``ranking``: which entries a query reads,
-    the top-k by score ``q·k`` or by its magnitude ``|q·k|`` (a SwiGLU MLP's gate scores mostly lie within
-    ±2, where ``silu`` of a negative score is as large as of a small positive one). ``dense_weights: false``
-    (one head) drops the dense query, gate and output projections: the query is ``[x, 1]``
-    (``key_dim = d_model + 1``), the gate query ``x`` and values ``d_model`` wide, so the layer's knowledge
-    lives in its store alone. ``init: ffn`` seeds the store from the replaced MLP (see :meth:`derived`).
-    """
-
-    type: ClassVar[str] = "featural"
-
-    weighting: str | None = None
-    gate_dim: int | None = None
-    ranking: str = "score"
-    dense_weights: bool = True
-    init: str = "empty"
-
-    def __post_init__(self) -> None:
-        if self.weighting is not None and self.weighting not in WEIGHTINGS:
-            raise bad("weighting", f"unknown weighting {self.weighting!r}; expected one of {WEIGHTINGS}")
-        if self.gate_dim is not None and self.gate_dim < 0:
-            raise bad("gate_dim", f"must be >= 0, got {self.gate_dim}")
-        if self.ranking not in RANKINGS:
-            raise bad("ranking", f"unknown ranking {self.ranking!r}; expected one of {RANKINGS}")
-        if self.init not in INITS:
-            raise bad("init", f"unknown init {self.init!r}; expected one of {INITS}")
-        if self.ranking == "magnitude":
-            if self.weighting == "softmax":
-                raise bad("ranking", "softmax weights favour the largest scores; use an activation weighting")
-            if self.metric == "l2":
-                raise bad("ranking", "ranking by |q·k| needs metric ip or cosine, not l2")
-            if self.index.get("backend") == "cells":
-                raise bad(
-                    "ranking", "a cells index ranks by q·k only; ranking by |q·k| needs another backend"
-                )
-            self.refuse_writes("ranking by |q·k| orders entries by |similarity|, not distance")
-        if not self.dense_weights and self.heads != 1:
-            raise bad("heads", f"dense_weights=false needs heads=1, got {self.heads}")
-        super().__post_init__()
-
-    def _check_fixed_keys(self) -> None:
-        if self.init != "empty":
-            raise bad("init", f"a product-key store has fixed keys: it needs init=empty, got {self.init!r}")
-        self.refuse_writes("a product-key store has fixed keys: it cannot insert or merge")
-
-    @property
-    def gate_width(self) -> int:
-        return self.gate_dim or 0
-
-    @property
-    def dense(self) -> bool:
-        return self.dense_weights
 
     def derived(self, d_model: int, mlp: MLPForm | None) -> dict[str, Any]:
         """Generic defaults, or with ``init: ffn`` the settings under which the layer starts as its MLP.
@@ -249,7 +213,8 @@ class FeaturalConfig(MemoryConfig):
         settings that would compute something else than the MLP are refused.
         """
         if self.init != "ffn":
-            return {**super().derived(d_model, mlp), "weighting": "softmax", "gate_dim": 0}
+            generic = {"value_dim": d_model // self.heads, "weighting": "softmax", "gate_dim": 0}
+            return {**self.DEFAULTS, **generic}
         if mlp is None:
             raise bad("init", "init=ffn derives the layer from the MLP it replaces, and none was given")
         if mlp.d_model != d_model:
@@ -286,6 +251,45 @@ class FeaturalConfig(MemoryConfig):
         if self.capacity is not None and self.capacity < mlp.units:
             raise bad("capacity", f"{self.capacity} cannot hold the MLP's {mlp.units} units")
 
+    def resolved(self: C, d_model: int, mlp: MLPForm | None = None) -> C:
+        derived = self.derived(d_model, mlp)  # type: ignore[attr-defined]
+        return replace(self, **{key: value for key, value in derived.items() if getattr(self, key) is None})
+
+
+@dataclass
+class FeaturalConfig(MemoryConfig):
+    """Featural memory: a learned query reads the top-k of fixed feature keys with learnable values.
+
+    ``dense_weights: false``
+    (one head) drops the dense query, gate and output projections: the query is ``[x, 1]``
+    (``key_dim = d_model + 1``), the gate query ``x`` and values ``d_model`` wide, so the layer's knowledge
+    lives in its store alone.
+    """
+
+    type: ClassVar[str] = "featural"
+
+    dense_weights: bool = True
+
+    def __post_init__(self) -> None:
+        if self.ranking == "magnitude" and self.novelty_threshold is not None:
+            raise bad(
+                "novelty_threshold",
+                "a featural insert's key is its own query, which ranking by |q·k| would put before every "
+                "stored key; set null",
+            )
+        if not self.dense_weights and self.heads != 1:
+            raise bad("heads", f"dense_weights=false needs heads=1, got {self.heads}")
+        super().__post_init__()
+
+    def _check_fixed_keys(self) -> None:
+        if self.init != "empty":
+            raise bad("init", f"a product-key store has fixed keys: it needs init=empty, got {self.init!r}")
+        self.refuse_writes("a product-key store has fixed keys: it cannot insert or merge")
+
+    @property
+    def dense(self) -> bool:
+        return self.dense_weights
+
     def resolved(self, d_model: int, mlp: MLPForm | None = None) -> FeaturalConfig:
         config = super().resolved(d_model, mlp)
         if not config.dense_weights:  # queries and values are the hidden states themselves (plus a 1)
@@ -307,6 +311,12 @@ class AssociativeConfig(MemoryConfig):
     """Associative memory: tokens insert their own key-value pairs and attend (softmax) over the nearest
     stored ones; the store starts empty.
 
+    ``init: ffn`` instead seeds the store from the replaced MLP's units as a featural memory is seeded, and
+    reads them with the MLP's activation (and gate) as the attention weights, so the layer starts as the
+    MLP restricted to its top-k units; the tokens' own entries (projected values) add to them. Without it
+    the weighting is ``softmax`` and entries are ungated (the defaults below, which checkpoints written
+    before these settings existed also read as).
+
     ``inserted_values``: what a training token stores as its value. ``projected``: its value projection.
     ``mlp_output``: the output of the teacher MLP this layer replaces, at that token (distillation by
     insertion: the value a query should retrieve is known exactly); the value space is then the residual
@@ -318,8 +328,14 @@ class AssociativeConfig(MemoryConfig):
     ids, in training and in evaluation alike.
 
     ``keep_mlp``: the block keeps its MLP and the memory's output is added to it (a memory beside the MLP,
-    as Memorizing Transformers add kNN attention beside a block's own); the output projection starts at
-    zero, so the student starts as the teacher, and the kept MLP does not train with the memory.
+    as Memorizing Transformers add kNN attention beside a block's own); by default the output projection
+    starts at zero, so the student starts as the teacher, and the kept MLP does not train with the memory.
+
+    ``output_gain``: for residual-stream values (``mlp_output``, ``next_token``), the output projection
+    starts as this multiple of the identity; ``null``: 1 (the stored vectors pass through unchanged), or 0
+    with ``keep_mlp``. A cache of next tokens beside the MLP that starts above 0 reads a document usefully
+    before any training: what followed the nearest earlier contexts is added to the residual stream, which
+    the tied output embedding reads.
     """
 
     type: ClassVar[str] = "associative"
@@ -327,12 +343,29 @@ class AssociativeConfig(MemoryConfig):
 
     inserted_values: str = "projected"
     keep_mlp: bool = False
+    output_gain: float | None = None
+    weighting: str | None = "softmax"
+    gate_dim: int | None = 0
 
     def __post_init__(self) -> None:
+        if self.init == "ffn" and self.inserted_values != "projected":
+            raise bad(
+                "inserted_values",
+                f"init=ffn reads the MLP's units in their own value space; {self.inserted_values!r} values "
+                "are residual-stream vectors: use projected",
+            )
+        if self.init == "ffn" and self.keep_mlp:
+            raise bad("keep_mlp", "init=ffn stores the MLP's units already; keep_mlp would add the MLP twice")
         if self.inserted_values not in self.INSERTED_VALUES:
             raise bad(
                 "inserted_values",
                 f"unknown value source {self.inserted_values!r}; expected one of {self.INSERTED_VALUES}",
+            )
+        if self.output_gain is not None and self.inserted_values == "projected":
+            raise bad(
+                "output_gain",
+                "projected values are not residual-stream vectors: their output projection starts random; "
+                "set null",
             )
         if self.keep_mlp and self.inserted_values == "mlp_output":
             raise bad(

@@ -13,34 +13,43 @@ where the gradient of the ``K`` returned neighbours of one query is summed over 
 from __future__ import annotations
 
 import torch
-from torch.autograd import Function
+import torch.nn.functional as F
 
-from dmt.remote_code.memory_ops import mix_values
-
-
-class ReturnedKeysStraightThrough(Function):
-    """Identity on the returned keys, straight-through gradients to the query and the inserted key.
-
-    Forward: ``(query (N, Dk), key (N, Dk), keys_ret (N, K, Dk))`` → ``keys_ret``. ``key`` is the entry this
-    step inserts for the same token as ``query``.
-    """
-
-    @staticmethod
-    def forward(ctx, query, key, keys_ret):  # type: ignore[override]
-        # view_as: outputs must be new tensor objects for autograd to attach this node to them.
-        return keys_ret.view_as(keys_ret)
-
-    @staticmethod
-    def backward(ctx, grad_keys_ret):  # type: ignore[override]
-        d_key = grad_keys_ret.sum(dim=1)  # (N, Dk)
-        return d_key, d_key, None
+from dmt.remote_code.memory_ops import mix_values, neighbour_distances, neighbour_dots
 
 
-def returned_keys_straight_through(
-    query: torch.Tensor, key: torch.Tensor, keys_ret: torch.Tensor
+def distances_straight_through(
+    queries: torch.Tensor, keys: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, metric: str
 ) -> torch.Tensor:
-    """Returned ``keys (N, K, Dk)`` carrying ``dQuery = dKeyInserted = Σ_k dKeyReturned``."""
-    return ReturnedKeysStraightThrough.apply(query, key, keys_ret)
+    """Distances ``(N, K)`` of ``queries (N, Dk)`` to their returned keys ``table (U, Dk)[rows (N, K)]``,
+    exact in the queries, with ``dQuery = dKeyInserted = Σ_k dKeyReturned`` added for ``queries`` and the
+    keys this step inserts for the same tokens, ``keys (N, Dk)``.
+
+    ``dKeyReturned[n, k] = dDistance[n, k] · ∂distance/∂key`` at ``(query n, returned key k)``; a zero-valued
+    term ``<∂distance/∂key, shift_n>`` (``shift = Δquery + Δkey``, zero in the forward) gives ``shift`` that
+    gradient summed over ``k``, without materialising the ``(N, K, Dk)`` returned keys:
+
+    - ``ip``, ``1 - q·k``: ``∂/∂k = -q``;
+    - ``l2``, ``||q - k||²``: ``∂/∂k = 2 (k - q)``;
+    - ``cosine``, ``1 - q̂·k̂``: ``∂/∂k = (cos · k̂ - q̂) / ||k||``.
+    """
+    table = table.detach()
+    distances = neighbour_distances(queries, table, rows, metric)  # (N, K)
+    shift = (queries - queries.detach()) + (keys - keys.detach())  # (N, Dk), zeros
+    point = queries.detach()
+    if metric == "ip":
+        term = -(point * shift).sum(1, keepdim=True)  # (N, 1), the same for every k
+    elif metric == "l2":
+        term = 2.0 * (neighbour_dots(shift, table, rows) - (point * shift).sum(1, keepdim=True))
+    elif metric == "cosine":
+        norms = table.norm(dim=1).clamp_min(1e-12)  # (U,)
+        cosines = 1.0 - distances.detach()  # (N, K)
+        along_key = neighbour_dots(shift, table / norms[:, None], rows)  # (N, K)
+        along_query = (F.normalize(point, dim=1) * shift).sum(1, keepdim=True)  # (N, 1)
+        term = (cosines * along_key - along_query) / norms[rows]
+    else:
+        raise ValueError(f"unknown metric {metric!r}")
+    return distances + term
 
 
 def mix_values_straight_through(

@@ -164,8 +164,8 @@ def remote_block(model: PreTrainedModel, index: int, layer: nn.Module) -> dict[s
             "topk": cfg.topk,
             "metric": cfg.metric,
             "temperature": cfg.temperature,
-            "weighting": getattr(cfg, "weighting", "softmax"),
-            "ranking": getattr(cfg, "ranking", "score"),
+            "weighting": cfg.weighting,
+            "ranking": cfg.ranking,
             "keep_mlp": getattr(cfg, "keep_mlp", False),
         }
         block["store"] = f"memory/layer_{index:02d}"

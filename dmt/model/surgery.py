@@ -13,7 +13,6 @@ from dmt.layers import (
     SWAPPED_CLASSES,
     AssociativeMemory,
     FeaturalConfig,
-    FeaturalMemory,
     LayerConfig,
     LowRankConfig,
     MemoryLayer,
@@ -168,7 +167,7 @@ def attach_memory_layers(
             layer = build_baseline(form.d_model, cfg, mlp_weights(model, index), seed=stores is None)
         else:
             layer = build_memory_layer(form.d_model, cfg, store, mlp=form)
-            if store is None and isinstance(layer, FeaturalMemory) and layer.cfg.init == "ffn":
+            if store is None and layer.cfg.init == "ffn":
                 layer.init_from_ffn(mlp_weights(model, index))
             if isinstance(layer, AssociativeMemory):
                 if layer.cfg.keep_mlp:

@@ -198,8 +198,45 @@ def test_a_memory_beside_the_mlp_starts_as_the_teacher_and_caches_next_tokens():
         torch.testing.assert_close(p, kept[name])
 
 
+@pytest.mark.parametrize(("settings", "gain"), [({}, 0.0), ({"output_gain": 4.0}, 4.0)])
+def test_a_cache_beside_the_mlp_starts_at_its_output_gain(settings, gain):
+    teacher = load_teacher(tiny_teacher_cfg("llama"))
+    student = associative_student(teacher, inserted_values="next_token", keep_mlp=True, **settings)
+    for layer in memory_layers(student).values():
+        torch.testing.assert_close(layer.out_proj.weight, gain * torch.eye(teacher.config.hidden_size))
+        torch.testing.assert_close(layer.out_proj.bias, torch.zeros(teacher.config.hidden_size))
+
+
 def test_next_token_values_need_the_input_ids():
     teacher = load_teacher(tiny_teacher_cfg("llama"))
     student = associative_student(teacher, inserted_values="next_token", keep_mlp=True).train()
     with pytest.raises(RuntimeError, match="token_ids"):
         student(TOKENS)
+
+
+def test_an_associative_memory_seeded_from_the_mlp_units_starts_as_the_mlp_and_grows_by_inserting():
+    teacher = load_teacher(tiny_teacher_cfg("llama"))
+    torch.manual_seed(0)
+    units = teacher.config.intermediate_size
+    plan = {"blocks": [2, 3], "type": "associative", "init": "ffn", "weighting": None, "gate_dim": None}
+    plan |= {"topk": units, "capacity": 8 * units, "novelty_threshold": -1.0, "value_lr": 1e-3}
+    plan |= {"index": {"backend": "exact"}, "ranking": "magnitude"}
+    student = build_student(teacher, resolve_layer_configs(plan, teacher.config))
+    layer = memory_layers(student)[3]
+    hidden_size = teacher.config.hidden_size
+    assert (layer.cfg.weighting, layer.cfg.gate_dim, len(layer.store)) == ("silu", hidden_size, units)
+    with torch.no_grad():  # k = every unit, no token entry yet: the teacher's logits
+        torch.testing.assert_close(student.eval()(TOKENS).logits, teacher(TOKENS).logits)
+    module = DistillationModule(student.train(), teacher, alpha_kd=1.0, trainable="memory")
+    train(module, 6, [TOKENS[:2], TOKENS[2:]], lr=1e-3)
+    # Every token of the first step stored its projected key and value and its unit-length gate query.
+    tokens_per_step = 2 * TOKENS.shape[1]
+    assert len(layer.store) == units + 6 * tokens_per_step
+    keys, entries = layer.store.get(np.arange(units, units + tokens_per_step))
+    gate_keys = entries[:, layer.value_dim :]
+    np.testing.assert_allclose(np.linalg.norm(gate_keys, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(keys, 0.0)  # the key projection starts at zero: the first entries are inert
+    # The straight-through rules train the projections the tokens' entries come from.
+    assert layer.key_proj.weight.abs().sum() > 0 and layer.value_proj.weight.abs().sum() > 0
+    keys = layer.store.get(np.arange(len(layer.store) - tokens_per_step, len(layer.store)))[0]
+    assert np.abs(keys).sum() > 0  # and the latest entries are keyed by it

@@ -228,7 +228,14 @@ EXPECTED_PLANS = {
         (
             range(29, 30),
             AssociativeConfig,
-            {"keep_mlp": True, "inserted_values": "next_token", "lrfu_lambda": 1.0},
+            {"keep_mlp": True, "inserted_values": "next_token", "lrfu_lambda": 1.0, "output_gain": 4.0},
+        )
+    ],
+    "associative_units": [
+        (
+            UPPER,
+            AssociativeConfig,
+            {**SMOLLM2_FFN, "capacity": 8192, "topk": 512, "ranking": "magnitude", "novelty_threshold": -3.0},
         )
     ],
     "tiny_mixed": [
@@ -255,19 +262,8 @@ def test_every_experiment_composes(experiment, tmp_path, monkeypatch):
     for index, layer in plan.items():
         assert layer.resolved(mlp.d_model, mlp) == layer, index
         assert layer_config(layer.to_dict()) == layer, index
-        derivable = {
-            FeaturalConfig: (
-                "key_dim",
-                "value_dim",
-                "temperature",
-                "metric",
-                "capacity",
-                "weighting",
-                "gate_dim",
-            ),
-            AssociativeConfig: ("key_dim", "value_dim", "temperature", "metric", "capacity"),
-            LowRankConfig: ("rank",),
-        }.get(type(layer), ())
+        memory = ("key_dim", "value_dim", "temperature", "metric", "capacity", "weighting", "gate_dim")
+        derivable = memory if layer.has_store else ("rank",) if isinstance(layer, LowRankConfig) else ()
         assert all(getattr(layer, key) is not None for key in derivable), (index, layer)
     if experiment not in EXPECTED_PLANS:
         return

@@ -61,6 +61,23 @@ def test_a_full_store_reports_what_the_reading_inserted_and_evicted():
     assert inserting["entries_evicted"] == inserting["entries_inserted"] - 64
 
 
+def test_a_reading_from_empty_memory_stores_only_the_document():
+    teacher = load_teacher(tiny_teacher_cfg("llama"))
+    student = student_of(teacher, novelty_threshold=0.1)
+    layer = memory_layers(student)[3]
+    layer.store.insert(torch.randn(5, 8).numpy(), torch.randn(5, layer.entry_dim).numpy())  # held before
+    result = read_document(teacher, student, IDS, window=64, stride=32, from_empty=True)
+    assert [row["name"] for row in result["rows"]][2:] == [
+        "student, inserting",
+        "student, inserting into empty memory",
+    ]
+    from_empty = result["rows"][3]
+    assert len(layer.store) == from_empty["entries_inserted"] > 0
+    assert layer.store.stats.inserts == from_empty["entries_inserted"]  # a new store: nothing from before
+    assert from_empty["quarters"][0]["perplexity"] != result["rows"][2]["quarters"][0]["perplexity"]
+    assert len(format_table(result).splitlines()) == 5
+
+
 def test_a_student_without_inserting_memory_is_refused():
     teacher = load_teacher(tiny_teacher_cfg("llama"))
     student = student_of(teacher, novelty_threshold=None)

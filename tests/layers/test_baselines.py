@@ -114,8 +114,11 @@ def test_matched_rank_of_the_quickstart_recipe_on_smollm2():
         ({"type": "dense"}, "swap.type: unknown layer type 'dense'"),
         ({"type": "featural", "rank": 8}, "swap.rank: not a setting of featural layers"),
         ({"type": "lowrank", "rank": 0}, "swap.rank: must be >= 1"),
-        ({"type": "associative", "gate_dim": 8}, "swap.gate_dim: not a setting of associative layers"),
-        ({"type": "associative", "init": "ffn"}, "swap.init: not a setting of associative layers"),
+        (
+            {"type": "associative", "dense_weights": False},
+            "swap.dense_weights: not a setting of associative layers",
+        ),
+        ({"type": "associative", "init": "fn"}, "swap.init: unknown init 'fn'"),
     ],
 )
 def test_bad_baseline_settings_name_the_key(settings, message):

@@ -139,10 +139,11 @@ def test_ffn_init_reproduces_the_mlp_on_its_top_k(key_dim, value_dim):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"type": "associative", "weighting": "softmax"}, r"swap\.ranking: not a setting of associative"),
+        ({"type": "associative", "weighting": "softmax"}, r"swap\.ranking: softmax weights"),
         ({"weighting": "softmax"}, r"swap\.ranking: softmax weights"),
         ({"metric": "l2"}, r"swap\.ranking: .*needs metric ip or cosine"),
-        ({"novelty_threshold": 0.5}, r"swap\.novelty_threshold: ranking by \|q·k\|"),
+        ({"type": "associative", "metric": "l2"}, r"swap\.ranking: .*needs metric ip or cosine"),
+        ({"novelty_threshold": 0.5}, r"swap\.novelty_threshold: a featural insert's key is its own query"),
         ({"recombine_distance": 0.1}, r"swap\.recombine_distance: ranking by \|q·k\|"),
         ({"ranking": "score", "dense_weights": False, "heads": 2}, r"swap\.heads: dense_weights=false needs"),
     ],

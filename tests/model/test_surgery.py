@@ -85,7 +85,8 @@ def family_teacher(request):
     return AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
 
 
-def test_ffn_init_with_every_unit_reproduces_the_mlp_of_each_family(family_teacher):
+@pytest.mark.parametrize("layer_cls", [FeaturalMemory, AssociativeMemory])
+def test_ffn_init_with_every_unit_reproduces_the_mlp_of_each_family(family_teacher, layer_cls):
     # init: ffn derives every other setting (exact widths, ip at temperature 1, the MLP's activation,
     # a gate for SwiGLU MLPs, one entry per unit); with k = every unit the memory layer is the MLP.
     config = family_teacher.config
@@ -94,6 +95,8 @@ def test_ffn_init_with_every_unit_reproduces_the_mlp_of_each_family(family_teach
     # The store is small enough for `backend: auto` to pick the exact index, but a config without `index`
     # gets hnsw: searching as widely as there are units returns every unit.
     settings = {"blocks": [1], "init": "ffn", "topk": units, "index": {"ef_search": units}}
+    if layer_cls is AssociativeMemory:  # unset what the associative group sets (softmax, ungated)
+        settings |= {"type": "associative", "weighting": None, "gate_dim": None}
     configs = resolve_layer_configs(settings, config)
     # The derived settings are the exact ones, which may also be spelled out.
     exact = {"key_dim": c + 1, "value_dim": c, "gate_dim": c if form.gated else 0, "capacity": units}
@@ -101,7 +104,7 @@ def test_ffn_init_with_every_unit_reproduces_the_mlp_of_each_family(family_teach
     assert configs == resolve_layer_configs({**settings, **exact}, config)
     student = build_student(family_teacher, configs).eval()
     layer, mlp = get_mlp(student, 1), get_mlp(family_teacher, 1)
-    assert isinstance(layer, FeaturalMemory) and len(layer.store) == units
+    assert isinstance(layer, layer_cls) and len(layer.store) == units
     # Hidden states of std 10 give the tiny random MLP (weights of std 0.02) pre-activations of order 1,
     # where the activations differ: GPT-2's gelu_new (tanh GELU) and the erf GELU differ beyond the
     # default tolerances there, so this also checks that the weighting is gelu_tanh.
@@ -253,7 +256,10 @@ def test_removed_everywhere_is_the_ablated_teacher(fixture, request):
     ("settings", "message"),
     [
         ({"type": "featural", "rank": 8}, r"swap\.rank: not a setting of featural layers"),
-        ({"type": "associative", "gate_dim": 8}, r"swap\.gate_dim: not a setting of associative layers"),
+        (
+            {"type": "associative", "dense_weights": False},
+            r"swap\.dense_weights: not a setting of associative layers",
+        ),
         # A per-block setting is the block's own: another type of the plan having it does not excuse it.
         (
             {"type": ["featural", "lowrank"], "blocks": [0, 1], "per_block": {0: {"rank": 4}}},
@@ -277,12 +283,16 @@ def test_a_plan_refuses_settings_its_layer_types_do_not_have(settings, message, 
 
 def test_a_mixed_plan_accepts_the_settings_of_any_of_its_types(tiny_gpt2):
     shared = {"capacity": 64, "topk": 4, "key_dim": 8}
-    # mixed: featural below, associative above; gating and the weighting are featural settings.
+    # mixed: featural below, associative above; the dense weights are a featural setting, the ranking and
+    # the weighting both's.
     configs = resolve_layer_configs(
-        {"blocks": "all", "type": "mixed", "gate_dim": 4, "weighting": "relu", **shared}, tiny_gpt2.config
+        {"blocks": "all", "type": "mixed", "dense_weights": True, "ranking": "magnitude", "weighting": "relu"}
+        | shared,
+        tiny_gpt2.config,
     )
     assert [type(c) for c in configs.values()] == [FeaturalConfig] * 2 + [AssociativeConfig] * 2
-    assert all((c.gate_dim, c.weighting) == (4, "relu") for c in configs.values() if c.type == "featural")
+    assert all((c.weighting, c.ranking) == ("relu", "magnitude") for c in configs.values())
+    assert all(c.dense_weights for c in configs.values() if c.type == "featural")
     # A list of types: the featural layer lets through the rank, which sizes the low-rank layer.
     configs = resolve_layer_configs(
         {"blocks": [0, 1], "type": ["featural", "lowrank"], "rank": 5, **shared}, tiny_gpt2.config

@@ -114,6 +114,22 @@ def cache_student(teacher):
     return student.eval()
 
 
+def units_student(teacher):
+    """Associative memories seeded from the units of the MLPs of blocks 1 and 2, trained two steps with
+    every token inserting its own gated entry."""
+    settings = {"blocks": [1, 2], "type": "associative", "init": "ffn", "weighting": None, "gate_dim": None}
+    settings |= {"topk": 16, "capacity": 512, "novelty_threshold": -1.0}
+    student = build_student(teacher, resolve_layer_configs(settings, teacher.config)).train()
+    for _ in range(2):  # the first step inserts with the zero key projection, the second with a trained one
+        student.zero_grad()
+        student(TOKENS, labels=TOKENS).loss.backward()
+        torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.1).step()
+    for layer in memory_layers(student).values():
+        assert len(layer.store) == teacher.config.intermediate_size + 2 * TOKENS.numel()
+        assert layer.key_proj.weight.abs().sum() > 0
+    return student.eval()
+
+
 def seeded_llama_student(teacher):
     """Every MLP a featural memory holding that MLP's own gated rows, read by |gate score| (all-MLP form)."""
     c = teacher.config.hidden_size
@@ -131,6 +147,7 @@ def seeded_llama_student(teacher):
         ("tiny_gpt2", partial(mixed_student, backend="cells")),
         ("tiny_llama", seeded_llama_student),
         ("tiny_llama", cache_student),
+        ("tiny_llama", units_student),
         ("tiny_llama", None),
     ],
     ids=[
@@ -139,6 +156,7 @@ def seeded_llama_student(teacher):
         "gpt2-mixed-cells",
         "llama-seeded-fp16",
         "llama-cache-beside-mlp",
+        "llama-associative-units",
         "llama-featural-associative",
     ],
 )
