@@ -19,7 +19,7 @@ SPANS = ["To be, or not to be", " that is the question", "ROMEO: But soft"]
 
 def seeded_student(teacher, settings: dict | None = None):
     """Block 1: a featural memory seeded from its MLP (``init: ffn``); block 2: an empty associative memory
-    with two heads."""
+    with two heads (the seeding, gating and ranking settings are both types', so block 2 sets its own)."""
     configs = resolve_layer_configs(
         {
             "blocks": [FEATURAL, ASSOCIATIVE],
@@ -28,7 +28,10 @@ def seeded_student(teacher, settings: dict | None = None):
             "capacity": 256,
             "topk": 8,
             **(settings or {}),
-            "per_block": {ASSOCIATIVE: {"heads": 2, "key_dim": 8, "capacity": 64, "novelty_threshold": 0.0}},
+            "per_block": {
+                ASSOCIATIVE: {"heads": 2, "key_dim": 8, "capacity": 64, "novelty_threshold": 0.0}
+                | {"init": "empty", "gate_dim": 0, "ranking": "score"}
+            },
         },
         teacher.config,
     )
