@@ -135,7 +135,7 @@ class AssociativeMemory(MemoryLayer):
             inserted = self.split_heads(self.insert_targets, self.value_dim)  # (N, Dv)
         elif self.inserting and self.cfg.inserted_values == "next_token":
             inserted, nearest = self.next_token_values(nearest, batch_shape)  # (N, Dv), (N,)
-        if gate_queries is not None:
+        if gate_queries is not None and self.inserting:
             inserted = torch.cat([inserted, F.normalize(gate_queries, dim=1)], dim=1)  # (N, Dv + G)
         self.insert_novel(nearest, keys, inserted)
         self.maybe_recombine(found)

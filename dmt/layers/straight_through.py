@@ -35,6 +35,8 @@ def distances_straight_through(
     """
     table = table.detach()
     distances = neighbour_distances(queries, table, rows, metric)  # (N, K)
+    if not (torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad)):
+        return distances  # no gradient to pass on: skip the zero-valued term
     shift = (queries - queries.detach()) + (keys - keys.detach())  # (N, Dk), zeros
     point = queries.detach()
     if metric == "ip":
