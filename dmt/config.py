@@ -8,6 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import dmt.conf  # noqa: F401  (registers the ${pkg:...} resolver)
 from dmt.distill.losses import DIVERGENCES
+from dmt.errors import ConfigError
 from dmt.layers import LayerConfig
 from dmt.model.loading import teacher_config
 from dmt.model.surgery import resolve_layer_configs
@@ -21,34 +22,34 @@ def validate_config(cfg: DictConfig) -> dict[int, LayerConfig]:
     if OmegaConf.select(cfg, "teacher.name_or_path") is None and not OmegaConf.select(
         cfg, "teacher.random_init"
     ):
-        raise ValueError("teacher.name_or_path: give a hub id or a local directory")
+        raise ConfigError("teacher.name_or_path: give a hub id or a local directory")
     try:
         model_config = teacher_config(cfg.teacher)
     except (OSError, ValueError) as err:
-        raise ValueError(
+        raise ConfigError(
             f"teacher.name_or_path: cannot read the config of {cfg.teacher.name_or_path!r}: {err}"
         ) from err
     layer_configs = resolve_layer_configs(OmegaConf.to_container(cfg.swap, resolve=True), model_config)
     distill: Any = cfg.distill
     for key in ("alpha_kd", "alpha_ce", "alpha_hidden"):
         if distill[key] < 0:
-            raise ValueError(f"distill.{key}: must be >= 0, got {distill[key]}")
+            raise ConfigError(f"distill.{key}: must be >= 0, got {distill[key]}")
     if distill.alpha_kd + distill.alpha_ce + distill.alpha_hidden <= 0:
-        raise ValueError("distill.alpha_kd/alpha_ce/alpha_hidden: at least one loss weight must be > 0")
+        raise ConfigError("distill.alpha_kd/alpha_ce/alpha_hidden: at least one loss weight must be > 0")
     if distill.get("trainable") == "memory" and all(c.type == "removed" for c in layer_configs.values()):
-        raise ValueError(
+        raise ConfigError(
             "distill.trainable: 'memory' trains only the swapped layers, and none has parameters "
             "(swap.blocks chooses none, or swap.type is removed); use distill.trainable=all"
         )
     if distill.temperature <= 0:
-        raise ValueError(f"distill.temperature: must be > 0, got {distill.temperature}")
+        raise ConfigError(f"distill.temperature: must be > 0, got {distill.temperature}")
     divergence = distill.get("divergence", "forward_kl")
     if divergence not in DIVERGENCES:
-        raise ValueError(f"distill.divergence: expected one of {', '.join(DIVERGENCES)}, got {divergence!r}")
+        raise ConfigError(f"distill.divergence: expected one of {', '.join(DIVERGENCES)}, got {divergence!r}")
     if not 0.0 <= distill.get("jsd_beta", 0.5) <= 1.0:
-        raise ValueError(f"distill.jsd_beta: must lie in [0, 1], got {distill.jsd_beta}")
+        raise ConfigError(f"distill.jsd_beta: must lie in [0, 1], got {distill.jsd_beta}")
     if cfg.data.block_size > model_config.max_position_embeddings:
-        raise ValueError(
+        raise ConfigError(
             f"data.block_size: {cfg.data.block_size} exceeds the teacher's context "
             f"({model_config.max_position_embeddings})"
         )

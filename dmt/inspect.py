@@ -35,7 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from dmt.evaluation.evaluate import write_json
+from dmt.cli import command_name, user_errors
+from dmt.errors import ConfigError
+from dmt.files import refuse_existing_file, write_json
 from dmt.layers import MemoryLayer
 from dmt.memory import KNNStore
 from dmt.model.persistence import load_student
@@ -73,7 +75,7 @@ class EntryUse:
             "inserted": -self.inserted_at,
         }.get(sort)
         if column is None:
-            raise ValueError(f"sort must be one of {', '.join(SORTS)}, got {sort!r}")
+            raise ConfigError(f"--sort: must be one of {', '.join(SORTS)}, got {sort!r}")
         return np.lexsort((self.slots, column))  # last key is primary
 
 
@@ -173,7 +175,7 @@ def inspect_layer(
     """JSON-ready report of one memory layer: :func:`layer_summary` plus ``rows``, its first ``top``
     entries in the order ``sort``, each with its use, origin and the ``tokens`` tokens it promotes most."""
     if head is not None and not 0 <= head < layer.heads:
-        raise ValueError(f"--head {head}: block {block} has {layer.heads} head(s)")
+        raise ConfigError(f"--head {head}: block {block} has {layer.heads} head(s)")
     use = entry_use(layer.store)
     chosen = use.order(sort)[:top]  # (R,)
     _, entries = layer.store.get(use.slots[chosen])  # (R, E)
@@ -214,10 +216,10 @@ def inspect_model(
     """
     layers = memory_layers(model)
     if not layers:
-        raise ValueError("the model has no memory layer")
+        raise ConfigError("student: the model has no memory layer")
     if block is not None and block not in layers:
         blocks = ", ".join(map(str, layers))
-        raise ValueError(f"--layer {block} is not a memory layer; memory layers are at blocks {blocks}")
+        raise ConfigError(f"--layer {block} is not a memory layer; memory layers are at blocks {blocks}")
     chosen = [block] if block is not None else sorted(layers)
     return {
         "sort": sort,
@@ -272,10 +274,12 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m dmt.inspect",
-        description="List a student's memory entries: use, origin and the tokens each promotes.",
+        prog=prog,
+        description=f"example: {prog} outputs/distill/runs/<run>/export --layer 29 --top 10\n\n"
+        "List a student's memory entries: use, origin and the tokens each promotes.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("student", type=Path, help="export directory or .ckpt file")
     parser.add_argument("--layer", type=int, help="block index of one memory layer (default: every one)")
@@ -284,6 +288,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sort", choices=SORTS, default="score", help="row order (default: LRFU score)")
     parser.add_argument("--head", type=int, help="logit lens of one head (default: the mean over heads)")
     parser.add_argument("--json", type=Path, help="also write the report (the same rows) as JSON here")
+    parser.add_argument("--force", action="store_true", help="replace an existing --json file")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     for name in ("top", "tokens"):
         if getattr(args, name) < 1:
@@ -293,17 +299,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Print the memory report of a student; ``--json`` also writes it."""
-    args = parse_args(argv)
-    try:
+    prog = command_name("dmt.inspect", "dmt-inspect")
+    args = parse_args(argv, prog)
+    with user_errors(prog, args.debug):
+        if args.json is not None:
+            refuse_existing_file(args.json, args.force, "--force")
         model, tokenizer = load_student(args.student)
         report = inspect_model(model, tokenizer, args.layer, args.top, args.tokens, args.sort, args.head)
-    except (FileNotFoundError, ValueError) as err:  # a bad path or argument: its message, no traceback
-        raise SystemExit(f"python -m dmt.inspect: {args.student}: {err}") from None
-    report = {"student": str(args.student), **report}
-    print(format_report(report))
-    if args.json is not None:
-        write_json(args.json, report)
-        print(f"\nJSON written to {args.json}")
+        report = {"student": str(args.student), **report}
+        print(format_report(report))
+        if args.json is not None:
+            print(f"\nJSON written to {write_json(args.json, report)}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dmt.model.loading import load_teacher, load_tokenizer, package_path
+from dmt.model.persistence import memory_spec, memory_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,6 +40,15 @@ def tiny_teacher_cfg(model_type: str = "gpt2"):
             "dtype": "float32",
         }
     )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def dmt_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """dmt's cache (``${dmt_cache:...}``) in a temporary folder, not the user's ``~/.cache/dmt``."""
+    path = tmp_path_factory.mktemp("dmt_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DMT_CACHE", str(path))
+        yield path
 
 
 @pytest.fixture(scope="session")
@@ -84,6 +94,26 @@ def tiny_student(teacher, tokens):
     student = build_student(teacher, configs)
     student(tokens)  # training mode: fills the stores
     return student.eval()
+
+
+def write_checkpoint(student, path, teacher_cfg=None, teacher=None) -> None:
+    """A checkpoint with the layout of ``DistillationModule``'s Lightning checkpoints."""
+    state = {f"student.{k}": v for k, v in student.state_dict().items()}
+    if teacher is not None:  # distillation checkpoints also hold the frozen teacher
+        state.update({f"teacher.{k}": v for k, v in teacher.state_dict().items()})
+    run_config = {"teacher": OmegaConf.to_container(teacher_cfg)} if teacher_cfg is not None else {}
+    torch.save(
+        {
+            "state_dict": state,
+            "hyper_parameters": {"run_config": run_config},
+            "dmt": {
+                "model_config": student.config.to_dict(),
+                "memory_spec": memory_spec(student),
+                "memory_state": memory_state(student),
+            },
+        },
+        path,
+    )
 
 
 @pytest.fixture

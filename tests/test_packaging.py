@@ -22,7 +22,15 @@ import pytest
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = ("dmt-distill", "dmt-train", "dmt-eval", "dmt-export", "dmt-inspect", "dmt-bench")
+ENTRY_POINTS = (
+    "dmt-distill",
+    "dmt-train",
+    "dmt-eval",
+    "dmt-long-document",
+    "dmt-export",
+    "dmt-inspect",
+    "dmt-bench",
+)
 TIMEOUT_S = 600
 
 # Runs in the new virtualenv: each console script's function, loaded as the script loads it, given
@@ -161,7 +169,10 @@ def test_every_entry_point_answers_help(installed):
     for name, answer in report.items():
         assert answer["code"] == 0, (name, answer)
         assert Path(answer["module"]).is_relative_to(installed.site_packages), (name, answer["module"])
-    assert "eval is powered by Hydra" in report["dmt-eval"]["help"]
+    for name in ENTRY_POINTS:  # each help opens with an example of the command as typed (after any usage)
+        paragraphs = [p for p in report[name]["help"].split("\n\n") if not p.startswith("usage:")]
+        assert paragraphs[0].startswith(f"example: {name} "), (name, paragraphs[0])
+    assert "usage: dmt-export " in report["dmt-export"]["help"]
     assert "ckpt out_dir" in report["dmt-export"]["help"]
     assert "student" in report["dmt-inspect"]["help"]
     assert "--quick" in report["dmt-bench"]["help"]

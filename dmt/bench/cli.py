@@ -8,7 +8,6 @@ import os
 import platform
 import resource
 import sys
-import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -25,6 +24,9 @@ from dmt.bench.measure import (
     memory_footprint,
 )
 from dmt.bench.stores import LAYER_KINDS
+from dmt.cli import command_name, user_errors
+from dmt.conf import cache_dir
+from dmt.files import refuse_existing_file, write_json
 
 GIB = 2**30
 # Exact search blocks compared (distances per block, as powers of two).
@@ -38,8 +40,12 @@ TARGETS = {
 }
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m dmt.bench", description=__doc__)
+def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=f"example: {prog} --quick\n\n{__doc__}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--quick", action="store_true", help="tiny sizes and models: a seconds-long smoke run"
     )
@@ -55,13 +61,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, help="timed repeats per measurement (default 5)")
     parser.add_argument("--warmup", type=int, help="untimed warm-up iterations (default 2)")
-    parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON report path")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("outputs", "bench", "runs", time.strftime("%Y-%m-%d_%H-%M-%S"), "bench.json"),
+        help="JSON report path (default: outputs/bench/runs/<date_time>/bench.json)",
+    )
+    parser.add_argument("--force", action="store_true", help="replace an existing --out file")
     parser.add_argument(
         "--cache-dir",
         type=Path,
-        default=Path(tempfile.gettempdir()) / "dmt_bench_cache",
-        help="where built stores are saved and reused",
+        default=Path(cache_dir("bench")),
+        help="where built stores are saved and reused (default: the dmt cache, see DMT_CACHE)",
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     defaults = (
         {"sizes": [4096], "repeats": 1, "warmup": 1, "batch": 1, "seq": 32, "queries": 32}
@@ -99,8 +112,7 @@ def machine_info() -> dict[str, Any]:
 
 def write_report(report: dict[str, Any], path: Path) -> None:
     """Rewritten after every section, so an interrupted run still leaves what it measured."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=str))
+    write_json(path, json.loads(json.dumps(report, default=str)))
 
 
 def mark(ok: bool) -> str:
@@ -186,7 +198,15 @@ def table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    prog = command_name("dmt.bench", "dmt-bench")
+    args = parse_args(argv, prog)
+    with user_errors(prog, args.debug):
+        refuse_existing_file(args.out, args.force, "--force")
+        return run_benchmarks(args, argv)
+
+
+def run_benchmarks(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Every measurement of the module docstring, the report rewritten at ``args.out`` after each."""
     timing = {"warmup": args.warmup, "repeats": args.repeats}
     report: dict[str, Any] = {
         "command": " ".join(["python -m dmt.bench", *(argv if argv is not None else sys.argv[1:])]),
@@ -233,4 +253,5 @@ def main(argv: list[str] | None = None) -> int:
     report["machine"]["load_average_at_end"] = os.getloadavg()
     write_report(report, args.out)
     print(table(report))
+    print(f"\nwritten: {args.out}")
     return 0

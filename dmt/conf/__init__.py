@@ -2,10 +2,11 @@
 
 Hydra apps name them ``CONFIG_PATH`` (read through importlib resources, so a wheel, an editable install
 and a source checkout all work); code that reads one YAML file directly uses ``CONF_DIR``. Importing this
-package registers the ``${pkg:...}`` resolver the configs use, so composing them through ``CONFIG_PATH``
-(which imports it) resolves without further imports.
+package registers the resolvers the configs use (``${pkg:...}``, ``${dmt_cache:...}``), so composing them
+through ``CONFIG_PATH`` (which imports it) resolves without further imports.
 """
 
+import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -23,3 +24,15 @@ def installed_package_dir(package: str) -> str:
 
 
 OmegaConf.register_new_resolver("pkg", installed_package_dir, replace=True)
+
+
+def cache_dir(name: str) -> str:
+    """``${dmt_cache:NAME}`` → dmt's cache folder ``NAME``: under ``$DMT_CACHE`` if set, else
+    ``$XDG_CACHE_HOME/dmt``, else ``~/.cache/dmt`` (as Hugging Face keeps ``~/.cache/huggingface``)."""
+    root = os.environ.get("DMT_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "dmt"
+    )
+    return str(Path(root, name))
+
+
+OmegaConf.register_new_resolver("dmt_cache", cache_dir, replace=True)

@@ -28,9 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from dmt.files import read_text_file
 from dmt.model.loading import package_path
 
 ROLES = ("train", "heldout")
+LATIN_1 = "latin-1"  # the encoding of the few source files (news articles) that are not UTF-8
 
 
 class Document(NamedTuple):
@@ -207,15 +209,6 @@ def clean(text: str, source: Source) -> str:
 # -- sources and corpora ---------------------------------------------------------------------------------
 
 
-def read_text(path: Path) -> str:
-    """A text file as UTF-8, or as Latin-1 when it is not valid UTF-8 (a few news articles are)."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("latin-1")
-
-
 def source_root(name: str, source: Source) -> Path:
     """The file or folder of ``source`` inside its installed package (``FileNotFoundError`` if absent)."""
     try:
@@ -240,12 +233,13 @@ def read_source(name: str, source: Source | None = None, root: str | Path | None
             raise FileNotFoundError(f"data.sources.{name}: no file matching {source.glob!r} in {path}")
         return [
             Document(
-                f"{name}/{file.relative_to(path).with_suffix('').as_posix()}", clean(read_text(file), source)
+                f"{name}/{file.relative_to(path).with_suffix('').as_posix()}",
+                clean(read_text_file(file, LATIN_1), source),
             )
             for file in files
         ]
     assert source.book is not None and source.chapter is not None  # (Source checks: book sources have both)
-    body = gutenberg_book(read_text(path), source.book)
+    body = gutenberg_book(read_text_file(path, LATIN_1), source.book)
     chapters = split_chapters(body, source.chapter, source.end)
     return [Document(f"{name}/{index:03d}", clean(text, source)) for index, text in enumerate(chapters, 1)]
 

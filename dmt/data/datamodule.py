@@ -14,8 +14,8 @@ in a seeded order, cut into ``batch_size`` contiguous streams, so that row ``b``
 ``b`` of the batch before it. A memory that inserts as it trains then holds what its documents said a few
 windows back, as it will when it reads a long document (:mod:`dmt.evaluation.long_document`).
 
-Local files are read as UTF-8 with ``errors="replace"``: a stray non-UTF-8 byte becomes U+FFFD instead of
-aborting a long run.
+Local files are read with :func:`dmt.files.read_text_file`: a stray non-UTF-8 byte becomes U+FFFD instead
+of aborting a long run, while an empty file or one that is not text is refused, naming it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from dmt.data.corpus import SOURCES, Document, build_corpus, check_roles, source_root
+from dmt.errors import ConfigError
+from dmt.files import read_text_file
 
 TRAIN_ORDERS = ("shuffled", "streams")
 
@@ -173,17 +175,19 @@ class TextDataModule(pl.LightningDataModule):
         # The tokenizer is an object, not a hyperparameter; the teacher config already records it.
         self.save_hyperparameters(ignore=["tokenizer"])
         if sum(option is not None for option in (paths, hub_dataset, sources)) != 1:
-            raise ValueError("give exactly one of data.paths, data.hub_dataset or data.sources")
+            raise ConfigError("data: give exactly one of data.paths, data.hub_dataset or data.sources")
         if block_size < 2:
-            raise ValueError(f"block_size must be >= 2 (a causal LM needs a next token), got {block_size}")
+            raise ConfigError(
+                f"data.block_size: must be >= 2 (a causal LM needs a next token), got {block_size}"
+            )
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"data.batch_size: must be >= 1, got {batch_size}")
         if eval_batch_size is not None and eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
+            raise ConfigError(f"data.eval_batch_size: must be >= 1, got {eval_batch_size}")
         if not 0 < val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+            raise ConfigError(f"data.val_fraction: must lie in (0, 1), got {val_fraction}")
         if train_order not in TRAIN_ORDERS:
-            raise ValueError(f"train_order must be one of {TRAIN_ORDERS}, got {train_order!r}")
+            raise ConfigError(f"data.train_order: must be one of {TRAIN_ORDERS}, got {train_order!r}")
         caps = {
             "max_train_blocks": max_train_blocks,
             "max_val_blocks": max_val_blocks,
@@ -193,7 +197,7 @@ class TextDataModule(pl.LightningDataModule):
         }
         for name, cap in caps.items():
             if cap is not None and cap < 1:
-                raise ValueError(f"{name} must be >= 1 or null, got {cap}")
+                raise ConfigError(f"data.{name}: must be >= 1 or null, got {cap}")
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token to separate documents")
         self.tokenizer = tokenizer
@@ -238,7 +242,7 @@ class TextDataModule(pl.LightningDataModule):
                 return self._corpus, self._split
             if self.files:
                 self._names = [str(path) for path in self.files]
-                texts = [path.read_text(encoding="utf-8", errors="replace") for path in self.files]
+                texts = [read_text_file(path) for path in self.files]
                 self._corpus = Dataset.from_dict({"text": texts})
             else:
                 self._corpus = self._load_hub()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +18,7 @@ from dmt.config import validate_config
 from dmt.distill.callbacks import needs_logger
 from dmt.distill.module import DistillationModule
 from dmt.evaluation.evaluate import evaluate, format_generations, format_table, truncate_texts
+from dmt.files import write_json
 from dmt.layers.arithmetic import swap_arithmetic
 from dmt.model.families import family_of, mlp_form
 from dmt.model.loading import load_teacher, load_tokenizer
@@ -30,6 +30,7 @@ from dmt.model.surgery import (
     swapped_layers,
     trainable_parameters,
 )
+from dmt.progress import set_quiet
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -85,12 +86,8 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     perplexities.
     """
     started = time.monotonic()
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    print(f"run directory: {output_dir}")
-    if "tensorboard" in (cfg.get("logger") or {}):
-        print(f"  tensorboard --logdir {cfg.logger.tensorboard.save_dir}")
-
+    if cfg.get("quiet"):
+        set_quiet()
     # Everything that can fail on a bad value fails here, before a model is loaded.
     layer_configs = validate_config(cfg)
     tokenizer = load_tokenizer(cfg.teacher)
@@ -99,6 +96,16 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     except InstantiationException as err:
         # Surface the datamodule's own error (it names the bad path or value), not Hydra's wrapper.
         raise (err.__cause__ or err) from None
+
+    # The corpus is read, checked and packed now (seeded by data.seed alone), so that a bad file is named
+    # before a model loads; trainer.fit's own setup then finds it done.
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    print(f"run directory: {output_dir}")
+    if "tensorboard" in (cfg.get("logger") or {}):
+        print(f"  tensorboard --logdir {cfg.logger.tensorboard.save_dir}")
 
     pl.seed_everything(cfg.seed, workers=True)
     base = load_teacher(cfg.teacher)
@@ -119,7 +126,10 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     )
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=instantiate_callbacks(cfg, has_logger=bool(loggers)), logger=loggers
+        cfg.trainer,
+        callbacks=instantiate_callbacks(cfg, has_logger=bool(loggers)),
+        logger=loggers,
+        **({"enable_progress_bar": False} if cfg.get("quiet") else {}),
     )
     fit_started = time.monotonic()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -136,8 +146,9 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         "tokens_seen": sum(gather_from_ranks(module.tokens_seen)),
         "fit_seconds": fit_seconds,
         "budget": {"max_steps": cfg.trainer.get("max_steps"), "max_time": cfg.trainer.get("max_time")},
-        "teacher_perplexity": metrics.get("val/ppl_teacher", math.nan),
-        "student_perplexity": metrics.get("val/ppl_student", math.nan),
+        # None when no validation ran (trainer.limit_val_batches=0, or too few steps): not measured.
+        "teacher_perplexity": metrics.get("val/ppl_teacher"),
+        "student_perplexity": metrics.get("val/ppl_student"),
         "teacher_dense_parameters": teacher_params,
         "student_dense_parameters": student_params,
         "dense_parameter_fraction": student_params / teacher_params,
@@ -160,7 +171,12 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
             cfg, base, student, tokenizer, datamodule, output_dir
         )
     summary["wall_seconds"] = time.monotonic() - started
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary["not_measured"] = {
+        key: "no validation ran during training"
+        for key in ("teacher_perplexity", "student_perplexity")
+        if summary[key] is None
+    }
+    write_json(output_dir / "summary.json", summary)
     print_summary(summary)
     return summary
 
@@ -195,9 +211,9 @@ def evaluate_on_held_out(
         )
         print(f"{name}:\n{format_table(results[name])}")
     validation = results.pop("validation")
-    (output_dir / "eval.json").write_text(json.dumps(validation, indent=2))
+    write_json(output_dir / "eval.json", validation)
     if results:
-        (output_dir / "eval_heldout.json").write_text(json.dumps(results, indent=2))
+        write_json(output_dir / "eval_heldout.json", results)
     if validation["generations"]:
         print(format_generations(validation))
 
@@ -214,8 +230,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         "── summary " + "─" * 50,
         f"steps                  {summary['steps']} ({summary['tokens_seen']:,} tokens, "
         f"{summary['fit_seconds'] / 60:.1f} min training)",
-        f"teacher perplexity     {summary['teacher_perplexity']:.2f}",
-        f"student perplexity     {summary['student_perplexity']:.2f}",
+        f"teacher perplexity     {measured(summary['teacher_perplexity'])} (validation during training)",
+        f"student perplexity     {measured(summary['student_perplexity'])}",
         f"dense parameters       {summary['student_dense_parameters']:,} ({ratio:.1%} of the teacher's)",
         f"swapped layers         {len(summary['swapped_layers'])} ({', '.join(types) or 'none'}), "
         f"{summary['swapped_layer_parameters']:,} parameters",
@@ -229,6 +245,11 @@ def print_summary(summary: dict[str, Any]) -> None:
     for source, rows in summary.get("heldout_evaluation", {}).items():
         lines.append(f"{source} ppl " + ", ".join(f"{name} {value:.2f}" for name, value in rows.items()))
     print("\n".join(lines))
+
+
+def measured(value: float | None) -> str:
+    """A perplexity for the printed summary, or what stands in its place when none was measured."""
+    return "not measured (no validation ran)" if value is None else f"{value:.2f}"
 
 
 def arithmetic_line(arithmetic: dict[str, Any]) -> str:

@@ -1,42 +1,63 @@
 """``dmt-eval`` / ``python -m dmt.evaluation [overrides]``: evaluate a student (see ``dmt/conf/eval.yaml``).
 
-python -m dmt.evaluation student=outputs/distill/runs/<run>/export
-python -m dmt.evaluation student=outputs/distill/runs/<run>/checkpoints/last.ckpt texts=[my.txt] window=256
-python -m dmt.evaluation teacher=tiny_gpt2 ablate_layers=[1,2]      # teacher vs ablated teacher only
+dmt-eval student=outputs/distill/runs/<run>/export
+dmt-eval student=outputs/distill/runs/<run>/checkpoints/last.ckpt texts=[my.txt] window=256
+dmt-eval teacher=tiny_gpt2 ablate_layers=[1,2]      # teacher vs ablated teacher only
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dmt.conf import CONFIG_PATH  # (importing dmt.conf registers the ${pkg:...} resolver)
+from dmt.cli import run_hydra_task
+from dmt.conf import CONFIG_PATH  # (importing dmt.conf registers the configs' resolvers)
 from dmt.data.datamodule import resolve_files
-from dmt.evaluation.evaluate import evaluate, format_generations, format_table, write_json
+from dmt.evaluation.evaluate import evaluate, format_generations, format_table
+from dmt.evaluation.perplexity import check_windows
+from dmt.files import read_text_file, refuse_existing_file, write_json
 from dmt.model.loading import load_teacher, load_tokenizer
 from dmt.model.persistence import load_student
 from dmt.model.surgery import swapped_layers
+from dmt.progress import set_quiet
 
 
-def eval_texts(cfg: DictConfig, tokenizer: Any) -> list[str]:
-    """``cfg.texts`` read as documents, or the data config's validation documents."""
+def read_texts(cfg: DictConfig) -> list[str] | None:
+    """``cfg.texts`` read as documents (each checked to be text), or ``None`` for the data config's."""
     if cfg.texts is None:
-        return instantiate(cfg.data, tokenizer=tokenizer).val_texts()
+        return None
     paths = [cfg.texts] if isinstance(cfg.texts, str) else list(cfg.texts)
-    files = resolve_files(paths, cfg.texts_glob)
-    return [path.read_text(encoding="utf-8", errors="replace") for path in files]
+    return [read_text_file(path) for path in resolve_files(paths, cfg.texts_glob)]
+
+
+def check_student_path(student: str | None) -> None:
+    """Refuse a student path that does not exist, before any model is loaded."""
+    if student is not None and not Path(student).exists():
+        raise FileNotFoundError(f"student={student}: no such export directory or .ckpt file")
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
-    """The whole evaluation from a composed ``eval`` config; prints the table, writes ``cfg.output``."""
+    """The whole evaluation from a composed ``eval`` config; prints the table, writes ``cfg.output``.
+
+    Everything the user named (output, student, texts, window settings) is checked before a model loads.
+    """
+    if cfg.get("quiet"):
+        set_quiet()
+    if cfg.output:
+        refuse_existing_file(cfg.output, cfg.get("force", False))
+    check_windows(cfg.window, cfg.stride, cfg.batch_size)
+    check_student_path(cfg.student)
+    texts = read_texts(cfg)
     tokenizer = load_tokenizer(cfg.teacher)
-    texts = eval_texts(cfg, tokenizer)
-    teacher = load_teacher(cfg.teacher)
+    if texts is None:
+        texts = instantiate(cfg.data, tokenizer=tokenizer).val_texts()
     student = load_student(cfg.student)[0] if cfg.student is not None else None
+    teacher = load_teacher(cfg.teacher)
     ablate = cfg.ablate_layers
     if ablate is None:
         ablate = sorted(swapped_layers(student)) if student is not None else []
@@ -62,14 +83,13 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     if result["generations"]:
         print("\n" + format_generations(result))
     if cfg.output:
-        write_json(cfg.output, result)
-        print(f"\nwritten: {cfg.output}")
+        print(f"\nwritten: {write_json(cfg.output, result)}")
     return result
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    run_eval(cfg)
+    run_hydra_task(run_eval, cfg, "dmt.evaluation", "dmt-eval")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dmt.evaluation.perplexity import PerplexityResult, perplexity
+from dmt.files import write_json
 from dmt.layers import RemovedMLP
 from dmt.model.families import num_blocks, set_mlp
 
@@ -62,16 +62,6 @@ def teacher_cache_key(teacher_id: str, texts: Sequence[str], window: int, stride
     return digest.hexdigest()
 
 
-def write_json(path: str | os.PathLike, payload: Any) -> None:
-    """``payload`` as indented JSON at ``path`` (parents created), written aside then moved into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(tmp, path)
-
-
 def _teacher_perplexity(
     teacher: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -84,7 +74,7 @@ def _teacher_perplexity(
 ) -> tuple[PerplexityResult, bool]:
     """Teacher perplexity and whether it came from the cache (used only with both cache_dir and id)."""
     if cache_dir is None or teacher_id is None:
-        return perplexity(teacher, tokenizer, list(texts), window, stride, batch_size), False
+        return perplexity(teacher, tokenizer, list(texts), window, stride, batch_size, "teacher"), False
     path = Path(cache_dir) / f"teacher-ppl-{teacher_cache_key(teacher_id, texts, window, stride)[:32]}.json"
     if path.is_file():
         try:
@@ -97,7 +87,7 @@ def _teacher_perplexity(
             return hit, True
         except (OSError, ValueError, KeyError):
             pass  # a corrupt entry is recomputed and overwritten
-    result = perplexity(teacher, tokenizer, list(texts), window, stride, batch_size)
+    result = perplexity(teacher, tokenizer, list(texts), window, stride, batch_size, "teacher")
     record = {"teacher_id": teacher_id, "window": window, "stride": stride, "texts": len(texts)}
     write_json(path, {**record, "result": dict(result)})
     return result, False
@@ -171,7 +161,7 @@ def evaluate(
     results: dict[str, PerplexityResult] = {"teacher": teacher_result}
     for name, model in models.items():
         if name != "teacher":
-            results[name] = perplexity(model, tokenizer, list(texts), window, stride, batch_size)
+            results[name] = perplexity(model, tokenizer, list(texts), window, stride, batch_size, name)
     rows = [
         {
             "name": name,

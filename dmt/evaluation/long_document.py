@@ -1,6 +1,6 @@
 """Reading a long document window by window: perplexity per quarter, with and without memory inserts.
 
-``python -m dmt.evaluation.long_document student=<export or .ckpt> document=<text file>`` scores one
+``dmt-long-document student=<export or .ckpt> document=<text file>`` scores one
 document with sliding windows (``dmt/conf/long_document.yaml``: window 512, stride 256) three ways: the
 teacher, the student with its memory as trained (no inserts), and the student inserting as it reads (every
 memory layer with a ``novelty_threshold`` stores the novel keys and values of each window after searching
@@ -8,7 +8,7 @@ it, so later windows can retrieve what earlier ones held). With ``from_empty: tr
 inserts as it reads into emptied stores, so that what the document's own entries do is told apart from
 what the memory held before. Each quarter of the document gets its own perplexity: a memory that carries
 what the window has lost shows up as lower perplexity in later quarters. Prints a table and writes
-``output`` as JSON.
+``output`` as JSON (by default in the run directory). Each reading shows a progress bar.
 """
 
 from __future__ import annotations
@@ -26,12 +26,15 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
-from dmt.conf import CONFIG_PATH  # (importing dmt.conf registers the ${pkg:...} resolver)
-from dmt.evaluation.evaluate import write_json
-from dmt.evaluation.perplexity import sliding_window_nll
+from dmt.cli import run_hydra_task
+from dmt.conf import CONFIG_PATH  # (importing dmt.conf registers the configs' resolvers)
+from dmt.errors import ConfigError
+from dmt.evaluation.perplexity import check_windows, scored_tokens, sliding_window_nll
+from dmt.files import read_text_file, refuse_existing_file, write_json
 from dmt.model.loading import load_teacher, load_tokenizer
 from dmt.model.persistence import load_student
 from dmt.model.surgery import memory_layers
+from dmt.progress import progress_bar, set_quiet
 
 QUARTERS = 4
 
@@ -71,14 +74,15 @@ def inserting_memory(model: PreTrainedModel) -> Iterator[int]:
 
 
 def quarter_perplexities(
-    model: PreTrainedModel, input_ids: torch.Tensor, window: int, stride: int
+    model: PreTrainedModel, input_ids: torch.Tensor, window: int, stride: int, desc: str = "reading"
 ) -> dict[str, Any]:
     """Perplexity of each quarter of ``input_ids (L,)`` (by target position), windows read in order.
 
     Returns ``{"quarters": [4 × {"perplexity", "nll", "tokens"}], "whole": {...}}``.
     """
     token_nll = torch.full((input_ids.numel(),), math.nan, dtype=torch.float64)  # (L,)
-    sliding_window_nll(model, input_ids, window, stride, batch_size=1, token_nll=token_nll)
+    with progress_bar(scored_tokens(input_ids.numel(), window, stride), desc) as bar:
+        sliding_window_nll(model, input_ids, window, stride, batch_size=1, token_nll=token_nll, progress=bar)
     bounds = torch.linspace(0, input_ids.numel(), QUARTERS + 1).round().long().tolist()
 
     def summary(part: torch.Tensor) -> dict[str, float]:
@@ -97,7 +101,7 @@ def store_counts(model: PreTrainedModel) -> dict[str, int]:
 
 
 def inserting_reading(
-    student: PreTrainedModel, input_ids: torch.Tensor, window: int, stride: int
+    student: PreTrainedModel, input_ids: torch.Tensor, window: int, stride: int, desc: str
 ) -> dict[str, Any]:
     """The student reading ``input_ids`` while its memory inserts, and how many entries that inserted and
     evicted (a full store evicts as it inserts: its size alone would not show what the reading stored)."""
@@ -105,7 +109,7 @@ def inserting_reading(
         if not layers:
             raise ValueError("the student has no memory layer that inserts (novelty_threshold: null)")
         before = store_counts(student)
-        reading = quarter_perplexities(student, input_ids, window, stride)
+        reading = quarter_perplexities(student, input_ids, window, stride, desc)
         after = store_counts(student)
     return reading | {f"entries_{name}": after[name] - before[name] for name in ("inserted", "evicted")}
 
@@ -124,17 +128,17 @@ def read_document(
     ``from_empty`` the stores of the layers that insert are then replaced by empty ones (the student is
     changed in place) and read into once more.
     """
+    names = ["teacher", "student", "student, inserting", "student, inserting into empty memory"]
     rows = [
-        {"name": "teacher", **quarter_perplexities(teacher, input_ids, window, stride)},
-        {"name": "student", **quarter_perplexities(student, input_ids, window, stride)},
+        {"name": name, **quarter_perplexities(model, input_ids, window, stride, name)}
+        for name, model in zip(names, (teacher, student), strict=False)
     ]
-    rows.append({"name": "student, inserting", **inserting_reading(student, input_ids, window, stride)})
+    rows.append({"name": names[2], **inserting_reading(student, input_ids, window, stride, names[2])})
     if from_empty:
         for layer in memory_layers(student).values():
             if layer.cfg.novelty_threshold is not None:
                 layer.store = layer.empty_store()
-        reading = inserting_reading(student, input_ids, window, stride)
-        rows.append({"name": "student, inserting into empty memory", **reading})
+        rows.append({"name": names[3], **inserting_reading(student, input_ids, window, stride, names[3])})
     return {"rows": rows, "settings": {"window": window, "stride": stride, "tokens": input_ids.numel()}}
 
 
@@ -152,28 +156,38 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def run_long_document(cfg: DictConfig) -> dict[str, Any]:
-    """The whole reading from a composed ``long_document`` config; prints the table, writes ``cfg.output``."""
-    if cfg.student is None or cfg.document is None:
-        raise ValueError("student and document: give an export (or .ckpt) and a text file")
+    """The whole reading from a composed ``long_document`` config; prints the table, writes ``cfg.output``.
+
+    Everything the user named (output, student, document, window settings) is checked before a model loads.
+    """
+    if cfg.get("quiet"):
+        set_quiet()
+    for key in ("student", "document"):
+        if cfg[key] is None:
+            raise ConfigError(f"{key}: required; give {key}=<path> (an export or .ckpt, and a text file)")
+    if cfg.output:
+        refuse_existing_file(cfg.output, cfg.get("force", False))
+    check_windows(cfg.window, cfg.stride, 1)
+    if not Path(cfg.student).exists():
+        raise FileNotFoundError(f"student={cfg.student}: no such export directory or .ckpt file")
+    text = read_text_file(cfg.document)
     tokenizer = load_tokenizer(cfg.teacher)
-    text = Path(cfg.document).read_text(encoding="utf-8", errors="replace")
     input_ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)  # (L,)
     if cfg.max_tokens is not None:
         input_ids = input_ids[: cfg.max_tokens]
-    teacher = load_teacher(cfg.teacher)
     student = load_student(cfg.student)[0]
+    teacher = load_teacher(cfg.teacher)
     result = read_document(teacher, student, input_ids, cfg.window, cfg.stride, cfg.from_empty)
     result |= {"student": str(cfg.student), "document": str(cfg.document)}
     print(format_table(result))
     if cfg.output:
-        write_json(cfg.output, result)
-        print(f"\nwritten: {cfg.output}")
+        print(f"\nwritten: {write_json(cfg.output, result)}")
     return result
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="long_document")
 def main(cfg: DictConfig) -> None:
-    run_long_document(cfg)
+    run_hydra_task(run_long_document, cfg, "dmt.evaluation.long_document", "dmt-long-document")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,11 @@ from typing import TypedDict
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
+
+from dmt.errors import ConfigError
+from dmt.progress import progress_bar
 
 IGNORE_INDEX = -100
 
@@ -49,6 +53,16 @@ def _max_positions(model: torch.nn.Module) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
+def check_windows(window: int, stride: int, batch_size: int) -> None:
+    """Refuse sliding-window settings that cannot score a text, naming the setting."""
+    if window < 2:
+        raise ConfigError(f"window: must be >= 2, got {window}")
+    if not 1 <= stride <= window:
+        raise ConfigError(f"stride: must lie in [1, window={window}], got {stride}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size: must be >= 1, got {batch_size}")
+
+
 @torch.no_grad()
 def sliding_window_nll(
     model: torch.nn.Module,
@@ -57,6 +71,7 @@ def sliding_window_nll(
     stride: int,
     batch_size: int = 1,
     token_nll: torch.Tensor | None = None,
+    progress: tqdm | None = None,
 ) -> tuple[float, int]:
     """Summed next-token NLL of one text under sliding windows.
 
@@ -68,21 +83,17 @@ def sliding_window_nll(
         batch_size: windows per forward pass; the last batch's short window is right-padded
         token_nll: optional ``(L,)`` float tensor that receives the NLL of each scored token at its position
             (positions not scored are left as they are)
+        progress: optional bar advanced by the tokens each batch scores (:func:`scored_tokens` in all)
     Returns:
         ``(nll_sum, n_scored)``: the NLL in nats summed over the scored tokens; ``n_scored = L - 1`` when
         ``stride < window``, one fewer per extra window when ``stride == window``, 0 when ``L < 2``.
     """
     if input_ids.dim() != 1:
         raise ValueError(f"input_ids must be 1-D (one whole text), got shape {tuple(input_ids.shape)}")
-    if window < 2:
-        raise ValueError(f"window must be >= 2, got {window}")
-    if not 1 <= stride <= window:
-        raise ValueError(f"stride must be in [1, window={window}], got {stride}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_windows(window, stride, batch_size)
     max_positions = _max_positions(model)
     if max_positions is not None and window > max_positions:
-        raise ValueError(f"window={window} exceeds the model's context of {max_positions} positions")
+        raise ConfigError(f"window: {window} exceeds the model's context of {max_positions} positions")
     seq_len = input_ids.numel()
     if seq_len < 2:
         return 0.0, 0
@@ -113,10 +124,18 @@ def sliding_window_nll(
                 per_token = per_token.view(len(chunk), width - 1)  # (B, T - 1): row j scores token j + 1
                 for row, (begin, end, first) in enumerate(chunk):
                     token_nll[first:end] = per_token[row, first - begin - 1 : end - begin - 1].to(token_nll)
-            scored += int((labels[:, 1:] != IGNORE_INDEX).sum())
+            batch_scored = int((labels[:, 1:] != IGNORE_INDEX).sum())
+            scored += batch_scored
+            if progress is not None:
+                progress.update(batch_scored)
     finally:
         model.train(was_training)
     return nll, scored
+
+
+def scored_tokens(seq_len: int, window: int, stride: int) -> int:
+    """How many tokens :func:`sliding_window_nll` scores in a text of ``seq_len`` tokens."""
+    return sum(end - first for _, end, first in _windows(seq_len, window, stride)) if seq_len >= 2 else 0
 
 
 def perplexity(
@@ -126,18 +145,21 @@ def perplexity(
     window: int,
     stride: int,
     batch_size: int = 1,
+    desc: str = "perplexity",
 ) -> PerplexityResult:
     """Corpus perplexity ``exp(total NLL / total scored tokens)`` over separately scored texts.
 
     Each text is tokenised on its own (with the tokenizer's default special tokens, e.g. a BOS), so no
-    window sees context from another document.
+    window sees context from another document. A progress bar named ``desc`` counts the scored tokens.
     """
+    encoded = [torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long) for text in texts]  # (L,) each
     nll, tokens = 0.0, 0
-    for text in texts:
-        ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)  # (L,)
-        text_nll, text_tokens = sliding_window_nll(model, ids, window, stride, batch_size)
-        nll += text_nll
-        tokens += text_tokens
+    total = sum(scored_tokens(ids.numel(), window, stride) for ids in encoded)
+    with progress_bar(total, desc) as bar:
+        for ids in encoded:
+            text_nll, text_tokens = sliding_window_nll(model, ids, window, stride, batch_size, progress=bar)
+            nll += text_nll
+            tokens += text_tokens
     if tokens == 0:
         raise ValueError("no token to score: every text is shorter than 2 tokens")
     return {"perplexity": math.exp(nll / tokens), "nll": nll, "tokens": tokens}

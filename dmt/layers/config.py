@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar, TypeVar
 
+from dmt.errors import ConfigError
 from dmt.layers.mlp import MLPForm
 from dmt.memory.backends import check_index_settings
 from dmt.memory.eviction import check_eviction
@@ -30,9 +31,9 @@ RANKINGS: tuple[str, ...] = ("score", "magnitude")
 C = TypeVar("C", bound="LayerConfig")
 
 
-def bad(key: str, why: str) -> ValueError:
+def bad(key: str, why: str) -> ConfigError:
     """A config error naming the ``swap`` key at fault."""
-    return ValueError(f"swap.{key}: {why}")
+    return ConfigError(f"swap.{key}: {why}")
 
 
 @dataclass
@@ -218,7 +219,7 @@ class MemoryConfig(LayerConfig):
         if mlp is None:
             raise bad("init", "init=ffn derives the layer from the MLP it replaces, and none was given")
         if mlp.d_model != d_model:
-            raise ValueError(f"the MLP reads width {mlp.d_model}, the model is {d_model} wide")
+            raise bad("init", f"the MLP reads width {mlp.d_model}, the model is {d_model} wide")
         exact = {
             "key_dim": d_model + 1,
             "value_dim": d_model,

@@ -1,9 +1,9 @@
-"""On-disk integrity of saved stores: checksummed writes, verification against a manifest, atomic swaps.
+"""On-disk integrity of saved stores: checksummed writes and verification against a manifest.
 
 A saved store is a directory whose ``manifest.json`` records, for every file written next to it, the
 size in bytes and the SHA-256 (``{"files": {name: {"bytes": int, "sha256": hex}}}``). Directories are
-written into a temporary sibling and swapped in with ``os.replace``, so a crash or a full disk leaves
-either the previous store or the new one, never a mix.
+written with :func:`dmt.files.write_directory`, so a crash or a full disk leaves either the previous store
+or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -11,19 +11,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
+from dmt.errors import InputFileError
+
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20  # bytes per read while hashing: bounded memory for stores larger than RAM
 
 
-class MemoryStoreError(ValueError):
+class MemoryStoreError(InputFileError):
     """A saved store or a state dict is malformed, truncated, corrupt or disagrees with its manifest."""
 
 
@@ -49,17 +49,6 @@ class _HashingWriter:
 
     def record(self) -> FileRecord:
         return {"bytes": self._size, "sha256": self._sha256.hexdigest()}
-
-
-def fsync_path(path: Path) -> None:
-    """Flush ``path`` (a file, or a directory's entries) to stable storage; a no-op on Windows."""
-    if os.name == "nt":  # directories cannot be opened for fsync there
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_array(path: Path, array: np.ndarray) -> FileRecord:
@@ -143,57 +132,3 @@ def verify_files(directory: Path, records: Any, required: Collection[str], check
             raise MemoryStoreError(f"{path}: size {size} bytes, {MANIFEST} says {expected} ({hint})")
         if checksums and file_record(path)["sha256"] != record["sha256"]:
             raise MemoryStoreError(f"{path}: checksum mismatch (file changed or corrupt)")
-
-
-def write_directory(target: Path, write: Callable[[Path], None], known_names: Collection[str]) -> None:
-    """Atomically make ``target`` a directory holding what ``write(directory)`` puts in an empty one.
-
-    ``write`` fills a fresh directory inside a temporary sibling of ``target`` (same file system, so
-    renames are atomic); that directory is fsynced, the old ``target`` moved aside, the new one renamed
-    into place and only then the old one deleted. On any failure the previous ``target`` is left (or put
-    back) as it was and the temporary sibling removed.
-
-    Args:
-        known_names: file names a replaceable ``target`` may hold; an existing non-empty directory
-            without a manifest and with other files is refused rather than deleted.
-
-    Raises:
-        OSError: with the original error as cause and ``target`` named in the message.
-    """
-    target = Path(target).absolute()  # a relative "store" has the parent "." only once made absolute
-    try:
-        _check_replaceable(target, known_names)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
-        try:
-            new, old = staging / "new", staging / "old"
-            new.mkdir()
-            write(new)
-            fsync_path(new)
-            if target.exists():
-                os.replace(target, old)
-            try:
-                os.replace(new, target)
-            except BaseException:
-                if old.exists():
-                    os.replace(old, target)
-                raise
-            fsync_path(target.parent)  # make the renames themselves durable
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)  # on success this deletes the previous store
-    except OSError as error:
-        raise OSError(error.errno, f"saving to {target} failed: {error.strerror or error}") from error
-
-
-def _check_replaceable(target: Path, known_names: Collection[str]) -> None:
-    """Refuse to replace anything but a missing, empty or store-like ``target`` (it would be deleted)."""
-    if not target.exists():
-        return
-    if not target.is_dir():
-        raise NotADirectoryError(f"{target} exists and is not a directory")
-    names = {path.name for path in target.iterdir()}
-    if names and MANIFEST not in names and not names <= set(known_names):
-        raise FileExistsError(
-            f"{target} holds files that are not part of a store ({', '.join(sorted(names)[:5])}); "
-            "refusing to replace it"
-        )

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from dmt.files import check_directory_target, fsync_path, write_directory
 from dmt.memory.backends import BACKENDS, INDEX_PARAMS, index_class, load_index, make_index
 from dmt.memory.base import MemoryStats
 from dmt.memory.index import KeyIndex
@@ -51,11 +52,9 @@ from dmt.memory.integrity import (
     MANIFEST,
     MemoryStoreError,
     file_record,
-    fsync_path,
     read_manifest,
     verify_files,
     write_array,
-    write_directory,
 )
 from dmt.remote_code.hnsw_file import read_hnsw_vectors
 
@@ -297,12 +296,18 @@ def _restore_index(
 # ---------------------------------------------------------------------- directory
 
 
+def is_store_directory(directory: Path) -> bool:
+    """Whether ``directory`` holds a saved store, or only files a store is made of (an interrupted save)."""
+    names = {path.name for path in directory.iterdir()}
+    return MANIFEST in names or names <= {MANIFEST, *STORE_FILES.values()}
+
+
 def save(store: KNNStore, directory: str | Path) -> None:
     """Atomically write ``store`` to ``directory``: ``manifest.json``, one ``.npy`` per array and, for an
     index with a file, ``index.bin``, with the size and SHA-256 of every file recorded in the manifest.
 
     Everything is written and fsynced in a temporary sibling of ``directory`` that then replaces it
-    (:func:`dmt.memory.integrity.write_directory`): a failed save (full disk, crash) leaves the
+    (:func:`dmt.files.write_directory`): a failed save (full disk, crash) leaves the
     previous store loadable and no temporary directory behind. An existing ``directory`` holding
     files that are not part of a store is refused rather than deleted.
 
@@ -333,7 +338,8 @@ def save(store: KNNStore, directory: str | Path) -> None:
         manifest_path.write_text(json.dumps(manifest, indent=2))
         fsync_path(manifest_path)
 
-    write_directory(directory, write_files, known_names=(MANIFEST, *STORE_FILES.values()))
+    check_directory_target(directory, is_store_directory, "memory store")
+    write_directory(directory, write_files)
     if isinstance(store._keys, np.memmap) and "keys" in captured.arrays:
         store._keys = _load_npy(directory / ARRAY_FILES["keys"], mmap=True)
     if isinstance(store._values, np.memmap):

@@ -28,8 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
+import pickle
+from collections.abc import Collection
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
@@ -50,11 +50,14 @@ from transformers import (
 )
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from dmt.errors import InputFileError
+from dmt.files import check_directory_target, write_directory
 from dmt.layers import LayerConfig, LowRankMLP, MemoryLayer, layer_config
 from dmt.memory import KNNStore
 from dmt.model.families import mlp_form, mlp_path
 from dmt.model.loading import load_tokenizer
 from dmt.model.surgery import attach_memory_layers, memory_layers, swapped_layers
+from dmt.progress import progress_bar
 from dmt.remote_code import REMOTE_CODE_FILES
 from dmt.remote_code.configuration_dmt import CLASS_PREFIX, MODEL_TYPE
 from dmt.remote_code.modeling_dmt import EXPORT_FORMAT_VERSION
@@ -137,18 +140,6 @@ def restore_memory_state(model: PreTrainedModel, state: dict[str, dict[str, Any]
         layers[index].store = store
 
 
-def _replace_directory(tmp: Path, target: Path) -> None:
-    """Move a fully written ``tmp`` to ``target``; an existing ``target`` is replaced only afterwards."""
-    backup = None
-    if target.exists():
-        backup = target.with_name(f".{target.name}.old")
-        shutil.rmtree(backup, ignore_errors=True)
-        os.replace(target, backup)
-    os.replace(tmp, target)
-    if backup is not None:
-        shutil.rmtree(backup)
-
-
 def remote_block(model: PreTrainedModel, index: int, layer: nn.Module) -> dict[str, Any]:
     """What :mod:`dmt.remote_code` builds for swapped block ``index``: where it goes, and the settings it
     reads (resolved, so the remote code derives nothing)."""
@@ -201,40 +192,84 @@ def export_config(model: PreTrainedModel) -> dict[str, Any]:
     }
 
 
-def save_pretrained(model: PreTrainedModel, tokenizer: Any, directory: str | os.PathLike) -> Path:
-    """Write an export directory (see module docstring); written aside then moved into place."""
-    target = Path(directory).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+def is_export(directory: Path) -> bool:
+    """Whether ``directory`` holds a dmt export (its ``config.json`` says ``model_type: dmt``)."""
     try:
-        (tmp / CONFIG).write_text(json.dumps(export_config(model), indent=2, sort_keys=True))
+        return json.loads((directory / CONFIG).read_text()).get("model_type") == MODEL_TYPE
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def save_pretrained(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    directory: str | os.PathLike,
+    *,
+    force: bool = False,
+    keep: Collection[str | os.PathLike] = (),
+) -> Path:
+    """Write an export directory (see module docstring); written aside then renamed into place.
+
+    An existing ``directory`` is replaced when it holds a previous export; anything else non-empty is
+    refused (:class:`dmt.errors.OutputExistsError`) unless ``force``, and one that holds a path of
+    ``keep`` (the caller's inputs) or the current directory always. Returns the absolute directory.
+    """
+    target = Path(directory).absolute()
+    check_export_target(target, force, keep)
+    stores = memory_layers(model)
+
+    def write(staging: Path) -> None:
+        (staging / CONFIG).write_text(json.dumps(export_config(model), indent=2, sort_keys=True))
         if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+            model.generation_config.save_pretrained(staging)
+        save_model(model, str(staging / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            tokenizer.save_pretrained(staging)
         for name in REMOTE_CODE_FILES:
-            (tmp / name).write_bytes(resources.files("dmt.remote_code").joinpath(name).read_bytes())
-        for index, layer in memory_layers(model).items():
-            layer.store.save(tmp / "memory" / f"layer_{index:02d}")
-        _replace_directory(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+            (staging / name).write_bytes(resources.files("dmt.remote_code").joinpath(name).read_bytes())
+        with progress_bar(len(stores), "saving memory", unit="layer") as bar:
+            for index, layer in stores.items():
+                layer.store.save(staging / "memory" / f"layer_{index:02d}")
+                bar.update()
+
+    return write_directory(target, write)
+
+
+def check_export_target(
+    directory: str | os.PathLike, force: bool = False, keep: Collection[str | os.PathLike] = ()
+) -> None:
+    """Refuse ``directory`` as an export's place where writing would lose the user's files (see
+    :func:`save_pretrained`); callers check before the work that produces the export."""
+    check_directory_target(Path(directory), is_export, "dmt export", force, keep)
 
 
 def read_export_config(directory: Path) -> tuple[PretrainedConfig, dict[int, LayerConfig]]:
-    """The base model's config and the swapped layers' settings of the export ``directory``."""
+    """The base model's config and the swapped layers' settings of the export ``directory``.
+
+    Raises:
+        FileNotFoundError: there is no ``config.json``.
+        InputFileError: naming ``config.json`` when it is not JSON or not a dmt export's.
+    """
     path = directory / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {directory} is not a model directory")
-    raw = json.loads(path.read_text())
-    if raw.get("model_type") != MODEL_TYPE or not isinstance(raw.get("dmt"), dict):
-        raise ValueError(f"{path}: not a dmt export (model_type {raw.get('model_type')!r}, no 'dmt' section)")
-    layers = layer_configs_from_spec(raw["dmt"], EXPORT_FORMAT_VERSION, where=f"{path}: dmt")
-    base = {key: value for key, value in raw.items() if key not in EXPORT_KEYS}
-    return _model_config({**base, "model_type": raw.get("base_model_type")}), layers
+    try:
+        raw = json.loads(path.read_bytes())
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise InputFileError(f"{path}: not valid JSON ({err})") from err
+    if (
+        not isinstance(raw, dict)
+        or raw.get("model_type") != MODEL_TYPE
+        or not isinstance(raw.get("dmt"), dict)
+    ):
+        found = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
+        raise InputFileError(f"{path}: not a dmt export (model_type {found!r}, no 'dmt' section)")
+    try:
+        layers = layer_configs_from_spec(raw["dmt"], EXPORT_FORMAT_VERSION, where=f"{path}: dmt")
+        base = {key: value for key, value in raw.items() if key not in EXPORT_KEYS}
+        return _model_config({**base, "model_type": raw.get("base_model_type")}), layers
+    except (KeyError, TypeError, ValueError) as err:
+        raise InputFileError(f"{path}: {err}") from err
 
 
 def load_pretrained(
@@ -256,7 +291,10 @@ def load_pretrained(
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
     attach_memory_layers(model, configs, stores)
-    weights = load_file(directory / WEIGHTS)
+    try:
+        weights = load_file(directory / WEIGHTS)
+    except Exception as err:  # safetensors raises its own SafetensorError, or OSError
+        raise InputFileError(f"{directory / WEIGHTS}: not a readable safetensors file ({err})") from err
     unexpected = sorted(set(weights) - set(model.state_dict()))
     # A tied weight (GPT-2's lm_head and wte) is saved once, under one of its names: give it every name.
     # Ties are the model's shared parameters, or (transformers 5, not yet tied here) its tied-keys map.
@@ -273,7 +311,7 @@ def load_pretrained(
     model.tie_weights()  # the same parameter again, not two sharing storage
     missing = [name for name, param in model.named_parameters() if param.is_meta]
     if missing or unexpected:
-        raise ValueError(f"{directory / WEIGHTS}: missing keys {missing}, unexpected keys {unexpected}")
+        raise InputFileError(f"{directory / WEIGHTS}: missing keys {missing}, unexpected keys {unexpected}")
     # Given the base config, the tokenizer does not read config.json (whose auto_map would ask to trust
     # the remote code).
     tokenizer = (
@@ -296,14 +334,27 @@ def _model_config(config_dict: dict[str, Any]) -> PretrainedConfig:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A dmt Lightning checkpoint read with ``torch.load(weights_only=True)`` (nothing is unpickled)."""
+    """A dmt Lightning checkpoint read with ``torch.load(weights_only=True)`` (nothing is unpickled).
+
+    Raises:
+        InputFileError: ``path`` is not a PyTorch checkpoint, holds objects a weights-only load refuses
+            (so dmt did not write it), or lacks dmt's entries.
+    """
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError or RuntimeError depending on the payload
-        raise ValueError(f"{path}: cannot be read as a weights-only checkpoint: {err}") from err
+        # torch's own message advises weights_only=False, which would run the file's code: never passed on.
+        reason = (
+            "it holds Python objects that a safe, weights-only load refuses"
+            if isinstance(err, pickle.UnpicklingError)
+            else "not a PyTorch checkpoint file"
+        )
+        raise InputFileError(f"{path}: cannot be read as a dmt checkpoint: {reason}") from err
+    if not isinstance(checkpoint, dict):
+        raise InputFileError(f"{path}: not a dmt checkpoint (a {type(checkpoint).__name__}, not a dict)")
     for key in ("state_dict", "dmt"):
         if key not in checkpoint:
-            raise ValueError(f"{path}: not a dmt checkpoint (no {key!r} entry)")
+            raise InputFileError(f"{path}: not a dmt checkpoint (no {key!r} entry)")
     return checkpoint
 
 
@@ -349,7 +400,7 @@ def load_student(path: str | os.PathLike) -> tuple[PreTrainedModel, PreTrainedTo
     if path.is_dir():
         return load_pretrained(path)
     if not path.is_file():
-        raise FileNotFoundError(f"student not found: {path}")
+        raise FileNotFoundError(f"{path}: student not found (give an export directory or a .ckpt file)")
     checkpoint = read_checkpoint(path)
     return student_from_checkpoint(checkpoint, str(path)), _checkpoint_tokenizer(checkpoint)
 
@@ -363,13 +414,18 @@ def cast_memory_values(model: PreTrainedModel, value_dtype: str) -> None:
 
 
 def export_checkpoint(
-    ckpt: str | os.PathLike, out_dir: str | os.PathLike, value_dtype: str | None = None
+    ckpt: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    value_dtype: str | None = None,
+    force: bool = False,
 ) -> Path:
-    """Write the student of a Lightning checkpoint as an export directory; returns its resolved path.
+    """Write the student of a Lightning checkpoint as an export directory; returns its absolute path.
 
     ``value_dtype`` (e.g. ``float16``) stores the memory's values in that dtype instead of the run's.
+    ``out_dir`` is checked before the checkpoint is read (:func:`save_pretrained` says what is refused).
     """
+    check_export_target(out_dir, force, keep=[ckpt])
     model, tokenizer = load_student(ckpt)
     if value_dtype is not None:
         cast_memory_values(model, value_dtype)
-    return save_pretrained(model, tokenizer, out_dir)
+    return save_pretrained(model, tokenizer, out_dir, force=force, keep=[ckpt])

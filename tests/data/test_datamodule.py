@@ -146,7 +146,7 @@ def test_folder_without_matching_files(gpt2_tokenizer, text_dir):
         ({"val_fraction": 1.0}, "val_fraction"),
         ({"val_fraction": 0.0}, "val_fraction"),
         ({"max_train_blocks": 0}, "max_train_blocks"),
-        ({"train_order": "sequential"}, "train_order must be one of"),
+        ({"train_order": "sequential"}, r"data\.train_order: must be one of"),
     ],
 )
 def test_bad_arguments(gpt2_tokenizer, text_dir, kwargs, match):

@@ -8,8 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_student, tiny_teacher_cfg
-from omegaconf import OmegaConf
+from conftest import tiny_student, tiny_teacher_cfg, write_checkpoint
 from torch.testing import assert_close
 
 import dmt.evaluation.evaluate as evaluate_module
@@ -18,7 +17,7 @@ from dmt.export import main as export_main
 from dmt.layers import RemovedMLP
 from dmt.model.families import get_mlp
 from dmt.model.loading import load_teacher
-from dmt.model.persistence import load_student, memory_spec, memory_state, save_pretrained
+from dmt.model.persistence import load_student, save_pretrained
 from dmt.model.surgery import memory_layers
 
 TEXTS = [
@@ -54,26 +53,6 @@ def hf_docs_perplexity(model, tokenizer, texts: list[str], window: int, stride: 
             if end_loc == seq_len:
                 break
     return math.exp(nll_sum / n_tokens)
-
-
-def write_checkpoint(student, path, teacher_cfg=None, teacher=None) -> None:
-    """A checkpoint with the layout of ``DistillationModule``'s Lightning checkpoints."""
-    state = {f"student.{k}": v for k, v in student.state_dict().items()}
-    if teacher is not None:  # distillation checkpoints also hold the frozen teacher
-        state.update({f"teacher.{k}": v for k, v in teacher.state_dict().items()})
-    run_config = {"teacher": OmegaConf.to_container(teacher_cfg)} if teacher_cfg is not None else {}
-    torch.save(
-        {
-            "state_dict": state,
-            "hyper_parameters": {"run_config": run_config},
-            "dmt": {
-                "model_config": student.config.to_dict(),
-                "memory_spec": memory_spec(student),
-                "memory_state": memory_state(student),
-            },
-        },
-        path,
-    )
 
 
 @pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])

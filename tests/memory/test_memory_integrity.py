@@ -224,7 +224,7 @@ def test_save_replaces_store_but_refuses_other_directories(tmp_path: Path) -> No
     other = tmp_path / "thesis"
     other.mkdir()
     (other / "thesis.tex").write_text("irreplaceable")
-    with pytest.raises(OSError, match="refusing to replace"):
+    with pytest.raises(OSError, match="is not a memory store"):
         _store().save(other)
     assert [path.name for path in other.iterdir()] == ["thesis.tex"]
 
