@@ -126,13 +126,13 @@ def check_directory_target(
     """Refuse ``target`` as the place of a new ``what`` where writing it would lose the user's files.
 
     Refused always: a file at ``target``; a ``target`` that is, or holds, one of ``keep`` (the command's
-    inputs) or the current directory. Refused unless ``force``: a non-empty directory for which
-    ``replaceable(target)`` is false (not a previous ``what``).
+    inputs, where they exist) or the current directory. Refused unless ``force``: a non-empty directory
+    for which ``replaceable(target)`` is false (not a previous ``what``).
     """
     target = target.absolute()
     if target.exists() and not target.is_dir():
         raise OutputExistsError(f"{target} is a file, not a directory; name a directory for the {what}")
-    for inside in (*keep, Path.cwd()):
+    for inside in (*(path for path in keep if Path(path).exists()), Path.cwd()):
         inside = Path(inside).absolute()
         if inside == target or target in inside.parents:
             role = "the current directory" if inside == Path.cwd().absolute() else "an input of this command"

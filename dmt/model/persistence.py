@@ -7,15 +7,18 @@ and :func:`export_checkpoint` from one to the other.
 
 An export directory is a Hugging Face custom-code model: ``AutoModelForCausalLM.from_pretrained(export,
 trust_remote_code=True)`` loads it with plain ``transformers`` (the code is :mod:`dmt.remote_code`, copied
-in), and without ``trust_remote_code`` loading fails (``model_type "dmt"``) rather than returning the base
-model with random MLPs. It holds::
+in), and ``AutoTokenizer.from_pretrained(export)`` loads its tokenizer as any other (``config.json`` keeps
+the base model's ``model_type``, so nothing asks to trust code). The weights are the ``dmt`` variant of
+the weights file, which only the remote code asks for: without ``trust_remote_code`` the base model class
+finds no ``model.safetensors`` and refuses to load, rather than returning the base model with random MLPs.
+It holds::
 
-    config.json                           the base model's config (``base_model_type``), ``model_type
-                                          "dmt"``, ``auto_map``, and ``dmt``: the format version, each swapped
-                                          block's dmt settings (``layers``) and what the remote code builds
-                                          for it (``blocks``: module path, read settings, store directory)
+    config.json                           the base model's config, ``auto_map``, and ``dmt``: the format
+                                          version, each swapped block's dmt settings (``layers``) and what
+                                          the remote code builds for it (``blocks``: module path, read
+                                          settings, store directory)
     generation_config.json, tokenizer files
-    model.safetensors                     every dense weight of the student (memory layers included)
+    model.dmt.safetensors                 every dense weight of the student (memory layers included)
     configuration_dmt.py, modeling_dmt.py, memory_ops.py   the remote code
     memory/layer_XX/                      one store per memory layer (:mod:`dmt.memory.persistence`)
 
@@ -59,17 +62,17 @@ from dmt.model.loading import load_tokenizer
 from dmt.model.surgery import attach_memory_layers, memory_layers, swapped_layers
 from dmt.progress import progress_bar
 from dmt.remote_code import REMOTE_CODE_FILES
-from dmt.remote_code.configuration_dmt import CLASS_PREFIX, MODEL_TYPE
-from dmt.remote_code.modeling_dmt import EXPORT_FORMAT_VERSION
+from dmt.remote_code.configuration_dmt import CLASS_PREFIX
+from dmt.remote_code.modeling_dmt import EXPORT_FORMAT_VERSION, WEIGHTS_VARIANT
 
 # The layer settings of a checkpoint's ``dmt`` entry. 2: per-type layer settings (gate_dim, ranking,
 # dense_weights) and gate_query_proj weights.
 FORMAT_VERSION = 2
 CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
+WEIGHTS = f"model.{WEIGHTS_VARIANT}.safetensors"  # the file transformers' variant= names
 STUDENT_PREFIX = "student."
 # Keys of an export's config.json that are not the base model's.
-EXPORT_KEYS = ("dmt", "auto_map", "model_type", "base_model_type", "architectures")
+EXPORT_KEYS = ("dmt", "auto_map", "architectures")
 
 
 def layer_configs_of(model: PreTrainedModel) -> dict[int, LayerConfig]:
@@ -177,8 +180,6 @@ def export_config(model: PreTrainedModel) -> dict[str, Any]:
     swapped = swapped_layers(model)
     return {
         **base,
-        "model_type": MODEL_TYPE,
-        "base_model_type": base["model_type"],
         "architectures": [f"{CLASS_PREFIX}{type(model).__name__}"],
         "auto_map": {
             "AutoConfig": f"configuration_dmt.{CLASS_PREFIX}{type(model.config).__name__}",
@@ -193,9 +194,9 @@ def export_config(model: PreTrainedModel) -> dict[str, Any]:
 
 
 def is_export(directory: Path) -> bool:
-    """Whether ``directory`` holds a dmt export (its ``config.json`` says ``model_type: dmt``)."""
+    """Whether ``directory`` holds a dmt export, of any format (its ``config.json`` has a ``dmt`` section)."""
     try:
-        return json.loads((directory / CONFIG).read_text()).get("model_type") == MODEL_TYPE
+        return isinstance(json.loads((directory / CONFIG).read_text()).get("dmt"), dict)
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -257,17 +258,18 @@ def read_export_config(directory: Path) -> tuple[PretrainedConfig, dict[int, Lay
         raw = json.loads(path.read_bytes())
     except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
         raise InputFileError(f"{path}: not valid JSON ({err})") from err
-    if (
-        not isinstance(raw, dict)
-        or raw.get("model_type") != MODEL_TYPE
-        or not isinstance(raw.get("dmt"), dict)
-    ):
-        found = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
-        raise InputFileError(f"{path}: not a dmt export (model_type {found!r}, no 'dmt' section)")
+    if not isinstance(raw, dict) or not isinstance(raw.get("dmt"), dict):
+        raise InputFileError(f"{path}: not a dmt export (no 'dmt' section)")
+    version = raw["dmt"].get("format_version")
+    if version != EXPORT_FORMAT_VERSION:
+        raise InputFileError(
+            f"{path}: export format {version!r} is not the one this dmt reads ({EXPORT_FORMAT_VERSION}); "
+            "export the run's checkpoint again with dmt-export"
+        )
     try:
         layers = layer_configs_from_spec(raw["dmt"], EXPORT_FORMAT_VERSION, where=f"{path}: dmt")
         base = {key: value for key, value in raw.items() if key not in EXPORT_KEYS}
-        return _model_config({**base, "model_type": raw.get("base_model_type")}), layers
+        return _model_config(base), layers
     except (KeyError, TypeError, ValueError) as err:
         raise InputFileError(f"{path}: {err}") from err
 

@@ -1,12 +1,12 @@
 """The configuration of an exported dmt student, for ``transformers`` auto classes (``trust_remote_code``).
 
 A student is its base model (GPT-2, Llama, ...) with some MLPs swapped, so its config is the base model's
-config class, subclassed: every field of the base stays as it is, and two more are added, ``model_type
-"dmt"`` and ``dmt`` (the swapped blocks, see :mod:`modeling_dmt`). The subclass is made per base on demand:
+config class, subclassed: every field of the base stays as it is, ``model_type`` included, and one more is
+added, ``dmt`` (the swapped blocks, see :mod:`modeling_dmt`). The subclass is made per base on demand:
 ``config.json``'s ``auto_map`` names ``configuration_dmt.DMT<BaseConfig>`` (``DMTLlamaConfig``,
 ``DMTGPT2Config``) and this module's ``__getattr__`` builds that class from the base config class of the
-same name. ``model_type "dmt"`` is unknown to ``transformers``, so loading without ``trust_remote_code``
-fails with an error instead of building the base model with its MLPs left random.
+same name. Since the ``model_type`` is one ``transformers`` knows, what needs only the config (a tokenizer)
+loads without ``trust_remote_code`` and without asking; the model itself does not (:mod:`modeling_dmt`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import transformers
 from transformers import PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-MODEL_TYPE = "dmt"
 CLASS_PREFIX = "DMT"
 
 
@@ -39,7 +38,7 @@ def student_config_class(model_type: str) -> type[PretrainedConfig]:
     return type(
         f"{CLASS_PREFIX}{base.__name__}",
         (base,),
-        {"model_type": MODEL_TYPE, "base_model_type": model_type, "__module__": __name__},
+        {"__module__": __name__},
     )
 
 

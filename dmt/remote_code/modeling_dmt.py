@@ -9,7 +9,10 @@ the modules that ``config.dmt["blocks"]`` names swapped:
   searched exactly, in torch, on the model's device (beside the block's own MLP where it was kept);
 - ``removed``: :class:`RemovedMLP` (the block has no MLP); ``lowrank``: :class:`LowRankMLP`.
 
-Weight names are those of dmt's own student, so ``model.safetensors`` loads as it is. A memory read here
+Weight names are those of dmt's own student, so the weights file loads as it is; it is the ``dmt`` variant
+(``model.dmt.safetensors``), which ``from_pretrained`` here asks for and the base class alone does not, so
+that loading without ``trust_remote_code`` fails instead of returning the base model with random MLPs. A
+memory read here
 computes what dmt's layer computes in evaluation (same ``memory_ops``), with two differences a user should
 know: nothing is inserted (an ``insert_during_eval`` student reads a fixed memory here), and the search is
 exact, so a student trained with the approximate hnsw index may see slightly different neighbours.
@@ -45,7 +48,9 @@ from .memory_ops import (
 )
 
 # The export layout version this code reads (dmt.model.persistence writes it).
-EXPORT_FORMAT_VERSION = 3
+EXPORT_FORMAT_VERSION = 4
+# The weights file is model.<variant>.safetensors (transformers' `variant`).
+WEIGHTS_VARIANT = "dmt"
 # Queries per block of the exact search: bounds the (queries, entries) score matrix to 2**26 elements.
 MAX_SCORE_ELEMENTS = 2**26
 
@@ -268,8 +273,9 @@ class StudentMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
-        """The base class's ``from_pretrained``, then the memory: from the export directory, or (a hub
-        repository id) from its ``memory/`` files, downloaded like the weights."""
+        """The base class's ``from_pretrained`` of the ``dmt`` weights variant, then the memory: from the
+        export directory, or (a hub repository id) from its ``memory/`` files, downloaded like the weights."""
+        kwargs.setdefault("variant", WEIGHTS_VARIANT)
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         directory = Path(pretrained_model_name_or_path)
         if not directory.is_dir():

@@ -6,6 +6,7 @@ from conftest import tiny_student
 from torch.testing import assert_close
 
 from dmt.distill.module import DistillationModule
+from dmt.errors import InputFileError
 from dmt.model.families import get_mlp
 from dmt.model.persistence import (
     load_pretrained,
@@ -50,6 +51,16 @@ def test_export_overwrites_atomically(tiny_gpt2, tmp_path, gpt2_tokenizer):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     with pytest.raises(FileNotFoundError, match="not a model directory"):
         load_pretrained(tmp_path)
+
+
+def test_export_of_another_format_is_refused_naming_it(tiny_gpt2, tmp_path, gpt2_tokenizer):
+    save_pretrained(trained_student(tiny_gpt2), gpt2_tokenizer, tmp_path / "export")
+    config_path = tmp_path / "export" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dmt"]["format_version"] = 3
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(InputFileError, match=r"config\.json: export format 3 .*again with dmt-export"):
+        load_pretrained(tmp_path / "export")
 
 
 def test_checkpoint_memory_state_round_trip(tiny_gpt2, tmp_path):

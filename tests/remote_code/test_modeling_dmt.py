@@ -18,12 +18,14 @@ from dmt.model.surgery import build_student, memory_layers, resolve_layer_config
 TOKENS = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(3))
 
 # Runs in a fresh interpreter: imports transformers and torch only (importing dmt raises), loads the
-# export, compares its logits with load_pretrained's, generates, runs a pipeline, and checks that loading
-# without trust_remote_code fails.
+# export, compares its logits with load_pretrained's, loads the tokenizer as any other (recording any
+# question asked), generates, runs a pipeline, and checks that loading without trust_remote_code fails.
 LOADER = textwrap.dedent(
     """
-    import json, sys
+    import builtins, json, sys
     sys.modules["dmt"] = None  # any `import dmt` now raises ImportError
+    asked = []  # what transformers asks on stdin (whether to trust remote code), answered "no"
+    builtins.input = lambda prompt="": asked.append(prompt) or "n"
     import torch
     from torch.testing import assert_close
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
@@ -33,7 +35,8 @@ LOADER = textwrap.dedent(
     model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True).eval()
     with torch.no_grad():
         assert_close(model(expected["tokens"]).logits, expected["logits"])
-    tokenizer = AutoTokenizer.from_pretrained(export)
+    tokenizer = AutoTokenizer.from_pretrained(export)  # as any model's: no trust_remote_code, no question
+    tokenizer_asked = list(asked)
     prompt = tokenizer("To be, or not to be", return_tensors="pt")
     generated = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
     generator = pipeline("text-generation", model=export, trust_remote_code=True)
@@ -41,13 +44,15 @@ LOADER = textwrap.dedent(
     try:
         AutoModelForCausalLM.from_pretrained(export)
         refused = None
-    except Exception as error:  # transformers raises ValueError asking for trust_remote_code
+    except Exception as error:  # the base class finds no model.safetensors (the weights are a variant)
         refused = f"{type(error).__name__}: {error}"
     open(report_path, "w").write(json.dumps({
         "class": type(model).__name__,
         "generated": generated.shape[1] - prompt.input_ids.shape[1],
         "pipeline_text": text,
         "refused": refused,
+        "tokenizer_class": type(tokenizer).__name__,
+        "tokenizer_asked": tokenizer_asked,
         "dmt_imported": any(name == "dmt" or name.startswith("dmt.") for name, m in sys.modules.items() if m),
     }))
     """
@@ -174,7 +179,8 @@ def test_export_loads_in_plain_transformers(fixture, make, request, tmp_path, gp
     assert report["class"] == f"DMT{type(student).__name__}"
     assert report["generated"] == 4
     assert report["pipeline_text"].startswith("To be")
-    assert report["refused"] is not None and "trust_remote_code" in report["refused"]
+    assert report["refused"] is not None and "model.safetensors" in report["refused"]
+    assert report["tokenizer_asked"] == [] and report["tokenizer_class"] == type(gpt2_tokenizer).__name__
     assert not report["dmt_imported"]
 
 
