@@ -3,10 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # TORCH pins torch's version, not its build: pip installs the highest match its indexes offer, and a build
-# label counts (2.13.0+cpu matches and sorts above 2.13.0). This machine's pip config adds a local wheel
-# folder (find-links) holding 2.13.0+cpu, so the CPU build is installed here. With PyPI alone, torch==2.13.0
-# is the Linux wheel built with CUDA, which pulls the CUDA libraries too (right for a GPU). For the CPU
-# build there, install it first from PyTorch's CPU index; the pin then accepts it and keeps it:
+# label counts (2.13.0+cpu matches and sorts above 2.13.0). With PyPI alone, torch==2.13.0 is the Linux
+# wheel built with CUDA, which pulls the CUDA libraries too (right for a GPU). For the CPU build, install
+# it first from PyTorch's CPU index; the pin then accepts it and keeps it:
 #   python3 -m venv .venv
 #   .venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 #   make setup

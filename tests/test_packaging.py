@@ -76,12 +76,14 @@ def run(command: list[str | Path], cwd: Path) -> subprocess.CompletedProcess[str
 
 
 def build_wheel(out_dir: Path) -> Path:
-    """The wheel of a copy of the project (pyproject.toml, README.md, dmt/), without __pycache__."""
+    """The wheel of a copy of the project (pyproject.toml, README.md, dmt/, conf/ and, to show it stays out,
+    benchmarks/), without __pycache__."""
     source = out_dir / "source"
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, source / name)
-    shutil.copytree(REPO / "dmt", source / "dmt", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("dmt", "conf", "benchmarks"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     wheels = out_dir / "wheels"
     pip_wheel = [sys.executable, "-m", "pip", "wheel", source, "--no-deps", "--no-build-isolation"]
     run([*pip_wheel, "--no-index", "-q", "-w", wheels], cwd=out_dir)
@@ -128,11 +130,20 @@ def installed(tmp_path_factory) -> Installed:
 def test_wheel_holds_the_configs_and_the_remote_code(installed):
     names = set(zipfile.ZipFile(installed.wheel).namelist())
     shipped_configs = {name for name in names if name.startswith("dmt/conf/") and name.endswith(".yaml")}
-    source_configs = {path.relative_to(REPO).as_posix() for path in (REPO / "dmt" / "conf").rglob("*.yaml")}
-    assert shipped_configs == source_configs
+    source_configs = {f"dmt/{path.relative_to(REPO).as_posix()}" for path in (REPO / "conf").rglob("*.yaml")}
+    assert shipped_configs == source_configs  # conf/ ships as dmt/conf/, every group with it
     assert "dmt/conf/teacher/tiny_gpt2.yaml" in shipped_configs
     remote_code = {path.relative_to(REPO).as_posix() for path in (REPO / "dmt" / "remote_code").glob("*.py")}
     assert remote_code and remote_code <= names
+    assert not any(name.startswith("benchmarks/") for name in names)  # the research harness stays out
+
+
+def test_pyproject_lists_every_package():
+    """``packages`` is explicit (pyproject.toml): every folder of dmt/ with an ``__init__.py`` is in it."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(path.parent.relative_to(REPO).parts) for path in (REPO / "dmt").rglob("__init__.py")}
+    assert listed == found | {"dmt.conf"}
 
 
 def test_dmt_is_imported_from_the_wheel_with_the_dependencies_of_this_env(installed):

@@ -196,7 +196,7 @@ def exact_scan(
 ) -> dict[str, Any]:
     """Exact search in a store of ``capacity`` holding ``entries`` keys, side by side: as a store fills
     them (the lowest slots, so the index scans ``entries`` rows) and with one more key in the top slot
-    (the scan then covers every slot up to capacity, as it did before the index tracked its live rows)."""
+    (the scan then covers every slot up to capacity: what tracking the live rows saves)."""
     from dmt.memory.exact import ExactIndex
 
     rng = np.random.default_rng(0)

@@ -156,9 +156,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m dmt.bench.search_breadth", description=__doc__.splitlines()[0]
     )
-    parser.add_argument(
-        "--experiment", default="associative_upper_third", help="a name in dmt/conf/experiment"
-    )
+    parser.add_argument("--experiment", default="associative_upper_third", help="a name in conf/experiment")
     parser.add_argument("--steps", type=int, default=12, help="training steps before measuring")
     parser.add_argument("--sample-steps", type=int, default=4, help="last steps whose queries are the sample")
     parser.add_argument(

@@ -1,7 +1,7 @@
 """Layer settings from ``conf/swap`` and prefilled, disk-cached ``KNNStore``s of a given size.
 
-Filling a store goes through ``KNNStore.insert``, which adds to hnswlib on one thread, so a 1M-entry store
-takes minutes to build; built stores are therefore saved once under a cache directory and loaded later.
+Filling a store goes through ``KNNStore.insert``, which adds to hnswlib on one thread, so a large store is
+slow to build; built stores are therefore saved once under a cache directory and loaded later.
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def cached_store(spec: StoreSpec, cache_dir: Path, mmap: bool = False) -> tuple[
     store_dir, info_path = entry / "store", entry / BUILD_INFO
     if info_path.exists():
         info = json.loads(info_path.read_text())
-        # verify=False: the cache is this tool's own output; hashing 3 GB would add seconds per load.
+        # verify=False: the cache is this tool's own output; hashing would read the whole store at every load.
         store = KNNStore.load(store_dir, mmap=mmap, verify=False)
         info["from_cache"] = True
     else:

@@ -1,7 +1,7 @@
 """``python -m dmt.bench.throughput``: distillation tokens/s of every shipped experiment's student beside a
 dense student, timed side by side in one process.
 
-For each experiment (``dmt/conf/experiment/<name>.yaml``, composed as ``distill.py experiment=<name>``):
+For each experiment (``conf/experiment/<name>.yaml``, composed as ``distill.py experiment=<name>``):
 
 - **Batches** are real token blocks: the first ``warmup + steps + 3`` batches of the experiment's own
   training loader (``data.block_size`` x ``data.batch_size``, shuffled with the run's seed), the same
@@ -339,7 +339,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m dmt.bench.throughput", description=__doc__.splitlines()[0]
     )
     parser.add_argument(
-        "--experiments", nargs="+", default=list(EXPERIMENTS), help="names in dmt/conf/experiment"
+        "--experiments", nargs="+", default=list(EXPERIMENTS), help="names in conf/experiment"
     )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per student")
     parser.add_argument("--warmup", type=int, default=3, help="untimed training steps per student first")

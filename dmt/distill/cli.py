@@ -5,8 +5,8 @@ dmt-distill swap=associative swap.capacity=200000 trainer.max_steps=500
 dmt-distill --multirun swap.topk=8,32
 dmt-train swap=associative trainer.max_steps=500     # plain language-model loss, no teacher
 
-Both compose ``dmt/conf`` (``distill.yaml`` / ``train.yaml``) from the installed package, so they work from
-any directory; runs write under ``outputs/`` of the current directory (``dmt/conf/hydra/default.yaml``).
+Both compose ``conf/`` (``distill.yaml`` / ``train.yaml``) from the installed package, so they work from
+any directory; runs write under ``outputs/`` of the current directory (``conf/hydra/default.yaml``).
 A mistake in a setting or a file ends with one line naming it (:mod:`dmt.cli`).
 """
 

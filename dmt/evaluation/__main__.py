@@ -1,4 +1,4 @@
-"""``dmt-eval`` / ``python -m dmt.evaluation [overrides]``: evaluate a student (see ``dmt/conf/eval.yaml``).
+"""``dmt-eval`` / ``python -m dmt.evaluation [overrides]``: evaluate a student (see ``conf/eval.yaml``).
 
 dmt-eval student=outputs/distill/runs/<run>/export
 dmt-eval student=outputs/distill/runs/<run>/checkpoints/last.ckpt texts=[my.txt] window=256

@@ -1,7 +1,7 @@
 """Reading a long document window by window: perplexity per quarter, with and without memory inserts.
 
 ``dmt-long-document student=<export or .ckpt> document=<text file>`` scores one
-document with sliding windows (``dmt/conf/long_document.yaml``: window 512, stride 256) three ways: the
+document with sliding windows (``conf/long_document.yaml``: window 512, stride 256) three ways: the
 teacher, the student with its memory as trained (no inserts), and the student inserting as it reads (every
 memory layer with a ``novelty_threshold`` stores the novel keys and values of each window after searching
 it, so later windows can retrieve what earlier ones held). With ``from_empty: true`` a fourth reading

@@ -315,8 +315,8 @@ class AssociativeConfig(MemoryConfig):
     ``init: ffn`` instead seeds the store from the replaced MLP's units as a featural memory is seeded, and
     reads them with the MLP's activation (and gate) as the attention weights, so the layer starts as the
     MLP restricted to its top-k units; the tokens' own entries (projected values) add to them. Without it
-    the weighting is ``softmax`` and entries are ungated (the defaults below, which checkpoints written
-    before these settings existed also read as).
+    the weighting is ``softmax`` and entries are ungated (the defaults below, which a checkpoint without
+    these settings also reads as).
 
     ``inserted_values``: what a training token stores as its value. ``projected``: its value projection.
     ``mlp_output``: the output of the teacher MLP this layer replaces, at that token (distillation by

@@ -1,7 +1,7 @@
 """Choosing and building a key index backend from index settings (``memory.index`` in configs).
 
 - ``hnsw`` (:class:`dmt.memory.hnsw.HnswIndex`): hnswlib's approximate graph; search cost grows roughly
-  with log(size), inserts into a large graph are slow (~1 ms each at 1M entries).
+  with log(size), inserts into a large graph are slow (each one links a point into the graph).
 - ``exact`` (:class:`dmt.memory.exact.ExactIndex`): brute-force matmul top-k; recall 1 and inserts that are
   row copies, at a search cost linear in the capacity.
 - ``product`` (:class:`dmt.memory.product.ProductKeyIndex`): ``n²`` fixed product keys searched exactly at
@@ -12,8 +12,8 @@
   Never chosen by ``auto``: its recall depends on how the keys cluster (``ip``/``cosine`` only).
 
 ``auto`` takes ``exact`` while ``capacity · dim`` is at most :data:`EXACT_MAX_WORK` (a 131,072-entry store
-of 64-d keys): measured on 2 CPU cores, exact search there costs about what hnswlib costs at ``ef_search=64``
-while returning the true neighbours, and beyond it hnswlib's sublinear search wins.
+of 64-d keys): at that size exact search costs about what hnswlib costs at ``ef_search=64`` while returning
+the true neighbours, and beyond it hnswlib's sublinear search wins.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ Each key is filed under the cell ``(i, j)`` whose two sub-keys ``a_i``, ``b_j`` 
 scores both sub-key tables (``2 · n · D/2`` multiply-adds), takes the ``probe_cells`` cells of highest
 ``q₁·a_i + q₂·b_j`` and ranks, exactly, the keys filed there. Unlike :mod:`dmt.memory.product`, whose keys
 *are* the cells, the keys here are the store's own, so the store inserts and evicts: an insert files one
-key (a sub-key scoring and a row copy) instead of linking it into a graph as hnswlib does (~1 ms at 1M).
+key (a sub-key scoring and a row copy) instead of linking it into a graph as hnswlib does (slow in a
+large graph).
 
 Layout, all torch on the index's device:
 

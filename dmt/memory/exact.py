@@ -1,6 +1,6 @@
 """Brute-force key index: one matmul and a top-k per block of queries, recall 1 by construction.
 
-Inserting is a row copy, so a full store churns at memory speed instead of hnswlib's ~1 ms per overwrite;
+Inserting is a row copy, so a full store churns at memory speed instead of relinking an hnswlib graph;
 searching costs ``rows · dim`` multiply-adds per query, where ``rows`` is the high-water mark of the live
 labels (the highest + 1, not the capacity: a store fills its lowest free slots first, so the rows below it
 are live but for the holes merges leave), which beats a graph walk for small stores. The table grows with
@@ -20,7 +20,7 @@ from dmt.memory.base import as_float_matrix
 from dmt.memory.index import HOST, TorchKeyIndex
 
 # Distances per block of queries, (block, rows): small enough that the top-k reads them while they are
-# still in cache (dmt.bench's exact_blocks section compares sizes side by side; README).
+# still in cache (dmt.bench's exact_blocks section compares sizes side by side; docs/results.md).
 MAX_BLOCK_ELEMENTS = 2**22
 # Rows allocated at first; the table then doubles as the high-water mark passes its size.
 INITIAL_ROWS = 1024

@@ -26,7 +26,7 @@ import numpy as np
 from dmt.memory.base import as_float_matrix
 from dmt.memory.index import KeyIndex
 
-# derived_ef(): ef = k + size^EF_SIZE_EXPONENT, see its docstring for the measurements behind it.
+# derived_ef(): ef = k + size^EF_SIZE_EXPONENT, see its docstring for why the size enters as a power.
 EF_SIZE_EXPONENT = 0.65
 
 
@@ -34,14 +34,12 @@ def derived_ef(k: int, size: int) -> int:
     """Search breadth for ``k`` neighbours among ``size`` live points when ``ef_search`` is None:
     ``k + ⌈size^0.65⌉``, at most ``size`` and never below ``k``.
 
-    Measured on 2 CPU cores with the default graph (``M=16``, ``ef_construction=100``): the smallest ef
-    giving recall@k >= 0.97 against exact search, for keys iid Gaussian or clustered, dims 32 and 64,
-    cosine and ip, k in {16, 32, 64}. Clustered keys need ef = k (cosine) up to ~10·k (ip with k = 64,
-    where recall saturates near 0.97-0.99 whatever the ef). Gaussian 64-d keys, the hardest case (no
-    low-dimensional structure), need 188-252 at 10k entries, 376-504 at 30k, 768-1152 at 100k and
-    ~2200 at 300k: growth like size^0.6, hence the exponent. The rule stays about 1.6 times or more
-    above every measured need. For structured keys it is conservative: at 100k entries it searches
-    some 20 times longer than ``ef_search=64``, more than the ``exact`` backend costs there; an explicit
+    The rule aims at recall@k >= 0.97 against exact search with the default graph (``M=16``,
+    ``ef_construction=100``) whatever the keys. Clustered keys need an ef between k and a small multiple
+    of k; iid Gaussian keys, the hardest case (no low-dimensional structure), need an ef that grows like a
+    power of the size a little below the exponent, so ``k + size^0.65`` stays above that need with a
+    margin as the store grows. For structured keys it is conservative: in a large store it searches far
+    longer than a small fixed ``ef_search`` (longer than the ``exact`` backend would take); an explicit
     ``ef_search`` suits keys known to be easier.
     """
     return max(k, min(size, k + math.ceil(size**EF_SIZE_EXPONENT)))

@@ -110,7 +110,7 @@ def verify_files(directory: Path, records: Any, required: Collection[str], check
     """Check every file listed in ``records`` (the manifest's ``files``) against ``directory``.
 
     Sizes are always compared (one ``stat`` per file); with ``checksums`` every file is also read once
-    and hashed, which costs a full pass over the store (roughly 1 GB/s of SHA-256 per core).
+    and hashed, which costs a full pass over the store (SHA-256 on one core).
 
     Raises:
         MemoryStoreError: naming the file that is unlisted, missing, of the wrong size or changed.

@@ -55,7 +55,7 @@ class LRFU:
         start, span = int(times.min()), int(times.max() - times.min()) + 1
         if self.capacity * span >= 2**63:
             raise ValueError(f"references spanning {span} time steps are too many to sort at once")
-        # One sort of a combined key orders by slot, then time (several times faster than lexsort).
+        # One sort of a combined key orders by slot, then time (cheaper than lexsort's sort per key).
         key = np.sort(slots * span + (times - start))
         slots, times = key // span, key % span + start
         first = np.flatnonzero(np.diff(slots, prepend=-1))  # (U,) where each slot's run starts

@@ -61,10 +61,10 @@ from dmt.remote_code.hnsw_file import read_hnsw_vectors
 if TYPE_CHECKING:
     from dmt.memory.store import KNNStore
 
-# Each container has its own version. Directory format 2 added the integrity records ("files"); directory
-# format 3 and checkpoint format 2 added the eviction policy, the insertion times and the `reads` counter;
-# directory format 4 and checkpoint format 3 keep arrays at the high-water mark instead of the capacity,
-# save no exact index, and add the read counts and origins.
+# Each container has its own version, raised whenever its layout changes: only the current layout is read
+# (_check_version), so a store in another one is refused by name instead of misread. The current layouts
+# hold the integrity records (directories), the eviction policy, insertion times, `reads` counter, read
+# counts and origins, keep arrays at the high-water mark rather than the capacity, and save no exact index.
 DIRECTORY_FORMAT_VERSION = 4
 CHECKPOINT_FORMAT_VERSION = 3
 INDEX_FILE = "index.bin"

@@ -65,8 +65,8 @@ from dmt.remote_code import REMOTE_CODE_FILES
 from dmt.remote_code.configuration_dmt import CLASS_PREFIX
 from dmt.remote_code.modeling_dmt import EXPORT_FORMAT_VERSION, WEIGHTS_VARIANT
 
-# The layer settings of a checkpoint's ``dmt`` entry. 2: per-type layer settings (gate_dim, ranking,
-# dense_weights) and gate_query_proj weights.
+# Version of the layer settings in a checkpoint's ``dmt`` entry (per-type settings such as gate_dim, ranking
+# and dense_weights, and the gate_query_proj weights), raised whenever their layout changes.
 FORMAT_VERSION = 2
 CONFIG = "config.json"
 WEIGHTS = f"model.{WEIGHTS_VARIANT}.safetensors"  # the file transformers' variant= names

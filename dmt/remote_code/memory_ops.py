@@ -25,7 +25,8 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 # Scoring all (query, table row) pairs with one matmul beats gathering (N, K, D) neighbour rows while the
-# table has at most this many rows per neighbour slot (a row copy costs about as much as 30 multiply-adds).
+# table has at most this many rows per neighbour slot (a gathered row copy costs as much as many
+# multiply-adds).
 DENSE_SCORING_MAX_ROWS_PER_K = 32
 
 

@@ -69,7 +69,7 @@ class MemoryRead(nn.Module):
         self.kind = spec["type"]
         read = spec["read"]
         self.mlp = None
-        if read.get("keep_mlp", False):  # exports made before keep_mlp lack the key
+        if read.get("keep_mlp", False):  # an export without the key keeps no MLP
             if mlp is None:
                 raise ValueError("config.json: a memory kept beside its block's MLP needs that MLP")
             self.mlp = mlp

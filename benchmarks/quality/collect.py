@@ -1,7 +1,7 @@
 """Collect distillation runs into the quality comparison: ``results.json`` and a markdown table.
 
 A run directory is what ``distill.py`` writes (``summary.json``, ``eval.json``), plus, when
-:mod:`dmt.quality.runner` ran it, ``quality_run.json`` (configuration, variant, command, wall time).
+:mod:`benchmarks.quality.runner` ran it, ``quality_run.json`` (configuration, variant, command, wall time).
 Runs are grouped into *configurations* by the blocks they swap; within one, each run is a *variant*:
 ``memory`` (memory layers), ``removed`` or ``lowrank`` (the baselines of :mod:`dmt.layers.baselines`).
 """

@@ -1,6 +1,6 @@
 """How many of its MLP's units must a token read? The unit budget of an all-MLP memory student.
 
-``python -m dmt.quality.unit_budget --out results/unit_budget [--units 768 512 384] [--rank 64]
+``python -m benchmarks.unit_budget --out results/unit_budget [--units 768 512 384] [--rank 64]
 [--ivf 64:8] [--sources sherlock_holmes bbc_news] -- [distill overrides, e.g. teacher=... data=...]``
 
 An MLP read as a memory is ``y = Σ_u act(k_u·x + b_u) [g_u·x] v_u + b_out`` (``dmt.layers.mlp``). A memory
@@ -287,7 +287,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
-        prog="python -m dmt.quality.unit_budget", description=__doc__.split("\n\n")[0]
+        prog="python -m benchmarks.unit_budget", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--out", type=Path, required=True, help="directory for results.{md,json}")
     parser.add_argument("--units", type=int, nargs="+", default=[768, 512, 384, 256], help="K per token")
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         model, texts, tokenizer, strategies, cfg.evaluate.window, cfg.evaluate.stride, cfg.evaluate.batch_size
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    command = "python -m dmt.quality.unit_budget " + " ".join(argv)
+    command = "python -m benchmarks.unit_budget " + " ".join(argv)
     tokens = {source: sum(len(tokenizer(doc)["input_ids"]) for doc in docs) for source, docs in texts.items()}
     (args.out / "results.json").write_text(
         json.dumps({"command": command, "overrides": overrides, "tokens": tokens, "rows": rows}, indent=2)

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dmt.conf import CONF_DIR
-from dmt.quality.collect import RUN_RECORD, VARIANTS
+
+from benchmarks.quality.collect import RUN_RECORD, VARIANTS
 
 EXPERIMENTS = CONF_DIR / "experiment"
 
@@ -89,7 +90,7 @@ def run_one(
     record_path = run_dir / RUN_RECORD
     if run_dir.exists():
         if not record_path.is_file():
-            raise FileExistsError(f"{run_dir} exists but was not written by dmt.quality; move it away")
+            raise FileExistsError(f"{run_dir} exists but was not written by benchmarks.quality; move it away")
         previous = json.loads(record_path.read_text())
         if not force and previous.get("command") == command and (run_dir / "summary.json").is_file():
             print(f"  {run_dir.name}: finished earlier with the same command, kept")

@@ -1,8 +1,8 @@
-"""``python -m dmt.quality``: memory students against the removed and low-rank baselines, one budget.
+"""``python -m benchmarks.quality``: memory students against the removed and low-rank baselines, one budget.
 
-python -m dmt.quality --budget-minutes 60 --configs upper all --out results/quality
-python -m dmt.quality --budget-minutes 60 --configs upper --out results/quality -- data.max_val_blocks=4
-python -m dmt.quality --collect-only results/quality/runs/* --out results/quality
+python -m benchmarks.quality --budget-minutes 60 --configs upper all --out results/quality
+python -m benchmarks.quality --budget-minutes 60 --configs upper -- data.max_val_blocks=4
+python -m benchmarks.quality --collect-only results/quality/runs/* --out results/quality
 
 Runs ``distill.py experiment=quality_<config>_<variant>`` for every variant (memory, removed, lowrank) of
 every config, each for ``--budget-minutes`` of training, then writes ``results.json`` and
@@ -17,13 +17,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from dmt.quality.collect import VARIANTS, collect, markdown_tables, read_run
-from dmt.quality.runner import configurations, run_comparison
+from benchmarks.quality.collect import VARIANTS, collect, markdown_tables, read_run
+from benchmarks.quality.runner import configurations, run_comparison
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m dmt.quality",
+        prog="python -m benchmarks.quality",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(__doc__.splitlines()[2:]),

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dmt.quality.__main__ import main
-from dmt.quality.collect import (
+from benchmarks.quality.__main__ import main
+from benchmarks.quality.collect import (
     RUN_RECORD,
     collect,
     configuration_rows,

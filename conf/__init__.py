@@ -1,7 +1,8 @@
-"""The Hydra configs, shipped inside the package so that an installed ``dmt`` finds them.
+"""The Hydra configs: ``conf/`` in the checkout, installed as the package ``dmt.conf`` (a setuptools
+package-dir mapping, pyproject.toml), so that an installed ``dmt`` finds them from any directory.
 
-Hydra apps name them ``CONFIG_PATH`` (read through importlib resources, so a wheel, an editable install
-and a source checkout all work); code that reads one YAML file directly uses ``CONF_DIR``. Importing this
+Hydra apps name them ``CONFIG_PATH`` (read through importlib resources, so a wheel and an editable install
+both work); code that reads one YAML file directly uses ``CONF_DIR``. Importing this
 package registers the resolvers the configs use (``${pkg:...}``, ``${dmt_cache:...}``), so composing them
 through ``CONFIG_PATH`` (which imports it) resolves without further imports.
 """

@@ -7,14 +7,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from dmt.conf import CONF_DIR
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+import benchmarks.quality.runner as runner
 import dmt.config  # noqa: F401  (resolvers)
-import dmt.quality.runner as runner
-from dmt.conf import CONF_DIR
-from dmt.quality.__main__ import main
-from dmt.quality.collect import VARIANTS
+from benchmarks.quality.__main__ import main
+from benchmarks.quality.collect import VARIANTS
 
 
 def compose_experiment(name: str):
@@ -129,7 +129,7 @@ def test_bad_arguments_fail_before_any_run(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--budget-minutes"):
         main(["--budget-minutes", "-1", "--out", str(tmp_path)])
     (tmp_path / "runs" / "upper_memory").mkdir(parents=True)
-    with pytest.raises(FileExistsError, match="not written by dmt.quality"):
+    with pytest.raises(FileExistsError, match="not written by benchmarks.quality"):
         main(["--configs", "upper", "--out", str(tmp_path)])
 
 

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from dmt.model.families import get_mlp, mlp_weights
-from dmt.quality.unit_budget import (
+from benchmarks.unit_budget import (
     Strategy,
     UnitBudgetMLP,
     format_table,
@@ -12,6 +11,7 @@ from dmt.quality.unit_budget import (
     spherical_kmeans,
     study,
 )
+from dmt.model.families import get_mlp, mlp_weights
 
 
 @pytest.mark.parametrize("teacher", ["tiny_gpt2", "tiny_llama"])
