@@ -10,8 +10,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from dmt.model.checkpoint import memory_spec, memory_state
 from dmt.model.loading import load_teacher, load_tokenizer, package_path
-from dmt.model.persistence import memory_spec, memory_state
 
 REPO = Path(__file__).resolve().parents[1]
 

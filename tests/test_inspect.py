@@ -5,12 +5,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dmt.distill.module import DistillationModule, token_ids
+from dmt.distill.module import DistillationModule
 from dmt.inspect import entry_use, inspect_model, main
 from dmt.memory import ORIGIN_SPAN
 from dmt.model.families import mlp_weights
 from dmt.model.persistence import save_pretrained
-from dmt.model.surgery import build_student, memory_layers, resolve_layer_configs
+from dmt.model.surgery import build_student, memory_layers, memory_protocol, resolve_layer_configs
 
 FEATURAL, ASSOCIATIVE = 1, 2
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
@@ -125,7 +125,7 @@ def test_entry_use_counts_reads_and_tells_inserted_from_seeded(tiny_gpt2, gpt2_t
 def test_entries_inserted_by_forwards_record_the_text_that_inserted_them(tiny_gpt2, gpt2_tokenizer):
     student = seeded_student(tiny_gpt2).train()
     ids = gpt2_tokenizer(TEXT, return_tensors="pt").input_ids  # (1, T)
-    with torch.no_grad(), token_ids(memory_layers(student), ids):
+    with torch.no_grad(), memory_protocol(student).forward(ids):
         for _ in range(2):
             student(ids)
     (report,) = inspect_model(student.eval(), gpt2_tokenizer, block=ASSOCIATIVE, top=64)["layers"]

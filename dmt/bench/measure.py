@@ -1,12 +1,11 @@
-"""The measurements: layer vs dense MLP, a profiled layer step, index quality, distillation, footprint."""
+"""The measurements: layer vs dense MLP, a profiled layer step (:mod:`dmt.bench.profile`), index quality,
+distillation, footprint."""
 
 from __future__ import annotations
 
 import copy
-import cProfile
 import gc
 import itertools
-import pstats
 import statistics
 import time
 from collections.abc import Callable
@@ -19,9 +18,10 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
+from dmt.bench.profile import profile_step
 from dmt.bench.stores import PeakRSS, StoreSpec, cached_store, directory_bytes, float16_copy, layer_config
 from dmt.distill.module import DistillationModule
-from dmt.layers import MemoryConfig, MemoryLayer, build_memory_layer
+from dmt.layers import MemoryConfig, MemoryLayer, MemoryProtocol, build_memory_layer
 from dmt.layers.arithmetic import layer_multiply_adds, mlp_multiply_adds
 from dmt.memory import KNNStore
 from dmt.memory.index import KeyIndex
@@ -63,7 +63,7 @@ def train_step(module: nn.Module, hidden: torch.Tensor, grad: torch.Tensor) -> N
     module.zero_grad(set_to_none=True)
     module(hidden).backward(grad)
     if isinstance(module, MemoryLayer):
-        module.apply_value_updates()
+        MemoryProtocol({0: module}).write_back_values()
 
 
 def gpt2_mlp() -> GPT2MLP:
@@ -96,81 +96,6 @@ def feeding(module: nn.Module, inputs: list[tuple[torch.Tensor, torch.Tensor]]) 
     """A step that trains ``module`` on the next of ``inputs`` at each call (cycling)."""
     feed = itertools.cycle(inputs)
     return lambda: train_step(module, *next(feed))
-
-
-# Profile phase → (file suffix, function name) of the functions whose cumulative time it is.
-PROFILE_FUNCTIONS: dict[str, list[tuple[str, str]]] = {
-    "projections": [("torch/nn/modules/linear.py", "forward")],
-    "layer_search": [("dmt/layers/base.py", "search")],
-    "search": [
-        ("dmt/memory/hnsw.py", "search"),
-        ("dmt/memory/exact.py", "_search_on_device"),
-        ("dmt/memory/product.py", "_search_on_device"),
-        ("dmt/memory/cells.py", "_search_on_device"),
-    ],
-    "lrfu_reference": [("dmt/memory/store.py", "reference")],
-    "weighted_sum": [
-        ("dmt/remote_code/memory_ops.py", "neighbour_distances"),
-        ("dmt/remote_code/memory_ops.py", "neighbour_dots"),
-        ("dmt/remote_code/memory_ops.py", "neighbour_weights"),
-        ("dmt/remote_code/memory_ops.py", "mix_values"),
-        ("dmt/layers/straight_through.py", "distances_straight_through"),
-        ("dmt/layers/straight_through.py", "mix_values_straight_through"),
-        ("dmt/memory/metrics.py", "distance"),
-    ],
-    "insert": [("dmt/layers/base.py", "insert_novel")],
-    "backward": [("torch/_tensor.py", "backward")],
-    "value_update": [("dmt/layers/base.py", "apply_value_updates")],
-}
-
-
-def profile_step(step: Callable[[], None]) -> dict[str, Any]:
-    """Split one (warm) training ``step`` of a memory layer into phases by cProfile cumulative times.
-
-    The layer's search is split into the index search and the rest (LRFU bookkeeping, copying the
-    distinct returned entries out of the store into torch tensors), reported as the gather. A phase's time
-    counts only calls from outside the phase, so functions of one phase that call each other are not
-    counted twice.
-    """
-    step()  # warm caches and allocator
-    profiler = cProfile.Profile()
-    start = time.perf_counter()
-    profiler.runcall(step)
-    total = time.perf_counter() - start
-    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
-
-    def in_phase(function: tuple[str, int, str], functions: list[tuple[str, str]]) -> bool:
-        path, _line, name = function
-        return any(path.endswith(suffix) and name == fn for suffix, fn in functions)
-
-    cumulative = {
-        phase: sum(
-            cumulative_s  # entry[4]: caller → (calls, primitive calls, own time, cumulative time)
-            for function, entry in stats.items()
-            if in_phase(function, functions)
-            for caller, (*_, cumulative_s) in entry[4].items()
-            if not in_phase(caller, functions)
-        )
-        for phase, functions in PROFILE_FUNCTIONS.items()
-    }
-    seconds = {
-        "projections": cumulative["projections"],
-        "search": cumulative["search"],
-        "gather_copy": cumulative["layer_search"] - cumulative["search"] - cumulative["lrfu_reference"],
-        "lrfu_reference": cumulative["lrfu_reference"],
-        "weighted_sum": cumulative["weighted_sum"],
-        "insert": cumulative["insert"],
-        "backward": cumulative["backward"],
-        "value_update": cumulative["value_update"],
-    }
-    seconds["other"] = max(total - sum(seconds.values()), 0.0)
-    fractions = {phase: value / total for phase, value in seconds.items()}
-    return {
-        "total_s": total,
-        "seconds": seconds,
-        "fractions": fractions,
-        "dominant": max(fractions, key=fractions.__getitem__),
-    }
 
 
 def search_and_read(store: KNNStore, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -358,10 +283,9 @@ def distillation_step(module: DistillationModule, optimizer: torch.optim.Optimiz
     """One training step as Lightning runs it: loss, backward, value write-back, AdamW, commit."""
     optimizer.zero_grad(set_to_none=True)
     module.losses(batch)["loss"].backward()
-    for layer in memory_layers(module.student).values():
-        layer.apply_value_updates()
+    module.memory.write_back_values()
     optimizer.step()
-    module.commit_memory_writes()
+    module.memory.commit()
 
 
 def distillation_throughput(

@@ -28,7 +28,7 @@ For each experiment (``conf/experiment/<name>.yaml``, composed as ``distill.py e
   insert), so the steady state of a long run is measured only once the warm-up has filled the stores.
 
 The memory student of ``--profile`` experiments, and of any that misses the target ratio, is then profiled
-beside the dense one: :func:`~dmt.bench.measure.profile_step` splits one step into the layers' phases
+beside the dense one: :func:`~dmt.bench.profile.profile_step` splits one step into the layers' phases
 (search, gather, inserts, ...), and :func:`staged_step` times a step's stages (teacher forward, student
 forward and loss, backward, write-back, optimiser, commit) without a profiler's overhead.
 
@@ -59,7 +59,8 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel
 
 from dmt.bench.cli import TARGETS, machine_info, write_report
-from dmt.bench.measure import distillation_step, paired_median_seconds, profile_step
+from dmt.bench.measure import distillation_step, paired_median_seconds
+from dmt.bench.profile import profile_step
 from dmt.config import validate_config
 from dmt.distill.module import DistillationModule
 from dmt.layers import LayerConfig
@@ -195,12 +196,11 @@ def staged_step(
     marks.append(time.perf_counter())
     loss.backward()
     marks.append(time.perf_counter())
-    for layer in memory_layers(module.student).values():
-        layer.apply_value_updates()
+    module.memory.write_back_values()
     marks.append(time.perf_counter())
     optimizer.step()
     marks.append(time.perf_counter())
-    module.commit_memory_writes()
+    module.memory.commit()
     marks.append(time.perf_counter())
     forward, backward, write_back, optimiser, commit = (b - a for a, b in itertools.pairwise(marks))
     return {

@@ -9,17 +9,15 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from pytorch_lightning.callbacks import Timer
 from torch import nn
 from transformers import PreTrainedModel
 
 from dmt.distill.losses import DIVERGENCES, ce_loss, distillation_divergence, hidden_mse
-from dmt.layers import AssociativeMemory, MemoryLayer
-from dmt.layers.base import apply_writes
+from dmt.layers import AssociativeMemory
+from dmt.model.checkpoint import memory_digest, memory_spec, memory_state, restore_memory_state
 from dmt.model.families import get_mlp
-from dmt.model.persistence import memory_digest, memory_spec, memory_state, restore_memory_state
-from dmt.model.surgery import memory_layers, swapped_layers
+from dmt.model.surgery import memory_protocol, swapped_layers
 
 
 @contextmanager
@@ -35,37 +33,6 @@ def capture_outputs(modules: dict[int, nn.Module]) -> Iterator[dict[int, torch.T
     finally:
         for handle in handles:
             handle.remove()
-
-
-@contextmanager
-def insert_targets(layers: dict[int, MemoryLayer], targets: dict[int, torch.Tensor]) -> Iterator[None]:
-    """Hand each associative layer that inserts MLP outputs (``inserted_values: mlp_output``) the teacher
-    MLP's output ``targets[i] (B, T, C)`` for the forward inside the block."""
-    chosen = {
-        i: layer
-        for i, layer in layers.items()
-        if i in targets and isinstance(layer, AssociativeMemory) and layer.cfg.inserted_values == "mlp_output"
-    }
-    for i, layer in chosen.items():
-        layer.insert_targets = targets[i]
-    try:
-        yield
-    finally:
-        for layer in chosen.values():
-            layer.insert_targets = None
-
-
-@contextmanager
-def token_ids(layers: dict[int, MemoryLayer], input_ids: torch.Tensor) -> Iterator[None]:
-    """Hand every memory layer the ``input_ids (B, T)`` of the forward inside the block, so the entries
-    it inserts record the text they came from (``MemoryLayer.token_ids``)."""
-    for layer in layers.values():
-        layer.token_ids = input_ids
-    try:
-        yield
-    finally:
-        for layer in layers.values():
-            layer.token_ids = None
 
 
 def warmup_cosine(
@@ -154,7 +121,10 @@ class DistillationModule(pl.LightningModule):
             teacher.eval().requires_grad_(False)
         # Plain dicts, not ModuleDicts: the layers are already registered inside the student.
         self.swapped_layers = swapped_layers(student)
-        self.memory_layers = memory_layers(student)
+        # How the training loop talks to the memory layers: their writes, deferred during fit and
+        # committed after each optimiser step, and what each forward hands them.
+        self.memory = memory_protocol(student)
+        self.memory_layers = self.memory.layers
         if trainable == "memory":
             student.requires_grad_(False)
             for layer in self.swapped_layers.values():
@@ -186,11 +156,7 @@ class DistillationModule(pl.LightningModule):
             teacher_mlps = {i: get_mlp(teacher, i) for i in layers}
             with torch.no_grad(), capture_outputs(teacher_mlps) as teacher_out:
                 teacher_logits = teacher(input_ids=input_ids, attention_mask=mask).logits
-        with (
-            capture_outputs(layers) as student_out,
-            insert_targets(self.memory_layers, teacher_out),
-            token_ids(self.memory_layers, input_ids),
-        ):
+        with capture_outputs(layers) as student_out, self.memory.forward(input_ids, teacher_out):
             logits = self(input_ids, mask)
         out = {"ce": ce_loss(logits, input_ids, mask)}
         if teacher is not None:
@@ -212,33 +178,16 @@ class DistillationModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.teacher is not None:
             self.teacher.to(self.device)
-        for layer in self.memory_layers.values():
-            layer.deferred_writes = True
+        self.memory.deferred = True
 
     def on_fit_end(self) -> None:
-        self.commit_memory_writes()
-        for layer in self.memory_layers.values():
-            layer.deferred_writes = False
-
-    def commit_memory_writes(self) -> None:
-        """Apply the memory writes recorded since the last commit, the same on every replica.
-
-        Under data parallelism each rank searched and computed value updates on its own batch; the
-        records of all ranks are gathered and applied in rank order, so every replica's stores stay
-        identical and a checkpoint written by rank 0 holds everyone's memory.
-        """
-        writes = {index: layer.take_writes() for index, layer in self.memory_layers.items()}
-        gathered = [writes]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, writes)
-        for index, layer in self.memory_layers.items():
-            apply_writes(layer.store, [rank_writes[index] for rank_writes in gathered])
+        self.memory.commit()
+        self.memory.deferred = False
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         # Weights and memory advance together: a checkpoint taken after this step holds both.
-        self.commit_memory_writes()
+        self.memory.commit()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.losses(batch)
@@ -257,11 +206,8 @@ class DistillationModule(pl.LightningModule):
         return out["loss"]
 
     def on_after_backward(self) -> None:
-        # Stored values learn by sparse SGD from the gradient of the returned values. Data-parallel ranks'
-        # updates are all applied (see commit_memory_writes): dividing by the world size averages them, as
-        # DDP averages dense gradients.
-        for layer in self.memory_layers.values():
-            layer.apply_value_updates(layer.cfg.value_lr / self.trainer.world_size)
+        # Stored values learn by sparse SGD from the gradient of the returned values.
+        self.memory.write_back_values(self.trainer.world_size)
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums.zero_()
@@ -276,7 +222,8 @@ class DistillationModule(pl.LightningModule):
                 [float(ce_loss(logits, input_ids, mask)) * tokens, tokens], dtype=torch.float64
             )
 
-        self._val_sums += nll_sums(self(input_ids, mask))
+        with self.memory.forward():
+            self._val_sums += nll_sums(self(input_ids, mask))
         if self.teacher is not None and self._teacher_val_nll is None:
             with torch.no_grad():
                 self._teacher_val_sums += nll_sums(
@@ -284,7 +231,7 @@ class DistillationModule(pl.LightningModule):
                 )
 
     def on_validation_batch_end(self, *args: Any) -> None:
-        self.commit_memory_writes()  # references (and inserts, with insert_during_eval)
+        self.memory.commit()  # references (and inserts, with insert_during_eval)
 
     def on_validation_epoch_end(self) -> None:
         # Sum over data-parallel ranks, so every rank logs the perplexity of the whole validation split.

@@ -20,9 +20,10 @@ from dmt.distill.module import DistillationModule
 from dmt.evaluation.evaluate import evaluate, format_generations, format_table, truncate_texts
 from dmt.files import write_json
 from dmt.layers.arithmetic import swap_arithmetic
+from dmt.model.checkpoint import memory_digest
 from dmt.model.families import family_of, mlp_form
 from dmt.model.loading import load_teacher, load_tokenizer
-from dmt.model.persistence import memory_digest, save_pretrained
+from dmt.model.persistence import save_pretrained
 from dmt.model.surgery import (
     build_student,
     count_parameters,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from dmt.evaluation.perplexity import check_windows, scored_tokens, sliding_wind
 from dmt.files import read_text_file, refuse_existing_file, write_json
 from dmt.model.loading import load_teacher, load_tokenizer
 from dmt.model.persistence import load_student
-from dmt.model.surgery import memory_layers
+from dmt.model.surgery import memory_layers, memory_protocol
 from dmt.progress import progress_bar, set_quiet
 
 QUARTERS = 4
@@ -43,34 +42,11 @@ QUARTERS = 4
 def inserting_memory(model: PreTrainedModel) -> Iterator[int]:
     """Within the block, memory layers that insert in training (``novelty_threshold`` set) insert in
     evaluation too, writing at once; yields how many layers do. Each forward of ``model`` hands them its
-    ``input_ids`` (``MemoryLayer.token_ids``), so what they insert records the text it came from. Their
-    settings are restored afterwards; what they stored stays."""
-    layers = [layer for layer in memory_layers(model).values() if layer.cfg.novelty_threshold is not None]
-    saved = [(layer.cfg, layer.deferred_writes) for layer in layers]
-
-    def set_token_ids(_model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        input_ids = kwargs.get("input_ids", args[0] if args else None)  # (B, T), or None for embeddings
-        for layer in layers:
-            layer.token_ids = input_ids
-
-    def clear_token_ids(*_: Any) -> None:
-        for layer in layers:
-            layer.token_ids = None
-
-    hooks = [
-        model.register_forward_pre_hook(set_token_ids, with_kwargs=True),
-        model.register_forward_hook(clear_token_ids, always_call=True),
-    ]
-    for layer in layers:
-        layer.cfg = replace(layer.cfg, insert_during_eval=True)
-        layer.deferred_writes = False
-    try:
-        yield len(layers)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for layer, (cfg, deferred) in zip(layers, saved, strict=True):
-            layer.cfg, layer.deferred_writes = cfg, deferred
+    ``input_ids`` (:meth:`MemoryProtocol.each_forward`), so what they insert records the text it came
+    from. What they stored stays."""
+    protocol = memory_protocol(model)
+    with protocol.each_forward(model, insert=True):
+        yield sum(layer.cfg.novelty_threshold is not None for layer in protocol.layers.values())
 
 
 def quarter_perplexities(

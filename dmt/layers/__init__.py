@@ -18,6 +18,7 @@ from dmt.layers.config import (
 )
 from dmt.layers.featural import FeaturalMemory
 from dmt.layers.mlp import FFNWeights, MLPForm
+from dmt.layers.protocol import MemoryProtocol
 
 LAYER_CLASSES: dict[str, type[MemoryLayer]] = {"featural": FeaturalMemory, "associative": AssociativeMemory}
 # What a block's MLP can be swapped for: a memory layer or a dense baseline.
@@ -50,6 +51,7 @@ __all__ = [
     "MLPForm",
     "MemoryConfig",
     "MemoryLayer",
+    "MemoryProtocol",
     "RemovedConfig",
     "RemovedMLP",
     "build_baseline",

@@ -9,6 +9,7 @@ from torch import nn
 
 from dmt.layers.base import MemoryLayer
 from dmt.layers.config import AssociativeConfig
+from dmt.layers.protocol import current
 from dmt.layers.straight_through import distances_straight_through, mix_values_straight_through
 from dmt.remote_code.memory_ops import neighbour_weights
 
@@ -24,9 +25,10 @@ class AssociativeMemory(MemoryLayer):
     the returned keys, the value projection that of the returned values; the returned values themselves are
     written back into the store (sparse SGD at ``value_lr``), as a featural memory's are.
 
-    With ``keep_mlp`` the block's own MLP (:meth:`keep`) runs beside the memory and the two outputs add;
-    with ``inserted_values: next_token`` the layer reads the model's input embeddings
-    (:meth:`bind_token_embeddings`) and the forward's :attr:`token_ids`.
+    With ``keep_mlp`` the block's own MLP (:meth:`keep`) runs beside the memory and the two outputs add.
+    What the caller hands a forward (:class:`~dmt.layers.protocol.MemoryProtocol`): with ``inserted_values:
+    next_token`` the forward's input ids and the model's input embeddings; with ``mlp_output`` the teacher
+    MLP's output.
 
     With ``init: ffn`` (:meth:`init_from_ffn`) the store starts with the replaced MLP's units and the
     attention weights are the MLP's activation of each score (times the gate for a gated MLP), so the layer
@@ -66,21 +68,12 @@ class AssociativeMemory(MemoryLayer):
                 nn.init.zeros_(self.out_proj.bias)
         # The block's own MLP, kept beside the memory (keep_mlp; set by keep()).
         self.register_module("mlp", None)
-        # The teacher MLP's outputs (B, T, C) for the forward in progress, set by the training loop
-        # (inserted_values: mlp_output); None: values are projected.
-        self.insert_targets: torch.Tensor | None = None
-        # The model's input embeddings (inserted_values: next_token). Not a submodule: the model owns them.
-        self._token_embeddings: nn.Module | None = None
 
     def keep(self, mlp: nn.Module) -> None:
         """Run ``mlp`` (the block's own MLP, ``keep_mlp``) beside the memory: the layer outputs their sum."""
         if not self.cfg.keep_mlp:
             raise ValueError("swap.keep_mlp is false: this layer replaces its block's MLP")
         self.mlp = mlp
-
-    def bind_token_embeddings(self, embeddings: nn.Module) -> None:
-        """The model's input embeddings, which ``inserted_values: next_token`` stores as values."""
-        object.__setattr__(self, "_token_embeddings", embeddings)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         output = super().forward(hidden_states)  # (B, T, C)
@@ -96,19 +89,20 @@ class AssociativeMemory(MemoryLayer):
         successor is not in the batch).
 
         Raises:
-            RuntimeError: the input ids or the embeddings are not set.
+            RuntimeError: the caller gave no input ids or input embeddings (MemoryProtocol.forward).
         """
-        if self.token_ids is None or self._token_embeddings is None:
+        context = current()
+        if context.token_ids is None or context.token_embeddings is None:
             raise RuntimeError(
-                "swap.inserted_values=next_token: the layer needs the forward's input ids (token_ids) and "
-                "the model's input embeddings (bind_token_embeddings) to insert"
+                "swap.inserted_values=next_token: the layer needs the forward's input ids and the model's "
+                "input embeddings to insert; run the model inside MemoryProtocol.forward(input_ids)"
             )
-        token_ids = self.token_ids.to(self.out_proj.bias.device)  # (B, T)
+        token_ids = context.token_ids.to(self.out_proj.bias.device)  # (B, T)
         if tuple(token_ids.shape) != tuple(batch_shape):
             raise ValueError(
                 f"token_ids of shape {tuple(token_ids.shape)} do not match the batch {tuple(batch_shape)}"
             )
-        following = self._token_embeddings(token_ids[:, 1:]).detach().float()  # (B, T - 1, C)
+        following = context.token_embeddings(token_ids[:, 1:]).detach().float()  # (B, T - 1, C)
         following = torch.cat([following, following.new_zeros(len(following), 1, following.shape[2])], 1)
         last = np.zeros((*batch_shape, self.heads), dtype=bool)  # (B, T, H)
         last[:, -1] = True
@@ -131,8 +125,9 @@ class AssociativeMemory(MemoryLayer):
             weights, found.rows, entries[:, : self.value_dim], values
         )  # (N, Dv)
         inserted, nearest = values, found.nearest
-        if self.insert_targets is not None and self.cfg.inserted_values == "mlp_output":
-            inserted = self.split_heads(self.insert_targets, self.value_dim)  # (N, Dv)
+        target = current().insert_targets.get(self)  # (B, T, C): the teacher MLP's output, or None
+        if target is not None and self.cfg.inserted_values == "mlp_output":
+            inserted = self.split_heads(target, self.value_dim)  # (N, Dv)
         elif self.inserting and self.cfg.inserted_values == "next_token":
             inserted, nearest = self.next_token_values(nearest, batch_shape)  # (N, Dv), (N,)
         if gate_queries is not None and self.inserting:

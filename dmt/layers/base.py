@@ -27,29 +27,10 @@ from torch import nn
 
 from dmt.layers.config import MemoryConfig
 from dmt.layers.mlp import FFNWeights
+from dmt.layers.protocol import current, record
+from dmt.layers.seeding import seed_from_ffn
 from dmt.memory import KNNStore, token_spans
 from dmt.remote_code.memory_ops import AppendOne, OutputBias, neighbour_dots, similarity_scores
-
-# A store mutation recorded by a layer: (operation, arguments of the store method).
-WriteOp = tuple[str, tuple[Any, ...]]
-# Store method of each operation, in the order a commit applies them: references and value updates name
-# ids from the step's searches, so they go before recombination and inserts can free or reuse slots.
-WRITE_METHODS: dict[str, str] = {
-    "reference": "reference",
-    "update": "update_values",
-    "recombine": "recombine",
-    "insert": "insert",
-}
-
-
-def apply_writes(store: KNNStore, writes_per_rank: list[list[WriteOp]]) -> None:
-    """Apply the recorded writes of every rank to ``store``: operation by operation (see
-    ``WRITE_METHODS``), rank by rank. Every replica applying the same lists ends with the same store."""
-    for op, method in WRITE_METHODS.items():
-        for writes in writes_per_rank:
-            for name, args in writes:
-                if name == op:
-                    getattr(store, method)(*args)
 
 
 @dataclass
@@ -132,13 +113,6 @@ class MemoryLayer(nn.Module):
         self._reads = ReadCounts()
         self._recall_queries = torch.zeros(0, self.key_dim)  # (≤ RECALL_SAMPLE, Dk) float32
         self._recall_by_magnitude = False
-        # When set (by the training loop), store writes wait in `_writes` for `take_writes()`, so that
-        # they can be applied once per optimiser step, identically on every data-parallel replica.
-        self.deferred_writes = False
-        self._writes: list[WriteOp] = []
-        # The input ids (B, T) of the forward in progress, set by whoever runs the model, so the entries
-        # this layer inserts record the text span they came from. None: origins are not recorded.
-        self.token_ids: torch.Tensor | None = None
 
     def empty_store(self) -> KNNStore:
         """A new, empty store of this layer's settings."""
@@ -169,54 +143,9 @@ class MemoryLayer(nn.Module):
         """The layer's search, read and inserts, ``(B, T, C) → (B, T, C)``."""
         raise NotImplementedError
 
-    @torch.no_grad()
     def init_from_ffn(self, ffn: FFNWeights) -> None:
-        """Seed the store from the MLP it replaces, read as a key-value memory (Geva et al., 2021).
-
-        ``MLP(x) = Σ_u act(k_u·x + b_u) v_u + b_out`` for ``keys (U, C)``, ``key_bias (U,)``,
-        ``values (U, C)``. The bias is folded in by appending a constant 1 to ``x``; the query projection
-        and stored keys are the truncated SVD of ``[keys | bias]`` (exact when ``key_dim >= C + 1``), the
-        output projection and stored values that of ``values`` (exact when ``value_dim >= C``). With an
-        inner-product store and the MLP's activation as ``weighting`` (what :meth:`MemoryConfig.resolved`
-        derives), the layer then computes the MLP restricted to its top-k units. A gated MLP
-        ``Σ_u act(k_u·x) (g_u·x) v_u`` (SwiGLU) also has ``gate_keys (U, C)``; with ``gate_dim >= C`` the
-        gated layer reproduces it the same way. Without dense weights the store takes the MLP's rows as
-        they are.
-        """
-        form = ffn.form
-        if self.heads != 1:
-            raise ValueError("swap.init=ffn needs swap.heads=1")
-        if form.units > self.store.capacity:
-            raise ValueError(f"swap.capacity={self.store.capacity} cannot hold the MLP's {form.units} units")
-        if form.activation != self.cfg.weighting:
-            raise ValueError(
-                f"swap.weighting={self.cfg.weighting!r} does not compute the {form.activation} MLP"
-            )
-        if form.gated != (self.gate_query_proj is not None):
-            raise ValueError(
-                f"swap.gate_dim={self.cfg.gate_dim} does not fit a {'' if form.gated else 'non-'}gated MLP"
-            )
-        keys, values, gate_keys = ffn.keys, ffn.values, ffn.gate_keys
-        bias = ffn.key_bias if ffn.key_bias is not None else keys.new_zeros(form.units)
-        augmented = torch.cat([keys, bias[:, None]], dim=1)  # (U, C + 1)
-        units = torch.arange(form.units).numpy()  # (U,): entry u is seeded from unit u
-        self.out_proj.bias.copy_(ffn.out_bias if ffn.out_bias is not None else torch.zeros(form.d_model))
-        if not self.cfg.dense:  # the store holds the MLP's own rows
-            entries = values if gate_keys is None else torch.cat([values, gate_keys], dim=1)
-            self.store.insert(augmented.numpy(), entries.numpy(), origin_units=units)
-            return
-        key_coords, key_basis = low_rank_factors(augmented, self.key_dim)  # (U, Dk), (Dk, C + 1)
-        self.query_proj.weight.copy_(key_basis[:, : form.d_model])
-        self.query_proj.bias.copy_(key_basis[:, form.d_model])
-        value_coords, value_basis = low_rank_factors(values, self.value_dim)  # (U, Dv), (Dv, C)
-        self.out_proj.weight.copy_(value_basis.T)
-        entries = value_coords  # (U, Dv)
-        if gate_keys is not None:
-            gate_coords, gate_basis = low_rank_factors(gate_keys, self.cfg.gate_width)  # (U, G), (G, C)
-            self.gate_query_proj.weight.copy_(gate_basis)
-            self.gate_query_proj.bias.zero_()
-            entries = torch.cat([value_coords, gate_coords], dim=1)  # (U, Dv + G)
-        self.store.insert(key_coords.numpy(), entries.numpy(), origin_units=units)
+        """Seed the store and projections from the MLP this layer replaces (:func:`seed_from_ffn`)."""
+        seed_from_ffn(self, ffn)
 
     def gate(
         self, hidden_states: torch.Tensor, entries: torch.Tensor, found: Retrieved
@@ -229,20 +158,16 @@ class MemoryLayer(nn.Module):
         return gate_queries, neighbour_dots(gate_queries, entries[:, self.value_dim :], found.rows)
 
     def write(self, op: str, *args: Any) -> None:
-        """Mutate the store now, or record the mutation when writes are deferred."""
-        if self.deferred_writes:
-            self._writes.append((op, args))
-        else:
-            apply_writes(self.store, [[(op, args)]])
-
-    def take_writes(self) -> list[WriteOp]:
-        """The recorded writes since the last call, in order; the record is emptied."""
-        writes, self._writes = self._writes, []
-        return writes
+        """Mutate the store, now or when the caller commits (:func:`dmt.layers.protocol.record`)."""
+        record(self, self.store, op, args)
 
     @property
     def inserting(self) -> bool:
-        return self.cfg.novelty_threshold is not None and (self.training or self.cfg.insert_during_eval)
+        """Whether this forward inserts novel entries: in training, or in evaluation when the settings
+        (``insert_during_eval``) or the caller (:meth:`MemoryProtocol.forward`, ``insert``) say so."""
+        if self.cfg.novelty_threshold is None:
+            return False
+        return self.training or self.cfg.insert_during_eval or current().insert
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MemoryLayer:
         """Move the parameters (``nn.Module``), then the store after them: it is not a parameter or buffer
@@ -326,9 +251,10 @@ class MemoryLayer(nn.Module):
     def insert_novel(self, nearest: np.ndarray, keys: torch.Tensor, values: torch.Tensor | None) -> None:
         """Insert the rows of ``keys (N, Dk)`` / ``values (N, Dv)`` whose nearest neighbour is far enough.
 
-        ``values=None`` inserts zero values (featural layers learn them afterwards). With :attr:`token_ids`
-        ``(B, T)`` set, row ``n`` of the ``N = B·T·H`` rows comes from token ``(b, t) = divmod(n // H, T)``
-        and its entry records the ids of the tokens up to ``t`` as its origin (``KNNStore.insert``).
+        ``values=None`` inserts zero values (featural layers learn them afterwards). When the caller gave
+        the forward's input ids ``(B, T)`` (:func:`~dmt.layers.protocol.current`), row ``n`` of the
+        ``N = B·T·H`` rows comes from token ``(b, t) = divmod(n // H, T)`` and its entry records the ids of
+        the tokens up to ``t`` as its origin (``KNNStore.insert``).
         """
         if not self.inserting:
             return
@@ -342,8 +268,8 @@ class MemoryLayer(nn.Module):
                 else values.detach()[mask].float().cpu().numpy()
             )  # (M, Dv)
             origin_tokens = None
-            if self.token_ids is not None:
-                token_ids = self.token_ids.detach().cpu().numpy()  # (B, T)
+            if current().token_ids is not None:
+                token_ids = current().token_ids.detach().cpu().numpy()  # (B, T)
                 if token_ids.size * self.heads != len(novel):
                     raise ValueError(
                         f"token_ids of shape {tuple(token_ids.shape)} do not match the {len(novel)} query "
@@ -422,17 +348,3 @@ def host_results(ids: torch.Tensor, distances: torch.Tensor) -> tuple[np.ndarray
         return ids.numpy(), distances.numpy()
     packed = torch.stack([ids.double(), distances.double()]).cpu().numpy()  # (2, N, K)
     return packed[0].astype(np.int64), packed[1].astype(np.float32)
-
-
-def low_rank_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``matrix (U, D) ≈ coords (U, rank) @ basis (rank, D)`` by truncated SVD; exact when rank >= rank(M).
-
-    When ``rank`` exceeds ``min(U, D)`` the factors are zero-padded so shapes stay as asked.
-    """
-    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
-    r = min(rank, s.numel())
-    coords = torch.zeros(matrix.shape[0], rank, dtype=torch.float64)
-    basis = torch.zeros(rank, matrix.shape[1], dtype=torch.float64)
-    coords[:, :r] = u[:, :r] * s[:r]
-    basis[:r] = vh[:r]
-    return coords.float(), basis.float()

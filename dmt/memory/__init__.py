@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dmt.memory.base import MemoryStats
+from dmt.memory.eviction import EVICTIONS
 from dmt.memory.integrity import MemoryStoreError
 from dmt.memory.lrfu import LRFU
 from dmt.memory.metrics import METRICS, Metric
-from dmt.memory.store import EVICTIONS, ORIGIN_SPAN, KNNStore, token_spans
+from dmt.memory.provenance import ORIGIN_SPAN, token_spans
+from dmt.memory.store import KNNStore
 
 __all__ = [
     "EVICTIONS",

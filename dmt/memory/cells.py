@@ -118,6 +118,10 @@ class CellIndex(ExactIndex):
         """``(P,)`` labels added since the last filing, searched exactly."""
         return self._pending
 
+    @property
+    def pending_entries(self) -> int:
+        return len(self._pending)
+
     def to(self, device: torch.device | str) -> CellIndex:
         super().to(device)
         for name in ("_subkeys", "_cell", "_filed", "_order", "_starts", "_pending"):

@@ -105,6 +105,24 @@ class KeyIndex(ABC):
             labels, distances = merge_by_magnitude((labels, distances), negative)
         return labels.to(queries.device), distances.to(queries.device)  # the one host→device copy
 
+    @property
+    def pending_entries(self) -> int:
+        """Points not filed into the index's search structure yet, searched exactly meanwhile (cells)."""
+        return 0
+
+    def set_ef(self, ef_search: int | None) -> None:
+        """The search breadth of a graph index (hnsw); ``ValueError`` for the others, which have none."""
+        raise ValueError(f"ef_search is an hnsw setting; this store's index is {self.backend}")
+
+    def refuse_if_keys_fixed(self, operation: str) -> None:
+        """``ValueError`` naming ``operation`` (``insert``, ``recombine``) if this index fixes the keys, which
+        its store then cannot write."""
+        if self.keys_are_fixed:
+            raise ValueError(
+                f"cannot {operation}: this store's keys are fixed by its {self.backend} index "
+                "(it is full from the start and learns through update_values)"
+            )
+
     def _check_ranking(self, by_magnitude: bool) -> None:
         """``ValueError`` for a ranking by |similarity| under l2, which has no similarity to rank by."""
         if by_magnitude and self.metric == "l2":

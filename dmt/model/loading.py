@@ -28,6 +28,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 
 def package_path(package: str) -> str:
@@ -103,3 +104,11 @@ def load_teacher(cfg: Any) -> PreTrainedModel:
             model.hf_quantizer = None
     model.eval().requires_grad_(False)
     return model
+
+
+def model_config_from_dict(config_dict: dict[str, Any]) -> PretrainedConfig:
+    """A ``transformers`` config from ``PretrainedConfig.to_dict()`` output, without any hub access."""
+    model_type = config_dict.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"model config: unknown model_type {model_type!r}")
+    return CONFIG_MAPPING[model_type].from_dict(dict(config_dict))

@@ -1,9 +1,8 @@
-"""Saving and loading students: export directories, Lightning checkpoints, and the memory inside both.
+"""Saving and loading students as export directories, and loading a student from either kind of file.
 
-Every way a student is written or read lives here: :func:`save_pretrained` / :func:`load_pretrained` for
-export directories, :func:`memory_state` / :func:`restore_memory_state` for the stores inside a
-checkpoint, :func:`student_from_checkpoint` to rebuild a student from one, :func:`load_student` for either,
-and :func:`export_checkpoint` from one to the other.
+:func:`save_pretrained` / :func:`load_pretrained` for export directories, :func:`load_student` for an
+export or a Lightning checkpoint (:mod:`dmt.model.checkpoint` reads those), and :func:`export_checkpoint`
+from one to the other.
 
 An export directory is a Hugging Face custom-code model: ``AutoModelForCausalLM.from_pretrained(export,
 trust_remote_code=True)`` loads it with plain ``transformers`` (the code is :mod:`dmt.remote_code`, copied
@@ -28,20 +27,16 @@ checkpoints are read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import pickle
 from collections.abc import Collection
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import init_empty_weights
-from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_model
 from torch import nn
 from transformers import (
@@ -51,96 +46,29 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from dmt.errors import InputFileError
 from dmt.files import check_directory_target, write_directory
-from dmt.layers import LayerConfig, LowRankMLP, MemoryLayer, layer_config
+from dmt.layers import LayerConfig, LowRankMLP, MemoryLayer
 from dmt.memory import KNNStore
+from dmt.model.checkpoint import (
+    checkpoint_tokenizer,
+    layer_configs_from_spec,
+    read_checkpoint,
+    student_from_checkpoint,
+)
 from dmt.model.families import mlp_form, mlp_path
-from dmt.model.loading import load_tokenizer
+from dmt.model.loading import model_config_from_dict
 from dmt.model.surgery import attach_memory_layers, memory_layers, swapped_layers
 from dmt.progress import progress_bar
 from dmt.remote_code import REMOTE_CODE_FILES
 from dmt.remote_code.configuration_dmt import CLASS_PREFIX
 from dmt.remote_code.modeling_dmt import EXPORT_FORMAT_VERSION, WEIGHTS_VARIANT
 
-# Version of the layer settings in a checkpoint's ``dmt`` entry (per-type settings such as gate_dim, ranking
-# and dense_weights, and the gate_query_proj weights), raised whenever their layout changes.
-FORMAT_VERSION = 2
 CONFIG = "config.json"
 WEIGHTS = f"model.{WEIGHTS_VARIANT}.safetensors"  # the file transformers' variant= names
-STUDENT_PREFIX = "student."
 # Keys of an export's config.json that are not the base model's.
 EXPORT_KEYS = ("dmt", "auto_map", "architectures")
-
-
-def layer_configs_of(model: PreTrainedModel) -> dict[int, LayerConfig]:
-    """Settings of every swapped layer (memory layers and baselines), by block index."""
-    return {index: layer.cfg for index, layer in swapped_layers(model).items()}
-
-
-def memory_spec(model: PreTrainedModel) -> dict[str, Any]:
-    """JSON-ready description of a student's swapped layers (memory layers and baselines)."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "layers": {str(i): cfg.to_dict() for i, cfg in layer_configs_of(model).items()},
-    }
-
-
-def layer_configs_from_spec(
-    spec: dict[str, Any], expected: int = FORMAT_VERSION, where: str = "checkpoint['dmt']['memory_spec']"
-) -> dict[int, LayerConfig]:
-    version = spec.get("format_version")
-    if version != expected:
-        raise ValueError(f"{where}: format_version {version!r} is not supported (expected {expected})")
-    return {int(i): layer_config(cfg) for i, cfg in spec["layers"].items()}
-
-
-def memory_state(model: PreTrainedModel) -> dict[str, dict[str, Any]]:
-    """Every store's state as tensors and plain values, for a checkpoint loadable with weights_only."""
-    return {
-        str(index): {
-            k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
-            for k, v in layer.store.state_dict().items()
-        }
-        for index, layer in memory_layers(model).items()
-    }
-
-
-def memory_digest(model: PreTrainedModel) -> str:
-    """SHA-256 over every store's state (index graph included): equal digests, identical memory."""
-    digest = hashlib.sha256()
-    for index, layer in sorted(memory_layers(model).items()):
-        digest.update(str(index).encode())
-        for name, value in sorted(layer.store.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(
-                np.ascontiguousarray(value).tobytes()
-                if isinstance(value, np.ndarray)
-                else repr(value).encode()
-            )
-    return digest.hexdigest()
-
-
-def stores_from_state(state: dict[str, dict[str, Any]]) -> dict[int, KNNStore]:
-    """The stores of a :func:`memory_state` dict, by block index."""
-    return {
-        int(index): KNNStore.from_state_dict(
-            {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in store_state.items()}
-        )
-        for index, store_state in state.items()
-    }
-
-
-def restore_memory_state(model: PreTrainedModel, state: dict[str, dict[str, Any]]) -> None:
-    """Put the stores of :func:`memory_state` back into the memory layers of ``model``."""
-    layers = memory_layers(model)
-    stores = stores_from_state(state)
-    if sorted(stores) != sorted(layers):
-        raise ValueError(f"checkpoint memory has layers {sorted(stores)}, the model {sorted(layers)}")
-    for index, store in stores.items():
-        layers[index].store = store
 
 
 def remote_block(model: PreTrainedModel, index: int, layer: nn.Module) -> dict[str, Any]:
@@ -269,7 +197,7 @@ def read_export_config(directory: Path) -> tuple[PretrainedConfig, dict[int, Lay
     try:
         layers = layer_configs_from_spec(raw["dmt"], EXPORT_FORMAT_VERSION, where=f"{path}: dmt")
         base = {key: value for key, value in raw.items() if key not in EXPORT_KEYS}
-        return _model_config(base), layers
+        return model_config_from_dict(base), layers
     except (KeyError, TypeError, ValueError) as err:
         raise InputFileError(f"{path}: {err}") from err
 
@@ -324,78 +252,6 @@ def load_pretrained(
     return model.to(device).eval(), tokenizer
 
 
-# -- Lightning checkpoints -----------------------------------------------------------------------------
-
-
-def _model_config(config_dict: dict[str, Any]) -> PretrainedConfig:
-    """A ``transformers`` config from ``PretrainedConfig.to_dict()`` output, without any hub access."""
-    model_type = config_dict.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise ValueError(f"model config: unknown model_type {model_type!r}")
-    return CONFIG_MAPPING[model_type].from_dict(dict(config_dict))
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A dmt Lightning checkpoint read with ``torch.load(weights_only=True)`` (nothing is unpickled).
-
-    Raises:
-        InputFileError: ``path`` is not a PyTorch checkpoint, holds objects a weights-only load refuses
-            (so dmt did not write it), or lacks dmt's entries.
-    """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError or RuntimeError depending on the payload
-        # torch's own message advises weights_only=False, which would run the file's code: never passed on.
-        reason = (
-            "it holds Python objects that a safe, weights-only load refuses"
-            if isinstance(err, pickle.UnpicklingError)
-            else "not a PyTorch checkpoint file"
-        )
-        raise InputFileError(f"{path}: cannot be read as a dmt checkpoint: {reason}") from err
-    if not isinstance(checkpoint, dict):
-        raise InputFileError(f"{path}: not a dmt checkpoint (a {type(checkpoint).__name__}, not a dict)")
-    for key in ("state_dict", "dmt"):
-        if key not in checkpoint:
-            raise InputFileError(f"{path}: not a dmt checkpoint (no {key!r} entry)")
-    return checkpoint
-
-
-def student_from_checkpoint(checkpoint: dict[str, Any], where: str = "checkpoint") -> PreTrainedModel:
-    """Rebuild the student of a loaded Lightning checkpoint dict, in eval mode.
-
-    Keys of ``state_dict`` outside ``student.*`` (the frozen teacher's) are ignored; within it the load is
-    strict and a mismatch raises ``ValueError`` naming the missing and unexpected keys.
-    """
-    dmt = checkpoint["dmt"]
-    model = AutoModelForCausalLM.from_config(_model_config(dmt["model_config"]))
-    # The checkpoint's stores go in directly: no fresh store is built or seeded (init: ffn) to be replaced.
-    attach_memory_layers(
-        model, layer_configs_from_spec(dmt["memory_spec"]), stores=stores_from_state(dmt["memory_state"])
-    )
-    weights = {
-        key[len(STUDENT_PREFIX) :]: value
-        for key, value in checkpoint["state_dict"].items()
-        if key.startswith(STUDENT_PREFIX)
-    }
-    if not weights:
-        raise ValueError(f"{where}: state_dict has no '{STUDENT_PREFIX}*' key")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{where}: student weights do not match the model rebuilt from checkpoint['dmt']: "
-            f"missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}"
-        )
-    return model.eval()
-
-
-def _checkpoint_tokenizer(checkpoint: dict[str, Any]) -> PreTrainedTokenizerBase | None:
-    """The run's teacher tokenizer, or ``None`` if the checkpoint records no run config."""
-    run_config = (checkpoint.get("hyper_parameters") or {}).get("run_config")
-    if not run_config or not run_config.get("teacher"):
-        return None
-    return load_tokenizer(OmegaConf.create(run_config["teacher"]))
-
-
 def load_student(path: str | os.PathLike) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """``(student in eval mode, tokenizer or None)`` from an export directory or a ``.ckpt`` file."""
     path = Path(path)
@@ -404,7 +260,7 @@ def load_student(path: str | os.PathLike) -> tuple[PreTrainedModel, PreTrainedTo
     if not path.is_file():
         raise FileNotFoundError(f"{path}: student not found (give an export directory or a .ckpt file)")
     checkpoint = read_checkpoint(path)
-    return student_from_checkpoint(checkpoint, str(path)), _checkpoint_tokenizer(checkpoint)
+    return student_from_checkpoint(checkpoint, str(path)), checkpoint_tokenizer(checkpoint)
 
 
 def cast_memory_values(model: PreTrainedModel, value_dtype: str) -> None:

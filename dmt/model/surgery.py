@@ -16,6 +16,7 @@ from dmt.layers import (
     LayerConfig,
     LowRankConfig,
     MemoryLayer,
+    MemoryProtocol,
     build_baseline,
     build_memory_layer,
     config_class,
@@ -169,11 +170,8 @@ def attach_memory_layers(
             layer = build_memory_layer(form.d_model, cfg, store, mlp=form)
             if store is None and layer.cfg.init == "ffn":
                 layer.init_from_ffn(mlp_weights(model, index))
-            if isinstance(layer, AssociativeMemory):
-                if layer.cfg.keep_mlp:
-                    layer.keep(get_mlp(model, index))
-                if layer.cfg.inserted_values == "next_token":
-                    layer.bind_token_embeddings(model.get_input_embeddings())
+            if isinstance(layer, AssociativeMemory) and layer.cfg.keep_mlp:
+                layer.keep(get_mlp(model, index))
         set_mlp(model, index, layer.to(device))
     return model
 
@@ -191,6 +189,11 @@ def swapped_layers(model: nn.Module) -> dict[int, nn.Module]:
 def memory_layers(model: nn.Module) -> dict[int, MemoryLayer]:
     """The memory layers (those with a kNN store) of a student, by block index."""
     return {i: layer for i, layer in swapped_layers(model).items() if isinstance(layer, MemoryLayer)}
+
+
+def memory_protocol(model: PreTrainedModel, deferred: bool = False) -> MemoryProtocol:
+    """How the code that runs ``model`` talks to its memory layers (:mod:`dmt.layers.protocol`)."""
+    return MemoryProtocol(memory_layers(model), model.get_input_embeddings(), deferred=deferred)
 
 
 def count_parameters(model: nn.Module) -> int:

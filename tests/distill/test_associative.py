@@ -44,10 +44,9 @@ def train(module: DistillationModule, steps: int, batches: list[torch.Tensor], l
         optimizer.zero_grad(set_to_none=True)
         loss = module.losses({"input_ids": tokens, "attention_mask": torch.ones_like(tokens)})["loss"]
         loss.backward()
-        for layer in module.memory_layers.values():
-            layer.apply_value_updates()
+        module.memory.write_back_values()
         optimizer.step()
-        module.commit_memory_writes()
+        module.memory.commit()
         losses.append(float(loss))
     return losses
 
@@ -76,7 +75,7 @@ def test_inserted_values_are_the_teacher_mlp_outputs():
     handle = teacher.model.layers[3].mlp.register_forward_hook(lambda _m, _i, out: mlp_out.setdefault(3, out))
     module.losses({"input_ids": tokens, "attention_mask": torch.ones_like(tokens)})
     handle.remove()
-    module.commit_memory_writes()
+    module.memory.commit()
     layer = memory_layers(student)[3]
     values = layer.store.get(np.arange(len(layer.store)))[1]  # (T·H, Dv) in insertion order
     torch.testing.assert_close(torch.from_numpy(values), mlp_out[3].reshape(-1, layer.value_dim))
@@ -186,7 +185,7 @@ def test_a_memory_beside_the_mlp_starts_as_the_teacher_and_caches_next_tokens():
     module.on_fit_start()
     tokens = TOKENS[:1]
     module.losses({"input_ids": tokens, "attention_mask": torch.ones_like(tokens)})
-    module.commit_memory_writes()
+    module.memory.commit()
     # Each token but the last stored its successor's input embedding, each head its slice.
     values = layer.store.get(np.arange(len(layer.store)))[1]  # ((T - 1)·H, Dv) in insertion order
     following = teacher.get_input_embeddings()(tokens[0, 1:]).reshape(-1, layer.value_dim)
@@ -210,7 +209,7 @@ def test_a_cache_beside_the_mlp_starts_at_its_output_gain(settings, gain):
 def test_next_token_values_need_the_input_ids():
     teacher = load_teacher(tiny_teacher_cfg("llama"))
     student = associative_student(teacher, inserted_values="next_token", keep_mlp=True).train()
-    with pytest.raises(RuntimeError, match="token_ids"):
+    with pytest.raises(RuntimeError, match="input ids"):
         student(TOKENS)
 
 

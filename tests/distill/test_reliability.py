@@ -14,8 +14,8 @@ import torch
 
 from dmt.distill.checkpoint_io import AtomicCheckpointIO
 from dmt.distill.module import DistillationModule
-from dmt.layers import AssociativeConfig, AssociativeMemory, FeaturalConfig, FeaturalMemory
-from dmt.layers.base import apply_writes
+from dmt.layers import AssociativeConfig, AssociativeMemory, FeaturalConfig, FeaturalMemory, MemoryProtocol
+from dmt.layers.protocol import apply_writes
 from dmt.model.surgery import build_student, resolve_layer_configs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,17 +50,18 @@ def test_replicas_applying_gathered_writes_stay_identical(layer_cls):
     for _ in range(2):
         torch.manual_seed(0)
         ranks.append(layer_cls(16, cfg).train())
+    protocols = [MemoryProtocol({0: layer}, deferred=True) for layer in ranks]
     for step in range(2):
         writes = []
-        for rank, layer in enumerate(ranks):
-            layer.deferred_writes = True
+        for rank, (layer, protocol) in enumerate(zip(ranks, protocols, strict=True)):
             torch.manual_seed(100 * step + rank)  # each rank its own batch
-            layer(torch.randn(2, 8, 16)).pow(2).sum().backward()
+            with protocol.forward():
+                layer(torch.randn(2, 8, 16)).pow(2).sum().backward()
             if isinstance(layer, FeaturalMemory):
-                layer.apply_value_updates()
+                protocol.write_back_values()
             if step == 0:
                 assert len(layer.store) == 0  # deferred: nothing applied during the step
-            writes.append(layer.take_writes())
+            writes.append(protocol.take_writes()[0])
         assert {op for op, _ in writes[0]} >= {"reference", "insert"}
         for layer in ranks:
             apply_writes(layer.store, writes)
@@ -155,7 +156,7 @@ def test_nan_loss_stops_before_the_memory_is_touched(tiny_gpt2):
     with pytest.raises(FloatingPointError, match="non-finite training loss"):
         module.training_step(batch, 0)
     # The step's inserts were recorded but never committed: the memory is as before the bad step.
-    assert any(op == "insert" for op, _ in module.memory_layers[1]._writes)
+    assert any(op == "insert" for op, _ in module.memory.take_writes()[1])
     assert len(module.memory_layers[1].store) == entries
 
 

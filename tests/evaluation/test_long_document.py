@@ -8,6 +8,7 @@ from conftest import tiny_teacher_cfg
 
 from dmt.evaluation.long_document import format_table, inserting_memory, quarter_perplexities, read_document
 from dmt.evaluation.perplexity import sliding_window_nll
+from dmt.layers.protocol import current
 from dmt.memory import ORIGIN_SPAN
 from dmt.model.loading import load_teacher
 from dmt.model.surgery import build_student, memory_layers, resolve_layer_configs
@@ -94,7 +95,7 @@ def test_the_inserting_reading_records_the_text_of_each_entry():
     document = IDS[:160].tolist()  # four windows
     with inserting_memory(student):
         quarter_perplexities(student, torch.tensor(document), window=64, stride=32)
-    assert layer.token_ids is None  # set for each forward only
+    assert current().token_ids is None  # handed to each forward only
     ids = layer.store.live_ids()
     assert len(ids) > 0
     _, spans = layer.store.origins(ids)

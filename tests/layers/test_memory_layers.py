@@ -2,7 +2,14 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dmt.layers import AssociativeMemory, FeaturalConfig, FeaturalMemory, FFNWeights, layer_config
+from dmt.layers import (
+    AssociativeMemory,
+    FeaturalConfig,
+    FeaturalMemory,
+    FFNWeights,
+    MemoryProtocol,
+    layer_config,
+)
 from dmt.remote_code.memory_ops import mix_values, neighbour_distances
 
 
@@ -238,8 +245,12 @@ def test_memory_layers_compute_in_float32_under_autocast(layer_cls):
 def test_bfloat16_teacher_outputs_are_stored_as_float32_values():
     layer = make(AssociativeMemory, value_dim=8, inserted_values="mlp_output").train()
     targets = torch.randn(2, 5, 16)
-    layer.insert_targets = targets.bfloat16()  # a teacher run under bf16 autocast
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    protocol = MemoryProtocol({0: layer})
+    # A teacher run under bf16 autocast.
+    with (
+        protocol.forward(insert_targets={0: targets.bfloat16()}),
+        torch.autocast("cpu", dtype=torch.bfloat16),
+    ):
         layer(torch.randn(2, 5, 16))
     _, values = layer.store.get(layer.store.live_ids())
     stored = torch.as_tensor(values)  # (20, 8): every token's 2 heads were novel

@@ -7,8 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from dmt.distill.module import token_ids
-from dmt.layers import AssociativeMemory, FeaturalConfig, FeaturalMemory, FFNWeights, layer_config
+from dmt.layers import (
+    AssociativeMemory,
+    FeaturalConfig,
+    FeaturalMemory,
+    FFNWeights,
+    MemoryProtocol,
+    layer_config,
+)
+from dmt.layers.protocol import current
 from dmt.memory import ORIGIN_SPAN, KNNStore
 
 
@@ -42,9 +49,9 @@ def test_associative_layer_records_spans_and_reads_that_survive_persistence(tmp_
     layer = AssociativeMemory(16, layer_config({**settings, "novelty_threshold": 0.0}).resolved(16)).train()
     batch, length, heads = 2, 10, 2
     input_ids = torch.randint(0, 50_000, (batch, length), generator=torch.Generator().manual_seed(1))
-    with token_ids({3: layer}, input_ids):
+    with MemoryProtocol({3: layer}).forward(input_ids):
         layer(torch.randn(batch, length, 16))  # an empty store: every query row is novel and inserted
-    assert layer.token_ids is None
+    assert current().token_ids is None
     ids = layer.store.live_ids()
     assert len(ids) == batch * length * heads  # row n went to slot n
     _, spans = layer.store.origins(ids)
@@ -64,7 +71,7 @@ def test_associative_layer_records_spans_and_reads_that_survive_persistence(tmp_
     assert layer.store.read_counts(layer.store.live_ids()).sum() > reads.sum()
     layer.store.save(tmp_path / "store")
     _assert_same_entries(layer.store, KNNStore.load(tmp_path / "store"))
-    state = {  # as a checkpoint holds it: tensors (dmt.model.persistence.memory_state)
+    state = {  # as a checkpoint holds it: tensors (dmt.model.checkpoint.memory_state)
         name: torch.from_numpy(value) if isinstance(value, np.ndarray) else value
         for name, value in layer.store.state_dict().items()
     }
@@ -78,8 +85,8 @@ def test_token_ids_must_match_the_query_rows() -> None:
     settings = {"type": "associative", "key_dim": 8, "heads": 2, "topk": 4, "capacity": 256}
     layer = AssociativeMemory(16, layer_config({**settings, "novelty_threshold": 0.0}).resolved(16)).train()
     with (
-        token_ids({0: layer}, torch.zeros(2, 4, dtype=torch.long)),
+        MemoryProtocol({0: layer}).forward(torch.zeros(2, 4, dtype=torch.long)),
         pytest.raises(ValueError, match="token_ids"),
     ):
         layer(torch.randn(2, 5, 16))
-    assert layer.token_ids is None
+    assert current().token_ids is None

@@ -88,8 +88,9 @@ def test_one_pass_magnitude_ranking_equals_the_two_search_merge(backend, metric,
 def _independent_device_copies(store: KNNStore) -> None:
     """Give ``store`` device copies of its keys and values that share no memory with the host arrays (on
     the host, as a stand-in for a device), so that tests see whether writes reach them."""
-    store._device_keys = torch.from_numpy(store._keys.copy())
-    store._device_values = torch.from_numpy(store._values.copy())
+    state = store.state()
+    store._rows.mirror.keys = torch.from_numpy(state.keys.copy())
+    store._rows.mirror.values = torch.from_numpy(state.values.copy())
 
 
 def _assert_copies_match(store: KNNStore) -> None:
@@ -127,7 +128,7 @@ def test_every_write_reaches_the_device_copies(value_dtype, tmp_path):
 def test_a_store_on_the_host_keeps_no_copies_and_hnsw_stays_there():
     for backend in ("exact", "product", "hnsw"):
         store = _store(backend).to("cpu")
-        assert store.device == torch.device("cpu") and store._device_keys is None
+        assert store.device == torch.device("cpu") and not store._rows.mirror.active
 
 
 @CUDA
@@ -152,4 +153,4 @@ def test_a_store_on_cuda_searches_and_reads_there(backend):
         store.update_values(store.live_ids()[:4], _rand(4, 3, 7))
         live = store.live_ids()
         np.testing.assert_array_equal(store.get_tensors(live)[1].cpu(), store.get(live)[1])
-    assert store.to("cpu").device.type == "cpu" and store._device_keys is None
+    assert store.to("cpu").device.type == "cpu" and not store._rows.mirror.active

@@ -12,6 +12,7 @@ import pytest
 
 from dmt.memory import ORIGIN_SPAN, KNNStore
 from dmt.memory.integrity import file_record
+from dmt.memory.state import SLOT_ARRAYS, check_settings
 
 
 def _filled_store(value_dtype: str = "float32", backend: str = "hnsw", eviction: str = "lrfu") -> KNNStore:
@@ -99,7 +100,7 @@ def test_save_load_round_trip(tmp_path: Path, value_dtype: str) -> None:
     assert set(manifest["index_params"]) == {"backend", "M", "ef_construction", "ef_search", "num_threads"}
     assert manifest["index_params"]["ef_search"] is None  # derived per search: JSON null
     restored = KNNStore.load(tmp_path / "mem")
-    assert restored._values.dtype == np.dtype(value_dtype)
+    assert restored.state().values.dtype == np.dtype(value_dtype)
     _assert_equivalent(store, restored)
 
 
@@ -107,7 +108,7 @@ def test_mmap_load_writes_through_to_file(tmp_path: Path) -> None:
     store = _filled_store()
     store.save(tmp_path / "mem")
     mapped = KNNStore.load(tmp_path / "mem", mmap=True)
-    assert isinstance(mapped._keys, np.memmap) and isinstance(mapped._values, np.memmap)
+    assert isinstance(mapped.state().keys, np.memmap) and isinstance(mapped.state().values, np.memmap)
     _assert_equivalent(store, mapped)
     mapped.update_values(np.array([0]), np.full((1, 3), 10.0, dtype=np.float32))
     expected = mapped.get(np.array([0]))[1]
@@ -152,6 +153,21 @@ def test_state_dict_round_trip() -> None:
         ValueError, match=r"state_dict\['live'\]: expected shape \(H,\) with H <= capacity 64"
     ):
         KNNStore.from_state_dict(state)
+
+
+def test_state_gives_the_stores_own_arrays_and_from_state_holds_them_as_given() -> None:
+    store = _filled_store("float16")
+    state = store.state()
+    assert tuple(state.slots) == SLOT_ARRAYS and state.now == store.now
+    names = ("key_dim", "value_dim", "capacity", "metric", "lrfu_lambda", "value_dtype", "eviction")
+    settings = check_settings(*(getattr(store, name) for name in names))
+    twin = KNNStore.from_state(settings, state).state()
+    assert twin.keys is state.keys and twin.values is state.values and twin.index is state.index
+    assert all(twin.slots[name] is array for name, array in state.slots.items())
+    queries = np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)
+    restored = KNNStore.from_state(settings, state)
+    for got, want in zip(restored.search(queries, 6), store.search(queries, 6), strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize(("backend", "eviction"), [("hnsw", "lrfu"), ("exact", "fifo"), ("hnsw", "random")])
@@ -208,26 +224,28 @@ def test_truncated_round_trip_restores_an_identical_store_that_grows(
         KNNStore.load(tmp_path / "mem", mmap=mmap),
         KNNStore.from_state_dict(store.state_dict()),
     ):
-        assert len(restored._keys) == len(restored._values) == high_water  # as loaded, not padded
+        state = restored.state()
+        assert len(state.keys) == len(state.values) == high_water  # as loaded, not padded
         _assert_equivalent(_store_with_holes(backend), restored)  # inserts fill the holes, then grow
-        assert len(restored._keys) == (high_water if backend == "product" else 64)
+        assert len(restored.state().keys) == (high_water if backend == "product" else 64)
 
 
 def test_mmap_store_maps_keys_and_values_until_it_grows(tmp_path: Path) -> None:
     store = _store_with_holes("exact")
     store.save(tmp_path / "mem")
     mapped = KNNStore.load(tmp_path / "mem", mmap=True)
-    holes = 64 - len(mapped) - (64 - len(mapped._keys))  # free slots below the high-water mark
+    holes = 64 - len(mapped) - (64 - len(mapped.state().keys))  # free slots below the high-water mark
     key = np.full((1, 8), 3.0, dtype=np.float32)
     slots = mapped.insert(np.repeat(key, holes, axis=0), np.ones((holes, 3), dtype=np.float32))
-    assert slots.max() < len(mapped._keys) and isinstance(mapped._keys, np.memmap)  # written to the files
-    mapped._keys.flush()
+    keys = mapped.state().keys
+    assert slots.max() < len(keys) and isinstance(keys, np.memmap)  # written to the files
+    keys.flush()
     np.testing.assert_array_equal(
         np.load(tmp_path / "mem" / "keys.npy")[slots], np.repeat(key, holes, axis=0)
     )
     mapped.insert(key, np.ones((1, 3), dtype=np.float32))  # no hole left: the store grows into memory
-    assert len(mapped._keys) == 64 and not isinstance(mapped._keys, np.memmap)
-    assert not isinstance(mapped._values, np.memmap)
+    assert len(mapped.state().keys) == 64 and not isinstance(mapped.state().keys, np.memmap)
+    assert not isinstance(mapped.state().values, np.memmap)
 
 
 def test_sparse_store_saves_its_live_rows_without_an_exact_index(tmp_path: Path) -> None:
@@ -252,7 +270,7 @@ def test_empty_store_round_trips_and_grows(tmp_path: Path) -> None:
     store.save(tmp_path / "mem")
     assert np.load(tmp_path / "mem" / "keys.npy").shape == (0, 4)
     restored = KNNStore.load(tmp_path / "mem", mmap=True)
-    assert len(restored) == 0 and len(restored._keys) == 0
+    assert len(restored) == 0 and len(restored.state().keys) == 0
     keys = np.eye(4, dtype=np.float32)[:3]
     np.testing.assert_array_equal(restored.insert(keys, np.ones((3, 2))), [0, 1, 2])
     np.testing.assert_array_equal(restored.search(keys[1:2], 1)[0], [[1]])

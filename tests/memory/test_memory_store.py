@@ -158,7 +158,7 @@ def test_recombine_merges_near_keys() -> None:
     keys = np.array([[1, 0, 0, 0], [1.1, 0, 0, 0], [0, 5, 0, 0]], dtype=np.float32)
     ids = store.insert(keys, np.array([[1.0], [3.0], [100.0]], dtype=np.float32))
     _search_and_reference(store, keys[1:2], k=1)  # an extra reference to entry 1
-    crf_before = store._lrfu.crf[ids[:2]].copy()
+    crf_before = store._slots.lrfu.crf[ids[:2]].copy()
     found, distances = store.search(np.array([[1.02, 0, 0, 0]], dtype=np.float32), k=3)
     np.testing.assert_array_equal(found[0], ids[[0, 1, 2]])
     assert store.recombine(found, distances, max_distance=0.5) == 1
@@ -170,7 +170,7 @@ def test_recombine_merges_near_keys() -> None:
     np.testing.assert_allclose(merged_key[0], w @ keys[:2], rtol=1e-5)
     np.testing.assert_allclose(merged_value[0, 0], w @ [1.0, 3.0], rtol=1e-5)
     # Histories of entries referenced at different times are decayed to the later one, then added.
-    lrfu = store._lrfu
+    lrfu = store._slots.lrfu
     assert lrfu.crf[ids[0]] == pytest.approx(crf_before[0] * 2 ** (-0.5) + crf_before[1])
     after, after_distances = store.search(merged_key, k=3)
     assert after[0, 0] == ids[0] and after_distances[0, 0] == pytest.approx(0.0, abs=1e-6)
@@ -208,7 +208,7 @@ def test_reference_ticks_once_per_query_and_counts_reads() -> None:
     store.insert(_rand(4, 4, 0), np.zeros((4, 1), np.float32))  # slots 0-3 at t=0
     store.reference(np.array([[0, 1, -1], [-1, -1, -1], [1, 1, 5]]))  # ticks 1, 2, 3; slot 5 is free
     assert store.now == 3 and store.stats.reads == 4
-    lrfu = store._lrfu
+    lrfu = store._slots.lrfu
     np.testing.assert_array_equal(lrfu.last[:4], [1, 3, 0, 0])
     # Slot 1: the insert at 0, one reference at 1, two at 3 (duplicates each count); F(x) = 2^(-x/2).
     np.testing.assert_allclose(lrfu.crf[:2], [1 + 2**-0.5, 2 + 2**-1 + 2**-1.5])
@@ -321,14 +321,14 @@ def test_recall_of_exact_search_is_one_despite_ties_and_dead_slots(metric: str) 
     copies = np.arange(300).reshape(3, 100).T[:30]  # (30, 3) the three slots of each of 30 keys
     assert store.recombine(copies, np.zeros(copies.shape), max_distance=0.0) == 60  # dead: stale keys
     queries = _rand(40, 8, 1)
-    lrfu_state = store._lrfu.state_dict()
+    lrfu_state = store._slots.lrfu.state_dict()
     before = (store.stats, store.now)
     assert store.recall(queries, 10) == 1.0
     if metric != "l2":
         assert store.recall(queries, 10, by_magnitude=True) == 1.0
     assert (store.stats, store.now) == before  # recall changes nothing
-    np.testing.assert_array_equal(store._lrfu.crf, lrfu_state["crf"])
-    np.testing.assert_array_equal(store._lrfu.last, lrfu_state["last"])
+    np.testing.assert_array_equal(store._slots.lrfu.crf, lrfu_state["crf"])
+    np.testing.assert_array_equal(store._slots.lrfu.last, lrfu_state["last"])
     assert store.recall(queries, 320) == 1.0  # k beyond the live count: all 240 live entries
     assert np.isnan(store.recall(queries[:0], 5))
     assert np.isnan(KNNStore(8, 1, capacity=4, metric=metric).recall(queries, 2))  # empty store
@@ -345,8 +345,8 @@ def test_recall_measures_hnsw_search_breadth(monkeypatch: pytest.MonkeyPatch) ->
     store._index.set_ef(1)  # raised to k: far too narrow for 4000 random 32-d keys
     narrow = store.recall(queries, 16)
     assert narrow < 0.9
-    monkeypatch.setattr("dmt.memory.store.RECALL_KEY_BLOCK", 333)  # blocks that split the live keys
-    monkeypatch.setattr("dmt.memory.store.RECALL_QUERY_BLOCK", 7)
+    monkeypatch.setattr("dmt.memory.recall.RECALL_KEY_BLOCK", 333)  # blocks that split the live keys
+    monkeypatch.setattr("dmt.memory.recall.RECALL_QUERY_BLOCK", 7)
     assert store.recall(queries, 16) == pytest.approx(narrow, abs=1e-3)
 
 

@@ -7,14 +7,9 @@ from torch.testing import assert_close
 
 from dmt.distill.module import DistillationModule
 from dmt.errors import InputFileError
+from dmt.model.checkpoint import memory_state, restore_memory_state, student_from_checkpoint
 from dmt.model.families import get_mlp
-from dmt.model.persistence import (
-    load_pretrained,
-    memory_state,
-    restore_memory_state,
-    save_pretrained,
-    student_from_checkpoint,
-)
+from dmt.model.persistence import load_pretrained, save_pretrained
 from dmt.model.surgery import build_student, memory_layers, resolve_layer_configs, swapped_layers
 
 TOKENS = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))

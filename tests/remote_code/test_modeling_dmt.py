@@ -13,7 +13,7 @@ from conftest import tiny_student
 from torch.testing import assert_close
 
 from dmt.model.persistence import load_pretrained, save_pretrained
-from dmt.model.surgery import build_student, memory_layers, resolve_layer_configs
+from dmt.model.surgery import build_student, memory_layers, memory_protocol, resolve_layer_configs
 
 TOKENS = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(3))
 
@@ -106,15 +106,13 @@ def cache_student(teacher):
     settings = {"blocks": [1, 2], "type": "associative", "heads": 2, "key_dim": 8, "topk": 4}
     settings |= {"capacity": 256, "novelty_threshold": 0.0, "inserted_values": "next_token", "keep_mlp": True}
     student = build_student(teacher, resolve_layer_configs(settings, teacher.config)).train()
-    layers = memory_layers(student).values()
-    for layer in layers:
-        layer.token_ids = TOKENS
+    protocol = memory_protocol(student)
     for _ in range(2):  # the first step fills the stores, the second reads them
         student.zero_grad()
-        student(TOKENS, labels=TOKENS).loss.backward()
+        with protocol.forward(TOKENS):
+            student(TOKENS, labels=TOKENS).loss.backward()
         torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.1).step()
-    for layer in layers:
-        layer.token_ids = None
+    for layer in protocol.layers.values():
         assert layer.out_proj.weight.abs().sum() > 0
     return student.eval()
 
