@@ -17,9 +17,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from dmt.conf import CONF_DIR
-
 from benchmarks.quality.collect import RUN_RECORD, VARIANTS
+from dmt.conf import CONF_DIR
 
 EXPERIMENTS = CONF_DIR / "experiment"
 

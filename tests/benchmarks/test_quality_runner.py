@@ -7,7 +7,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from dmt.conf import CONF_DIR
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -15,6 +14,7 @@ import benchmarks.quality.runner as runner
 import dmt.config  # noqa: F401  (resolvers)
 from benchmarks.quality.__main__ import main
 from benchmarks.quality.collect import VARIANTS
+from dmt.conf import CONF_DIR
 
 
 def compose_experiment(name: str):

@@ -181,10 +181,10 @@ def test_export_cli_writes_a_loadable_directory(tiny_gpt2, tmp_path):
 
 def test_hydra_entry_point(tmp_path, text_dir, monkeypatch):
     """``conf/eval.yaml`` composes and ``run_eval`` writes the JSON that the notebook reads."""
-    from dmt.conf import CONF_DIR
     from hydra import compose, initialize_config_dir
 
     import dmt.config  # noqa: F401  (the ${pkg:...} resolver)
+    from dmt.conf import CONF_DIR
     from dmt.evaluation.__main__ import run_eval
 
     monkeypatch.chdir(tmp_path)
