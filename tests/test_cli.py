@@ -63,6 +63,10 @@ def run(main: Callable[..., object], argv: list[str], monkeypatch: pytest.Monkey
     return 0
 
 
+class Pickled:
+    """An object a checkpoint might hold: loading it would run code, so a weights-only load refuses it."""
+
+
 @pytest.fixture
 def user_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The user's working directory, holding their own files; the commands run from it."""
@@ -72,6 +76,7 @@ def user_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "story.txt").write_text("Once upon a time there was a memory. " * 40)
     (tmp_path / "taken.json").write_text('{"mine": true}\n')
+    torch.save({"state_dict": {}, "dmt": Pickled()}, tmp_path / "pickled.ckpt")  # runs code when loaded
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -97,7 +102,13 @@ ROWS = [
         "export of a text file",
         export_main,
         ["notes.md", "out"],
-        "notes.md: cannot be read as a dmt checkpoint",
+        "notes.md: cannot be read as a dmt checkpoint: not a PyTorch checkpoint file",
+    ),
+    (
+        "export of a checkpoint holding objects",
+        export_main,
+        ["pickled.ckpt", "out"],
+        "pickled.ckpt: cannot be read as a dmt checkpoint: it holds Python objects",
     ),
     ("export of a missing file", export_main, ["nope.ckpt", "out"], "nope.ckpt"),
     ("distill swap.topk=-1", distill_main, ["debug=fast", "swap.topk=-1"], "swap.topk: must be >= 1, got -1"),

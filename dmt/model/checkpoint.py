@@ -112,7 +112,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         # torch's own message advises weights_only=False, which would run the file's code: never passed on.
         reason = (
             "it holds Python objects that a safe, weights-only load refuses"
-            if isinstance(err, pickle.UnpicklingError)
+            if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err)
             else "not a PyTorch checkpoint file"
         )
         raise InputFileError(f"{path}: cannot be read as a dmt checkpoint: {reason}") from err
