@@ -54,16 +54,18 @@ def paired_median_seconds(steps: dict[str, Callable[[], Any]], warmup: int, repe
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def train_step(module: nn.Module, hidden: torch.Tensor, grad: torch.Tensor) -> None:
+def train_step(
+    module: nn.Module, hidden: torch.Tensor, grad: torch.Tensor, memory: MemoryProtocol | None = None
+) -> None:
     """Forward and backward of a block MLP (dense or memory) on ``hidden (B, T, C)``.
 
-    A memory layer's backward ends by writing the returned values' gradient into its store (sparse SGD),
-    so that write-back is part of its step, as in training.
+    A memory layer's backward ends by writing the returned values' gradient into its store (sparse SGD,
+    through ``memory``, the layer's protocol), so that write-back is part of its step, as in training.
     """
     module.zero_grad(set_to_none=True)
     module(hidden).backward(grad)
-    if isinstance(module, MemoryLayer):
-        MemoryProtocol({0: module}).write_back_values()
+    if memory is not None:
+        memory.write_back_values()
 
 
 def gpt2_mlp() -> GPT2MLP:
@@ -95,7 +97,8 @@ def layer_inputs(batch: int, seq: int, count: int) -> list[tuple[torch.Tensor, t
 def feeding(module: nn.Module, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
     """A step that trains ``module`` on the next of ``inputs`` at each call (cycling)."""
     feed = itertools.cycle(inputs)
-    return lambda: train_step(module, *next(feed))
+    memory = MemoryProtocol({0: module}) if isinstance(module, MemoryLayer) else None
+    return lambda: train_step(module, *next(feed), memory)
 
 
 def search_and_read(store: KNNStore, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,6 @@ dmt-eval teacher=tiny_gpt2 ablate_layers=[1,2]      # teacher vs ablated teacher
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -22,7 +21,7 @@ from dmt.evaluation.evaluate import evaluate, format_generations, format_table
 from dmt.evaluation.perplexity import check_windows
 from dmt.files import read_text_file, refuse_existing_file, write_json
 from dmt.model.loading import load_teacher, load_tokenizer
-from dmt.model.persistence import load_student
+from dmt.model.persistence import check_student_path, load_student
 from dmt.model.surgery import swapped_layers
 from dmt.progress import set_quiet
 
@@ -35,12 +34,6 @@ def read_texts(cfg: DictConfig) -> list[str] | None:
     return [read_text_file(path) for path in resolve_files(paths, cfg.texts_glob)]
 
 
-def check_student_path(student: str | None) -> None:
-    """Refuse a student path that does not exist, before any model is loaded."""
-    if student is not None and not Path(student).exists():
-        raise FileNotFoundError(f"student={student}: no such export directory or .ckpt file")
-
-
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
     """The whole evaluation from a composed ``eval`` config; prints the table, writes ``cfg.output``.
 
@@ -51,7 +44,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     if cfg.output:
         refuse_existing_file(cfg.output, cfg.get("force", False))
     check_windows(cfg.window, cfg.stride, cfg.batch_size)
-    check_student_path(cfg.student)
+    if cfg.student is not None:
+        check_student_path(cfg.student)
     texts = read_texts(cfg)
     tokenizer = load_tokenizer(cfg.teacher)
     if texts is None:

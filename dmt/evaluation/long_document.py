@@ -17,7 +17,6 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -31,7 +30,7 @@ from dmt.errors import ConfigError
 from dmt.evaluation.perplexity import check_windows, scored_tokens, sliding_window_nll
 from dmt.files import read_text_file, refuse_existing_file, write_json
 from dmt.model.loading import load_teacher, load_tokenizer
-from dmt.model.persistence import load_student
+from dmt.model.persistence import check_student_path, load_student
 from dmt.model.surgery import memory_layers, memory_protocol
 from dmt.progress import progress_bar, set_quiet
 
@@ -144,8 +143,7 @@ def run_long_document(cfg: DictConfig) -> dict[str, Any]:
     if cfg.output:
         refuse_existing_file(cfg.output, cfg.get("force", False))
     check_windows(cfg.window, cfg.stride, 1)
-    if not Path(cfg.student).exists():
-        raise FileNotFoundError(f"student={cfg.student}: no such export directory or .ckpt file")
+    check_student_path(cfg.student)
     text = read_text_file(cfg.document)
     tokenizer = load_tokenizer(cfg.teacher)
     input_ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)  # (L,)

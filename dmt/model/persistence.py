@@ -252,6 +252,12 @@ def load_pretrained(
     return model.to(device).eval(), tokenizer
 
 
+def check_student_path(student: str | os.PathLike) -> None:
+    """Refuse a student path that does not exist, naming the setting, before any model is loaded."""
+    if not Path(student).exists():
+        raise FileNotFoundError(f"student={student}: no such export directory or .ckpt file")
+
+
 def load_student(path: str | os.PathLike) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """``(student in eval mode, tokenizer or None)`` from an export directory or a ``.ckpt`` file."""
     path = Path(path)
