@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dmt.model.checkpoint import memory_spec, memory_state
+from dmt.model.checkpoint import checkpoint_entry
 from dmt.model.loading import load_teacher, load_tokenizer, package_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,11 +106,7 @@ def write_checkpoint(student, path, teacher_cfg=None, teacher=None) -> None:
         {
             "state_dict": state,
             "hyper_parameters": {"run_config": run_config},
-            "dmt": {
-                "model_config": student.config.to_dict(),
-                "memory_spec": memory_spec(student),
-                "memory_state": memory_state(student),
-            },
+            "dmt": checkpoint_entry(student),
         },
         path,
     )

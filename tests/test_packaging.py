@@ -133,7 +133,7 @@ def test_wheel_holds_the_configs_and_the_remote_code(installed):
     source_configs = {f"dmt/{path.relative_to(REPO).as_posix()}" for path in (REPO / "conf").rglob("*.yaml")}
     assert shipped_configs == source_configs  # conf/ ships as dmt/conf/, every group with it
     assert "dmt/conf/teacher/tiny_gpt2.yaml" in shipped_configs
-    remote_code = {path.relative_to(REPO).as_posix() for path in (REPO / "dmt" / "remote_code").glob("*.py")}
+    remote_code = {path.relative_to(REPO).as_posix() for path in (REPO / "dmt" / "kernel").glob("*.py")}
     assert remote_code and remote_code <= names
     assert not any(name.startswith("benchmarks/") for name in names)  # the research harness stays out
 

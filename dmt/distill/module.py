@@ -15,7 +15,12 @@ from transformers import PreTrainedModel
 
 from dmt.distill.losses import DIVERGENCES, ce_loss, distillation_divergence, hidden_mse
 from dmt.layers import AssociativeMemory
-from dmt.model.checkpoint import memory_digest, memory_spec, memory_state, restore_memory_state
+from dmt.model.checkpoint import (
+    check_checkpoint_entry,
+    checkpoint_entry,
+    memory_digest,
+    restore_memory_state,
+)
 from dmt.model.families import get_mlp
 from dmt.model.surgery import memory_protocol, swapped_layers
 
@@ -288,17 +293,13 @@ class DistillationModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Writes are committed right after each optimiser step and validation batch, so the stores here
         # belong to the same step as the weights; an unfinished step's writes are left out, as its update is.
-        checkpoint["dmt"] = {
-            "model_config": self.student.config.to_dict(),
-            "memory_spec": memory_spec(self.student),
-            "memory_state": memory_state(self.student),
-            "global_step": self.global_step,
-            "memory_digest": memory_digest(self.student),
-            "tokens_seen": self.tokens_seen,
-        }
+        checkpoint["dmt"] = checkpoint_entry(
+            self.student, global_step=self.global_step, tokens_seen=self.tokens_seen
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["dmt"]
+        check_checkpoint_entry(state, "checkpoint")
         self.tokens_seen = int(state.get("tokens_seen", 0))
         restore_memory_state(self.student, state["memory_state"])
         if memory_digest(self.student) != state["memory_digest"]:

@@ -4,7 +4,7 @@ from torch import nn
 
 from dmt.layers.associative import AssociativeMemory
 from dmt.layers.base import MemoryLayer
-from dmt.layers.baselines import BaselineLayer, LowRankMLP, RemovedMLP, build_baseline, matched_rank
+from dmt.layers.baselines import LowRankMLP, RemovedMLP, build_baseline, matched_rank
 from dmt.layers.config import (
     LAYER_TYPES,
     AssociativeConfig,
@@ -22,7 +22,7 @@ from dmt.layers.protocol import MemoryProtocol
 
 LAYER_CLASSES: dict[str, type[MemoryLayer]] = {"featural": FeaturalMemory, "associative": AssociativeMemory}
 # What a block's MLP can be swapped for: a memory layer or a dense baseline.
-SWAPPED_CLASSES: tuple[type[nn.Module], ...] = (MemoryLayer, BaselineLayer)
+SWAPPED_CLASSES: tuple[type[nn.Module], ...] = (MemoryLayer, RemovedMLP, LowRankMLP)
 
 
 def build_memory_layer(
@@ -41,7 +41,6 @@ __all__ = [
     "SWAPPED_CLASSES",
     "AssociativeConfig",
     "AssociativeMemory",
-    "BaselineLayer",
     "FFNWeights",
     "FeaturalConfig",
     "FeaturalMemory",

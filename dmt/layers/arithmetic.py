@@ -27,7 +27,7 @@ widths, ``K`` neighbours read: ``topk``, or fewer while the store holds fewer en
   rank in one pass over their scores, ``hnsw`` searches twice, for ``q`` and ``-q``.
 - ``read``, per head query: the distances to the ``K`` returned keys recomputed (differentiably),
   ``K · Dk``; featural gate dots ``K · G``; the value mix ``K · Dv``. (When a batch's distinct returned
-  entries are few, :func:`dmt.remote_code.memory_ops.neighbour_dots` scores each query against all of them
+  entries are few, :func:`dmt.kernel.ops.neighbour_dots` scores each query against all of them
   in one matmul, a speed choice: the count is of the products the layer uses.)
 
 The replaced MLP costs ``3 · C · U`` (gated, SwiGLU) or ``2 · C · U`` for ``U`` units of width ``C``; the

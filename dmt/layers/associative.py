@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmt.kernel.ops import neighbour_dots, neighbour_weights
 from dmt.layers.base import MemoryLayer
 from dmt.layers.config import AssociativeConfig
 from dmt.layers.protocol import current
 from dmt.layers.straight_through import distances_straight_through, mix_values_straight_through
-from dmt.remote_code.memory_ops import neighbour_weights
 
 
 class AssociativeMemory(MemoryLayer):
@@ -119,7 +119,12 @@ class AssociativeMemory(MemoryLayer):
         )  # (N, K)
         scores = self.scores(distances)
         entries = self.learnable_entries(found)  # (U, Dv + G): value, then gate key
-        gate_queries, gate = self.gate(hidden_states, entries, found)  # (N, G), (N, K); None ungated
+        gate_queries = self.gate_queries(hidden_states)  # (N, G); None ungated
+        gate = (
+            None
+            if gate_queries is None
+            else neighbour_dots(gate_queries, entries[:, self.value_dim :], found.rows)
+        )
         weights = neighbour_weights(scores, found.valid, self.cfg.weighting, gate)
         attended = mix_values_straight_through(
             weights, found.rows, entries[:, : self.value_dim], values

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from dmt.kernel.ops import read_projections, similarity_scores
 from dmt.layers.config import MemoryConfig
 from dmt.layers.mlp import FFNWeights
 from dmt.layers.protocol import current, record
 from dmt.layers.seeding import seed_from_ffn
 from dmt.memory import KNNStore, token_spans
-from dmt.remote_code.memory_ops import AppendOne, OutputBias, neighbour_dots, similarity_scores
 
 
 @dataclass
@@ -91,18 +91,11 @@ class MemoryLayer(nn.Module):
                 f"store dims (key {self.store.key_dim}, value {self.store.value_dim}) do not match the "
                 f"layer's (key {self.key_dim}, value {self.entry_dim})"
             )
-        if cfg.dense:
-            self.query_proj: nn.Module = nn.Linear(d_model, self.heads * self.key_dim)
-            self.out_proj: nn.Module = nn.Linear(self.heads * self.value_dim, d_model)
-        else:  # the config checked that queries and values are d_model (+ 1) wide
-            self.query_proj = AppendOne()
-            self.out_proj = OutputBias(d_model)
-        # The second query of gated entries (gate_dim > 0), dotted with each returned entry's gate key.
-        self.gate_query_proj: nn.Module | None = None
-        if cfg.gate_width and cfg.dense:
-            self.gate_query_proj = nn.Linear(d_model, self.heads * cfg.gate_width)
-        elif cfg.gate_width:
-            self.gate_query_proj = nn.Identity()  # the gate query is the hidden state itself
+        # Without dense weights the config checked that queries and values are d_model (+ 1) wide. The gate
+        # query (gate_dim > 0) is dotted with each returned entry's gate key.
+        self.query_proj, self.out_proj, self.gate_query_proj = read_projections(
+            d_model, self.heads, self.key_dim, self.value_dim, cfg.gate_width, cfg.dense
+        )
         self.last_topk_distance = float("nan")
         # (store slots (U,), returned entries (U, E) with .grad after backward) of the training forwards
         # since the last apply_value_updates.
@@ -147,15 +140,11 @@ class MemoryLayer(nn.Module):
         """Seed the store and projections from the MLP this layer replaces (:func:`seed_from_ffn`)."""
         seed_from_ffn(self, ffn)
 
-    def gate(
-        self, hidden_states: torch.Tensor, entries: torch.Tensor, found: Retrieved
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Gate queries ``(N, G)`` of ``hidden_states (B, T, C)`` and their dots ``(N, K)`` with the returned
-        entries' gate keys (``entries (U, Dv + G)``); ``(None, None)`` for ungated entries."""
+    def gate_queries(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """Gate queries ``(N, G)`` of ``hidden_states (B, T, C)``; ``None`` for ungated entries."""
         if self.gate_query_proj is None:
-            return None, None
-        gate_queries = self.split_heads(self.gate_query_proj(hidden_states), self.cfg.gate_width)  # (N, G)
-        return gate_queries, neighbour_dots(gate_queries, entries[:, self.value_dim :], found.rows)
+            return None
+        return self.split_heads(self.gate_query_proj(hidden_states), self.cfg.gate_width)  # (N, G)
 
     def write(self, op: str, *args: Any) -> None:
         """Mutate the store, now or when the caller commits (:func:`dmt.layers.protocol.record`)."""

@@ -15,29 +15,18 @@ its settings saved with exports, so a quality comparison changes one setting and
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from dmt.kernel import dense
 from dmt.layers.config import FeaturalConfig, LayerConfig, LowRankConfig, MemoryConfig, RemovedConfig
 from dmt.layers.mlp import FFNWeights, MLPForm
 
 
-class BaselineLayer(nn.Module):
-    """Base of the dense layers swapped in for an MLP; keeps its settings (``cfg``) for exports."""
-
-    def __init__(self, cfg: LayerConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-
-
-class RemovedMLP(BaselineLayer):
-    """A deleted MLP: outputs zeros shaped like its input ``(B, T, C)``, so the block's residual stream
-    passes through unchanged. No parameters."""
+class RemovedMLP(dense.RemovedMLP):
+    """A deleted MLP (:class:`dmt.kernel.dense.RemovedMLP`) with its settings (``cfg``) for exports."""
 
     def __init__(self, cfg: RemovedConfig | None = None) -> None:
-        super().__init__(cfg or RemovedConfig())
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(hidden_states)
+        super().__init__()
+        self.cfg = cfg or RemovedConfig()
 
 
 def memory_layer_parameters(d_model: int, cfg: MemoryConfig) -> int:
@@ -94,15 +83,13 @@ def unit_importance(ffn: FFNWeights) -> torch.Tensor:
     return importance
 
 
-class LowRankMLP(BaselineLayer):
-    """``x → act(x Kᵀ + b) [⊙ x Gᵀ] V + b_out`` with ``r`` hidden units: the teacher MLP's form, narrower.
+class LowRankMLP(dense.LowRankMLP):
+    """A narrower MLP of the teacher's own form (:class:`dmt.kernel.dense.LowRankMLP`) with its settings
+    (``cfg``), ``r = cfg.rank`` hidden units.
 
     The form (gated or not, which biases, the exact activation) is read from the MLP it replaces, given as
-    :class:`~dmt.layers.mlp.FFNWeights`; so on a Llama-family teacher it is a SwiGLU MLP
-    (``keys`` = gate projection, ``gate_keys`` = up projection, ``values`` = down projection), on GPT-2 a
-    GELU MLP (``keys`` = ``c_fc``, ``values`` = ``c_proj``). ``r`` is ``cfg.rank``. With
-    ``cfg.init == "ffn"`` the layer starts as the MLP restricted to its ``r`` most important units
-    (:meth:`init_from_ffn`).
+    :class:`~dmt.layers.mlp.FFNWeights`. With ``cfg.init == "ffn"`` the layer starts as the MLP restricted
+    to its ``r`` most important units (:meth:`init_from_ffn`).
     """
 
     def __init__(self, d_model: int, cfg: LowRankConfig, ffn: FFNWeights, seed: bool = True) -> None:
@@ -110,20 +97,18 @@ class LowRankMLP(BaselineLayer):
         form = ffn.form
         if form.d_model != d_model:
             raise ValueError(f"the MLP reads width {form.d_model}, the model is {d_model} wide")
-        super().__init__(cfg.resolved(d_model, form))
-        self.width = int(self.cfg.rank)
-        self.keys = nn.Linear(d_model, self.width, bias=form.key_bias)  # (C) → (r)
-        self.gate_keys = nn.Linear(d_model, self.width, bias=False) if form.gated else None
-        self.values = nn.Linear(self.width, d_model, bias=form.out_bias)  # (r) → (C)
-        self.act = ffn.act_fn
+        cfg = cfg.resolved(d_model, form)
+        super().__init__(
+            d_model,
+            int(cfg.rank),
+            gated=form.gated,
+            key_bias=form.key_bias,
+            out_bias=form.out_bias,
+            act=ffn.act_fn,
+        )
+        self.cfg = cfg
         if cfg.init == "ffn" and seed:
             self.init_from_ffn(ffn)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden = self.act(self.keys(hidden_states))  # (B, T, r)
-        if self.gate_keys is not None:
-            hidden = hidden * self.gate_keys(hidden_states)  # (B, T, r)
-        return self.values(hidden)  # (B, T, C)
 
     @torch.no_grad()
     def init_from_ffn(self, ffn: FFNWeights) -> None:
@@ -150,7 +135,9 @@ class LowRankMLP(BaselineLayer):
         return f"width={self.width}, gated={self.gate_keys is not None}, init={self.cfg.init}"
 
 
-def build_baseline(d_model: int, cfg: LayerConfig, ffn: FFNWeights, seed: bool = True) -> BaselineLayer:
+def build_baseline(
+    d_model: int, cfg: LayerConfig, ffn: FFNWeights, seed: bool = True
+) -> RemovedMLP | LowRankMLP:
     """The baseline of ``cfg.type`` for the MLP ``ffn`` (read from the block it replaces); ``seed=False``
     leaves its weights to be loaded."""
     if isinstance(cfg, RemovedConfig):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from dmt.kernel.ops import read_values
 from dmt.layers.base import MemoryLayer
 from dmt.layers.config import FeaturalConfig
-from dmt.remote_code.memory_ops import mix_values, neighbour_distances, neighbour_weights
 
 
 class FeaturalMemory(MemoryLayer):
@@ -26,10 +26,18 @@ class FeaturalMemory(MemoryLayer):
         queries = self.split_heads(self.query_proj(hidden_states), self.key_dim)  # (N, Dk)
         found = self.search(queries, by_magnitude=self.cfg.ranking == "magnitude")
         entries = self.learnable_entries(found)  # (U, Dv + G): value, then gate key
-        _, gate = self.gate(hidden_states, entries, found)
-        distances = neighbour_distances(queries, found.keys, found.rows, self.cfg.metric)  # (N, K)
-        weights = neighbour_weights(self.scores(distances), found.valid, self.cfg.weighting, gate)
-        mixed = mix_values(weights, found.rows, entries[:, : self.value_dim])  # (N, Dv)
+        mixed = read_values(
+            queries,
+            found.keys,
+            entries,
+            found.rows,
+            found.valid,
+            metric=self.cfg.metric,
+            temperature=self.cfg.temperature,
+            weighting=self.cfg.weighting,
+            value_dim=self.value_dim,
+            gate_queries=self.gate_queries(hidden_states),
+        )  # (N, Dv)
         self.insert_novel(found.nearest, queries, values=None)
         self.maybe_recombine(found)
         return self.merge_heads(mixed, batch_shape)  # (B, T, C)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dmt.remote_code.memory_ops import mix_values, neighbour_distances, neighbour_dots
+from dmt.kernel.ops import mix_values, neighbour_distances, neighbour_dots
 
 
 def distances_straight_through(

@@ -3,11 +3,16 @@
 
 - a **directory** (:func:`save` / :func:`load`, for exports): ``manifest.json`` (the fields plus the size
   and SHA-256 of every other file), one ``.npy`` per array and, for indexes with a file, ``index.bin``. It
-  is written atomically and verified with :mod:`dmt.memory.integrity`, and its keys and values may stay
+  is written atomically and verified with :mod:`dmt.kernel.store_files`, and its keys and values may stay
   memory-mapped, so a store can exceed RAM;
 - a **checkpoint** dict (:func:`state_dict` / :func:`from_state_dict`, inside training checkpoints): the
   fields, the arrays and, for indexes with a file, its bytes as a ``uint8`` array ``index_bytes``; numpy
-  only, never pickled objects.
+  only, never pickled objects. It has no version of its own: the checkpoint that holds it has one
+  (:mod:`dmt.model.checkpoint`).
+
+The directory's version is :data:`dmt.kernel.store_files.DIRECTORY_FORMAT_VERSION`, raised whenever its
+layout changes: only the current layout is read, so a store in another one is refused by name instead of
+misread.
 
 ``KNNStore``'s own ``save``/``load``/``state_dict``/``from_state_dict`` only delegate here; this module
 reads and builds stores through their public state only.
@@ -23,32 +28,19 @@ from typing import Any
 import numpy as np
 
 from dmt.files import check_directory_target, fsync_path, write_directory
-from dmt.memory.integrity import (
+from dmt.kernel.store_files import (
+    DIRECTORY_FORMAT_VERSION,
+    INDEX_FILE,
     MANIFEST,
-    MemoryStoreError,
+    check_version,
     file_record,
     read_manifest,
     verify_files,
-    write_array,
 )
-from dmt.memory.snapshot import (
-    ARRAY_NAMES,
-    capture,
-    check_fields,
-    check_version,
-    index_has_file,
-    restore,
-    saved_arrays,
-)
+from dmt.memory.integrity import MemoryStoreError, store_errors, write_array
+from dmt.memory.snapshot import ARRAY_NAMES, capture, check_fields, index_has_file, restore, saved_arrays
 from dmt.memory.store import KNNStore
 
-# Each container has its own version, raised whenever its layout changes: only the current layout is read
-# (check_version), so a store in another one is refused by name instead of misread. The current layouts
-# hold the integrity records (directories), the eviction policy, insertion times, `reads` counter, read
-# counts and origins, keep arrays at the high-water mark rather than the capacity, and save no exact index.
-DIRECTORY_FORMAT_VERSION = 4
-CHECKPOINT_FORMAT_VERSION = 3
-INDEX_FILE = "index.bin"
 # Array name → file name in a directory; the names are also the keys of a checkpoint dict.
 ARRAY_FILES = {name: f"{name}.npy" for name in ARRAY_NAMES}
 # Every file of a directory but the manifest, by the name a checkpoint dict gives its content.
@@ -130,13 +122,15 @@ def load(store_class: type[KNNStore], directory: str | Path, mmap: bool, verify:
     """
     directory = Path(directory)
     source = str(directory / MANIFEST)
-    manifest = read_manifest(directory)
-    check_version(manifest, DIRECTORY_FORMAT_VERSION, source=source)
+    with store_errors():
+        manifest = read_manifest(directory)
+        check_version(manifest, DIRECTORY_FORMAT_VERSION, source=source)
     check_fields(manifest, source)
     has_file = index_has_file(manifest)
     names = saved_arrays(manifest)
     required = [*(ARRAY_FILES[name] for name in names), *([INDEX_FILE] if has_file else [])]
-    verify_files(directory, manifest.get("files"), required, checksums=verify)
+    with store_errors():
+        verify_files(directory, manifest.get("files"), required, checksums=verify)
     arrays = {
         name: _load_npy(directory / ARRAY_FILES[name], mmap=mmap and name in ("keys", "values"))
         for name in names
@@ -172,7 +166,6 @@ def state_dict(store: KNNStore) -> dict[str, Any]:
     """
     captured = capture(store)
     state = {
-        "format_version": CHECKPOINT_FORMAT_VERSION,
         **captured.fields,
         **{name: np.array(array) for name, array in captured.arrays.items()},
     }
@@ -185,12 +178,11 @@ def from_state_dict(store_class: type[KNNStore], state: Mapping[str, Any]) -> KN
     """Inverse of :func:`state_dict`; arrays may be anything ``np.asarray`` accepts.
 
     Raises:
-        MemoryStoreError: a ``ValueError`` naming the entry that is missing or of the wrong version,
+        MemoryStoreError: a ``ValueError`` naming the entry that is missing or of the wrong
             type, shape or dtype.
     """
     if not isinstance(state, Mapping):
         raise MemoryStoreError(f"state_dict: expected a mapping, got {type(state).__name__}")
-    check_version(state, CHECKPOINT_FORMAT_VERSION, source="state_dict")
     check_fields(state, "state_dict")
     arrays = {name: _state_array(state, name) for name in saved_arrays(state)}
     return restore(

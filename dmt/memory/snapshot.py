@@ -35,13 +35,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from dmt.kernel.store_files import keys_from_hnsw
 from dmt.memory.backends import BACKENDS, INDEX_PARAMS, index_class, load_index, make_index
 from dmt.memory.base import MemoryStats
 from dmt.memory.index import KeyIndex
-from dmt.memory.integrity import MemoryStoreError
+from dmt.memory.integrity import MemoryStoreError, store_errors
 from dmt.memory.state import SLOT_ARRAYS, StoreSettings, StoreState, check_settings, empty_slots
 from dmt.memory.store import KNNStore
-from dmt.remote_code.hnsw_file import read_hnsw_vectors
 
 # Every array a container holds, by name: the keys, the values and the per-slot arrays.
 ARRAY_NAMES = ("keys", "values", *SLOT_ARRAYS)
@@ -124,21 +124,6 @@ def saved_arrays(fields: Mapping[str, Any]) -> list[str]:
     return [name for name in ARRAY_NAMES if not (name == "keys" and index_holds_keys(fields))]
 
 
-def keys_from_index(index: Path | np.ndarray, live: np.ndarray, key_dim: int, where: str) -> np.ndarray:
-    """``(H, key_dim)`` keys of the ``live (H,)`` rows, read from an hnsw index file (or its bytes)."""
-    try:
-        labels, vectors = read_hnsw_vectors(index, key_dim)
-    except ValueError as error:
-        raise MemoryStoreError(f"{where}: {error}") from error
-    keys = np.zeros((len(live), key_dim), dtype=np.float32)
-    stored = np.zeros(len(live), dtype=bool)
-    inside = labels < len(live)
-    keys[labels[inside]], stored[labels[inside]] = vectors[inside], True
-    if (live & ~stored).any():
-        raise MemoryStoreError(f"{where}: the graph lacks keys of live entries")
-    return keys
-
-
 def restore(
     store_class: type[KNNStore],
     fields: Mapping[str, Any],
@@ -167,10 +152,9 @@ def restore(
     except ValueError as error:
         raise MemoryStoreError(f"{source}: {error}") from error
     if index_holds_keys(fields) and index is not None:
-        arrays = {
-            **arrays,
-            "keys": keys_from_index(index, arrays["live"], settings.key_dim, where("index_bytes")),
-        }
+        with store_errors():
+            keys = keys_from_hnsw(index, arrays["live"], settings.key_dim, where("index_bytes"))
+        arrays = {**arrays, "keys": keys}
     slots = empty_slots(settings.capacity)  # an empty store's bookkeeping, its first H rows restored below
     rows = _check_arrays(settings, fields, arrays, slots, source, where)
     for name, array in slots.items():
@@ -243,13 +227,6 @@ def _restore_index(
         return load_index(index, settings.key_dim, settings.metric, settings.capacity, live=live, **params)
     except (RuntimeError, ValueError) as error:  # hnswlib reports a corrupt graph as RuntimeError
         raise MemoryStoreError(f"{where('index_bytes')}: not a usable key index ({error})") from error
-
-
-def check_version(container: Mapping[str, Any], expected: int, source: str) -> None:
-    """Only the current layout of each container is read: no older one is converted."""
-    version = container.get("format_version")
-    if type(version) is not int or version != expected:
-        raise MemoryStoreError(f"{source}: format_version {version!r} is not supported (expected {expected})")
 
 
 def _is_int(value: Any) -> bool:

@@ -1,8 +1,10 @@
 """The student inside a Lightning checkpoint: its layer settings, its memory, and rebuilding it.
 
-A dmt checkpoint holds, beside Lightning's own entries, ``checkpoint["dmt"]``: the student's model config,
-its swapped layers' settings (:func:`memory_spec`), every store's state (:func:`memory_state`, tensors and
-plain values, so ``torch.load(weights_only=True)`` reads it) and their digest. Nothing here unpickles.
+A dmt checkpoint holds, beside Lightning's own entries, ``checkpoint["dmt"]`` (:func:`checkpoint_entry`):
+its ``format_version``, the student's model config, its swapped layers' settings (:func:`layer_settings`),
+every store's state (:func:`memory_state`, tensors and plain values, so ``torch.load(weights_only=True)``
+reads it) and their digest. The one version covers the whole entry, the stores' states included: only
+the current layout is read. Nothing here unpickles.
 """
 
 from __future__ import annotations
@@ -23,9 +25,8 @@ from dmt.memory import KNNStore
 from dmt.model.loading import load_tokenizer, model_config_from_dict
 from dmt.model.surgery import attach_memory_layers, memory_layers, swapped_layers
 
-# Version of the layer settings in a checkpoint's ``dmt`` entry (per-type settings such as gate_dim, ranking
-# and dense_weights, and the gate_query_proj weights), raised whenever their layout changes.
-FORMAT_VERSION = 2
+# The layout of a checkpoint's ``dmt`` entry, raised whenever it changes.
+CHECKPOINT_FORMAT_VERSION = 3
 STUDENT_PREFIX = "student."
 
 
@@ -34,23 +35,39 @@ def layer_configs_of(model: PreTrainedModel) -> dict[int, LayerConfig]:
     return {index: layer.cfg for index, layer in swapped_layers(model).items()}
 
 
-def memory_spec(model: PreTrainedModel) -> dict[str, Any]:
-    """JSON-ready description of a student's swapped layers (memory layers and baselines)."""
+def layer_settings(model: PreTrainedModel) -> dict[str, dict[str, Any]]:
+    """JSON-ready settings of a student's swapped layers (memory layers and baselines), by block index: the
+    ``to_dict()`` of each layer's config dataclass, as checkpoints and exports hold them."""
+    return {str(i): cfg.to_dict() for i, cfg in layer_configs_of(model).items()}
+
+
+def layer_configs(settings: dict[str, Any]) -> dict[int, LayerConfig]:
+    """The layer configs of :func:`layer_settings` output, by block index."""
+    return {int(i): layer_config(cfg) for i, cfg in settings.items()}
+
+
+def checkpoint_entry(model: PreTrainedModel, **run: Any) -> dict[str, Any]:
+    """``checkpoint["dmt"]`` for the student ``model``, with the training loop's own ``run`` entries
+    (``global_step``, ``tokens_seen``)."""
     return {
-        "format_version": FORMAT_VERSION,
-        "layers": {str(i): cfg.to_dict() for i, cfg in layer_configs_of(model).items()},
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "model_config": model.config.to_dict(),
+        "layers": layer_settings(model),
+        "memory_state": memory_state(model),
+        "memory_digest": memory_digest(model),
+        **run,
     }
 
 
-def layer_configs_from_spec(
-    spec: dict[str, Any], expected: int = FORMAT_VERSION, where: str = "checkpoint['dmt']['memory_spec']"
-) -> dict[int, LayerConfig]:
-    """The layer settings of :func:`memory_spec` output (or an export's ``dmt`` section), by block index;
-    a ``ValueError`` naming ``where`` for another format version."""
-    version = spec.get("format_version")
-    if version != expected:
-        raise ValueError(f"{where}: format_version {version!r} is not supported (expected {expected})")
-    return {int(i): layer_config(cfg) for i, cfg in spec["layers"].items()}
+def check_checkpoint_entry(entry: Any, where: str) -> None:
+    """Refuse a ``checkpoint["dmt"]`` of another layout than :data:`CHECKPOINT_FORMAT_VERSION`, naming
+    ``where`` (an :class:`InputFileError`)."""
+    version = entry.get("format_version") if isinstance(entry, dict) else None
+    if version != CHECKPOINT_FORMAT_VERSION:
+        raise InputFileError(
+            f"{where}: dmt checkpoint format {version!r} is not the one this dmt reads "
+            f"({CHECKPOINT_FORMAT_VERSION})"
+        )
 
 
 def memory_state(model: PreTrainedModel) -> dict[str, dict[str, Any]]:
@@ -121,6 +138,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     for key in ("state_dict", "dmt"):
         if key not in checkpoint:
             raise InputFileError(f"{path}: not a dmt checkpoint (no {key!r} entry)")
+    check_checkpoint_entry(checkpoint["dmt"], str(path))
     return checkpoint
 
 
@@ -133,9 +151,7 @@ def student_from_checkpoint(checkpoint: dict[str, Any], where: str = "checkpoint
     dmt = checkpoint["dmt"]
     model = AutoModelForCausalLM.from_config(model_config_from_dict(dmt["model_config"]))
     # The checkpoint's stores go in directly: no fresh store is built or seeded (init: ffn) to be replaced.
-    attach_memory_layers(
-        model, layer_configs_from_spec(dmt["memory_spec"]), stores=stores_from_state(dmt["memory_state"])
-    )
+    attach_memory_layers(model, layer_configs(dmt["layers"]), stores=stores_from_state(dmt["memory_state"]))
     weights = {
         key[len(STUDENT_PREFIX) :]: value
         for key, value in checkpoint["state_dict"].items()

@@ -5,21 +5,21 @@ export or a Lightning checkpoint (:mod:`dmt.model.checkpoint` reads those), and 
 from one to the other.
 
 An export directory is a Hugging Face custom-code model: ``AutoModelForCausalLM.from_pretrained(export,
-trust_remote_code=True)`` loads it with plain ``transformers`` (the code is :mod:`dmt.remote_code`, copied
-in), and ``AutoTokenizer.from_pretrained(export)`` loads its tokenizer as any other (``config.json`` keeps
+trust_remote_code=True)`` loads it with plain ``transformers`` (the code is :mod:`dmt.kernel`, copied in),
+and ``AutoTokenizer.from_pretrained(export)`` loads its tokenizer as any other (``config.json`` keeps
 the base model's ``model_type``, so nothing asks to trust code). The weights are the ``dmt`` variant of
 the weights file, which only the remote code asks for: without ``trust_remote_code`` the base model class
 finds no ``model.safetensors`` and refuses to load, rather than returning the base model with random MLPs.
 It holds::
 
-    config.json                           the base model's config, ``auto_map``, and ``dmt``: the format
-                                          version, each swapped block's dmt settings (``layers``) and what
-                                          the remote code builds for it (``blocks``: module path, read
-                                          settings, store directory)
+    config.json                 the base model's config, ``auto_map``, and ``dmt``: the format version,
+                                each swapped block's settings (``layers``, from its config dataclass), where
+                                it goes (``blocks``: module path, store directory) and the replaced MLPs'
+                                form (``mlp``), as :mod:`dmt.kernel.modeling_dmt` reads them
     generation_config.json, tokenizer files
-    model.dmt.safetensors                 every dense weight of the student (memory layers included)
-    configuration_dmt.py, modeling_dmt.py, memory_ops.py   the remote code
-    memory/layer_XX/                      one store per memory layer (:mod:`dmt.memory.persistence`)
+    model.dmt.safetensors       every dense weight of the student (memory layers included)
+    *.py                        the remote code: every file of :mod:`dmt.kernel`
+    memory/layer_XX/            one store per memory layer (:mod:`dmt.memory.persistence`)
 
 Nothing here unpickles: weights are safetensors, settings JSON, stores ``.npy`` read without pickle, and
 checkpoints are read with ``torch.load(weights_only=True)``.
@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Collection
-from dataclasses import replace
+from dataclasses import asdict, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -49,11 +49,15 @@ from transformers import (
 
 from dmt.errors import InputFileError
 from dmt.files import check_directory_target, write_directory
-from dmt.layers import LayerConfig, LowRankMLP, MemoryLayer
+from dmt.kernel import FILES as REMOTE_CODE_FILES
+from dmt.kernel.configuration_dmt import CLASS_PREFIX
+from dmt.kernel.modeling_dmt import EXPORT_FORMAT_VERSION, WEIGHTS_VARIANT
+from dmt.layers import LayerConfig
 from dmt.memory import KNNStore
 from dmt.model.checkpoint import (
     checkpoint_tokenizer,
-    layer_configs_from_spec,
+    layer_configs,
+    layer_settings,
     read_checkpoint,
     student_from_checkpoint,
 )
@@ -61,9 +65,6 @@ from dmt.model.families import mlp_form, mlp_path
 from dmt.model.loading import model_config_from_dict
 from dmt.model.surgery import attach_memory_layers, memory_layers, swapped_layers
 from dmt.progress import progress_bar
-from dmt.remote_code import REMOTE_CODE_FILES
-from dmt.remote_code.configuration_dmt import CLASS_PREFIX
-from dmt.remote_code.modeling_dmt import EXPORT_FORMAT_VERSION, WEIGHTS_VARIANT
 
 CONFIG = "config.json"
 WEIGHTS = f"model.{WEIGHTS_VARIANT}.safetensors"  # the file transformers' variant= names
@@ -71,34 +72,12 @@ WEIGHTS = f"model.{WEIGHTS_VARIANT}.safetensors"  # the file transformers' varia
 EXPORT_KEYS = ("dmt", "auto_map", "architectures")
 
 
-def remote_block(model: PreTrainedModel, index: int, layer: nn.Module) -> dict[str, Any]:
-    """What :mod:`dmt.remote_code` builds for swapped block ``index``: where it goes, and the settings it
-    reads (resolved, so the remote code derives nothing)."""
-    cfg = layer.cfg
-    block: dict[str, Any] = {"module": mlp_path(model, index), "type": cfg.type}
-    if isinstance(layer, MemoryLayer):
-        block["read"] = {
-            "heads": cfg.heads,
-            "key_dim": cfg.key_dim,
-            "value_dim": cfg.value_dim,
-            "gate_dim": cfg.gate_width,
-            "dense": cfg.dense,
-            "topk": cfg.topk,
-            "metric": cfg.metric,
-            "temperature": cfg.temperature,
-            "weighting": cfg.weighting,
-            "ranking": cfg.ranking,
-            "keep_mlp": getattr(cfg, "keep_mlp", False),
-        }
+def export_block(model: PreTrainedModel, index: int, layer: nn.Module) -> dict[str, str]:
+    """Where swapped block ``index`` goes in an export: the replaced MLP's module path and, for a memory
+    layer, its store directory."""
+    block = {"module": mlp_path(model, index)}
+    if layer.cfg.has_store:
         block["store"] = f"memory/layer_{index:02d}"
-    elif isinstance(layer, LowRankMLP):
-        block["lowrank"] = {
-            "rank": layer.width,
-            "gated": layer.gate_keys is not None,
-            "key_bias": layer.keys.bias is not None,
-            "out_bias": layer.values.bias is not None,
-            "activation": mlp_form(model.config).activation,
-        }
     return block
 
 
@@ -115,8 +94,9 @@ def export_config(model: PreTrainedModel) -> dict[str, Any]:
         },
         "dmt": {
             "format_version": EXPORT_FORMAT_VERSION,
-            "layers": {str(i): layer.cfg.to_dict() for i, layer in swapped.items()},
-            "blocks": {str(i): remote_block(model, i, layer) for i, layer in swapped.items()},
+            "layers": layer_settings(model),
+            "blocks": {str(i): export_block(model, i, layer) for i, layer in swapped.items()},
+            "mlp": asdict(mlp_form(model.config)),
         },
     }
 
@@ -155,7 +135,7 @@ def save_pretrained(
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         for name in REMOTE_CODE_FILES:
-            (staging / name).write_bytes(resources.files("dmt.remote_code").joinpath(name).read_bytes())
+            (staging / name).write_bytes(resources.files("dmt.kernel").joinpath(name).read_bytes())
         with progress_bar(len(stores), "saving memory", unit="layer") as bar:
             for index, layer in stores.items():
                 layer.store.save(staging / "memory" / f"layer_{index:02d}")
@@ -195,7 +175,7 @@ def read_export_config(directory: Path) -> tuple[PretrainedConfig, dict[int, Lay
             "export the run's checkpoint again with dmt-export"
         )
     try:
-        layers = layer_configs_from_spec(raw["dmt"], EXPORT_FORMAT_VERSION, where=f"{path}: dmt")
+        layers = layer_configs(raw["dmt"]["layers"])
         base = {key: value for key, value in raw.items() if key not in EXPORT_KEYS}
         return model_config_from_dict(base), layers
     except (KeyError, TypeError, ValueError) as err:

@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from dmt.kernel.ops import mix_values, neighbour_distances
 from dmt.layers import (
     AssociativeMemory,
     FeaturalConfig,
@@ -10,7 +11,6 @@ from dmt.layers import (
     MemoryProtocol,
     layer_config,
 )
-from dmt.remote_code.memory_ops import mix_values, neighbour_distances
 
 
 def make(layer_cls, d_model=16, **overrides):

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from dmt.kernel.store_files import file_record
 from dmt.memory import KNNStore, MemoryStoreError
-from dmt.memory.integrity import file_record
 
 ARRAYS = (
     "keys",
@@ -269,7 +269,6 @@ def _put(key: str, value: Any) -> Any:
         (_drop("keys"), r"state_dict: missing entry 'keys'"),
         (_drop("index_bytes"), r"state_dict: missing entry 'index_bytes'"),
         (_drop("capacity"), r"state_dict: missing field 'capacity'"),
-        (_put("format_version", 2), r"state_dict: format_version 2 is not supported \(expected 3\)"),
         (_drop("inserted_at"), r"state_dict: missing entry 'inserted_at'"),
         (_drop("eviction"), r"state_dict: missing field 'eviction'"),
         (

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from dmt.kernel.store_files import file_record
 from dmt.memory import ORIGIN_SPAN, KNNStore
-from dmt.memory.integrity import file_record
 from dmt.memory.state import SLOT_ARRAYS, check_settings
 
 

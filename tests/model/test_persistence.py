@@ -2,14 +2,14 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_student
+from conftest import tiny_student, write_checkpoint
 from torch.testing import assert_close
 
 from dmt.distill.module import DistillationModule
 from dmt.errors import InputFileError
 from dmt.model.checkpoint import memory_state, restore_memory_state, student_from_checkpoint
 from dmt.model.families import get_mlp
-from dmt.model.persistence import load_pretrained, save_pretrained
+from dmt.model.persistence import load_pretrained, load_student, save_pretrained
 from dmt.model.surgery import build_student, memory_layers, resolve_layer_configs, swapped_layers
 
 TOKENS = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -56,6 +56,18 @@ def test_export_of_another_format_is_refused_naming_it(tiny_gpt2, tmp_path, gpt2
     config_path.write_text(json.dumps(config))
     with pytest.raises(InputFileError, match=r"config\.json: export format 3 .*again with dmt-export"):
         load_pretrained(tmp_path / "export")
+
+
+def test_checkpoint_of_another_format_is_refused_naming_it(tiny_gpt2, tmp_path):
+    """One version covers a checkpoint's whole dmt entry, the stores' states included."""
+    path = tmp_path / "old.ckpt"
+    write_checkpoint(trained_student(tiny_gpt2), path)
+    checkpoint = torch.load(path, weights_only=True)
+    assert "format_version" not in checkpoint["dmt"]["memory_state"]["0"]
+    checkpoint["dmt"]["format_version"] = 2
+    torch.save(checkpoint, path)
+    with pytest.raises(InputFileError, match=rf"{path}: dmt checkpoint format 2 is not the one this dmt"):
+        load_student(path)
 
 
 def test_checkpoint_memory_state_round_trip(tiny_gpt2, tmp_path):

@@ -12,6 +12,7 @@ import torch
 from conftest import tiny_student
 from torch.testing import assert_close
 
+from dmt.kernel.store_files import StoreFileError, read_store
 from dmt.model.persistence import load_pretrained, save_pretrained
 from dmt.model.surgery import build_student, memory_layers, memory_protocol, resolve_layer_configs
 
@@ -185,13 +186,12 @@ def test_export_loads_in_plain_transformers(fixture, make, request, tmp_path, gp
 def test_remote_code_reads_what_dmt_reads(tiny_llama, tmp_path, gpt2_tokenizer):
     """In-process: the remote class's memory matches the store's live rows, and a corrupted store file is
     refused with an error naming it."""
-    from dmt.remote_code.modeling_dmt import read_store
-
     student = seeded_llama_student(tiny_llama)
     save_pretrained(student, gpt2_tokenizer, tmp_path / "export")
     config = json.loads((tmp_path / "export" / "config.json").read_text())
-    block = config["dmt"]["blocks"]["0"]
-    keys, entries, live = read_store(tmp_path / "export" / block["store"], block)
+    block, settings = config["dmt"]["blocks"]["0"], config["dmt"]["layers"]["0"]
+    widths = settings["key_dim"], settings["value_dim"] + settings["gate_dim"]
+    keys, entries, live = read_store(tmp_path / "export" / block["store"], *widths, settings["metric"])
     store = memory_layers(student)[0].store
     stored_keys, stored_values = store.get(store.live_ids())
     assert_close(keys[live], torch.from_numpy(stored_keys))
@@ -201,5 +201,5 @@ def test_remote_code_reads_what_dmt_reads(tiny_llama, tmp_path, gpt2_tokenizer):
     data = bytearray(values_file.read_bytes())
     data[-1] ^= 0xFF
     values_file.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="values.npy"):
-        read_store(tmp_path / "export" / block["store"], block)
+    with pytest.raises(StoreFileError, match="values.npy"):
+        read_store(tmp_path / "export" / block["store"], *widths, settings["metric"])

@@ -1,9 +1,10 @@
-"""The arithmetic of a memory layer's read, shared by ``dmt.layers`` and by exported students.
+"""The arithmetic of a memory layer's read: its projections, and scoring, weighting and mixing what a
+search returned.
 
-Given the rows of the entries a search returned, these functions score the neighbours, weight them and mix
-their values. They import nothing but torch: an export copies this file next to its ``modeling_dmt.py`` so
-that ``transformers`` loads the student with ``trust_remote_code=True`` without dmt installed, computing
-exactly what the training layers compute.
+Given the rows of the entries a search returned, :func:`read_values` scores the neighbours, weights them
+and mixes their values; :func:`read_projections` builds the dense (or parameter-free) projections around
+it. ``dmt.layers`` builds its memory layers on these, and an export carries this file as it is
+(:mod:`dmt.kernel`), so an exported student computes what the training layers compute.
 """
 
 from __future__ import annotations
@@ -106,3 +107,50 @@ def similarity_scores(distances: torch.Tensor, metric: str, temperature: float) 
     """
     similarity = -distances if metric == "l2" else 1.0 - distances
     return similarity / temperature
+
+
+def read_projections(
+    d_model: int, heads: int, key_dim: int, value_dim: int, gate_dim: int, dense: bool
+) -> tuple[nn.Module, nn.Module, nn.Module | None]:
+    """``(query_proj, out_proj, gate_query_proj)`` of a memory layer, made in this order (a seeded run's
+    random weights depend on it).
+
+    Dense: ``query_proj`` (C → H·Dk), ``out_proj`` (H·Dv → C) and, for gated entries (``gate_dim > 0``),
+    ``gate_query_proj`` (C → H·G). Without dense weights the query is ``[x, 1]``, the output the mixed
+    value plus a bias, and the gate query ``x`` itself; ``gate_query_proj`` is ``None`` for ungated entries.
+    """
+    if dense:
+        query_proj: nn.Module = nn.Linear(d_model, heads * key_dim)
+        out_proj: nn.Module = nn.Linear(heads * value_dim, d_model)
+    else:
+        query_proj, out_proj = AppendOne(), OutputBias(d_model)
+    gate_query_proj: nn.Module | None = None
+    if gate_dim:
+        gate_query_proj = nn.Linear(d_model, heads * gate_dim) if dense else nn.Identity()
+    return query_proj, out_proj, gate_query_proj
+
+
+def read_values(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    entries: torch.Tensor,
+    rows: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    metric: str,
+    temperature: float,
+    weighting: str,
+    value_dim: int,
+    gate_queries: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """What ``queries (N, Dk)`` read from their neighbours ``keys (U, Dk)[rows (N, K)]``: ``(N, Dv)``.
+
+    ``entries (U, Dv + G)`` hold each neighbour's value, then (gated entries) its gate key, dotted with
+    ``gate_queries (N, G)``; ``valid (N, K)`` marks real neighbours. Differentiable in the queries, the
+    gate queries and the entries (the keys are the store's constants).
+    """
+    distances = neighbour_distances(queries, keys, rows, metric)  # (N, K)
+    scores = similarity_scores(distances, metric, temperature)
+    gate = None if gate_queries is None else neighbour_dots(gate_queries, entries[:, value_dim:], rows)
+    weights = neighbour_weights(scores, valid, weighting, gate)  # (N, K)
+    return mix_values(weights, rows, entries[:, :value_dim])  # (N, Dv)

@@ -1,0 +1,106 @@
+"""An exported dmt student for ``transformers`` auto classes (``trust_remote_code=True``), dmt not needed.
+
+The student is its base model class (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ...), subclassed per base
+on demand as ``DMT<BaseClass>`` (this module's ``__getattr__``, named by ``config.json``'s ``auto_map``),
+with the MLPs of the blocks that ``config.dmt`` lists swapped for the modules of :mod:`.read`: a memory
+layer reads the entries of its store (``memory/layer_XX/``, checked against its manifest by
+:mod:`.store_files`), searched exactly, in torch, on the model's device. ``config.dmt`` holds:
+
+- ``format_version``: the layout of an export, :data:`EXPORT_FORMAT_VERSION` (no other is read);
+- ``layers``: each swapped block's settings, the ``to_dict()`` of its ``dmt.layers.config`` dataclass;
+- ``blocks``: where each goes (``module``, the replaced MLP's path) and, for a memory layer, its ``store``;
+- ``mlp``: the form of the replaced MLPs (``dmt.layers.mlp.MLPForm``), which a dense baseline takes.
+
+Weight names are those of dmt's own student, so the weights file loads as it is; it is the ``dmt`` variant
+(``model.dmt.safetensors``), which ``from_pretrained`` here asks for and the base class alone does not, so
+that loading without ``trust_remote_code`` fails instead of returning the base model with random MLPs.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import transformers
+from transformers import PreTrainedModel
+
+from .configuration_dmt import CLASS_PREFIX, student_config_class
+from .read import swapped_module
+from .store_files import read_store
+
+# The export layout this code reads (dmt.model.persistence writes it).
+EXPORT_FORMAT_VERSION = 5
+# The weights file is model.<variant>.safetensors (transformers' `variant`).
+WEIGHTS_VARIANT = "dmt"
+
+
+class StudentMixin:
+    """What a ``DMT<BaseClass>`` adds to its base model class: the swap and the memory."""
+
+    def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        spec = getattr(config, "dmt", None)
+        if not isinstance(spec, dict) or spec.get("format_version") != EXPORT_FORMAT_VERSION:
+            version = spec.get("format_version") if isinstance(spec, dict) else None
+            raise ValueError(
+                f"config.json: dmt.format_version {version!r} is not supported "
+                f"(expected {EXPORT_FORMAT_VERSION})"
+            )
+        for index, block in spec["blocks"].items():
+            mlp = self.get_submodule(block["module"])
+            module = swapped_module(config.hidden_size, spec["layers"][index], spec["mlp"], mlp)
+            self.set_submodule(block["module"], module)
+
+    def load_memory(self, directory: str | os.PathLike) -> None:
+        """Read every memory layer's entries from the export ``directory`` (its ``memory/layer_XX``)."""
+        for block in self.config.dmt["blocks"].values():
+            if "store" in block:
+                layer = self.get_submodule(block["module"])
+                store = Path(directory) / block["store"]
+                layer.load_entries(
+                    *read_store(store, layer.key_dim, layer.value_dim + layer.gate_dim, layer.metric)
+                )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        """The base class's ``from_pretrained`` of the ``dmt`` weights variant, then the memory: from the
+        export directory, or (a hub repository id) from its ``memory/`` files, downloaded like the weights."""
+        kwargs.setdefault("variant", WEIGHTS_VARIANT)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        directory = Path(pretrained_model_name_or_path)
+        if not directory.is_dir():
+            from huggingface_hub import snapshot_download
+
+            hub_options = ("cache_dir", "revision", "token", "local_files_only", "force_download")
+            directory = Path(
+                snapshot_download(
+                    str(pretrained_model_name_or_path),
+                    allow_patterns=["memory/*"],
+                    **{key: kwargs[key] for key in hub_options if key in kwargs},
+                )
+            )
+        model.load_memory(directory)
+        return model
+
+
+@cache
+def student_model_class(base_class_name: str) -> type[PreTrainedModel]:
+    """``DMT<BaseClass>``: the causal-LM class of a student of the ``transformers`` class
+    ``base_class_name`` (``LlamaForCausalLM``)."""
+    base = getattr(transformers, base_class_name, None)
+    if not (isinstance(base, type) and issubclass(base, PreTrainedModel)):
+        raise AttributeError(f"transformers has no model class {base_class_name!r} to base a dmt student on")
+    return type(
+        f"{CLASS_PREFIX}{base.__name__}",
+        (StudentMixin, base),
+        {"config_class": student_config_class(base.config_class.model_type), "__module__": __name__},
+    )
+
+
+def __getattr__(name: str) -> type[PreTrainedModel]:
+    """``DMT<BaseClass>`` classes, built on first access (what ``auto_map`` names)."""
+    if name.startswith(CLASS_PREFIX):
+        return student_model_class(name[len(CLASS_PREFIX) :])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
