@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-# Activations a featural memory can weight its entries with, by the names models use for them
-# (``hidden_act`` / ``activation_function``): GPT-2's ``gelu_new`` is the tanh approximation of GELU.
-ACTIVATIONS: dict[str, str] = {
+# The weighting (a name of :data:`dmt.kernel.ops.ACTIVATIONS`) that computes each activation a model's
+# config can name (``hidden_act`` / ``activation_function``): GPT-2's ``gelu_new`` is the tanh approximation
+# of GELU.
+WEIGHTING_OF_ACTIVATION: dict[str, str] = {
     "relu": "relu",
     "gelu": "gelu",
     "gelu_new": "gelu_tanh",
@@ -25,11 +26,12 @@ ACTIVATIONS: dict[str, str] = {
 
 def activation_family(name: str) -> str:
     """The weighting (``relu``, ``gelu``, ``gelu_tanh`` or ``silu``) that computes activation ``name``."""
-    if name not in ACTIVATIONS:
+    if name not in WEIGHTING_OF_ACTIVATION:
         raise ValueError(
-            f"teacher: MLP activation {name!r} has no memory weighting; supported: {sorted(ACTIVATIONS)}"
+            f"teacher: MLP activation {name!r} has no memory weighting; "
+            f"supported: {sorted(WEIGHTING_OF_ACTIVATION)}"
         )
-    return ACTIVATIONS[name]
+    return WEIGHTING_OF_ACTIVATION[name]
 
 
 @dataclass(frozen=True)
