@@ -179,8 +179,8 @@ def cached_store(spec: StoreSpec, cache_dir: Path, mmap: bool = False) -> tuple[
     """The prefilled store of ``spec``: loaded from ``cache_dir`` if present, else built and saved there.
 
     The returned info holds the build facts (from the original build when cached, ``from_cache`` says so),
-    the on-disk size and the hnswlib parameters as saved. A store loaded with ``mmap`` writes values back
-    to the cache file, so callers that mutate the store must not ask for it.
+    the on-disk size and the hnswlib parameters as saved. A store loaded with ``mmap`` maps its keys and
+    values copy-on-write: writes stay in memory and the cache is never changed.
     """
     entry = cache_dir / spec.name
     store_dir, info_path = entry / "store", entry / BUILD_INFO

@@ -67,8 +67,8 @@ def save(store: KNNStore, directory: str | Path) -> None:
 
     A store whose keys and values are memory-mapped (loaded with ``mmap=True``, not grown since) follows
     its latest save: they are then mapped from the new ``directory`` (the files it was loaded from may
-    just have been deleted), so later writes land there. The mapping follows the files if ``directory``
-    is moved afterwards.
+    just have been deleted), so the pages its writes had copied into memory are given back. The mapping
+    follows the files if ``directory`` is moved afterwards.
 
     Raises:
         OSError: naming ``directory`` when writing fails; the original error is the cause.
@@ -110,10 +110,10 @@ def load(store_class: type[KNNStore], directory: str | Path, mmap: bool, verify:
     a corruption that keeps a file's size then goes unnoticed.
 
     With ``mmap`` the keys and values stay in ``keys.npy`` and ``values.npy`` and are memory-mapped
-    read/write, so a store may exceed RAM; every later key or value write (``insert``, ``update_values``,
-    ``recombine``) goes straight to those files, until an insert needs a slot beyond the saved rows and
-    the store grows into memory. The files then no longer match their checksums until the next
-    :func:`save`: if the process stops before that, the directory loads only with ``verify=False``.
+    copy-on-write, so a store may exceed RAM and the files are never changed: a later key or value write
+    (``insert``, ``update_values``, ``recombine``) copies the pages it touches into this process's memory
+    (and an insert beyond the saved rows moves the store into memory). What was written stays in memory
+    until :func:`save` writes a directory, this one included; the directory loaded from still verifies.
 
     Raises:
         FileNotFoundError: ``directory`` has no ``manifest.json``.
@@ -146,9 +146,9 @@ def load(store_class: type[KNNStore], directory: str | Path, mmap: bool, verify:
 
 
 def _load_npy(path: Path, mmap: bool) -> np.ndarray:
-    """The array saved at ``path`` (never unpickled); memory-mapped read/write with ``mmap``."""
+    """The array saved at ``path`` (never unpickled); memory-mapped copy-on-write with ``mmap``."""
     try:
-        return np.load(path, allow_pickle=False, mmap_mode="r+" if mmap else None)
+        return np.load(path, allow_pickle=False, mmap_mode="c" if mmap else None)
     except (OSError, ValueError, EOFError) as error:
         raise MemoryStoreError(f"{path}: not a readable .npy array ({error})") from error
 

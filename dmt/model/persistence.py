@@ -187,7 +187,8 @@ def load_pretrained(
 ) -> tuple[PreTrainedModel, Any]:
     """Load an export directory: ``(model in eval mode, tokenizer or None)``.
 
-    With ``mmap=True`` store keys and values stay on disk, memory-mapped.
+    With ``mmap=True`` store keys and values stay on disk, memory-mapped copy-on-write: the export's files
+    are never changed by using the student (writes stay in memory).
     """
     directory = Path(directory)
     config, configs = read_export_config(directory)

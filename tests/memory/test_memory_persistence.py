@@ -104,15 +104,25 @@ def test_save_load_round_trip(tmp_path: Path, value_dtype: str) -> None:
     _assert_equivalent(store, restored)
 
 
-def test_mmap_load_writes_through_to_file(tmp_path: Path) -> None:
+def _file_bytes(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in directory.iterdir()}
+
+
+def test_mmap_load_never_changes_the_files(tmp_path: Path) -> None:
+    """Writes to a memory-mapped store stay in memory (copy-on-write) until it is saved: the directory it
+    was loaded from keeps its bytes and verifies; saving onto it then keeps the writes."""
     store = _filled_store()
     store.save(tmp_path / "mem")
+    saved = _file_bytes(tmp_path / "mem")
     mapped = KNNStore.load(tmp_path / "mem", mmap=True)
     assert isinstance(mapped.state().keys, np.memmap) and isinstance(mapped.state().values, np.memmap)
     _assert_equivalent(store, mapped)
+    before = mapped.get(np.array([0]))[1]
     mapped.update_values(np.array([0]), np.full((1, 3), 10.0, dtype=np.float32))
     expected = mapped.get(np.array([0]))[1]
-    mapped.save(tmp_path / "mem")  # saving onto its own mapped file must flush, not truncate it
+    assert _file_bytes(tmp_path / "mem") == saved
+    np.testing.assert_array_equal(KNNStore.load(tmp_path / "mem", verify=True).get(np.array([0]))[1], before)
+    mapped.save(tmp_path / "mem")  # saving onto its own mapped files writes what it holds
     np.testing.assert_array_equal(KNNStore.load(tmp_path / "mem").get(np.array([0]))[1], expected)
 
 
@@ -238,11 +248,10 @@ def test_mmap_store_maps_keys_and_values_until_it_grows(tmp_path: Path) -> None:
     key = np.full((1, 8), 3.0, dtype=np.float32)
     slots = mapped.insert(np.repeat(key, holes, axis=0), np.ones((holes, 3), dtype=np.float32))
     keys = mapped.state().keys
-    assert slots.max() < len(keys) and isinstance(keys, np.memmap)  # written to the files
-    keys.flush()
-    np.testing.assert_array_equal(
-        np.load(tmp_path / "mem" / "keys.npy")[slots], np.repeat(key, holes, axis=0)
-    )
+    assert slots.max() < len(keys) and isinstance(keys, np.memmap)  # written to the mapped pages
+    np.testing.assert_array_equal(keys[slots], np.repeat(key, holes, axis=0))
+    keys.flush()  # a copy-on-write map never writes back
+    assert not (np.load(tmp_path / "mem" / "keys.npy")[slots] == key).all(axis=1).any()
     mapped.insert(key, np.ones((1, 3), dtype=np.float32))  # no hole left: the store grows into memory
     assert len(mapped.state().keys) == 64 and not isinstance(mapped.state().keys, np.memmap)
     assert not isinstance(mapped.state().values, np.memmap)

@@ -1,5 +1,7 @@
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_student, write_checkpoint
@@ -7,10 +9,17 @@ from torch.testing import assert_close
 
 from dmt.distill.module import DistillationModule
 from dmt.errors import InputFileError
+from dmt.memory import KNNStore
 from dmt.model.checkpoint import memory_state, restore_memory_state, student_from_checkpoint
 from dmt.model.families import get_mlp
 from dmt.model.persistence import load_pretrained, load_student, save_pretrained
-from dmt.model.surgery import build_student, memory_layers, resolve_layer_configs, swapped_layers
+from dmt.model.surgery import (
+    build_student,
+    memory_layers,
+    memory_protocol,
+    resolve_layer_configs,
+    swapped_layers,
+)
 
 TOKENS = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
 
@@ -37,6 +46,30 @@ def test_export_then_load_reproduces_logits_and_generates(fixture, mmap, request
         **prompt, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.eos_token_id
     )
     assert generated.shape == (1, prompt.input_ids.shape[1] + 5)
+
+
+def test_training_a_memory_mapped_export_leaves_its_files_as_they_were(tiny_gpt2, tmp_path, gpt2_tokenizer):
+    """Value updates of a student loaded with mmap=True land in the mapped pages but stay in memory: every
+    file of the export keeps its bytes and its stores verify."""
+    save_pretrained(trained_student(tiny_gpt2), gpt2_tokenizer, tmp_path / "export")
+    files = {path: path.read_bytes() for path in (tmp_path / "export").rglob("*") if path.is_file()}
+    loaded, _ = load_pretrained(tmp_path / "export", mmap=True)
+    layers = memory_layers(loaded)
+    for layer in layers.values():  # updates only: an insert past the saved rows moves a store into memory
+        layer.cfg = replace(layer.cfg, novelty_threshold=None)
+    before = {index: layer.store.state().values.copy() for index, layer in layers.items()}
+    loaded.train()
+    protocol = memory_protocol(loaded)
+    with protocol.forward(TOKENS):
+        loaded(TOKENS, labels=TOKENS).loss.backward()
+    protocol.write_back_values()
+    protocol.commit()
+    for index, layer in layers.items():
+        values = layer.store.state().values
+        assert isinstance(values, np.memmap) and not np.array_equal(values, before[index])
+    assert {path: path.read_bytes() for path in files} == files
+    for index in layers:
+        KNNStore.load(tmp_path / "export" / "memory" / f"layer_{index:02d}", verify=True)
 
 
 def test_export_overwrites_atomically(tiny_gpt2, tmp_path, gpt2_tokenizer):
