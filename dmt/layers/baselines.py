@@ -110,7 +110,7 @@ class LowRankMLP(BaselineLayer):
         form = ffn.form
         if form.d_model != d_model:
             raise ValueError(f"the MLP reads width {form.d_model}, the model is {d_model} wide")
-        super().__init__(cfg.resolved(d_model, form))
+        super().__init__(cfg)
         self.width = int(self.cfg.rank)
         self.keys = nn.Linear(d_model, self.width, bias=form.key_bias)  # (C) → (r)
         self.gate_keys = nn.Linear(d_model, self.width, bias=False) if form.gated else None
