@@ -9,8 +9,8 @@ strategy keeps ``K`` units per token in *every* block at once (the all-MLP stude
 and reports held-out perplexity beside the multiply-adds per token it costs over the MLP's:
 
 - ``gate_magnitude``: the top-K by ``|k_u·x + b_u|``, what the projection-free featural memory reads
-  (``swap.ranking: magnitude``) after an exact search: ``U·(C+1)`` to score every key, then ``3C + 1`` per
-  read unit (its key score recomputed differentiably, its gate key and its value), as
+  (``swap.read.ranking: magnitude``) after an exact search: ``U·(C+1)`` to score every key, then
+  ``3C + 1`` per read unit (its key score recomputed differentiably, its gate key and its value), as
   ``dmt.layers.arithmetic`` counts the layer.
 - ``contribution``: the top-K by the unit's actual contribution ``|act(k·x + b)·(g·x)|·‖v‖``. Not a
   search (it needs every unit's activation, a whole MLP's arithmetic): the bound that no choice of K units

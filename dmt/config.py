@@ -10,6 +10,7 @@ import dmt.conf  # noqa: F401  (registers the ${pkg:...} resolver)
 from dmt.distill.losses import DIVERGENCES
 from dmt.errors import ConfigError
 from dmt.layers import LayerConfig
+from dmt.layers.swap import swap_settings
 from dmt.model.loading import teacher_config
 from dmt.model.surgery import resolve_layer_configs
 
@@ -29,7 +30,8 @@ def validate_config(cfg: DictConfig) -> dict[int, LayerConfig]:
         raise ConfigError(
             f"teacher.name_or_path: cannot read the config of {cfg.teacher.name_or_path!r}: {err}"
         ) from err
-    layer_configs = resolve_layer_configs(OmegaConf.to_container(cfg.swap, resolve=True), model_config)
+    swap: Any = OmegaConf.to_container(cfg.swap, resolve=True)
+    layer_configs = resolve_layer_configs(swap_settings(swap), model_config)
     distill: Any = cfg.distill
     for key in ("alpha_kd", "alpha_ce", "alpha_hidden"):
         if distill[key] < 0:

@@ -13,7 +13,7 @@ class DmtError(Exception):
 
 
 class ConfigError(DmtError, ValueError):
-    """A setting is invalid; the message opens with its key (``swap.topk: must be >= 1, got -1``)."""
+    """A setting is invalid; the message opens with its key (``swap.read.topk: must be >= 1, got -1``)."""
 
 
 class InputFileError(DmtError, ValueError):

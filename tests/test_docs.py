@@ -1,5 +1,6 @@
 """The documentation cannot drift from the code: docs/config.md's tables of ``swap`` settings match the layer
-config dataclasses and the index backends, and every relative link in README.md and docs/ resolves."""
+config dataclasses (their groups too) and the index backends, and every relative link in README.md and
+docs/ resolves."""
 
 from __future__ import annotations
 
@@ -12,11 +13,10 @@ from typing import Any
 import pytest
 import yaml
 
-from dmt.layers.config import CONFIG_CLASSES
-from dmt.memory.backends import INDEX_PARAMS
+from dmt.layers.config import CONFIG_CLASSES, SELECTION_KEYS, swap_key
+from dmt.memory.backends import BACKEND_PARAMS, INDEX_PARAMS
 from dmt.memory.cells import CellIndex
 from dmt.memory.hnsw import HnswIndex
-from dmt.model.surgery import SELECTION_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DOC = ROOT / "docs" / "config.md"
@@ -80,7 +80,17 @@ def field_types(name: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def settings() -> dict[str, dict[str, str]]:
-    return table(CONFIG_DOC.read_text(encoding="utf-8"), SETTINGS_HEADER)
+    """The table's rows by flat setting name (``read.topk`` → ``topk``), each written under its group."""
+    rows = table(CONFIG_DOC.read_text(encoding="utf-8"), SETTINGS_HEADER)
+    by_name = {key.rsplit(".", 1)[-1]: row for key, row in rows.items()}
+    assert len(by_name) == len(rows), "a setting is listed twice"
+    return by_name
+
+
+def test_each_setting_is_written_as_its_key_under_swap() -> None:
+    rows = table(CONFIG_DOC.read_text(encoding="utf-8"), SETTINGS_HEADER)
+    for key in rows:
+        assert swap_key(key.rsplit(".", 1)[-1]) == f"swap.{key}", f"{key}: the field's group differs"
 
 
 def test_the_table_lists_every_swap_setting_and_no_other(settings: dict[str, dict[str, str]]) -> None:
@@ -133,10 +143,12 @@ def test_index_table_matches_the_backends() -> None:
     rows = table(CONFIG_DOC.read_text(encoding="utf-8"), INDEX_HEADER)
     assert set(rows) == {"backend", *INDEX_PARAMS}
     assert same(code(rows["backend"]["default"]), field_defaults("index")["featural"]["backend"])
-    for cls, backend in ((HnswIndex, "hnsw"), (CellIndex, "cells")):
+    for name in INDEX_PARAMS:
+        backends = {b.strip() for b in rows[name]["backends"].split(",")}
+        assert backends == {b for b, own in BACKEND_PARAMS.items() if name in own}, name
+    for cls in (HnswIndex, CellIndex):
         for name, parameter in inspect.signature(cls.__init__).parameters.items():
             if name in INDEX_PARAMS:
-                assert rows[name]["backends"] == backend, name
                 assert same(code(rows[name]["default"]), parameter.default), name
 
 

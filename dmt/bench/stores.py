@@ -1,4 +1,4 @@
-"""Layer settings from ``conf/swap`` and prefilled, disk-cached ``KNNStore``s of a given size.
+"""Layer settings composed from ``conf/swap`` and prefilled, disk-cached ``KNNStore``s of a given size.
 
 Filling a store goes through ``KNNStore.insert``, which adds to hnswlib on one thread, so a large store is
 slow to build; built stores are therefore saved once under a cache directory and loaded later.
@@ -15,11 +15,12 @@ from typing import Any
 
 import numpy as np
 import psutil
-from omegaconf import DictConfig, OmegaConf
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 from transformers import GPT2Config
 
-from dmt.conf import CONF_DIR
 from dmt.layers import MemoryConfig
+from dmt.layers.swap import swap_settings
 from dmt.memory import KNNStore
 from dmt.memory.backends import resolve_backend
 from dmt.model.surgery import resolve_layer_configs
@@ -29,18 +30,8 @@ FILL_BATCH = 65536
 BUILD_INFO = "build.json"
 
 
-def memory_option(name: str) -> DictConfig:
-    """``conf/swap/<name>.yaml`` with the options its Hydra defaults list extends merged in first."""
-    option = OmegaConf.load(CONF_DIR / "swap" / f"{name}.yaml")
-    merged = OmegaConf.create()
-    for parent in option.pop("defaults", []):
-        if parent != "_self_":
-            merged = OmegaConf.merge(merged, memory_option(parent))
-    return OmegaConf.merge(merged, option)
-
-
-# Benchmarked layers → the ``conf/swap`` option they are and the index backend they use instead of the
-# option's own (None: the option's).
+# Benchmarked layers → the ``conf/swap`` option they are and the ``conf/swap/index`` option they use
+# instead of the option's own (None: the option's).
 LAYER_KINDS: dict[str, tuple[str, str | None]] = {
     "featural": ("featural", None),
     "associative": ("associative", None),
@@ -54,10 +45,10 @@ def layer_config(kind: str, capacity: int, d_model: int) -> MemoryConfig:
     """The resolved settings of the benchmarked layer ``kind`` (:data:`LAYER_KINDS`, e.g. ``featural``)
     for one layer of ``capacity`` in a GPT-2 of width ``d_model``."""
     option, backend = LAYER_KINDS[kind]
-    settings: dict[str, Any] = OmegaConf.to_container(memory_option(option), resolve=True)  # type: ignore[assignment]
-    settings.update(blocks=[0], capacity=capacity)
-    if backend is not None:
-        settings["index"] = {**settings["index"], "backend": backend}
+    overrides = [f"swap={option}", "swap.blocks=[0]", f"swap.store.capacity={capacity}"]
+    with initialize_config_module("dmt.conf", version_base="1.3"):
+        swap = compose("distill", [*overrides, *([f"swap/index={backend}"] if backend else [])]).swap
+    settings = swap_settings(OmegaConf.to_container(swap, resolve=True))  # type: ignore[arg-type]
     return resolve_layer_configs(settings, GPT2Config(n_layer=1, n_embd=d_model))[0]  # type: ignore[return-value]
 
 

@@ -1,8 +1,8 @@
 """The Hydra apps ``dmt-distill`` and ``dmt-train`` (also ``python distill.py`` / ``python train.py``).
 
 dmt-distill experiment=quickstart
-dmt-distill swap=associative swap.capacity=200000 trainer.max_steps=500
-dmt-distill --multirun swap.topk=8,32
+dmt-distill swap=associative swap.store.capacity=200000 trainer.max_steps=500
+dmt-distill --multirun swap.read.topk=8,32
 dmt-train swap=associative trainer.max_steps=500     # plain language-model loss, no teacher
 
 Both compose ``conf/`` (``distill.yaml`` / ``train.yaml``) from the installed package, so they work from
@@ -13,11 +13,13 @@ A mistake in a setting or a file ends with one line naming it (:mod:`dmt.cli`).
 from __future__ import annotations
 
 import math
+import re
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from dmt.cli import run_hydra_task
+from dmt.cli import command_name, run_hydra_task, user_errors
 from dmt.conf import CONFIG_PATH
 
 
@@ -31,13 +33,36 @@ def run_and_score(cfg: DictConfig) -> float:
     return math.nan if score is None else score
 
 
+def refuse_flat_swap_overrides(prog: str, argv: list[str]) -> None:
+    """End the command, naming the new key, at an override of a ``swap`` setting by its flat key
+    (``swap.topk=16``: ``swap.topk: moved to swap.read.topk``). Hydra would refuse it too, as a key not in
+    the config, without saying where the setting is now."""
+    # Only a key one level under swap can be flat; the layer settings (and torch) load only then.
+    keys = [match.group(1) for arg in argv if (match := re.fullmatch(r"[+~]*swap\.(\w+)(=.*)?", arg, re.S))]
+    if keys:
+        from dmt.layers.swap import swap_settings
+
+        with user_errors(prog):
+            swap_settings({key: {} for key in keys})  # refuses a flat or unknown key; groups pass empty
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="distill")
-def distill_main(cfg: DictConfig) -> float:
-    """``dmt-distill``: distil the teacher into a student with kNN memory layers."""
+def _distill_app(cfg: DictConfig) -> float:
     return run_hydra_task(run_and_score, cfg, "dmt.distill", "dmt-distill")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
-def train_main(cfg: DictConfig) -> float:
-    """``dmt-train``: train the student with the plain language-model loss (the teacher only seeds it)."""
+def _train_app(cfg: DictConfig) -> float:
     return run_hydra_task(run_and_score, cfg, "dmt.distill", "dmt-train")
+
+
+def distill_main() -> None:
+    """``dmt-distill``: distil the teacher into a student with kNN memory layers."""
+    refuse_flat_swap_overrides(command_name("dmt.distill", "dmt-distill"), sys.argv[1:])
+    _distill_app()
+
+
+def train_main() -> None:
+    """``dmt-train``: train the student with the plain language-model loss (the teacher only seeds it)."""
+    refuse_flat_swap_overrides(command_name("dmt.distill", "dmt-train"), sys.argv[1:])
+    _train_app()

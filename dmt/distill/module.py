@@ -136,7 +136,7 @@ class DistillationModule(pl.LightningModule):
                 layer.requires_grad_(True)
         for layer in self.memory_layers.values():
             if isinstance(layer, AssociativeMemory) and layer.mlp is not None:
-                # A kept MLP (swap.keep_mlp) stays the teacher's: the memory learns what to add to it.
+                # A kept MLP (swap.output.keep_mlp) stays the teacher's: the memory learns what to add to it.
                 layer.mlp.requires_grad_(False)
         # Training tokens this process has fed the student (restored on resume; summed over ranks by
         # the run summary).

@@ -19,6 +19,7 @@ from dmt.layers.config import (
 from dmt.layers.featural import FeaturalMemory
 from dmt.layers.mlp import FFNWeights, MLPForm
 from dmt.layers.protocol import MemoryProtocol
+from dmt.layers.resolve import resolve, resolve_baseline
 
 LAYER_CLASSES: dict[str, type[MemoryLayer]] = {"featural": FeaturalMemory, "associative": AssociativeMemory}
 # What a block's MLP can be swapped for: a memory layer or a dense baseline.
@@ -32,7 +33,7 @@ def build_memory_layer(
     are resolved first (from ``mlp``, the form of the MLP it replaces, with ``init: ffn``)."""
     if cfg.type not in LAYER_CLASSES:
         raise ValueError(f"swap.type: {cfg.type!r} is not a memory layer; use build_baseline")
-    return LAYER_CLASSES[cfg.type](d_model, cfg.resolved(d_model, mlp), store)
+    return LAYER_CLASSES[cfg.type](d_model, resolve(cfg, d_model, mlp), store)
 
 
 __all__ = [
@@ -58,4 +59,6 @@ __all__ = [
     "config_class",
     "layer_config",
     "matched_rank",
+    "resolve",
+    "resolve_baseline",
 ]

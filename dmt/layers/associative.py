@@ -72,7 +72,7 @@ class AssociativeMemory(MemoryLayer):
     def keep(self, mlp: nn.Module) -> None:
         """Run ``mlp`` (the block's own MLP, ``keep_mlp``) beside the memory: the layer outputs their sum."""
         if not self.cfg.keep_mlp:
-            raise ValueError("swap.keep_mlp is false: this layer replaces its block's MLP")
+            raise ValueError("swap.output.keep_mlp is false: this layer replaces its block's MLP")
         self.mlp = mlp
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -94,8 +94,8 @@ class AssociativeMemory(MemoryLayer):
         context = current()
         if context.token_ids is None or context.token_embeddings is None:
             raise RuntimeError(
-                "swap.inserted_values=next_token: the layer needs the forward's input ids and the model's "
-                "input embeddings to insert; run the model inside MemoryProtocol.forward(input_ids)"
+                "swap.write.inserted_values=next_token: the layer needs the forward's input ids and the "
+                "model's input embeddings to insert; run the model inside MemoryProtocol.forward(input_ids)"
             )
         token_ids = context.token_ids.to(self.out_proj.bias.device)  # (B, T)
         if tuple(token_ids.shape) != tuple(batch_shape):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from dmt.kernel import dense
-from dmt.layers.config import FeaturalConfig, LayerConfig, LowRankConfig, MemoryConfig, RemovedConfig
+from dmt.layers.config import FeaturalConfig, LayerConfig, LowRankConfig, MemoryConfig, RemovedConfig, bad
 from dmt.layers.mlp import FFNWeights, MLPForm
 
 
@@ -97,7 +97,8 @@ class LowRankMLP(dense.LowRankMLP):
         form = ffn.form
         if form.d_model != d_model:
             raise ValueError(f"the MLP reads width {form.d_model}, the model is {d_model} wide")
-        cfg = cfg.resolved(d_model, form)
+        if cfg.rank is None:
+            raise bad("rank", "null is resolved with the memory settings it matches (dmt.layers.resolve)")
         super().__init__(
             d_model,
             int(cfg.rank),

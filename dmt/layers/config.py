@@ -5,21 +5,22 @@ Hydra group and saved with checkpoints and exports.
   share is :class:`MemoryConfig`.
 - :class:`RemovedConfig` and :class:`LowRankConfig`: the dense baselines they are compared with.
 
-Settings a memory layer can take from the MLP it replaces start as ``None`` and are filled by
-:meth:`MemoryConfig.resolved`: from the MLP's form with ``init: ffn`` (an explicit value that contradicts the
-MLP is refused, naming the key), else with generic defaults. Saved configs are always resolved. Every error
-names the ``swap.<key>`` at fault.
+The ``swap`` group nests the settings by concern (:data:`GROUPS`: ``swap.read.topk``,
+``swap.store.capacity``, ...) beside ``blocks``, ``type``, ``per_block`` and the ``index`` mapping; each
+field records its group once, in its metadata. The dataclasses, checkpoints and exports keep the flat form
+(``topk``), which :func:`swap_settings` makes from the nested one. Settings a memory layer can take from
+the MLP it replaces start as ``None`` and are filled by :func:`dmt.layers.resolve.resolve`. Every error
+names the full ``swap`` key at fault (:func:`swap_key`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, ClassVar, TypeVar
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
 
 from dmt.errors import ConfigError
-from dmt.layers.mlp import MLPForm
-from dmt.memory.backends import check_index_settings
+from dmt.memory.backends import IndexSettingError, check_index_settings
 from dmt.memory.eviction import check_eviction
 from dmt.memory.metrics import check_metric
 from dmt.memory.store import VALUE_DTYPES
@@ -27,13 +28,30 @@ from dmt.memory.store import VALUE_DTYPES
 INITS: tuple[str, ...] = ("empty", "ffn")
 WEIGHTINGS: tuple[str, ...] = ("softmax", "relu", "gelu", "gelu_tanh", "silu")
 RANKINGS: tuple[str, ...] = ("score", "magnitude")
+# The groups of layer settings under ``swap``: what a query reads and how it weighs it, what the store
+# (or a low-rank MLP) holds and evicts and how it starts, what is written into it, and what the layer's
+# output is added to.
+GROUPS: tuple[str, ...] = ("read", "store", "write", "output")
+# Keys of the ``swap`` group that choose blocks and layer types rather than configure layers.
+SELECTION_KEYS: tuple[str, ...] = ("blocks", "type", "per_block")
 
-C = TypeVar("C", bound="LayerConfig")
+
+def setting(group: str, default: Any) -> Any:
+    """A dataclass field read from ``swap.<group>.<name>`` (``group`` one of :data:`GROUPS`)."""
+    return field(default=default, metadata={"group": group})
+
+
+def swap_key(name: str, prefix: str = "swap") -> str:
+    """The full key of a ``swap`` setting: ``topk`` → ``swap.read.topk``; the selection keys and ``index``
+    (and the backend settings below it, ``index.M``) sit at the top. ``prefix``: where the settings are
+    (``swap.per_block.5``)."""
+    group = SETTING_GROUPS.get(name)
+    return f"{prefix}.{group}.{name}" if group else f"{prefix}.{name}"
 
 
 def bad(key: str, why: str) -> ConfigError:
-    """A config error naming the ``swap`` key at fault."""
-    return ConfigError(f"swap.{key}: {why}")
+    """A config error naming the ``swap`` setting ``key`` (its flat name) at fault by its full key."""
+    return ConfigError(f"{swap_key(key)}: {why}")
 
 
 @dataclass
@@ -46,10 +64,6 @@ class LayerConfig:
     @classmethod
     def setting_names(cls) -> frozenset[str]:
         return frozenset(f.name for f in fields(cls))
-
-    def resolved(self: C, d_model: int, mlp: MLPForm | None = None) -> C:
-        """This config with every setting derived from the model filled in (baselines have none)."""
-        return self
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.type, **asdict(self)}
@@ -66,23 +80,18 @@ class RemovedConfig(LayerConfig):
 class LowRankConfig(LayerConfig):
     """A dense MLP of the teacher's own form with ``rank`` hidden units; ``init: ffn`` starts it from the
     MLP's ``rank`` most important units. ``rank: null`` in the ``swap`` group is resolved by
-    :func:`dmt.model.surgery.resolve_layer_configs` to the width with as many parameters as the featural
+    :func:`dmt.layers.resolve.resolve_baseline` to the width with as many parameters as the featural
     memory the group's other settings describe."""
 
     type: ClassVar[str] = "lowrank"
-    rank: int | None = None
-    init: str = "empty"
+    rank: int | None = setting("store", None)
+    init: str = setting("store", "empty")
 
     def __post_init__(self) -> None:
         if self.init not in INITS:
             raise bad("init", f"unknown init {self.init!r}; expected one of {INITS}")
         if self.rank is not None and int(self.rank) < 1:
             raise bad("rank", f"must be >= 1 or null, got {self.rank}")
-
-    def resolved(self, d_model: int, mlp: MLPForm | None = None) -> LowRankConfig:
-        if self.rank is None:
-            raise bad("rank", "null is resolved with the memory settings it matches (resolve_layer_configs)")
-        return self
 
 
 @dataclass
@@ -103,37 +112,30 @@ class MemoryConfig(LayerConfig):
     ``ranking``: which entries a query reads, the top-k by score ``q·k`` or by its magnitude ``|q·k|`` (a
     SwiGLU MLP's gate scores mostly lie within ±2, where ``silu`` of a negative score is as large as of a
     small positive one); a query is novel when none of the entries it read is within the threshold.
-    ``init: ffn`` seeds the store from the replaced MLP, one entry per unit (see :meth:`derived`).
+    ``init: ffn`` seeds the store from the replaced MLP, one entry per unit (see :mod:`dmt.layers.resolve`).
     """
 
     has_store: ClassVar[bool] = True
-    # Settings that resolve() derives when they are None, and their values when nothing is derived.
-    DEFAULTS: ClassVar[dict[str, Any]] = {
-        "key_dim": 64,
-        "temperature": 1.0,
-        "metric": "ip",
-        "capacity": 65536,
-    }
-
-    key_dim: int | None = None
-    value_dim: int | None = None
-    heads: int = 1
-    topk: int = 32
-    temperature: float | None = None
-    metric: str | None = None
-    capacity: int | None = None
-    value_dtype: str = "float32"
-    novelty_threshold: float | None = None
-    eviction: str = "lrfu"
-    lrfu_lambda: float = 0.0
-    recombine_distance: float | None = None
-    insert_during_eval: bool = False
-    index: dict[str, Any] = field(default_factory=lambda: {"backend": "auto"})
-    value_lr: float = 0.01
-    weighting: str | None = None
-    gate_dim: int | None = None
-    ranking: str = "score"
-    init: str = "empty"
+    key_dim: int | None = setting("read", None)
+    value_dim: int | None = setting("read", None)
+    heads: int = setting("read", 1)
+    topk: int = setting("read", 32)
+    temperature: float | None = setting("read", None)
+    metric: str | None = setting("read", None)
+    capacity: int | None = setting("store", None)
+    value_dtype: str = setting("store", "float32")
+    novelty_threshold: float | None = setting("write", None)
+    eviction: str = setting("store", "lrfu")
+    lrfu_lambda: float = setting("store", 0.0)
+    recombine_distance: float | None = setting("write", None)
+    insert_during_eval: bool = setting("write", False)
+    # The mapping swap.index itself: the Hydra group conf/swap/index/ (a backend and its own settings).
+    index: dict[str, Any] = field(default_factory=lambda: {"backend": "auto"}, metadata={"group": None})
+    value_lr: float = setting("write", 0.01)
+    weighting: str | None = setting("read", None)
+    gate_dim: int | None = setting("read", None)
+    ranking: str = setting("read", "score")
+    init: str = setting("store", "empty")
 
     def __post_init__(self) -> None:
         if self.ranking not in RANKINGS:
@@ -179,6 +181,8 @@ class MemoryConfig(LayerConfig):
         if None not in (self.key_dim, self.metric, self.capacity):
             try:
                 backend = check_index_settings(dict(self.index), self.key_dim, self.metric, self.capacity)
+            except IndexSettingError as err:
+                raise bad(f"index.{err.key}", err.why) from None
             except ValueError as err:
                 raise bad("index", str(err)) from None
             if backend == "product":
@@ -204,58 +208,6 @@ class MemoryConfig(LayerConfig):
         """Whether the layer has dense query and output projections."""
         return True
 
-    def derived(self, d_model: int, mlp: MLPForm | None) -> dict[str, Any]:
-        """Generic defaults, or with ``init: ffn`` the settings under which the layer starts as its MLP.
-
-        Seeded from an MLP of ``U`` units, the store holds every unit (``capacity >= U``), read by inner
-        product at temperature 1 and weighted by the MLP's activation, with exact widths: keys
-        ``d_model + 1`` (the unit's input weights and bias), values ``d_model`` and, for a gated MLP, gate
-        keys ``d_model``. Smaller widths are allowed (the store then holds a truncated SVD of the MLP);
-        settings that would compute something else than the MLP are refused.
-        """
-        if self.init != "ffn":
-            generic = {"value_dim": d_model // self.heads, "weighting": "softmax", "gate_dim": 0}
-            return {**self.DEFAULTS, **generic}
-        if mlp is None:
-            raise bad("init", "init=ffn derives the layer from the MLP it replaces, and none was given")
-        if mlp.d_model != d_model:
-            raise bad("init", f"the MLP reads width {mlp.d_model}, the model is {d_model} wide")
-        exact = {
-            "key_dim": d_model + 1,
-            "value_dim": d_model,
-            "temperature": 1.0,
-            "metric": "ip",
-            "capacity": mlp.units,
-            "weighting": mlp.activation,
-            "gate_dim": d_model if mlp.gated else 0,
-        }
-        self._check_against_mlp(exact, mlp)
-        return exact
-
-    def _check_against_mlp(self, exact: dict[str, Any], mlp: MLPForm) -> None:
-        """Refuse explicit settings under which a layer seeded from ``mlp`` would not compute it."""
-        if self.heads != 1:
-            raise bad("heads", f"init=ffn seeds one head from the MLP, got heads={self.heads}")
-        for key in ("weighting", "metric", "temperature"):
-            if getattr(self, key) not in (None, exact[key]):
-                raise bad(
-                    key,
-                    f"the {mlp.activation} MLP that init=ffn seeds from needs {exact[key]!r}, got "
-                    f"{getattr(self, key)!r}; leave it unset to derive it",
-                )
-        if self.gate_dim is not None and (self.gate_dim > 0) != mlp.gated:
-            why = "would drop the MLP's up projection" if mlp.gated else "has no gate to seed from"
-            raise bad("gate_dim", f"{self.gate_dim} {why}; leave it unset to derive it")
-        for key in ("key_dim", "value_dim", "gate_dim"):
-            if getattr(self, key) is not None and getattr(self, key) > exact[key]:
-                raise bad(key, f"at most {exact[key]} for this MLP (exact), got {getattr(self, key)}")
-        if self.capacity is not None and self.capacity < mlp.units:
-            raise bad("capacity", f"{self.capacity} cannot hold the MLP's {mlp.units} units")
-
-    def resolved(self: C, d_model: int, mlp: MLPForm | None = None) -> C:
-        derived = self.derived(d_model, mlp)  # type: ignore[attr-defined]
-        return replace(self, **{key: value for key, value in derived.items() if getattr(self, key) is None})
-
 
 @dataclass
 class FeaturalConfig(MemoryConfig):
@@ -269,7 +221,7 @@ class FeaturalConfig(MemoryConfig):
 
     type: ClassVar[str] = "featural"
 
-    dense_weights: bool = True
+    dense_weights: bool = setting("read", True)
 
     def __post_init__(self) -> None:
         if self.ranking == "magnitude" and self.novelty_threshold is not None:
@@ -290,21 +242,6 @@ class FeaturalConfig(MemoryConfig):
     @property
     def dense(self) -> bool:
         return self.dense_weights
-
-    def resolved(self, d_model: int, mlp: MLPForm | None = None) -> FeaturalConfig:
-        config = super().resolved(d_model, mlp)
-        if not config.dense_weights:  # queries and values are the hidden states themselves (plus a 1)
-            widths = {"key_dim": d_model + 1, "value_dim": d_model}
-            if config.gate_dim:
-                widths["gate_dim"] = d_model
-            for key, wanted in widths.items():
-                if getattr(config, key) != wanted:
-                    raise bad(
-                        key,
-                        f"dense_weights=false needs {key}={wanted} (d_model={d_model}), "
-                        f"got {getattr(config, key)}",
-                    )
-        return config
 
 
 @dataclass
@@ -342,11 +279,11 @@ class AssociativeConfig(MemoryConfig):
     type: ClassVar[str] = "associative"
     INSERTED_VALUES: ClassVar[tuple[str, ...]] = ("projected", "mlp_output", "next_token")
 
-    inserted_values: str = "projected"
-    keep_mlp: bool = False
-    output_gain: float | None = None
-    weighting: str | None = "softmax"
-    gate_dim: int | None = 0
+    inserted_values: str = setting("write", "projected")
+    keep_mlp: bool = setting("output", False)
+    output_gain: float | None = setting("output", None)
+    weighting: str | None = setting("read", "softmax")
+    gate_dim: int | None = setting("read", 0)
 
     def __post_init__(self) -> None:
         if self.init == "ffn" and self.inserted_values != "projected":
@@ -374,16 +311,6 @@ class AssociativeConfig(MemoryConfig):
             )
         super().__post_init__()
 
-    def resolved(self, d_model: int, mlp: MLPForm | None = None) -> AssociativeConfig:
-        config = super().resolved(d_model, mlp)
-        if config.inserted_values != "projected" and config.heads * config.value_dim != d_model:
-            raise bad(
-                "value_dim",
-                f"inserted_values={config.inserted_values} stores d_model-wide vectors: heads x value_dim "
-                f"must be {d_model}, got {config.heads} x {config.value_dim}",
-            )
-        return config
-
 
 CONFIG_CLASSES: dict[str, type[LayerConfig]] = {
     cls.type: cls for cls in (FeaturalConfig, AssociativeConfig, RemovedConfig, LowRankConfig)
@@ -397,6 +324,11 @@ def config_class(layer_type: str) -> type[LayerConfig]:
     return CONFIG_CLASSES[layer_type]
 
 
+def settings_of(cls: type[LayerConfig]) -> str:
+    """The settings of a layer type, by group as they are written under ``swap`` (``read.topk, ...``)."""
+    return ", ".join(sorted(swap_key(f.name, prefix="").lstrip(".") for f in fields(cls)))
+
+
 def layer_config(settings: Mapping[str, Any]) -> LayerConfig:
     """The config of ``settings['type']`` (default ``featural``) from its settings; any setting that type
     does not have is refused, naming it."""
@@ -404,5 +336,21 @@ def layer_config(settings: Mapping[str, Any]) -> LayerConfig:
     cls = config_class(settings.pop("type", "featural"))
     unknown = sorted(set(settings) - cls.setting_names())
     if unknown:
-        raise bad(unknown[0], f"not a setting of {cls.type} layers; they have {sorted(cls.setting_names())}")
+        raise bad(unknown[0], f"not a setting of {cls.type} layers; they have {settings_of(cls)}")
     return cls(**settings)
+
+
+def _setting_groups() -> dict[str, str | None]:
+    """Each setting's group, from its fields' metadata; a name that two classes place in different
+    groups could not be translated from the nested form, so it is a programming error."""
+    groups: dict[str, str | None] = {}
+    for cls in CONFIG_CLASSES.values():
+        for f in fields(cls):
+            group = f.metadata["group"]
+            if groups.setdefault(f.name, group) != group:
+                raise TypeError(f"{f.name} is in swap.{groups[f.name]} and in swap.{group}")
+    return groups
+
+
+# ``swap.<group>.<name>`` of each layer setting (None: ``index``, the mapping at the top of ``swap``).
+SETTING_GROUPS: dict[str, str | None] = _setting_groups()

@@ -28,14 +28,18 @@ def seed_from_ffn(layer: MemoryLayer, ffn: FFNWeights) -> None:
     """
     form = ffn.form
     if layer.heads != 1:
-        raise ValueError("swap.init=ffn needs swap.heads=1")
+        raise ValueError("swap.store.init=ffn needs swap.read.heads=1")
     if form.units > layer.store.capacity:
-        raise ValueError(f"swap.capacity={layer.store.capacity} cannot hold the MLP's {form.units} units")
+        raise ValueError(
+            f"swap.store.capacity={layer.store.capacity} cannot hold the MLP's {form.units} units"
+        )
     if form.activation != layer.cfg.weighting:
-        raise ValueError(f"swap.weighting={layer.cfg.weighting!r} does not compute the {form.activation} MLP")
+        raise ValueError(
+            f"swap.read.weighting={layer.cfg.weighting!r} does not compute the {form.activation} MLP"
+        )
     if form.gated != (layer.gate_query_proj is not None):
         raise ValueError(
-            f"swap.gate_dim={layer.cfg.gate_dim} does not fit a {'' if form.gated else 'non-'}gated MLP"
+            f"swap.read.gate_dim={layer.cfg.gate_dim} does not fit a {'' if form.gated else 'non-'}gated MLP"
         )
     keys, values, gate_keys = ffn.keys, ffn.values, ffn.gate_keys
     bias = ffn.key_bias if ffn.key_bias is not None else keys.new_zeros(form.units)

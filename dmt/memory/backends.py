@@ -31,15 +31,32 @@ from dmt.memory.product import ProductKeyIndex
 
 BACKENDS: tuple[str, ...] = ("auto", "hnsw", "exact", "product", "cells")
 EXACT_MAX_WORK = 131072 * 64
-# Settings only the hnsw backend reads, and those only the cells backend reads; every backend accepts and
-# ignores the others' so that one config serves them all.
 HNSW_PARAMS = ("M", "ef_construction", "ef_search", "num_threads")
 CELL_PARAMS = ("cells_per_half", "probe_cells")
 INDEX_PARAMS = (*HNSW_PARAMS, *CELL_PARAMS)
+# The settings each backend reads; ``auto`` takes hnsw's, read when it becomes hnsw (a large store). Stores
+# built in code may pass every backend's settings (each backend ignores the others'); a config is held to
+# its backend's own (check_index_settings), so that a setting it names is one that applies.
+BACKEND_PARAMS: dict[str, tuple[str, ...]] = {
+    "auto": HNSW_PARAMS,
+    "hnsw": HNSW_PARAMS,
+    "exact": (),
+    "product": (),
+    "cells": CELL_PARAMS,
+}
+
+
+class IndexSettingError(ValueError):
+    """An index setting ``key`` that the chosen backend does not take."""
+
+    def __init__(self, key: str, why: str) -> None:
+        super().__init__(f"{key}: {why}")
+        self.key, self.why = key, why
 
 
 def resolve_backend(backend: str, dim: int, capacity: int) -> str:
-    """The concrete backend (``hnsw``, ``exact`` or ``product``) that ``backend`` names for this shape."""
+    """The concrete backend (``hnsw``, ``exact``, ``product`` or ``cells``) that ``backend`` names for this
+    shape."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown index backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
@@ -49,19 +66,25 @@ def resolve_backend(backend: str, dim: int, capacity: int) -> str:
 
 def _split_params(params: dict[str, Any], dim: int, capacity: int) -> tuple[str, dict[str, Any]]:
     """``(concrete backend, the settings it reads)`` from index settings, rejecting names no backend
-    knows."""
+    knows; the other backends' settings are ignored, so that one mapping of settings serves them all."""
     params = dict(params)
     backend = resolve_backend(params.pop("backend", "hnsw"), dim, capacity)
     unknown = sorted(set(params) - set(INDEX_PARAMS))
     if unknown:
         raise ValueError(f"unknown index setting(s) {unknown}; known: ['backend', *{list(INDEX_PARAMS)}]")
-    own = {"hnsw": HNSW_PARAMS, "cells": CELL_PARAMS}.get(backend, ())
-    return backend, {name: value for name, value in params.items() if name in own}
+    return backend, {name: value for name, value in params.items() if name in BACKEND_PARAMS[backend]}
 
 
 def check_index_settings(params: dict[str, Any], dim: int, metric: str, capacity: int) -> str:
     """Validate index settings for a store of this shape without building anything; returns the concrete
-    backend. Raises ``ValueError`` naming the setting that cannot work (for config validation)."""
+    backend. Raises ``ValueError`` naming the setting that cannot work (for config validation), and
+    :class:`IndexSettingError` for a setting that the backend named does not take: in a config it would
+    be silently ignored."""
+    named = params.get("backend", "hnsw")
+    foreign = sorted(set(params) - {"backend", *BACKEND_PARAMS.get(named, ())})
+    if foreign and named in BACKEND_PARAMS:
+        has = ", ".join(BACKEND_PARAMS[named]) or "none"
+        raise IndexSettingError(foreign[0], f"not a setting of the {named} backend; it has {has}")
     backend, own = _split_params(params, dim, capacity)
     if backend == "product":
         ProductKeyIndex.check_shape(dim, metric, capacity)

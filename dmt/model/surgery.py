@@ -14,21 +14,18 @@ from dmt.layers import (
     AssociativeMemory,
     FeaturalConfig,
     LayerConfig,
-    LowRankConfig,
     MemoryLayer,
     MemoryProtocol,
     build_baseline,
     build_memory_layer,
     config_class,
-    matched_rank,
+    resolve,
+    resolve_baseline,
 )
-from dmt.layers.config import CONFIG_CLASSES, bad
+from dmt.layers.config import CONFIG_CLASSES, SELECTION_KEYS, bad, settings_of
 from dmt.layers.mlp import MLPForm
 from dmt.memory import KNNStore
 from dmt.model.families import family_of, get_mlp, mlp_form, mlp_weights, num_blocks, set_mlp
-
-# Keys of the ``swap`` config group that choose blocks and layer types rather than configure layers.
-SELECTION_KEYS = ("blocks", "type", "per_block")
 
 
 def resolve_block_indices(blocks: Any, num_layers: int) -> list[int]:
@@ -89,26 +86,22 @@ def _layer_config(
     if cls.has_store:
         refused = [key for key in foreign if key not in shared or not any(key in o for o in others)]
         if refused:
-            raise bad(
-                refused[0], f"not a setting of {layer_type} layers; they have {sorted(cls.setting_names())}"
-            )
-        return cls(**own).resolved(mlp.d_model, mlp)
+            raise bad(refused[0], f"not a setting of {layer_type} layers; they have {settings_of(cls)}")
+        return resolve(cls(**own), mlp.d_model, mlp)
     unknown = sorted(set(foreign) - FeaturalConfig.setting_names())
     if unknown:
         raise bad(
             unknown[0], f"not a setting of {layer_type} layers or of the memory layers they stand against"
         )
     memory = FeaturalConfig(**{k: v for k, v in settings.items() if k in FeaturalConfig.setting_names()})
-    memory = memory.resolved(mlp.d_model, mlp)
-    if cls is LowRankConfig and own.get("rank") is None:
-        own["rank"] = matched_rank(memory, mlp)
-    return cls(**own).resolved(mlp.d_model, mlp)
+    return resolve_baseline(cls(**own), memory, mlp)
 
 
 def resolve_layer_configs(
     swap_cfg: Mapping[str, Any], model_config: PretrainedConfig
 ) -> dict[int, LayerConfig]:
-    """One resolved, validated layer config per chosen block index, from the ``swap`` group.
+    """One resolved, validated layer config per chosen block index, from the flat plan of the ``swap`` group
+    (:func:`dmt.layers.swap.swap_settings` makes it from the nested Hydra form).
 
     ``swap.per_block`` maps a block index to settings that override the shared ones for that block.
     Settings a layer takes from the MLP it replaces (``init: ffn``) are derived from ``model_config``.

@@ -18,7 +18,7 @@ def tiny_overrides(text_dir) -> list[str]:
     """A tiny Llama teacher on a few trimmed plays, short blocks, the upper 2 blocks swapped."""
     return [
         "teacher=tiny_llama",
-        "swap.value_dim=16",
+        "swap.read.value_dim=16",
         "swap.blocks=-2:",
         f"data.paths=['{text_dir}']",
         "data.block_size=16",

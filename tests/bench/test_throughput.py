@@ -39,7 +39,7 @@ def tiny_overrides(text_dir) -> list[str]:
     """A tiny Llama teacher (4 blocks of width 64) on a few trimmed plays, short blocks."""
     return [
         "teacher=tiny_llama",
-        "swap.value_dim=16",  # associative: 4 heads x 16 = the tiny width
+        "swap.read.value_dim=16",  # associative: 4 heads x 16 = the tiny width
         f"data.paths=['{text_dir}']",
         "data.block_size=16",
         "data.batch_size=2",

@@ -43,7 +43,7 @@ def test_variants_differ_only_in_what_replaces_the_mlps(configuration):
         OmegaConf.to_container(compose_experiment(f"quality_{configuration}_{v}"), resolve=False)
         for v in VARIANTS
     )
-    assert memory["swap"]["type"] == "featural" and memory["swap"]["init"] == "ffn"
+    assert memory["swap"]["type"] == "featural" and memory["swap"]["store"]["init"] == "ffn"
     assert memory["swap"]["blocks"] == {"upper": "-10:", "all": "all"}[configuration]
     assert memory["teacher"]["gguf_file"] and memory["trainer"]["max_time"] == "00:01:00:00"
     assert memory["distill"]["trainable"] == lowrank["distill"]["trainable"] == "memory"
@@ -51,7 +51,7 @@ def test_variants_differ_only_in_what_replaces_the_mlps(configuration):
     # Low-rank width: matched to the memory layer's projections (upper); with no projections to match,
     # the dense budget of the all-MLP target (44.7% of the teacher) instead.
     # rank is a setting of lowrank layers alone (absent: null); the other variants have none.
-    assert lowrank["swap"].pop("rank", None) == {"upper": None, "all": 100}[configuration]
+    assert lowrank["swap"]["store"].pop("rank", None) == {"upper": None, "all": 100}[configuration]
     # Same teacher, data, evaluation, budget and every other memory and distillation setting.
     for variant, cfg in (("memory", memory), ("removed", removed), ("lowrank", lowrank)):
         assert cfg["swap"].pop("type") == {"memory": "featural"}.get(variant, variant)

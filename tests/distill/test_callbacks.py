@@ -13,14 +13,18 @@ import dmt.distill.run as run
 from dmt.distill.callbacks import MemoryMonitor, interval_scalars
 from dmt.layers import FeaturalMemory, layer_config
 from dmt.layers.arithmetic import layer_multiply_adds
+from dmt.layers.resolve import resolve
 from dmt.memory import MemoryStats
 from dmt.model.surgery import build_student, memory_layers, resolve_layer_configs, swapped_layers
 
 
 def test_interval_scalars_are_rates_per_step_and_distinct_entries_per_search():
-    cfg = layer_config(
-        {"type": "featural", "key_dim": 8, "topk": 4, "capacity": 256, "novelty_threshold": None}
-    ).resolved(16)
+    cfg = resolve(
+        layer_config(
+            {"type": "featural", "key_dim": 8, "topk": 4, "capacity": 256, "novelty_threshold": None}
+        ),
+        16,
+    )
     torch.manual_seed(0)
     layer = FeaturalMemory(16, cfg).train()
     rng = np.random.default_rng(0)

@@ -20,6 +20,7 @@ from dmt.conf import CONF_DIR
 from dmt.distill.losses import distillation_divergence, kd_loss
 from dmt.distill.module import DistillationModule
 from dmt.layers import AssociativeConfig, FeaturalConfig, LowRankConfig, RemovedConfig, layer_config
+from dmt.layers.resolve import resolve
 from dmt.model.families import mlp_form
 from dmt.model.loading import teacher_config
 from dmt.model.persistence import export_checkpoint, load_pretrained
@@ -127,8 +128,8 @@ def test_run_without_logger_drops_the_monitors_and_completes(tmp_path, text_dir,
 
 def test_product_key_memory_in_float16_distils_and_reloads(tmp_path, text_dir):
     overrides = [o for o in small_run_overrides(tmp_path, text_dir) if not o.startswith("swap.")]
-    overrides += ["swap=featural_product", "swap.blocks=[1,3]", "swap.capacity=4096"]
-    overrides += ["swap.value_dtype=float16", "trainer.max_steps=4", "evaluate.enabled=false"]
+    overrides += ["swap=featural_product", "swap.blocks=[1,3]", "swap.store.capacity=4096"]
+    overrides += ["swap.store.value_dtype=float16", "trainer.max_steps=4", "evaluate.enabled=false"]
     summary = run.distill(compose_cfg(*overrides))
     model, _ = load_pretrained(summary["export_dir"])
     for layer in memory_layers(model).values():
@@ -143,8 +144,8 @@ def test_product_key_memory_in_float16_distils_and_reloads(tmp_path, text_dir):
 def test_memory_on_the_cells_index_inserts_evicts_and_reloads(tmp_path, text_dir):
     overrides = small_run_overrides(tmp_path, text_dir)
     overrides += [
-        "swap.index.backend=cells",
-        "swap.capacity=256",
+        "swap/index=cells",
+        "swap.store.capacity=256",
         "trainer.max_steps=4",
         "evaluate.enabled=false",
     ]
@@ -260,7 +261,7 @@ def test_every_experiment_composes(experiment, tmp_path, monkeypatch):
     # Every config is resolved: nothing left to derive, and it survives the round trip of a saved config.
     mlp = mlp_form(cached_teacher_config(cfg.teacher))
     for index, layer in plan.items():
-        assert layer.resolved(mlp.d_model, mlp) == layer, index
+        assert resolve(layer, mlp.d_model, mlp) == layer, index
         assert layer_config(layer.to_dict()) == layer, index
         memory = ("key_dim", "value_dim", "temperature", "metric", "capacity", "weighting", "gate_dim")
         derivable = memory if layer.has_store else ("rank",) if isinstance(layer, LowRankConfig) else ()
@@ -280,8 +281,8 @@ def test_every_experiment_composes(experiment, tmp_path, monkeypatch):
     "override,message",
     [
         ("swap.blocks=[9]", "swap.blocks: block 9 does not exist"),
-        ("swap.topk=99999", "swap.topk"),
-        ("swap.metric=manhattan", "swap.metric"),
+        ("swap.read.topk=99999", "swap.read.topk"),
+        ("swap.read.metric=manhattan", "swap.read.metric"),
         ("data.paths=[/nonexistent/corpus]", "/nonexistent/corpus"),
         ("distill.temperature=0", "distill.temperature"),
         ("distill.divergence=kl", "distill.divergence"),

@@ -16,6 +16,7 @@ from dmt.distill.checkpoint_io import AtomicCheckpointIO
 from dmt.distill.module import DistillationModule
 from dmt.layers import AssociativeConfig, AssociativeMemory, FeaturalConfig, FeaturalMemory, MemoryProtocol
 from dmt.layers.protocol import apply_writes
+from dmt.layers.resolve import resolve
 from dmt.model.surgery import build_student, resolve_layer_configs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,12 +41,15 @@ def run_args(out: Path, text_dir: Path, *extra: str) -> list[str]:
 def test_replicas_applying_gathered_writes_stay_identical(layer_cls):
     """Two "ranks" see different batches; after applying everyone's writes their stores are identical."""
     config_cls = FeaturalConfig if layer_cls is FeaturalMemory else AssociativeConfig
-    cfg = config_cls(
-        key_dim=8,
-        topk=4,
-        capacity=20,  # smaller than one step of inserts from both ranks: eviction runs
-        novelty_threshold=0.0,
-    ).resolved(16)
+    cfg = resolve(
+        config_cls(
+            key_dim=8,
+            topk=4,
+            capacity=20,  # smaller than one step of inserts from both ranks: eviction runs
+            novelty_threshold=0.0,
+        ),
+        16,
+    )
     ranks = []
     for _ in range(2):
         torch.manual_seed(0)

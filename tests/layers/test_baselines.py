@@ -22,6 +22,7 @@ from dmt.layers.baselines import (
     memory_layer_parameters,
     unit_importance,
 )
+from dmt.layers.resolve import resolve
 from dmt.model.families import get_mlp, mlp_weights
 from dmt.model.surgery import count_parameters, resolve_layer_configs
 
@@ -81,7 +82,7 @@ def test_lowrank_keeps_the_most_important_units(tiny_llama):
     ],
 )
 def test_memory_layer_parameters_match_the_layers(settings):
-    cfg = layer_config({"capacity": 64, "topk": 4, **settings}).resolved(16)
+    cfg = resolve(layer_config({"capacity": 64, "topk": 4, **settings}), 16)
     assert memory_layer_parameters(16, cfg) == count_parameters(build_memory_layer(16, cfg))
 
 
@@ -89,9 +90,9 @@ def test_memory_layer_parameters_match_the_layers(settings):
 def test_matched_rank_has_the_memory_layers_parameter_count(fixture, request):
     ffn = mlp_weights(request.getfixturevalue(fixture), 1)
     d_model = ffn.keys.shape[1]
-    memory = FeaturalConfig(
-        key_dim=d_model + 1, gate_dim=d_model if ffn.gate_keys is not None else 0
-    ).resolved(d_model)
+    memory = resolve(
+        FeaturalConfig(key_dim=d_model + 1, gate_dim=d_model if ffn.gate_keys is not None else 0), d_model
+    )
     layer = LowRankMLP(d_model, LowRankConfig(rank=matched_rank(memory, ffn.form)), ffn)
     target = memory_layer_parameters(d_model, memory)
     per_unit = 3 * d_model if ffn.gate_keys is not None else 2 * d_model + 1
@@ -101,7 +102,7 @@ def test_matched_rank_has_the_memory_layers_parameter_count(fixture, request):
 def test_matched_rank_of_the_quickstart_recipe_on_smollm2():
     # d_model 576, key_dim 577, gate_dim 576: 997,633 memory parameters; SwiGLU units cost 3 x 576 each.
     smollm2 = MLPForm(d_model=576, units=1536, activation="silu", gated=True, key_bias=False, out_bias=False)
-    cfg = FeaturalConfig(key_dim=577, gate_dim=576).resolved(576)
+    cfg = resolve(FeaturalConfig(key_dim=577, gate_dim=576), 576)
     assert memory_layer_parameters(576, cfg) == 997_633
     rank = matched_rank(cfg, smollm2)
     assert rank == 577
@@ -112,13 +113,13 @@ def test_matched_rank_of_the_quickstart_recipe_on_smollm2():
     "settings,message",
     [
         ({"type": "dense"}, "swap.type: unknown layer type 'dense'"),
-        ({"type": "featural", "rank": 8}, "swap.rank: not a setting of featural layers"),
-        ({"type": "lowrank", "rank": 0}, "swap.rank: must be >= 1"),
+        ({"type": "featural", "rank": 8}, "swap.store.rank: not a setting of featural layers"),
+        ({"type": "lowrank", "rank": 0}, "swap.store.rank: must be >= 1"),
         (
             {"type": "associative", "dense_weights": False},
-            "swap.dense_weights: not a setting of associative layers",
+            "swap.read.dense_weights: not a setting of associative layers",
         ),
-        ({"type": "associative", "init": "fn"}, "swap.init: unknown init 'fn'"),
+        ({"type": "associative", "init": "fn"}, "swap.store.init: unknown init 'fn'"),
     ],
 )
 def test_bad_baseline_settings_name_the_key(settings, message):

@@ -11,6 +11,7 @@ import torch
 from torch.testing import assert_close
 
 from dmt.layers import AssociativeMemory, FeaturalMemory, layer_config
+from dmt.layers.resolve import resolve
 from dmt.memory import KNNStore
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -40,7 +41,7 @@ def make(layer_cls: type, index: str, **overrides) -> FeaturalMemory | Associati
         **overrides,
     }
     torch.manual_seed(0)
-    layer = layer_cls(D_MODEL, layer_config(settings).resolved(D_MODEL)).train()
+    layer = layer_cls(D_MODEL, resolve(layer_config(settings), D_MODEL)).train()
     layer(torch.randn(2, 5, D_MODEL))
     return layer
 

@@ -11,6 +11,7 @@ from dmt.layers import (
     MemoryProtocol,
     layer_config,
 )
+from dmt.layers.resolve import resolve
 
 
 def make(layer_cls, d_model=16, **overrides):
@@ -22,7 +23,7 @@ def make(layer_cls, d_model=16, **overrides):
         "capacity": 256,
         "novelty_threshold": 0.0,
     }
-    cfg = layer_config({**settings, **overrides}).resolved(d_model)
+    cfg = resolve(layer_config({**settings, **overrides}), d_model)
     torch.manual_seed(0)
     return layer_cls(d_model, cfg)
 
@@ -90,11 +91,14 @@ def test_product_key_featural_layer_is_full_and_learns_by_write_back():
     [
         ({"capacity": 250}, r"swap\.index: a product-key index needs capacity = n²"),
         ({"metric": "cosine"}, r"swap\.index: a product-key index needs metric ip or l2"),
-        ({"novelty_threshold": 0.1}, r"swap\.novelty_threshold: a product-key store has fixed keys"),
-        ({"init": "ffn"}, r"swap\.init: a product-key store has fixed keys: it needs init=empty"),
+        ({"novelty_threshold": 0.1}, r"swap\.write\.novelty_threshold: a product-key store has fixed keys"),
+        ({"init": "ffn"}, r"swap\.store\.init: a product-key store has fixed keys: it needs init=empty"),
         ({"index": {"backend": "faiss"}}, r"swap\.index: unknown index backend 'faiss'"),
-        ({"index": {"backend": "exact", "ef": 3}}, r"swap\.index: unknown index setting"),
-        ({"value_dtype": "bfloat16"}, r"swap\.value_dtype: must be one of"),
+        (
+            {"index": {"backend": "exact", "ef": 3}},
+            r"swap\.index\.ef: not a setting of the exact backend; it has none",
+        ),
+        ({"value_dtype": "bfloat16"}, r"swap\.store\.value_dtype: must be one of"),
     ],
 )
 def test_index_settings_are_checked_with_the_layer(overrides, message):
@@ -125,7 +129,7 @@ def test_ffn_init_reproduces_the_mlp_on_its_top_k(key_dim, value_dim):
     values, out_bias = torch.randn(units, d_model), torch.randn(d_model)
     ffn = FFNWeights(keys, key_bias, values, out_bias, "relu", torch.relu)
     cfg = FeaturalConfig(key_dim=key_dim, value_dim=value_dim, topk=units, init="ffn")
-    layer = FeaturalMemory(d_model, cfg.resolved(d_model, ffn.form))
+    layer = FeaturalMemory(d_model, resolve(cfg, d_model, ffn.form))
     layer.init_from_ffn(ffn)
     x = torch.randn(3, 4, d_model)
     with torch.no_grad():
@@ -146,13 +150,19 @@ def test_ffn_init_reproduces_the_mlp_on_its_top_k(key_dim, value_dim):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"type": "associative", "weighting": "softmax"}, r"swap\.ranking: softmax weights"),
-        ({"weighting": "softmax"}, r"swap\.ranking: softmax weights"),
-        ({"metric": "l2"}, r"swap\.ranking: .*needs metric ip or cosine"),
-        ({"type": "associative", "metric": "l2"}, r"swap\.ranking: .*needs metric ip or cosine"),
-        ({"novelty_threshold": 0.5}, r"swap\.novelty_threshold: a featural insert's key is its own query"),
-        ({"recombine_distance": 0.1}, r"swap\.recombine_distance: ranking by \|q·k\|"),
-        ({"ranking": "score", "dense_weights": False, "heads": 2}, r"swap\.heads: dense_weights=false needs"),
+        ({"type": "associative", "weighting": "softmax"}, r"swap\.read\.ranking: softmax weights"),
+        ({"weighting": "softmax"}, r"swap\.read\.ranking: softmax weights"),
+        ({"metric": "l2"}, r"swap\.read\.ranking: .*needs metric ip or cosine"),
+        ({"type": "associative", "metric": "l2"}, r"swap\.read\.ranking: .*needs metric ip or cosine"),
+        (
+            {"novelty_threshold": 0.5},
+            r"swap\.write\.novelty_threshold: a featural insert's key is its own query",
+        ),
+        ({"recombine_distance": 0.1}, r"swap\.write\.recombine_distance: ranking by \|q·k\|"),
+        (
+            {"ranking": "score", "dense_weights": False, "heads": 2},
+            r"swap\.read\.heads: dense_weights=false needs",
+        ),
     ],
 )
 def test_magnitude_ranking_and_dense_weight_free_settings_are_checked(overrides, message):
@@ -164,7 +174,7 @@ def test_magnitude_ranking_and_dense_weight_free_settings_are_checked(overrides,
 def test_dense_weight_free_layer_learns_its_values_and_gate_keys_by_write_back():
     d_model = 16
     settings = {"key_dim": 17, "gate_dim": 16, "topk": 4, "capacity": 32, "weighting": "silu", "metric": "ip"}
-    cfg = FeaturalConfig(**settings, ranking="magnitude", dense_weights=False).resolved(d_model)
+    cfg = resolve(FeaturalConfig(**settings, ranking="magnitude", dense_weights=False), d_model)
     layer = FeaturalMemory(d_model, cfg).train()
     torch.manual_seed(0)
     layer.store.insert(0.3 * torch.randn(32, 17).numpy(), 0.3 * torch.randn(32, 32).numpy())
@@ -181,9 +191,9 @@ def test_dense_weight_free_layer_learns_its_values_and_gate_keys_by_write_back()
 
 
 def test_bad_settings_name_the_key():
-    with pytest.raises(ValueError, match="swap.topk"):
+    with pytest.raises(ValueError, match="swap.read.topk"):
         FeaturalConfig(topk=10, capacity=5)
-    with pytest.raises(ValueError, match="swap.metric"):
+    with pytest.raises(ValueError, match="swap.read.metric"):
         FeaturalConfig(metric="manhattan")
     with pytest.raises(ValueError, match="swap.type"):
         layer_config({"type": "dense"})

@@ -16,6 +16,7 @@ from dmt.layers import (
     layer_config,
 )
 from dmt.layers.protocol import current
+from dmt.layers.resolve import resolve
 from dmt.memory import ORIGIN_SPAN, KNNStore
 
 
@@ -35,7 +36,7 @@ def test_featural_layer_seeded_from_an_ffn_records_its_units(dense_weights: bool
         torch.randn(units, d_model), torch.randn(units), torch.randn(units, d_model), None, "relu", torch.relu
     )
     cfg = FeaturalConfig(topk=8, init="ffn", dense_weights=dense_weights, capacity=64)
-    layer = FeaturalMemory(d_model, cfg.resolved(d_model, ffn.form))
+    layer = FeaturalMemory(d_model, resolve(cfg, d_model, ffn.form))
     layer.init_from_ffn(ffn)
     ids = layer.store.live_ids()
     np.testing.assert_array_equal(ids, np.arange(units))
@@ -46,7 +47,7 @@ def test_featural_layer_seeded_from_an_ffn_records_its_units(dense_weights: bool
 
 def test_associative_layer_records_spans_and_reads_that_survive_persistence(tmp_path: Path) -> None:
     settings = {"type": "associative", "key_dim": 8, "heads": 2, "topk": 4, "capacity": 256}
-    layer = AssociativeMemory(16, layer_config({**settings, "novelty_threshold": 0.0}).resolved(16)).train()
+    layer = AssociativeMemory(16, resolve(layer_config({**settings, "novelty_threshold": 0.0}), 16)).train()
     batch, length, heads = 2, 10, 2
     input_ids = torch.randint(0, 50_000, (batch, length), generator=torch.Generator().manual_seed(1))
     with MemoryProtocol({3: layer}).forward(input_ids):
@@ -83,7 +84,7 @@ def test_associative_layer_records_spans_and_reads_that_survive_persistence(tmp_
 
 def test_token_ids_must_match_the_query_rows() -> None:
     settings = {"type": "associative", "key_dim": 8, "heads": 2, "topk": 4, "capacity": 256}
-    layer = AssociativeMemory(16, layer_config({**settings, "novelty_threshold": 0.0}).resolved(16)).train()
+    layer = AssociativeMemory(16, resolve(layer_config({**settings, "novelty_threshold": 0.0}), 16)).train()
     with (
         MemoryProtocol({0: layer}).forward(torch.zeros(2, 4, dtype=torch.long)),
         pytest.raises(ValueError, match="token_ids"),

@@ -18,6 +18,7 @@ from dmt.layers import (
     RemovedMLP,
     matched_rank,
 )
+from dmt.layers.resolve import resolve
 from dmt.model.families import get_mlp, mlp_form
 from dmt.model.surgery import (
     build_student,
@@ -142,16 +143,20 @@ def test_truncated_ffn_init_on_llama_nears_the_mlp_as_widths_grow(tiny_llama):
 @pytest.mark.parametrize(
     ("fixture", "setting", "message"),
     [
-        ("tiny_llama", {"weighting": "gelu"}, r"swap\.weighting: the silu MLP .* needs 'silu', got 'gelu'"),
-        ("tiny_llama", {"gate_dim": 0}, r"swap\.gate_dim: 0 would drop the MLP's up projection"),
-        ("tiny_gpt2", {"gate_dim": 8}, r"swap\.gate_dim: 8 has no gate to seed from"),
-        ("tiny_llama", {"metric": "cosine"}, r"swap\.metric: .* needs 'ip', got 'cosine'"),
-        ("tiny_gpt2", {"temperature": 0.1}, r"swap\.temperature: .* needs 1\.0, got 0\.1"),
-        ("tiny_llama", {"capacity": 63}, r"swap\.capacity: 63 cannot hold the MLP's 64 units"),
-        ("tiny_llama", {"key_dim": 34}, r"swap\.key_dim: at most 33 for this MLP \(exact\), got 34"),
-        ("tiny_gpt2", {"value_dim": 33}, r"swap\.value_dim: at most 32 for this MLP \(exact\), got 33"),
-        ("tiny_llama", {"gate_dim": 33}, r"swap\.gate_dim: at most 32 for this MLP \(exact\), got 33"),
-        ("tiny_llama", {"heads": 2}, r"swap\.heads: init=ffn seeds one head"),
+        (
+            "tiny_llama",
+            {"weighting": "gelu"},
+            r"swap\.read\.weighting: the silu MLP .* needs 'silu', got 'gelu'",
+        ),
+        ("tiny_llama", {"gate_dim": 0}, r"swap\.read\.gate_dim: 0 would drop the MLP's up projection"),
+        ("tiny_gpt2", {"gate_dim": 8}, r"swap\.read\.gate_dim: 8 has no gate to seed from"),
+        ("tiny_llama", {"metric": "cosine"}, r"swap\.read\.metric: .* needs 'ip', got 'cosine'"),
+        ("tiny_gpt2", {"temperature": 0.1}, r"swap\.read\.temperature: .* needs 1\.0, got 0\.1"),
+        ("tiny_llama", {"capacity": 63}, r"swap\.store\.capacity: 63 cannot hold the MLP's 64 units"),
+        ("tiny_llama", {"key_dim": 34}, r"swap\.read\.key_dim: at most 33 for this MLP \(exact\), got 34"),
+        ("tiny_gpt2", {"value_dim": 33}, r"swap\.read\.value_dim: at most 32 for this MLP \(exact\), got 33"),
+        ("tiny_llama", {"gate_dim": 33}, r"swap\.read\.gate_dim: at most 32 for this MLP \(exact\), got 33"),
+        ("tiny_llama", {"heads": 2}, r"swap\.read\.heads: init=ffn seeds one head"),
     ],
 )
 def test_ffn_init_refuses_settings_that_contradict_the_mlp(fixture, setting, message, request):
@@ -216,7 +221,9 @@ def test_dense_weight_free_layer_is_the_swiglu_mlp_on_its_top_k_by_gate_magnitud
 
 def test_dense_weight_free_layer_needs_the_hidden_width(tiny_llama):
     settings = {"blocks": [1], "key_dim": 16, "capacity": 64, "topk": 4, "dense_weights": False}
-    with pytest.raises(ValueError, match=r"swap\.key_dim: dense_weights=false needs key_dim=33 \(d_model="):
+    with pytest.raises(
+        ValueError, match=r"swap\.read\.key_dim: dense_weights=false needs key_dim=33 \(d_model="
+    ):
         build_student(tiny_llama, resolve_layer_configs(settings, tiny_llama.config))
 
 
@@ -255,20 +262,20 @@ def test_removed_everywhere_is_the_ablated_teacher(fixture, request):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"type": "featural", "rank": 8}, r"swap\.rank: not a setting of featural layers"),
+        ({"type": "featural", "rank": 8}, r"swap\.store\.rank: not a setting of featural layers"),
         (
             {"type": "associative", "dense_weights": False},
-            r"swap\.dense_weights: not a setting of associative layers",
+            r"swap\.read\.dense_weights: not a setting of associative layers",
         ),
         # A per-block setting is the block's own: another type of the plan having it does not excuse it.
         (
             {"type": ["featural", "lowrank"], "blocks": [0, 1], "per_block": {0: {"rank": 4}}},
-            r"swap\.rank: not a setting of featural layers",
+            r"swap\.store\.rank: not a setting of featural layers",
         ),
-        ({"type": "removed", "metric": "manhattan"}, r"swap\.metric: unknown metric 'manhattan'"),
+        ({"type": "removed", "metric": "manhattan"}, r"swap\.read\.metric: unknown metric 'manhattan'"),
         (
             {"type": "lowrank", "ranking": "magnitude", "weighting": "softmax"},
-            r"swap\.ranking: softmax weights",
+            r"swap\.read\.ranking: softmax weights",
         ),
         (
             {"type": "removed", "per_block": {0: {"bogus": 1}}},
@@ -308,7 +315,7 @@ def test_baseline_plans_accept_the_memory_settings_and_size_lowrank_by_them(fixt
     memory |= {"index": {"backend": "exact"}}
     configs = resolve_layer_configs({"blocks": [0, 1], "type": ["removed", "lowrank"], **memory}, config)
     form = mlp_form(config)
-    featural = FeaturalConfig(**memory).resolved(form.d_model, form)
+    featural = resolve(FeaturalConfig(**memory), form.d_model, form)
     assert configs == {0: RemovedConfig(), 1: LowRankConfig(rank=matched_rank(featural, form))}
     # Narrower memory settings give a narrower low-rank MLP.
     narrow = resolve_layer_configs({"blocks": [1], "type": "lowrank", **memory, "key_dim": 2}, config)
