@@ -79,7 +79,7 @@ class MemoryMonitor(pl.Callback):
         # After a checkpoint is restored: the rates start from the resumed step.
         self._step_seen = trainer.global_step
         for index, layer in module.memory_layers.items():
-            layer.run_start = layer.store.now
+            layer.start_run()
             layer.take_read_counts()
             self._logged[index] = (trainer.global_step, layer.store.stats)
         self._arithmetic_logged = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
@@ -23,6 +24,14 @@ from dmt.model.checkpoint import (
 )
 from dmt.model.families import get_mlp
 from dmt.model.surgery import memory_protocol, swapped_layers
+
+
+@dataclass(frozen=True)
+class FrozenTeacher:
+    """Holds the teacher beside the module, outside its module tree: a plain attribute holding a module
+    would register it, putting its weights into checkpoints, the optimiser's view and ``.to()`` calls."""
+
+    model: PreTrainedModel | None
 
 
 @contextmanager
@@ -87,6 +96,11 @@ class DistillationModule(pl.LightningModule):
     statistics concern the memory layers only.
     """
 
+    @property
+    def teacher(self) -> PreTrainedModel | None:
+        """The frozen teacher, or ``None`` (plain language-model training)."""
+        return self._teacher.model
+
     def __init__(
         self,
         student: PreTrainedModel,
@@ -121,7 +135,7 @@ class DistillationModule(pl.LightningModule):
         # run_config: the composed Hydra config, kept so `dmt.export` can rebuild tokenizer and model.
         self.save_hyperparameters(ignore=["student", "teacher"])
         self.student = student
-        object.__setattr__(self, "teacher", teacher)  # not a submodule: see class docstring
+        self._teacher = FrozenTeacher(teacher)  # not a submodule: see class docstring
         if teacher is not None:
             teacher.eval().requires_grad_(False)
         # Plain dicts, not ModuleDicts: the layers are already registered inside the student.

@@ -40,7 +40,7 @@ class ReadCounts:
     searches: int = 0
     reads: int = 0  # valid neighbours returned
     distinct: int = 0  # distinct entries returned, summed over searches
-    new: int = 0  # reads of entries inserted since ``MemoryLayer.run_start``
+    new: int = 0  # reads of entries inserted since ``MemoryLayer.start_run``
     distance_sum: float = 0.0  # of the reads to their queries
 
 
@@ -100,9 +100,9 @@ class MemoryLayer(nn.Module):
         # (store slots (U,), returned entries (U, E) with .grad after backward) of the training forwards
         # since the last apply_value_updates.
         self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
-        # The store clock when training started (set by the training loop): entries inserted after it are
-        # the run's own. None: reads are not told apart.
-        self.run_start: int | None = None
+        # The store clock when the run started (start_run): entries inserted after it are the run's own.
+        # None: reads are not told apart.
+        self._run_start: int | None = None
         self._reads = ReadCounts()
         self._recall_queries = torch.zeros(0, self.key_dim)  # (≤ RECALL_SAMPLE, Dk) float32
         self._recall_by_magnitude = False
@@ -291,8 +291,13 @@ class MemoryLayer(nn.Module):
         self._reads.reads += len(read_ids)
         self._reads.distinct += distinct
         self._reads.distance_sum += float(read_distances.sum(dtype=np.float64))
-        if self.run_start is not None and len(read_ids):
-            self._reads.new += int(np.count_nonzero(self.store.insertion_times(read_ids) > self.run_start))
+        if self._run_start is not None and len(read_ids):
+            self._reads.new += int(np.count_nonzero(self.store.insertion_times(read_ids) > self._run_start))
+
+    def start_run(self, clock: int | None = None) -> None:
+        """Count reads of entries inserted after store clock ``clock`` (default: now) as the run's own
+        (``ReadCounts.new``); the training loop calls it as a run starts or resumes."""
+        self._run_start = self.store.now if clock is None else clock
 
     def take_read_counts(self) -> ReadCounts:
         """The training searches' read counts since the last call; the counts restart from zero."""

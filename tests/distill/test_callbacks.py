@@ -31,7 +31,7 @@ def test_interval_scalars_are_rates_per_step_and_distinct_entries_per_search():
     layer.store.insert(
         rng.standard_normal((64, 8), dtype=np.float32), np.zeros((64, layer.entry_dim), np.float32)
     )
-    layer.run_start = -1  # every entry counts as inserted during the run
+    layer.start_run(clock=-1)  # every entry counts as inserted during the run
     searches = []  # (ids, distances) as numpy of each search the layer makes
     search = layer.store.search_torch
 
