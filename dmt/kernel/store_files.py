@@ -169,7 +169,7 @@ def keys_from_hnsw(index: Path | np.ndarray, live: np.ndarray, key_dim: int, whe
     labels, vectors = read_hnsw_vectors(index, key_dim, where)
     keys = np.zeros((len(live), key_dim), dtype=np.float32)
     stored = np.zeros(len(live), dtype=bool)
-    inside = labels < len(live)
+    inside = (labels >= 0) & (labels < len(live))  # a label read as int64 may be negative
     keys[labels[inside]], stored[labels[inside]] = vectors[inside], True
     if (live & ~stored).any():
         raise StoreFileError(f"{where}: the graph lacks keys of live entries")

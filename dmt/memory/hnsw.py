@@ -24,6 +24,7 @@ import hnswlib
 import numpy as np
 
 from dmt.memory.base import as_float_matrix
+from dmt.memory.hnsw_file import check_hnsw_file
 from dmt.memory.index import KeyIndex
 
 # derived_ef(): ef = k + size^EF_SIZE_EXPONENT, see its docstring for why the size enters as a power.
@@ -187,13 +188,15 @@ class HnswIndex(KeyIndex):
         num_threads: int = -1,
         **_build_params: Any,
     ) -> HnswIndex:
-        """Read a graph written by :meth:`save`.
+        """Read a graph written by :meth:`save`, checked first (:func:`check_hnsw_file`: hnswlib would
+        crash on a malformed one).
 
         Args:
             live: ``(capacity,)`` bool mask of live labels (hnswlib cannot report deletions).
             _build_params: ``backend``/``M``/``ef_construction`` are accepted (so :attr:`params` can be
-                splatted) and ignored: the file already holds them.
+                splatted); the file holds them, and ``M`` must be its degree.
         """
+        check_hnsw_file(path, dim, capacity, _build_params.get("M"))
         index = cls.__new__(cls)
         index._configure(dim, metric, capacity, ef_search, num_threads)
         index._index.load_index(str(path), max_elements=capacity)
