@@ -17,8 +17,8 @@ from transformers import PreTrainedModel
 from dmt.distill.losses import DIVERGENCES, ce_loss, distillation_divergence, hidden_mse
 from dmt.layers import AssociativeMemory
 from dmt.model.checkpoint import (
-    check_checkpoint_entry,
     checkpoint_entry,
+    current_entry,
     memory_digest,
     restore_memory_state,
 )
@@ -312,8 +312,7 @@ class DistillationModule(pl.LightningModule):
         )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["dmt"]
-        check_checkpoint_entry(state, "checkpoint")
+        state = checkpoint["dmt"] = current_entry(checkpoint["dmt"], "checkpoint")
         self.tokens_seen = int(state.get("tokens_seen", 0))
         restore_memory_state(self.student, state["memory_state"])
         if memory_digest(self.student) != state["memory_digest"]:

@@ -46,6 +46,13 @@ BACKEND_PARAMS: dict[str, tuple[str, ...]] = {
 }
 
 
+def own_index_settings(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` without the settings its backend does not read (which it ignores); an unknown backend's
+    are left for :func:`check_index_settings` to refuse."""
+    own = BACKEND_PARAMS.get(params.get("backend", "hnsw"))
+    return dict(params) if own is None else {k: v for k, v in params.items() if k == "backend" or k in own}
+
+
 class IndexSettingError(ValueError):
     """An index setting ``key`` that the chosen backend does not take."""
 

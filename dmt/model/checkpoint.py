@@ -22,11 +22,16 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from dmt.errors import InputFileError
 from dmt.layers import LayerConfig, layer_config
 from dmt.memory import KNNStore
+from dmt.memory.backends import own_index_settings
 from dmt.model.loading import load_tokenizer, model_config_from_dict
 from dmt.model.surgery import attach_memory_layers, memory_layers, swapped_layers
 
 # The layout of a checkpoint's ``dmt`` entry, raised whenever it changes.
 CHECKPOINT_FORMAT_VERSION = 3
+# The layout before it, still read (current_entry) so that a run's checkpoints outlive the change and can
+# be exported again: the layer settings under ``memory_spec`` with a version of their own (2) and every
+# backend's index settings, and each store's state with a version of its own (3).
+PREVIOUS_SPEC_VERSION, PREVIOUS_STATE_VERSION = 2, 3
 STUDENT_PREFIX = "student."
 
 
@@ -59,15 +64,46 @@ def checkpoint_entry(model: PreTrainedModel, **run: Any) -> dict[str, Any]:
     }
 
 
-def check_checkpoint_entry(entry: Any, where: str) -> None:
-    """Refuse a ``checkpoint["dmt"]`` of another layout than :data:`CHECKPOINT_FORMAT_VERSION`, naming
-    ``where`` (an :class:`InputFileError`)."""
-    version = entry.get("format_version") if isinstance(entry, dict) else None
-    if version != CHECKPOINT_FORMAT_VERSION:
+def current_entry(entry: Any, where: str) -> dict[str, Any]:
+    """``checkpoint["dmt"]`` in the current layout: as it is, or converted from the previous one (see
+    :data:`PREVIOUS_SPEC_VERSION`) after checking its memory against the digest saved with it.
+
+    Raises:
+        InputFileError: naming ``where``, for any other layout or a memory that does not match its digest.
+    """
+    if isinstance(entry, dict) and entry.get("format_version") == CHECKPOINT_FORMAT_VERSION:
+        return entry
+    spec = entry.get("memory_spec") if isinstance(entry, dict) else None
+    states = entry.get("memory_state") if isinstance(entry, dict) else None
+    previous = (
+        isinstance(spec, dict)
+        and spec.get("format_version") == PREVIOUS_SPEC_VERSION
+        and isinstance(states, dict)
+        and all(state.get("format_version") == PREVIOUS_STATE_VERSION for state in states.values())
+    )
+    if not previous:
+        version = entry.get("format_version") if isinstance(entry, dict) else None
         raise InputFileError(
             f"{where}: dmt checkpoint format {version!r} is not the one this dmt reads "
-            f"({CHECKPOINT_FORMAT_VERSION})"
+            f"({CHECKPOINT_FORMAT_VERSION}, or the one before it)"
         )
+    if "memory_digest" in entry and state_digest(states) != entry["memory_digest"]:
+        raise InputFileError(f"{where}: the memory does not match the digest saved with it")
+    memory = {
+        index: {k: v for k, v in state.items() if k != "format_version"} for index, state in states.items()
+    }
+    layers = {
+        index: {**cfg, "index": own_index_settings(cfg["index"])} if "index" in cfg else cfg
+        for index, cfg in spec["layers"].items()
+    }
+    run = {k: v for k, v in entry.items() if k not in ("memory_spec", "memory_state", "memory_digest")}
+    return {
+        **run,
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "layers": layers,
+        "memory_state": memory,
+        "memory_digest": state_digest(memory),
+    }
 
 
 def memory_state(model: PreTrainedModel) -> dict[str, dict[str, Any]]:
@@ -83,11 +119,19 @@ def memory_state(model: PreTrainedModel) -> dict[str, dict[str, Any]]:
 
 def memory_digest(model: PreTrainedModel) -> str:
     """SHA-256 over every store's state (index graph included): equal digests, identical memory."""
+    return state_digest(
+        {str(index): layer.store.state_dict() for index, layer in memory_layers(model).items()}
+    )
+
+
+def state_digest(states: dict[str, dict[str, Any]]) -> str:
+    """SHA-256 over stores' states by block index, arrays as numpy arrays or tensors (memory_state)."""
     digest = hashlib.sha256()
-    for index, layer in sorted(memory_layers(model).items()):
+    for index in sorted(states, key=int):
         digest.update(str(index).encode())
-        for name, value in sorted(layer.store.state_dict().items()):
+        for name, value in sorted(states[index].items()):
             digest.update(name.encode())
+            value = value.numpy() if isinstance(value, torch.Tensor) else value
             digest.update(
                 np.ascontiguousarray(value).tobytes()
                 if isinstance(value, np.ndarray)
@@ -138,7 +182,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     for key in ("state_dict", "dmt"):
         if key not in checkpoint:
             raise InputFileError(f"{path}: not a dmt checkpoint (no {key!r} entry)")
-    check_checkpoint_entry(checkpoint["dmt"], str(path))
+    checkpoint["dmt"] = current_entry(checkpoint["dmt"], str(path))
     return checkpoint
 
 

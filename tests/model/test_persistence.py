@@ -10,7 +10,13 @@ from torch.testing import assert_close
 from dmt.distill.module import DistillationModule
 from dmt.errors import InputFileError
 from dmt.memory import KNNStore
-from dmt.model.checkpoint import memory_state, restore_memory_state, student_from_checkpoint
+from dmt.model.checkpoint import (
+    memory_digest,
+    memory_state,
+    restore_memory_state,
+    state_digest,
+    student_from_checkpoint,
+)
 from dmt.model.families import get_mlp
 from dmt.model.persistence import load_pretrained, load_student, save_pretrained
 from dmt.model.surgery import (
@@ -99,7 +105,41 @@ def test_checkpoint_of_another_format_is_refused_naming_it(tiny_gpt2, tmp_path):
     assert "format_version" not in checkpoint["dmt"]["memory_state"]["0"]
     checkpoint["dmt"]["format_version"] = 2
     torch.save(checkpoint, path)
-    with pytest.raises(InputFileError, match=rf"{path}: dmt checkpoint format 2 is not the one this dmt"):
+    with pytest.raises(
+        InputFileError,
+        match=rf"{path}: dmt checkpoint format 2 is not the one this dmt reads \(3, or the one before it\)",
+    ):
+        load_student(path)
+
+
+def test_a_checkpoint_of_the_previous_layout_still_loads_and_resumes(tiny_gpt2, tmp_path):
+    """The layout before the single version (layer settings under a versioned memory_spec with every
+    backend's index settings, versioned store states) is read as it was written."""
+    student = trained_student(tiny_gpt2)
+    path = tmp_path / "previous.ckpt"
+    write_checkpoint(student, path)
+    checkpoint = torch.load(path, weights_only=True)
+    entry = checkpoint["dmt"]
+    states = {index: {**state, "format_version": 3} for index, state in entry.pop("memory_state").items()}
+    layers = {
+        index: {**cfg, "index": {**cfg["index"], "cells_per_half": None, "probe_cells": None}}
+        for index, cfg in entry.pop("layers").items()
+    }
+    del entry["format_version"]
+    entry |= {"memory_spec": {"format_version": 2, "layers": layers}, "memory_state": states}
+    entry |= {"memory_digest": state_digest(states), "global_step": 0}  # as Lightning's own entries
+    torch.save(checkpoint, path)
+    loaded, _ = load_student(path)
+    with torch.no_grad():
+        assert_close(loaded(TOKENS).logits, student(TOKENS).logits)
+    module = DistillationModule(trained_student(tiny_gpt2), None, alpha_ce=1.0)
+    resumed = torch.load(path, weights_only=True)
+    module.on_load_checkpoint(resumed)  # resume: the memory checked against the converted digest
+    assert resumed["dmt"]["format_version"] == 3
+    assert memory_digest(module.student) == resumed["dmt"]["memory_digest"] != state_digest(states)
+    entry["memory_digest"] = "0" * 64
+    torch.save(checkpoint, path)
+    with pytest.raises(InputFileError, match="the memory does not match the digest saved with it"):
         load_student(path)
 
 
