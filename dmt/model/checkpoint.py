@@ -54,12 +54,13 @@ def layer_configs(settings: dict[str, Any]) -> dict[int, LayerConfig]:
 def checkpoint_entry(model: PreTrainedModel, **run: Any) -> dict[str, Any]:
     """``checkpoint["dmt"]`` for the student ``model``, with the training loop's own ``run`` entries
     (``global_step``, ``tokens_seen``)."""
+    memory = memory_state(model)  # the stores captured once: the digest is of these very states
     return {
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "model_config": model.config.to_dict(),
         "layers": layer_settings(model),
-        "memory_state": memory_state(model),
-        "memory_digest": memory_digest(model),
+        "memory_state": memory,
+        "memory_digest": state_digest(memory),
         **run,
     }
 
