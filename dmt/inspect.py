@@ -42,6 +42,7 @@ from dmt.layers import MemoryLayer
 from dmt.memory import KNNStore
 from dmt.model.persistence import load_student
 from dmt.model.surgery import memory_layers
+from dmt.packs.files import PackManifest, is_pack, read_pack
 
 # Row orders: the column each sorts by, largest first except ``slot`` (ties: lower slot first).
 SORTS = ("score", "reads", "slot", "inserted")
@@ -274,14 +275,48 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def pack_report(manifest: PackManifest) -> dict[str, Any]:
+    """What a memory pack holds: its student, layers and reading, and per document its tokens and entries."""
+    return {
+        "student": manifest.student,
+        "reading": manifest.reading,
+        "entries": manifest.entries(),
+        "documents": [
+            {"document": d.name, "tokens": d.tokens, "entries": d.entries} for d in manifest.documents
+        ],
+    }
+
+
+def format_pack_report(report: dict[str, Any]) -> str:
+    """One summary line, then one line per document."""
+    layers = sorted(report["entries"], key=int)
+    student = report["student"]
+    head = (
+        f"memory pack of student {student['name']} (weights {student['fingerprint'][:12]}), "
+        f"window {report['reading']['window']}, stride {report['reading']['stride']}: "
+        f"{len(report['documents'])} documents, entries "
+        + ", ".join(f"layer {layer}: {report['entries'][layer]:,}" for layer in layers)
+    )
+    rows = [("document", "tokens", *(f"layer {layer}" for layer in layers))]
+    rows += [
+        (d["document"], f"{d['tokens']:,}", *(f"{d['entries'].get(layer, 0):,}" for layer in layers))
+        for d in report["documents"]
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        [head, "", *("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows)]
+    )
+
+
 def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=prog,
         description=f"example: {prog} outputs/distill/runs/<run>/export --layer 29 --top 10\n\n"
-        "List a student's memory entries: use, origin and the tokens each promotes.",
+        "List a student's memory entries: use, origin and the tokens each promotes; given a memory pack\n"
+        "(dmt-memorize), list its documents and the entries each gave.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("student", type=Path, help="export directory or .ckpt file")
+    parser.add_argument("student", type=Path, help="export directory, .ckpt file or memory pack directory")
     parser.add_argument("--layer", type=int, help="block index of one memory layer (default: every one)")
     parser.add_argument("--top", type=int, default=20, help="rows per layer (default 20)")
     parser.add_argument("--tokens", type=int, default=5, help="promoted tokens per entry (default 5)")
@@ -304,10 +339,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     with user_errors(prog, args.debug):
         if args.json is not None:
             refuse_existing_file(args.json, args.force, "--force")
-        model, tokenizer = load_student(args.student)
-        report = inspect_model(model, tokenizer, args.layer, args.top, args.tokens, args.sort, args.head)
-        report = {"student": str(args.student), **report}
-        print(format_report(report))
+        if is_pack(args.student):
+            report = {"pack": str(args.student), **pack_report(read_pack(args.student))}
+            print(format_pack_report(report))
+        else:
+            model, tokenizer = load_student(args.student)
+            report = inspect_model(model, tokenizer, args.layer, args.top, args.tokens, args.sort, args.head)
+            report = {"student": str(args.student), **report}
+            print(format_report(report))
         if args.json is not None:
             print(f"\nJSON written to {write_json(args.json, report)}")
 

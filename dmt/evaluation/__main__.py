@@ -50,7 +50,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.teacher)
     if texts is None:
         texts = instantiate(cfg.data, tokenizer=tokenizer).val_texts()
-    student = load_student(cfg.student)[0] if cfg.student is not None else None
+    student = load_student(cfg.student, cfg.get("memory"))[0] if cfg.student is not None else None
     teacher = load_teacher(cfg.teacher)
     ablate = cfg.ablate_layers
     if ablate is None:

@@ -112,7 +112,7 @@ def read_document(
     if from_empty:
         for layer in memory_layers(student).values():
             if layer.cfg.novelty_threshold is not None:
-                layer.store = layer.empty_store()
+                layer.use_store(layer.empty_store())
         rows.append({"name": names[3], **inserting_reading(student, input_ids, window, stride, names[3])})
     return {"rows": rows, "settings": {"window": window, "stride": stride, "tokens": input_ids.numel()}}
 
@@ -149,7 +149,7 @@ def run_long_document(cfg: DictConfig) -> dict[str, Any]:
     input_ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)  # (L,)
     if cfg.max_tokens is not None:
         input_ids = input_ids[: cfg.max_tokens]
-    student = load_student(cfg.student)[0]
+    student = load_student(cfg.student, cfg.get("memory"))[0]
     teacher = load_teacher(cfg.teacher)
     result = read_document(teacher, student, input_ids, cfg.window, cfg.stride, cfg.from_empty)
     result |= {"student": str(cfg.student), "document": str(cfg.document)}

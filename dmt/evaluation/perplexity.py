@@ -34,7 +34,7 @@ class PerplexityResult(TypedDict):
     tokens: int
 
 
-def _windows(seq_len: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+def windows(seq_len: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     """``(begin, end, first_scored)`` of each window, in absolute token positions."""
     spans = []
     prev_end = 0
@@ -100,7 +100,7 @@ def sliding_window_nll(
 
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
-    spans = _windows(seq_len, window, stride)
+    spans = windows(seq_len, window, stride)
     was_training = model.training
     model.eval()
     nll, scored = 0.0, 0
@@ -135,7 +135,7 @@ def sliding_window_nll(
 
 def scored_tokens(seq_len: int, window: int, stride: int) -> int:
     """How many tokens :func:`sliding_window_nll` scores in a text of ``seq_len`` tokens."""
-    return sum(end - first for _, end, first in _windows(seq_len, window, stride)) if seq_len >= 2 else 0
+    return sum(end - first for _, end, first in windows(seq_len, window, stride)) if seq_len >= 2 else 0
 
 
 def perplexity(

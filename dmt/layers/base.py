@@ -28,7 +28,7 @@ from torch import nn
 from dmt.kernel.ops import read_projections, similarity_scores
 from dmt.layers.config import MemoryConfig
 from dmt.layers.mlp import FFNWeights
-from dmt.layers.protocol import current, record
+from dmt.layers.protocol import NewEntries, current, record
 from dmt.layers.seeding import seed_from_ffn
 from dmt.memory import KNNStore, token_spans
 
@@ -85,12 +85,7 @@ class MemoryLayer(nn.Module):
         self.value_dim = cfg.value_dim
         # What a store entry holds besides its key: the value, then (gated featural memory) the gate key.
         self.entry_dim = self.value_dim + cfg.gate_width
-        self.store = store or self.empty_store()
-        if (self.store.key_dim, self.store.value_dim) != (self.key_dim, self.entry_dim):
-            raise ValueError(
-                f"store dims (key {self.store.key_dim}, value {self.store.value_dim}) do not match the "
-                f"layer's (key {self.key_dim}, value {self.entry_dim})"
-            )
+        self.store = self.checked_store(store or self.empty_store())
         # Without dense weights the config checked that queries and values are d_model (+ 1) wide. The gate
         # query (gate_dim > 0) is dotted with each returned entry's gate key.
         self.query_proj, self.out_proj, self.gate_query_proj = read_projections(
@@ -107,19 +102,35 @@ class MemoryLayer(nn.Module):
         self._recall_queries = torch.zeros(0, self.key_dim)  # (≤ RECALL_SAMPLE, Dk) float32
         self._recall_by_magnitude = False
 
-    def empty_store(self) -> KNNStore:
-        """A new, empty store of this layer's settings."""
+    def empty_store(self, capacity: int | None = None) -> KNNStore:
+        """A new, empty store of this layer's settings (of ``capacity`` entries instead of the setting's)."""
         cfg = self.cfg
         return KNNStore(
             key_dim=self.key_dim,
             value_dim=self.entry_dim,
-            capacity=cfg.capacity,
+            capacity=cfg.capacity if capacity is None else capacity,
             metric=cfg.metric,
             lrfu_lambda=cfg.lrfu_lambda,
             value_dtype=cfg.value_dtype,
             index=dict(cfg.index),
             eviction=cfg.eviction,
         )
+
+    def checked_store(self, store: KNNStore) -> KNNStore:
+        """``store``, whose widths must be this layer's key and entry widths."""
+        if (store.key_dim, store.value_dim) != (self.key_dim, self.entry_dim):
+            raise ValueError(
+                f"store dims (key {store.key_dim}, value {store.value_dim}) do not match the layer's "
+                f"(key {self.key_dim}, value {self.entry_dim})"
+            )
+        return store
+
+    def use_store(self, store: KNNStore) -> None:
+        """Search and write ``store`` from now on (an emptied memory, a memory pack's entries), on the
+        layer's device."""
+        self.store = self.checked_store(store)
+        if self.out_proj.bias.device.type != "meta":
+            store.to(self.out_proj.bias.device)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``(B, T, C) → (B, T, C)``: :meth:`read_write` in the layer's own dtype, outside any autocast.
@@ -243,7 +254,8 @@ class MemoryLayer(nn.Module):
         ``values=None`` inserts zero values (featural layers learn them afterwards). When the caller gave
         the forward's input ids ``(B, T)`` (:func:`~dmt.layers.protocol.current`), row ``n`` of the
         ``N = B·T·H`` rows comes from token ``(b, t) = divmod(n // H, T)`` and its entry records the ids of
-        the tokens up to ``t`` as its origin (``KNNStore.insert``).
+        the tokens up to ``t`` as its origin (``KNNStore.insert``). Inside
+        :meth:`~dmt.layers.protocol.MemoryProtocol.collecting` the rows are handed to the caller instead.
         """
         if not self.inserting:
             return
@@ -256,6 +268,10 @@ class MemoryLayer(nn.Module):
                 if values is None
                 else values.detach()[mask].float().cpu().numpy()
             )  # (M, Dv)
+            collect = current().collect
+            if collect is not None and self in collect:
+                collect[self].append(NewEntries(np.flatnonzero(novel), new_keys, new_values))
+                return
             origin_tokens = None
             if current().token_ids is not None:
                 token_ids = current().token_ids.detach().cpu().numpy()  # (B, T)

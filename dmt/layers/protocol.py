@@ -17,9 +17,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -52,6 +53,15 @@ def apply_writes(store: KNNStore, writes_per_rank: list[list[WriteOp]]) -> None:
 
 
 @dataclass(frozen=True)
+class NewEntries:
+    """What one forward of a layer would insert, handed to the caller instead (memorising a corpus)."""
+
+    rows: np.ndarray  # (M,) int64 query rows judged novel, of the N = B·T·H rows: token divmod(row // H, T)
+    keys: np.ndarray  # (M, Dk) float32
+    values: np.ndarray  # (M, E) float32: value, then (gated layers) gate key
+
+
+@dataclass(frozen=True)
 class ForwardContext:
     """What the memory layers of the forward in progress are told (empty outside any protocol)."""
 
@@ -60,6 +70,7 @@ class ForwardContext:
     token_embeddings: nn.Module | None = None  # the model's input embeddings (next_token values)
     insert: bool = False  # layers that insert in training insert in evaluation too
     log: Mapping[nn.Module, list[WriteOp]] | None = None  # layer → its deferred writes; None: at once
+    collect: Mapping[nn.Module, list[NewEntries]] | None = None  # layer → what it would insert (not stored)
 
 
 OUTSIDE = ForwardContext()  # no caller said anything: writes apply at once, nothing is handed over
@@ -129,6 +140,24 @@ class MemoryProtocol:
             yield
         finally:
             _CONTEXT.reset(token)
+
+    @contextmanager
+    def collecting(self, input_ids: torch.Tensor) -> Iterator[dict[int, list[NewEntries]]]:
+        """The forward(s) inside the block hand what each inserting layer would store to the caller, by
+        block index, instead of storing it; the layers insert as in training (``novelty_threshold``).
+
+        Only a deferred protocol is accepted, so that nothing else the forward writes (LRFU references)
+        lands either: the caller drops it with :meth:`take_writes`, and the stores stay as they were.
+        """
+        if not self.deferred:
+            raise RuntimeError("collecting needs a deferred protocol (memory_protocol(model, deferred=True))")
+        found: dict[nn.Module, list[NewEntries]] = {layer: [] for layer in self.layers.values()}
+        with self.forward(input_ids, insert=True):
+            token = _CONTEXT.set(replace(_CONTEXT.get(), collect=found))
+            try:
+                yield {index: found[layer] for index, layer in self.layers.items()}
+            finally:
+                _CONTEXT.reset(token)
 
     @contextmanager
     def each_forward(self, model: nn.Module, insert: bool = False) -> Iterator[None]:

@@ -64,6 +64,7 @@ from dmt.model.checkpoint import (
 from dmt.model.families import mlp_form, mlp_path
 from dmt.model.loading import model_config_from_dict
 from dmt.model.surgery import attach_memory_layers, memory_layers, swapped_layers
+from dmt.packs.reading import use_pack
 from dmt.progress import progress_bar
 
 CONFIG = "config.json"
@@ -183,12 +184,18 @@ def read_export_config(directory: Path) -> tuple[PretrainedConfig, dict[int, Lay
 
 
 def load_pretrained(
-    directory: str | os.PathLike, *, mmap: bool = False, device: str | torch.device = "cpu"
+    directory: str | os.PathLike,
+    *,
+    mmap: bool = False,
+    device: str | torch.device = "cpu",
+    memory: str | os.PathLike | None = None,
 ) -> tuple[PreTrainedModel, Any]:
     """Load an export directory: ``(model in eval mode, tokenizer or None)``.
 
     With ``mmap=True`` store keys and values stay on disk, memory-mapped copy-on-write: the export's files
-    are never changed by using the student (writes stay in memory).
+    are never changed by using the student (writes stay in memory). ``memory`` names a memory pack made for
+    this student (``dmt-memorize``), whose entries replace the memory of the layers it holds
+    (:func:`dmt.packs.use_pack`); a pack made for another student is refused, naming both.
     """
     directory = Path(directory)
     config, configs = read_export_config(directory)
@@ -230,6 +237,8 @@ def load_pretrained(
         if (directory / "tokenizer_config.json").exists()
         else None
     )
+    if memory is not None:
+        use_pack(model, memory, str(directory))
     return model.to(device).eval(), tokenizer
 
 
@@ -239,15 +248,21 @@ def check_student_path(student: str | os.PathLike) -> None:
         raise FileNotFoundError(f"student={student}: no such export directory or .ckpt file")
 
 
-def load_student(path: str | os.PathLike) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-    """``(student in eval mode, tokenizer or None)`` from an export directory or a ``.ckpt`` file."""
+def load_student(
+    path: str | os.PathLike, memory: str | os.PathLike | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """``(student in eval mode, tokenizer or None)`` from an export directory or a ``.ckpt`` file, with
+    the memory pack ``memory`` in place of its memory when given (:func:`load_pretrained`)."""
     path = Path(path)
     if path.is_dir():
-        return load_pretrained(path)
+        return load_pretrained(path, memory=memory)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: student not found (give an export directory or a .ckpt file)")
     checkpoint = read_checkpoint(path)
-    return student_from_checkpoint(checkpoint, str(path)), checkpoint_tokenizer(checkpoint)
+    student = student_from_checkpoint(checkpoint, str(path))
+    if memory is not None:
+        use_pack(student, memory, str(path))
+    return student, checkpoint_tokenizer(checkpoint)
 
 
 def cast_memory_values(model: PreTrainedModel, value_dtype: str) -> None:

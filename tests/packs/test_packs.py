@@ -1,0 +1,221 @@
+"""Memory packs: a corpus memorised into a pack, loaded into its student, forgotten by document, merged,
+resumed after an interruption, and refused for another student."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_teacher_cfg
+
+from dmt.errors import ConfigError
+from dmt.memory import KNNStore
+from dmt.model.loading import load_teacher
+from dmt.model.persistence import load_pretrained, save_pretrained
+from dmt.model.surgery import build_student, memory_layers, memory_protocol, resolve_layer_configs
+from dmt.packs import PackError, forget_documents, memorize, merge_packs, open_pack, pack_manifest, read_pack
+from dmt.packs.files import SHARDS, read_shard
+from dmt.packs.reading import document_entries
+
+WINDOW, STRIDE = 32, 16
+PLAN = {"blocks": [3], "type": "associative", "heads": 2, "key_dim": 8, "topk": 4, "capacity": 64, "metric": "cosine"}
+
+
+def student_of(plan: dict | None = None, seed: int = 0):
+    torch.manual_seed(seed)
+    teacher = load_teacher(tiny_teacher_cfg("llama"))
+    plan = {**PLAN, "novelty_threshold": 0.0, **(plan or {})}
+    return build_student(teacher, resolve_layer_configs(plan, teacher.config)).eval()
+
+
+def documents(count: int = 4, seed: int = 3) -> list[tuple[str, torch.Tensor]]:
+    """``count`` random documents of 40-90 tokens, named ``docs/<i>``."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(40, 90, (count,), generator=generator).tolist()
+    return [(f"docs/{i}", torch.randint(0, 50257, (n,), generator=generator)) for i, n in enumerate(lengths)]
+
+
+def make_pack(student, path: Path, docs, **kwargs):
+    manifest = open_pack(path, pack_manifest(student, "tiny", WINDOW, STRIDE), False, [])
+    return memorize(student, iter(docs), path, manifest, batch_size=3, **kwargs)[0]
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer) -> Path:
+    student = student_of()
+    student(torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(9)))  # eval: no inserts
+    memory_layers(student)[3].store.insert(np.ones((3, 8), np.float32), np.ones((3, 16), np.float32))
+    return save_pretrained(student, gpt2_tokenizer, tmp_path_factory.mktemp("student") / "export")
+
+
+def stored(model) -> dict[str, np.ndarray]:
+    """The arrays of the memory layer's store: keys, values, and per-slot LRFU state and provenance."""
+    state = memory_layers(model)[3].store.state()
+    return {"keys": state.keys.copy(), "values": state.values.copy(), **{k: v.copy() for k, v in state.slots.items()}}
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+QUERY = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(11))
+
+
+def test_every_token_with_a_successor_gives_one_entry_per_head_and_the_student_is_unchanged(export, tmp_path):
+    student, _ = load_pretrained(export)
+    before = stored(student)
+    docs = documents()
+    manifest = make_pack(student, tmp_path / "pack", docs)
+    after = stored(student)  # references and inserts left the store alone (its search counter moved)
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+    assert [d.name for d in manifest.documents] == [name for name, _ in docs]
+    for document, (_, ids) in zip(manifest.documents, docs, strict=True):
+        assert document.tokens == len(ids)
+        assert document.entries == {"3": 2 * (len(ids) - 1)}  # heads x tokens that have a successor
+        arrays = read_shard(tmp_path / "pack", document, "3", 8, 16)
+        offsets = np.sort(arrays["offsets"])
+        assert np.array_equal(offsets, np.repeat(np.arange(len(ids) - 1), 2))
+    assert read_pack(tmp_path / "pack") == manifest
+
+
+def test_an_entry_is_what_the_layer_inserts_reading_the_token_in_its_window(export):
+    """The pack's entries equal what the layer itself stores when the window that scores the token's
+    successor is read inserting (first window: all; here a single window holds the document)."""
+    student, _ = load_pretrained(export)
+    ids = documents(1)[0][1][:WINDOW]
+    arrays = document_entries(student, ids, WINDOW, STRIDE, 1)["3"]
+    layer = memory_layers(student)[3]
+    layer.use_store(layer.empty_store())
+    from dmt.model.surgery import memory_protocol
+
+    with memory_protocol(student).forward(ids[None], insert=True):
+        student(input_ids=ids[None])
+    keys, values = layer.store.get(layer.store.live_ids())  # (2·32, ·): the layer stores the last token too
+    assert len(arrays["keys"]) == 2 * (WINDOW - 1)  # the pack, only the tokens with a successor
+    assert np.array_equal(keys[: 2 * (WINDOW - 1)], arrays["keys"])
+    assert np.array_equal(values[: 2 * (WINDOW - 1)], arrays["values"])
+
+
+def test_a_loaded_pack_replaces_the_memory_and_changes_the_reading(export, tmp_path):
+    make_pack(load_pretrained(export)[0], tmp_path / "pack", documents())
+    plain, _ = load_pretrained(export)
+    packed, _ = load_pretrained(export, memory=tmp_path / "pack")
+    store = memory_layers(packed)[3].store
+    manifest = read_pack(tmp_path / "pack")
+    assert len(store) == manifest.entries()["3"]
+    assert store.capacity == manifest.entries()["3"] + 64  # room for the layer's own capacity
+    first = read_shard(tmp_path / "pack", manifest.documents[0], "3", 8, 16)
+    keys, _ = store.get(np.arange(len(first["keys"])))
+    assert np.array_equal(keys, first["keys"])
+    assert not torch.allclose(logits(plain, QUERY), logits(packed, QUERY))
+
+
+def test_forgetting_documents_equals_a_pack_never_fed_them(export, tmp_path):
+    student, _ = load_pretrained(export)
+    docs = documents(5)
+    make_pack(student, tmp_path / "all", docs)
+    make_pack(student, tmp_path / "without", [docs[0], docs[2], docs[4]])
+    removed = forget_documents(tmp_path / "all", ["docs/1", "docs/[3]"])
+    assert [d.name for d in removed] == ["docs/1", "docs/3"]
+    assert len(list((tmp_path / "all" / SHARDS).iterdir())) == 3  # the shards went too
+    forgot, _ = load_pretrained(export, memory=tmp_path / "all")
+    never, _ = load_pretrained(export, memory=tmp_path / "without")
+    torch.testing.assert_close(logits(forgot, QUERY), logits(never, QUERY), rtol=0, atol=0)
+    a, b = memory_layers(forgot)[3].store, memory_layers(never)[3].store
+    assert np.array_equal(a.get(a.live_ids())[0], b.get(b.live_ids())[0])
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(export, tmp_path):
+    student, _ = load_pretrained(export)
+    docs = documents(4)
+    reference = make_pack(student, tmp_path / "reference", docs)
+
+    def interrupted():
+        yield from docs[:2]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        make_pack(student, tmp_path / "pack", interrupted())
+    assert [d.name for d in read_pack(tmp_path / "pack").documents] == ["docs/0", "docs/1"]
+    (tmp_path / "pack" / SHARDS / "000007").mkdir()  # a shard whose write was cut short
+    manifest = make_pack(student, tmp_path / "pack", docs)
+    assert not (tmp_path / "pack" / SHARDS / "000007").exists()
+    assert [replace(d, shard="") for d in manifest.documents] == [
+        replace(d, shard="") for d in reference.documents
+    ]
+    for ours, theirs in zip(manifest.documents, reference.documents, strict=True):
+        a = read_shard(tmp_path / "pack", ours, "3", 8, 16)
+        b = read_shard(tmp_path / "reference", theirs, "3", 8, 16)
+        assert all(np.array_equal(a[name], b[name]) for name in a)
+
+
+def test_merged_packs_hold_every_document_once(export, tmp_path):
+    student, _ = load_pretrained(export)
+    docs = documents(4)
+    make_pack(student, tmp_path / "a", docs[:3])
+    make_pack(student, tmp_path / "b", docs[2:])
+    make_pack(student, tmp_path / "all", docs)
+    merged = merge_packs([tmp_path / "a", tmp_path / "b"], tmp_path / "merged")
+    assert [d.name for d in merged.documents] == [name for name, _ in docs]
+    one, _ = load_pretrained(export, memory=tmp_path / "merged")
+    two, _ = load_pretrained(export, memory=tmp_path / "all")
+    torch.testing.assert_close(logits(one, QUERY), logits(two, QUERY), rtol=0, atol=0)
+
+
+def test_a_pack_of_another_student_or_other_settings_is_refused_naming_both(export, tmp_path):
+    make_pack(load_pretrained(export)[0], tmp_path / "pack", documents(2))
+    other = student_of(seed=1)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    save_pretrained(other, None, tmp_path / "other")
+    with pytest.raises(PackError, match=r"made for student tiny \(weights [0-9a-f]{12}\).*other"):
+        load_pretrained(tmp_path / "other", memory=tmp_path / "pack")
+    student, _ = load_pretrained(export)
+    layer = memory_layers(student)[3]
+    layer.cfg = replace(layer.cfg, topk=2)
+    make_pack(student, tmp_path / "topk2", documents(2))
+    with pytest.raises(PackError, match=r"3.topk: 2 vs 4"):
+        merge_packs([tmp_path / "topk2", tmp_path / "pack"], tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_a_changed_shard_is_refused_by_name(export, tmp_path):
+    make_pack(load_pretrained(export)[0], tmp_path / "pack", documents(2))
+    keys = next((tmp_path / "pack" / SHARDS / "000001").glob("*.keys.npy"))
+    data = bytearray(keys.read_bytes())
+    data[-1] ^= 0xFF
+    keys.write_bytes(bytes(data))
+    with pytest.raises(PackError, match=r"000001 \(document 'docs/1'\).*keys.npy"):
+        load_pretrained(export, memory=tmp_path / "pack")
+    (tmp_path / "pack" / "pack.json").write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(PackError, match="pack format 99"):
+        read_pack(tmp_path / "pack")
+
+
+def test_a_student_without_an_inserting_layer_names_the_experiment_that_makes_one(tmp_path):
+    student = student_of({"novelty_threshold": None})
+    with pytest.raises(ConfigError, match="experiment=associative_cache"):
+        pack_manifest(student, "tiny", WINDOW, STRIDE)
+
+
+def test_the_same_name_with_other_text_is_refused(export, tmp_path):
+    student, _ = load_pretrained(export)
+    docs = documents(2)
+    make_pack(student, tmp_path / "pack", docs)
+    with pytest.raises(PackError, match="holds a document 'docs/1' with other text"):
+        make_pack(student, tmp_path / "pack", [docs[0], ("docs/1", docs[0][1])])
+
+
+def test_a_pack_store_round_trips_through_a_saved_store(export, tmp_path):
+    """A student with a pack in place exports as any other: the pack's entries become its memory."""
+    make_pack(load_pretrained(export)[0], tmp_path / "pack", documents(2))
+    packed, tokenizer = load_pretrained(export, memory=tmp_path / "pack")
+    save_pretrained(packed, tokenizer, tmp_path / "export")
+    again, _ = load_pretrained(tmp_path / "export")
+    assert isinstance(memory_layers(again)[3].store, KNNStore)
+    torch.testing.assert_close(logits(again, QUERY), logits(packed, QUERY), rtol=0, atol=0)
