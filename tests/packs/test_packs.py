@@ -22,7 +22,8 @@ from dmt.packs.files import SHARDS, read_shard
 from dmt.packs.reading import document_entries
 
 WINDOW, STRIDE = 32, 16
-PLAN = {"blocks": [3], "type": "associative", "heads": 2, "key_dim": 8, "topk": 4, "capacity": 64, "metric": "cosine"}
+PLAN = {"blocks": [3], "type": "associative", "heads": 2, "key_dim": 8, "topk": 4, "capacity": 64}
+PLAN["metric"] = "cosine"  # distances >= 0: with novelty_threshold 0 every token is novel
 
 
 def student_of(plan: dict | None = None, seed: int = 0):
@@ -55,7 +56,8 @@ def export(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer) -> Path:
 def stored(model) -> dict[str, np.ndarray]:
     """The arrays of the memory layer's store: keys, values, and per-slot LRFU state and provenance."""
     state = memory_layers(model)[3].store.state()
-    return {"keys": state.keys.copy(), "values": state.values.copy(), **{k: v.copy() for k, v in state.slots.items()}}
+    slots = {name: array.copy() for name, array in state.slots.items()}
+    return {"keys": state.keys.copy(), "values": state.values.copy(), **slots}
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -91,7 +93,6 @@ def test_an_entry_is_what_the_layer_inserts_reading_the_token_in_its_window(expo
     arrays = document_entries(student, ids, WINDOW, STRIDE, 1)["3"]
     layer = memory_layers(student)[3]
     layer.use_store(layer.empty_store())
-    from dmt.model.surgery import memory_protocol
 
     with memory_protocol(student).forward(ids[None], insert=True):
         student(input_ids=ids[None])
