@@ -63,6 +63,9 @@ def corpus_documents(cfg: DictConfig) -> tuple[list[tuple[str, Any]], int]:
     documents = [(n, d) for n, d in documents if not any(fnmatch.fnmatchcase(n, p) for p in cfg.exclude)]
     if not documents:
         raise ConfigError("corpus: every document is excluded; nothing to memorise")
+    for _, document in documents:  # an empty or binary file is named before the student loads
+        if isinstance(document, Path):
+            read_text_file(document)
     size = sum(d.stat().st_size if isinstance(d, Path) else len(d) for _, d in documents)
     return documents, size
 

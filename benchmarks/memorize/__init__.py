@@ -1,0 +1,1 @@
+"""Memorising Shakespeare into a memory pack and reading the held-out plays (results/memorize/)."""
