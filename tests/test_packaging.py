@@ -30,6 +30,8 @@ ENTRY_POINTS = (
     "dmt-export",
     "dmt-inspect",
     "dmt-bench",
+    "dmt-memorize",
+    "dmt-forget",
 )
 TIMEOUT_S = 600
 
