@@ -48,6 +48,20 @@ def windows(seq_len: int, window: int, stride: int) -> list[tuple[int, int, int]
     return spans
 
 
+def window_batch(
+    input_ids: torch.Tensor, spans: list[tuple[int, int, int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows ``spans`` (of :func:`windows`) of ``input_ids (L,)`` as one right-padded batch: ids and
+    attention mask, ``(B, T)`` each on ``input_ids``' device, ``T`` the longest window."""
+    width = max(end - begin for begin, end, _ in spans)
+    ids = torch.zeros(len(spans), width, dtype=torch.long, device=input_ids.device)  # (B, T)
+    mask = torch.zeros_like(ids)  # (B, T)
+    for row, (begin, end, _) in enumerate(spans):
+        ids[row, : end - begin] = input_ids[begin:end]
+        mask[row, : end - begin] = 1
+    return ids, mask
+
+
 def _max_positions(model: torch.nn.Module) -> int | None:
     config = getattr(model, "config", None)
     return getattr(config, "max_position_embeddings", None)
@@ -107,13 +121,10 @@ def sliding_window_nll(
     try:
         for start in range(0, len(spans), batch_size):
             chunk = spans[start : start + batch_size]
-            width = max(end - begin for begin, end, _ in chunk)
-            ids = torch.zeros(len(chunk), width, dtype=torch.long, device=device)  # (B, T)
-            mask = torch.zeros_like(ids)  # (B, T)
+            ids, mask = window_batch(input_ids, chunk)  # (B, T) each
+            width = ids.shape[1]
             labels = torch.full_like(ids, IGNORE_INDEX)  # (B, T)
             for row, (begin, end, first) in enumerate(chunk):
-                ids[row, : end - begin] = input_ids[begin:end]
-                mask[row, : end - begin] = 1
                 labels[row, first - begin : end - begin] = input_ids[first:end]
             logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
             # Logits at t predict token t + 1; float32 so half-precision models sum NLL accurately.

@@ -25,7 +25,7 @@ import torch
 from transformers import PreTrainedModel
 
 from dmt.errors import ConfigError
-from dmt.evaluation.perplexity import windows
+from dmt.evaluation.perplexity import window_batch, windows
 from dmt.files import check_directory_target, write_directory
 from dmt.layers import MemoryLayer
 from dmt.model.surgery import memory_layers, memory_protocol
@@ -110,43 +110,41 @@ def document_entries(
     layers = inserting_layers(model)
     protocol = memory_protocol(model, deferred=True)
     device = next(model.parameters()).device
-    found: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {i: [] for i in layers}
+    found = {  # each layer's parts, starting from none
+        index: {
+            "keys": [np.zeros((0, layer.key_dim), np.float32)],
+            "values": [np.zeros((0, layer.entry_dim), np.float32)],
+            "offsets": [np.zeros(0, np.int64)],
+        }
+        for index, layer in layers.items()
+    }
     spans = windows(input_ids.numel(), window, stride) if input_ids.numel() >= 2 else []
     for start in range(0, len(spans), batch_size):
         chunk = spans[start : start + batch_size]
-        width = max(end - begin for begin, end, _ in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)  # (B, T)
-        mask = torch.zeros_like(ids)  # (B, T)
-        for row, (begin, end, _) in enumerate(chunk):
-            ids[row, : end - begin], mask[row, : end - begin] = input_ids[begin:end], 1
-        with protocol.collecting(ids.to(device)) as handed:
+        ids, mask = window_batch(input_ids.to(device), chunk)  # (B, T) each
+        with protocol.collecting(ids) as handed:
             # The decoder alone: the stores are all inside it, and the logits would cost a fifth more.
-            model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            model.base_model(input_ids=ids, attention_mask=mask)
         protocol.take_writes()  # the references of the searches: dropped, the stores stay as they were
         begins, ends, firsts = (np.array(column) for column in zip(*chunk, strict=True))
         for index, entries in handed.items():
             for new in entries:
-                row, position = np.divmod(new.rows // layers[index].heads, width)
+                row, position = np.divmod(new.rows // layers[index].heads, ids.shape[1])
                 offset = begins[row] + position  # the token the entry was read at
                 # A token gives an entry in the window that scores its successor (perplexity's windows).
                 keep = (offset >= firsts[row] - 1) & (offset < ends[row] - 1)
-                found[index].append((new.keys[keep], new.values[keep], offset[keep].astype(np.int64)))
+                for name, array in (("keys", new.keys), ("values", new.values), ("offsets", offset)):
+                    found[index][name].append(array[keep])
         if progress is not None:
             progress(int(sum(end - first for _, end, first in chunk)))
-    out = {}
-    for index, parts in found.items():
-        value_dtype = np.dtype(layers[index].cfg.value_dtype)
-        layer = layers[index]
-        out[str(index)] = {
-            "keys": np.concatenate([p[0] for p in parts])
-            if parts
-            else np.zeros((0, layer.key_dim), np.float32),
-            "values": (
-                np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, layer.entry_dim), np.float32)
-            ).astype(value_dtype),
-            "offsets": np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int64),
+    return {
+        str(index): {
+            "keys": np.concatenate(parts["keys"]),
+            "values": np.concatenate(parts["values"]).astype(layers[index].cfg.value_dtype),
+            "offsets": np.concatenate(parts["offsets"]).astype(np.int64),
         }
-    return out
+        for index, parts in found.items()
+    }
 
 
 def open_pack(target: Path, fresh: PackManifest, force: bool, keep: Iterable[Path]) -> PackManifest:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import tiny_teacher_cfg
 
+import dmt.packs.files
 from dmt.errors import ConfigError
 from dmt.memory import KNNStore
 from dmt.model.loading import load_teacher
@@ -220,3 +221,20 @@ def test_a_pack_store_round_trips_through_a_saved_store(export, tmp_path):
     again, _ = load_pretrained(tmp_path / "export")
     assert isinstance(memory_layers(again)[3].store, KNNStore)
     torch.testing.assert_close(logits(again, QUERY), logits(packed, QUERY), rtol=0, atol=0)
+
+
+def test_a_full_disk_leaves_the_pack_as_it_was(export, tmp_path, monkeypatch):
+    student, _ = load_pretrained(export)
+    docs = documents(3)
+    make_pack(student, tmp_path / "pack", docs[:1])
+
+    def full(path, array):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dmt.packs.files, "write_array", full)
+    with pytest.raises(OSError, match=r"saving to .*pack/shards/000001 failed: No space left on device"):
+        make_pack(student, tmp_path / "pack", docs)
+    monkeypatch.undo()
+    assert [d.name for d in read_pack(tmp_path / "pack").documents] == ["docs/0"]
+    assert sorted(p.name for p in (tmp_path / "pack" / SHARDS).iterdir()) == ["000000"]
+    load_pretrained(export, memory=tmp_path / "pack")  # still loads
