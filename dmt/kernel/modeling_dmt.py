@@ -23,12 +23,14 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import torch
 import transformers
 from transformers import PreTrainedModel
 
 from .configuration_dmt import CLASS_PREFIX, student_config_class
+from .pack_files import pack_entries, read_pack_json, weights_fingerprint
 from .read import swapped_module
-from .store_files import read_store
+from .store_files import StoreFileError, read_store
 
 # The export layout this code reads (dmt.model.persistence writes it).
 EXPORT_FORMAT_VERSION = 5
@@ -63,10 +65,35 @@ class StudentMixin:
                     *read_store(store, layer.key_dim, layer.value_dim + layer.gate_dim, layer.metric)
                 )
 
+    def load_pack(self, pack: str | os.PathLike, verify: bool = True) -> None:
+        """Read the entries of the memory pack ``pack`` (``dmt-memorize``) into the layers it holds, in
+        place of their memory. A pack made for another student (its weights' fingerprint) or with other
+        layer settings is refused, naming both."""
+        pack = Path(pack)
+        raw = read_pack_json(pack)
+        student = raw["student"]
+        fingerprint = weights_fingerprint(self)
+        if student["fingerprint"] != fingerprint:
+            raise StoreFileError(
+                f"pack {pack} was made for student {student['name']} (weights "
+                f"{student['fingerprint'][:12]}), not this one (weights {fingerprint[:12]})"
+            )
+        for index, settings in raw["layers"].items():
+            block = self.config.dmt["blocks"].get(index)
+            if block is None or self.config.dmt["layers"][index] != settings:
+                raise StoreFileError(f"pack {pack}: block {index} has other settings, or no memory, here")
+            layer = self.get_submodule(block["module"])
+            keys, entries = pack_entries(
+                pack, raw, index, layer.key_dim, layer.value_dim + layer.gate_dim, verify
+            )
+            layer.load_entries(keys, entries, torch.ones(len(keys), dtype=torch.bool))
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
         """The base class's ``from_pretrained`` of the ``dmt`` weights variant, then the memory: from the
-        export directory, or (a hub repository id) from its ``memory/`` files, downloaded like the weights."""
+        export directory, or (a hub repository id) from its ``memory/`` files, downloaded like the weights;
+        or, given ``dmt_memory=PACK``, from that memory pack (:meth:`load_pack`)."""
+        pack = kwargs.pop("dmt_memory", None)
         kwargs.setdefault("variant", WEIGHTS_VARIANT)
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         directory = Path(pretrained_model_name_or_path)
@@ -82,6 +109,8 @@ class StudentMixin:
                 )
             )
         model.load_memory(directory)
+        if pack is not None:
+            model.load_pack(pack)
         return model
 
 

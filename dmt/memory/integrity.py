@@ -58,10 +58,10 @@ def write_array(path: Path, array: np.ndarray) -> FileRecord:
 
 
 @contextmanager
-def store_errors() -> Iterator[None]:
-    """Report the checks of :mod:`dmt.kernel.store_files` (a ``StoreFileError``) as a
-    :class:`MemoryStoreError`, which commands report by name."""
+def store_errors(kind: type[InputFileError] = MemoryStoreError) -> Iterator[None]:
+    """Report the checks of :mod:`dmt.kernel` on files (a ``StoreFileError``) as a ``kind`` (by default
+    :class:`MemoryStoreError`), which commands report by name."""
     try:
         yield
     except StoreFileError as error:
-        raise MemoryStoreError(str(error)) from error
+        raise kind(str(error)) from error

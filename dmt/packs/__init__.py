@@ -5,7 +5,7 @@
 """
 
 from dmt.packs.files import PackError, PackManifest, forget_documents, merge_packs, read_pack
-from dmt.packs.reading import memorize, open_pack, pack_manifest, student_fingerprint, use_pack
+from dmt.packs.reading import memorize, open_pack, pack_manifest, use_pack
 
 __all__ = [
     "PackError",
@@ -16,6 +16,5 @@ __all__ = [
     "open_pack",
     "pack_manifest",
     "read_pack",
-    "student_fingerprint",
     "use_pack",
 ]

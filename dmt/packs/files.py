@@ -16,7 +16,8 @@ then ``pack.json`` is replaced atomically to list it (:func:`dmt.files.atomic_fi
 any moment leaves either no ``pack.json`` (no pack) or one that lists only complete shards; shards that
 it does not list are the leftovers of an interrupted write and are removed by the next write. A pack is
 read without pickle (``.npy`` with ``allow_pickle=False``, JSON), and every shard is checked against its
-manifest before its arrays are used.
+manifest before its arrays are used, by :mod:`dmt.kernel.pack_files`, which an export loaded with plain
+``transformers`` reads packs with too.
 
 Entries of one document do not depend on any other document (the student reads each with its own memory,
 not the pack's), so packs combine by concatenating their documents (:func:`merge_packs`) and forgetting a
@@ -37,14 +38,16 @@ import numpy as np
 
 from dmt.errors import InputFileError
 from dmt.files import atomic_file, write_directory
+from dmt.kernel.pack_files import (
+    ARRAYS,
+    PACK_FORMAT_VERSION,
+    PACK_MANIFEST,
+    SHARDS,
+    array_file,
+    read_pack_json,
+)
 from dmt.kernel.store_files import MANIFEST as SHARD_MANIFEST
-from dmt.kernel.store_files import StoreFileError, read_manifest, verify_files
-from dmt.memory.integrity import write_array
-
-PACK_FORMAT_VERSION = 1
-PACK_MANIFEST = "pack.json"
-SHARDS = "shards"
-ARRAYS = ("keys", "values", "offsets")
+from dmt.memory.integrity import store_errors, write_array
 
 
 class PackError(InputFileError):
@@ -66,9 +69,8 @@ class PackDocument:
 class PackManifest:
     """What ``pack.json`` says (module docstring)."""
 
-    student: dict[
-        str, str
-    ]  # {"fingerprint": SHA-256 of the student's weights, "name": what it was loaded from}
+    # {"fingerprint": SHA-256 of the student's weights, "name": what it was loaded from}
+    student: dict[str, str]
     layers: dict[str, dict[str, Any]]  # block index → the layer's settings (LayerConfig.to_dict())
     reading: dict[str, int]  # {"window": ..., "stride": ...}
     documents: list[PackDocument] = field(default_factory=list)
@@ -82,37 +84,21 @@ class PackManifest:
         return asdict(self)
 
 
-def array_file(layer: str, name: str) -> str:
-    """The file of array ``name`` of layer ``layer`` (a block index) in a shard."""
-    return f"layer_{int(layer):02d}.{name}.npy"
-
-
 def is_pack(directory: Path) -> bool:
     """Whether ``directory`` holds a pack (its ``pack.json`` exists)."""
     return (directory / PACK_MANIFEST).is_file()
 
 
 def read_pack(directory: str | Path) -> PackManifest:
-    """The manifest of the pack ``directory``, checked for shape (not its shards: :func:`read_shard`).
+    """The manifest of the pack ``directory``, checked for shape (its shards are checked as they are read:
+    :func:`dmt.kernel.pack_files.read_shard`).
 
     Raises:
         PackError: naming the directory or ``pack.json`` when it is not a pack of this format.
     """
     directory = Path(directory)
-    path = directory / PACK_MANIFEST
-    if not directory.is_dir():
-        raise PackError(f"{directory}: no such memory pack directory")
-    if not path.is_file():
-        raise PackError(f"{directory}: not a memory pack (no {PACK_MANIFEST}; dmt-memorize writes packs)")
-    try:
-        raw = json.loads(path.read_bytes())
-    except ValueError as err:
-        raise PackError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(raw, dict) or raw.get("format_version") != PACK_FORMAT_VERSION:
-        version = raw.get("format_version") if isinstance(raw, dict) else None
-        raise PackError(
-            f"{path}: pack format {version!r} is not the one this dmt reads ({PACK_FORMAT_VERSION})"
-        )
+    with store_errors(PackError):
+        raw = read_pack_json(directory)
     try:
         documents = [PackDocument(**document) for document in raw["documents"]]
         manifest = PackManifest(
@@ -122,10 +108,10 @@ def read_pack(directory: str | Path) -> PackManifest:
             documents=documents,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise PackError(f"{path}: malformed ({err!r})") from err
+        raise PackError(f"{directory / PACK_MANIFEST}: malformed ({err!r})") from err
     for document in documents:
         if Path(document.shard).name != document.shard or not document.shard.isdigit():
-            raise PackError(f"{path}: shard {document.shard!r} of {document.name!r} is not a shard name")
+            raise PackError(f"{directory / PACK_MANIFEST}: {document.shard!r} is not a shard name")
     return manifest
 
 
@@ -160,38 +146,6 @@ def write_shard(directory: Path, shard: str, arrays: Mapping[str, Mapping[str, n
         )
 
     write_directory(directory / SHARDS / shard, write)
-
-
-def read_shard(
-    directory: Path, document: PackDocument, layer: str, key_dim: int, entry_dim: int, verify: bool = True
-) -> dict[str, np.ndarray]:
-    """The ``keys``, ``values`` and ``offsets`` of ``document`` for ``layer``, checked against the shard's
-    manifest (sizes; with ``verify`` also SHA-256) and the layer's widths.
-
-    Raises:
-        PackError: naming the file that is missing, changed or of the wrong shape.
-    """
-    shard = directory / SHARDS / document.shard
-    names = [array_file(layer, name) for name in ARRAYS]
-    try:
-        verify_files(shard, read_manifest(shard)["files"], names, checksums=verify)
-    except (StoreFileError, FileNotFoundError, KeyError, TypeError) as err:
-        raise PackError(f"{shard} (document {document.name!r}): {err}") from err
-    arrays = {}
-    for name, file in zip(ARRAYS, names, strict=True):
-        try:
-            arrays[name] = np.load(shard / file, allow_pickle=False)
-        except ValueError as err:
-            raise PackError(f"{shard / file}: not a numpy array file ({err})") from err
-    count = document.entries.get(layer, 0)
-    expected = {"keys": (count, key_dim), "values": (count, entry_dim), "offsets": (count,)}
-    for name, shape in expected.items():
-        if arrays[name].shape != shape or arrays[name].dtype.kind not in "fi":
-            raise PackError(
-                f"{shard / array_file(layer, name)}: {arrays[name].dtype} {arrays[name].shape}, "
-                f"expected {shape} as pack.json records"
-            )
-    return arrays
 
 
 def matching(documents: Iterable[PackDocument], patterns: Iterable[str]) -> list[PackDocument]:

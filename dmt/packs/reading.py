@@ -27,7 +27,9 @@ from transformers import PreTrainedModel
 from dmt.errors import ConfigError
 from dmt.evaluation.perplexity import window_batch, windows
 from dmt.files import check_directory_target, write_directory
+from dmt.kernel.pack_files import pack_entries, weights_fingerprint
 from dmt.layers import MemoryLayer
+from dmt.memory.integrity import store_errors
 from dmt.model.surgery import memory_layers, memory_protocol
 from dmt.packs.files import (
     SHARDS,
@@ -37,7 +39,6 @@ from dmt.packs.files import (
     is_pack,
     next_shard,
     read_pack,
-    read_shard,
     same_maker,
     write_manifest,
     write_shard,
@@ -45,17 +46,6 @@ from dmt.packs.files import (
 
 # Experiments whose students have a memory layer that inserts, named when a student has none.
 INSERTING_EXPERIMENTS = "experiment=associative_cache"
-
-
-def student_fingerprint(model: PreTrainedModel) -> str:
-    """SHA-256 over the student's dense weights (names, dtypes, shapes and bytes, in name order): equal for
-    a student loaded from its checkpoint and from its export, different after any training step."""
-    sha = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        sha.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        sha.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return sha.hexdigest()
 
 
 def inserting_layers(model: PreTrainedModel) -> dict[int, MemoryLayer]:
@@ -84,7 +74,7 @@ def inserting_layers(model: PreTrainedModel) -> dict[int, MemoryLayer]:
 def pack_manifest(model: PreTrainedModel, name: str, window: int, stride: int) -> PackManifest:
     """The manifest of an empty pack of ``model`` (loaded from ``name``), read with ``window``/``stride``."""
     return PackManifest(
-        student={"fingerprint": student_fingerprint(model), "name": name},
+        student={"fingerprint": weights_fingerprint(model), "name": name},
         layers={str(i): layer.cfg.to_dict() for i, layer in inserting_layers(model).items()},
         reading={"window": window, "stride": stride},
     )
@@ -210,7 +200,7 @@ def memorize(
 def check_pack_fits(model: PreTrainedModel, manifest: PackManifest, pack: Path, student: str) -> None:
     """Refuse a pack made for another student or other layer settings, naming both."""
     fresh = PackManifest(
-        student={"fingerprint": student_fingerprint(model), "name": student},
+        student={"fingerprint": weights_fingerprint(model), "name": student},
         layers={
             str(i): layer.cfg.to_dict()
             for i, layer in memory_layers(model).items()
@@ -238,12 +228,14 @@ def use_pack(model: PreTrainedModel, pack: str | Path, student: str, verify: boo
     manifest = read_pack(pack)
     check_pack_fits(model, manifest, pack, student)
     layers = memory_layers(model)
-    totals = manifest.entries()
+    raw = manifest.to_json()
     for key in manifest.layers:
         layer = layers[int(key)]
-        store = layer.empty_store(capacity=totals[key] + layer.cfg.capacity)
-        for document in manifest.documents:
-            arrays = read_shard(pack, document, key, layer.key_dim, layer.entry_dim, verify)
-            store.insert(arrays["keys"], arrays["values"])
+        with store_errors(PackError):
+            keys, entries = pack_entries(
+                pack, raw, key, layer.key_dim, layer.entry_dim, verify
+            )  # (M, Dk), (M, E)
+        store = layer.empty_store(capacity=len(keys) + layer.cfg.capacity)
+        store.insert(keys.numpy(), entries.numpy())
         layer.use_store(store)
     return manifest

@@ -14,12 +14,12 @@ from conftest import tiny_teacher_cfg
 
 import dmt.packs.files
 from dmt.errors import ConfigError
+from dmt.kernel.pack_files import SHARDS, read_shard
 from dmt.memory import KNNStore
 from dmt.model.loading import load_teacher
 from dmt.model.persistence import load_pretrained, save_pretrained
 from dmt.model.surgery import build_student, memory_layers, memory_protocol, resolve_layer_configs
 from dmt.packs import PackError, forget_documents, memorize, merge_packs, open_pack, pack_manifest, read_pack
-from dmt.packs.files import SHARDS, read_shard
 from dmt.packs.reading import document_entries
 
 WINDOW, STRIDE = 32, 16
@@ -54,6 +54,11 @@ def export(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer) -> Path:
     return save_pretrained(student, gpt2_tokenizer, tmp_path_factory.mktemp("student") / "export")
 
 
+def shard_arrays(pack: Path, document) -> dict[str, np.ndarray]:
+    """The arrays ``document`` of ``pack`` gave the layer of block 3 (8-wide keys, 16-wide values)."""
+    return read_shard(pack / SHARDS / document.shard, "3", document.entries["3"], 8, 16)
+
+
 def stored(model) -> dict[str, np.ndarray]:
     """The arrays of the memory layer's store: keys, values, and per-slot LRFU state and provenance."""
     state = memory_layers(model)[3].store.state()
@@ -80,7 +85,7 @@ def test_every_token_with_a_successor_gives_one_entry_per_head_and_the_student_i
     for document, (_, ids) in zip(manifest.documents, docs, strict=True):
         assert document.tokens == len(ids)
         assert document.entries == {"3": 2 * (len(ids) - 1)}  # heads x tokens that have a successor
-        arrays = read_shard(tmp_path / "pack", document, "3", 8, 16)
+        arrays = shard_arrays(tmp_path / "pack", document)
         offsets = np.sort(arrays["offsets"])
         assert np.array_equal(offsets, np.repeat(np.arange(len(ids) - 1), 2))
     assert read_pack(tmp_path / "pack") == manifest
@@ -111,7 +116,7 @@ def test_a_loaded_pack_replaces_the_memory_and_changes_the_reading(export, tmp_p
     manifest = read_pack(tmp_path / "pack")
     assert len(store) == manifest.entries()["3"]
     assert store.capacity == manifest.entries()["3"] + 64  # room for the layer's own capacity
-    first = read_shard(tmp_path / "pack", manifest.documents[0], "3", 8, 16)
+    first = shard_arrays(tmp_path / "pack", manifest.documents[0])
     keys, _ = store.get(np.arange(len(first["keys"])))
     assert np.array_equal(keys, first["keys"])
     assert not torch.allclose(logits(plain, QUERY), logits(packed, QUERY))
@@ -151,8 +156,8 @@ def test_an_interrupted_run_resumes_where_it_stopped(export, tmp_path):
         replace(d, shard="") for d in reference.documents
     ]
     for ours, theirs in zip(manifest.documents, reference.documents, strict=True):
-        a = read_shard(tmp_path / "pack", ours, "3", 8, 16)
-        b = read_shard(tmp_path / "reference", theirs, "3", 8, 16)
+        a = shard_arrays(tmp_path / "pack", ours)
+        b = shard_arrays(tmp_path / "reference", theirs)
         assert all(np.array_equal(a[name], b[name]) for name in a)
 
 
@@ -192,7 +197,7 @@ def test_a_changed_shard_is_refused_by_name(export, tmp_path):
     data = bytearray(keys.read_bytes())
     data[-1] ^= 0xFF
     keys.write_bytes(bytes(data))
-    with pytest.raises(PackError, match=r"000001 \(document 'docs/1'\).*keys.npy"):
+    with pytest.raises(PackError, match=r"000001/layer_03.keys.npy: checksum mismatch.*'docs/1'"):
         load_pretrained(export, memory=tmp_path / "pack")
     (tmp_path / "pack" / "pack.json").write_text(json.dumps({"format_version": 99}))
     with pytest.raises(PackError, match="pack format 99"):
@@ -238,3 +243,24 @@ def test_a_full_disk_leaves_the_pack_as_it_was(export, tmp_path, monkeypatch):
     assert [d.name for d in read_pack(tmp_path / "pack").documents] == ["docs/0"]
     assert sorted(p.name for p in (tmp_path / "pack" / SHARDS).iterdir()) == ["000000"]
     load_pretrained(export, memory=tmp_path / "pack")  # still loads
+
+
+def test_plain_transformers_reads_a_pack_as_dmt_does(export, tmp_path):
+    """``from_pretrained(export, trust_remote_code=True, dmt_memory=PACK)``: the kernel reads the pack
+    and gives dmt's logits; another student's pack is refused there too."""
+    from transformers import AutoModelForCausalLM
+
+    make_pack(load_pretrained(export)[0], tmp_path / "pack", documents(3))
+    remote = AutoModelForCausalLM.from_pretrained(
+        export, trust_remote_code=True, dmt_memory=tmp_path / "pack"
+    )
+    ours, _ = load_pretrained(export, memory=tmp_path / "pack")
+    torch.testing.assert_close(logits(remote.eval(), QUERY), logits(ours, QUERY))
+    other = student_of(seed=1)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    save_pretrained(other, None, tmp_path / "other")
+    with pytest.raises(ValueError, match="was made for student tiny"):  # the remote StoreFileError
+        AutoModelForCausalLM.from_pretrained(
+            tmp_path / "other", trust_remote_code=True, dmt_memory=tmp_path / "pack"
+        )
