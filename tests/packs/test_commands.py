@@ -16,6 +16,7 @@ import torch
 from conftest import REPO, tiny_teacher_cfg
 
 from dmt.evaluation.__main__ import main as eval_main
+from dmt.evaluation.long_document import main as long_document_main
 from dmt.forget import main as forget_main
 from dmt.inspect import main as inspect_main
 from dmt.memorize import main as memorize_main
@@ -192,3 +193,12 @@ def test_a_killed_memorize_leaves_a_pack_that_a_rerun_completes(export, tmp_path
     strip = [(d.name, d.digest, d.entries) for d in resumed.documents]
     assert strip == [(d.name, d.digest, d.entries) for d in whole.documents]
     assert sorted(p.name for p in (pack / "shards").iterdir()) == sorted(d.shard for d in resumed.documents)
+
+
+def test_a_long_document_is_read_with_a_pack(export, corpus, monkeypatch, capsys):
+    assert run(memorize_main, [f"student={export}", "corpus=[notes]", "output=p", *SMALL], monkeypatch) == 0
+    argv = [*TINY_TEACHER, f"student={export}", "memory=p", "document=notes/note2.txt", *SMALL]
+    assert run(long_document_main, [*argv, "output=ld.json", "hydra.run.dir=run"], monkeypatch) == 0
+    rows = json.loads(Path("ld.json").read_text())["rows"]
+    inserting = next(row for row in rows if row["name"] == "student, inserting")
+    assert inserting["entries_inserted"] > 0 and inserting["entries_evicted"] == 0  # room beside the pack
