@@ -66,15 +66,12 @@ def corpus_documents(cfg: DictConfig) -> tuple[list[tuple[str, Any]], int]:
     for _, document in documents:  # an empty or binary file is named before the student loads
         if isinstance(document, Path):
             read_text_file(document)
-    size = sum(d.stat().st_size if isinstance(d, Path) else len(d) for _, d in documents)
-    return documents, size
+    return documents, sum(characters(document) for _, document in documents)
 
 
-def token_stream(documents: list[tuple[str, Any]], tokenizer: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each document's name and token ids ``(L,)``, read and tokenised only when it is its turn."""
-    for name, document in documents:
-        text = read_text_file(document) if isinstance(document, Path) else document
-        yield name, torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+def characters(document: Path | str) -> int:
+    """The size of a document: a file's bytes, or a text's characters."""
+    return document.stat().st_size if isinstance(document, Path) else len(document)
 
 
 def run_memorize(cfg: DictConfig) -> dict[str, Any]:
@@ -94,7 +91,7 @@ def run_memorize(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError("student: required; give student=<path> (an export or .ckpt)")
     check_student_path(cfg.student)
     check_windows(cfg.window, cfg.stride, cfg.batch_size)
-    documents, characters = corpus_documents(cfg)
+    documents, total_size = corpus_documents(cfg)
     keep = [Path(cfg.student), *(Path(path) for path in cfg.corpus)]
     check_directory_target(target, is_pack, "memory pack", cfg.force, keep, force_hint="force=true")
     student, tokenizer = load_student(cfg.student)
@@ -103,17 +100,17 @@ def run_memorize(cfg: DictConfig) -> dict[str, Any]:
     manifest = open_pack(
         target, pack_manifest(student, str(cfg.student), cfg.window, cfg.stride), cfg.force, keep
     )
-    start, chars_done = time.perf_counter(), 0
-    with progress_bar(characters // 4, "memorising") as bar:
+    start, done = time.perf_counter(), 0
+    with progress_bar(total_size // 4, "memorising") as bar:
 
         def stream() -> Iterator[tuple[str, torch.Tensor]]:
-            nonlocal chars_done
-            for (name, document), (_, input_ids) in zip(
-                documents, token_stream(documents, tokenizer), strict=True
-            ):
-                yield name, input_ids
-                chars_done += document.stat().st_size if isinstance(document, Path) else len(document)
-                bar.total = max(bar.n, round(bar.n / chars_done * characters))  # tokens expected in all
+            """Each document's name and token ids ``(L,)``, read and tokenised only when it is its turn."""
+            nonlocal done
+            for name, document in documents:
+                text = read_text_file(document) if isinstance(document, Path) else document
+                yield name, torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+                done += characters(document)
+                bar.total = max(bar.n, round(bar.n / done * total_size))  # tokens expected in all
 
         manifest, read = memorize(student, stream(), target, manifest, cfg.batch_size, bar.update)
     seconds = time.perf_counter() - start
