@@ -22,7 +22,9 @@ widths, ``K`` neighbours read: ``topk``, or fewer while the store holds fewer en
   ``n · Dk``; ``hnsw`` walks a graph whose hops hnswlib does not report, so its count is an *estimate*,
   ``max(ef, K) · M`` distance evaluations of ``Dk`` (``MultiplyAdds.search_estimated``); ``cells``
   scores ``2n`` sub-keys and then the keys filed in its ``probe_cells`` cells, whose number is estimated
-  as their mean, ``entries · probe_cells / n²``, plus the keys not filed yet. Ranking by
+  as their mean, ``entries · probe_cells / n²``, plus the keys not filed yet; a trained ``faiss`` index
+  scores its ``nlist`` centroids and the keys of its ``nprobe`` lists, estimated as
+  ``entries · nprobe / nlist`` (exact search before training). Ranking by
   ``|q·k|`` (``ranking: magnitude``) costs the index's ``magnitude_searches``: ``exact`` and ``product``
   rank in one pass over their scores, ``hnsw`` searches twice, for ``q`` and ``-q``.
 - ``read``, per head query: the distances to the ``K`` returned keys recomputed (differentiably),
@@ -103,11 +105,20 @@ def search_multiply_adds(layer: MemoryLayer, entries: int) -> tuple[int, bool]:
         n, probe = params["cells_per_half"], params["probe_cells"]
         candidates = min(entries, math.ceil(entries * probe / n**2) + layer.store.pending_entries)
         cost = (n + candidates) * key_dim if k else 0
+    elif backend == "faiss":
+        # Exact until trained; then the centroids, and the keys of the probed lists (entries / nlist each
+        # on average).
+        state = layer.store.index_state
+        if not state["trained"]:
+            cost = entries * key_dim
+        else:
+            nlist, nprobe = state["nlist"], state["nprobe"] or 1
+            cost = (nlist + min(entries, math.ceil(entries * nprobe / nlist))) * key_dim if k else 0
     else:
         raise ValueError(f"swap.index.backend: no multiply-add count for the {backend!r} index")
     by_magnitude = cfg.ranking == "magnitude"
     searches = index_class(backend).magnitude_searches if by_magnitude else 1
-    return searches * cost, backend in ("hnsw", "cells")
+    return searches * cost, backend in ("hnsw", "cells", "faiss")
 
 
 def memory_multiply_adds(layer: MemoryLayer, entries: int) -> MultiplyAdds:

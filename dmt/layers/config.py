@@ -103,7 +103,8 @@ class MemoryConfig(LayerConfig):
     farther than this (in the store's metric); ``None`` disables inserts. A full store makes room by evicting
     (``eviction``: ``lrfu`` with ``lrfu_lambda``, ``fifo`` or ``random``). ``value_dtype`` is the stores'
     storage type of values (computation stays float32); ``index`` the key index settings of
-    :mod:`dmt.memory.backends` (``backend: auto | exact | hnsw | product | cells`` and each backend's own).
+    :mod:`dmt.memory.backends` (``backend: auto | exact | hnsw | product | cells | faiss`` and each
+    backend's own).
     ``value_lr``: the write-back SGD rate of the stored values returned in training.
 
     How a layer weights what it read: ``weighting`` turns an entry's score into its weight (``softmax``

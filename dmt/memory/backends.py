@@ -10,6 +10,9 @@
 - ``cells`` (:class:`dmt.memory.cells.CellIndex`): the store's own keys filed into ``n²`` product-key
   cells, a query ranking exactly the keys of its ``probe_cells`` nearest cells; inserts are row copies.
   Never chosen by ``auto``: its recall depends on how the keys cluster (``ip``/``cosine`` only).
+- ``faiss`` (:class:`dmt.memory.faiss_ivf.FaissIndex`): faiss's inverted file (IVF-Flat), trained on the
+  store's own keys once it holds enough of them (exact search before), ``nprobe`` calibrated on real
+  queries; inserts and evictions add and remove by id.
 
 ``auto`` takes ``exact`` while ``capacity · dim`` is at most :data:`EXACT_MAX_WORK` (a 131,072-entry store
 of 64-d keys): at that size exact search costs about what hnswlib costs at ``ef_search=64`` while returning
@@ -25,15 +28,17 @@ import numpy as np
 
 from dmt.memory.cells import CellIndex
 from dmt.memory.exact import ExactIndex
+from dmt.memory.faiss_ivf import FaissIndex
 from dmt.memory.hnsw import HnswIndex
 from dmt.memory.index import KeyIndex
 from dmt.memory.product import ProductKeyIndex
 
-BACKENDS: tuple[str, ...] = ("auto", "hnsw", "exact", "product", "cells")
+BACKENDS: tuple[str, ...] = ("auto", "hnsw", "exact", "product", "cells", "faiss")
 EXACT_MAX_WORK = 131072 * 64
 HNSW_PARAMS = ("M", "ef_construction", "ef_search", "num_threads")
 CELL_PARAMS = ("cells_per_half", "probe_cells")
-INDEX_PARAMS = (*HNSW_PARAMS, *CELL_PARAMS)
+FAISS_PARAMS = ("nlist", "nprobe")
+INDEX_PARAMS = (*HNSW_PARAMS, *CELL_PARAMS, *FAISS_PARAMS)
 # The settings each backend reads; ``auto`` takes hnsw's, read when it becomes hnsw (a large store). Stores
 # built in code may pass every backend's settings (each backend ignores the others'); a config is held to
 # its backend's own (check_index_settings), so that a setting it names is one that applies.
@@ -43,6 +48,7 @@ BACKEND_PARAMS: dict[str, tuple[str, ...]] = {
     "exact": (),
     "product": (),
     "cells": CELL_PARAMS,
+    "faiss": FAISS_PARAMS,
 }
 
 
@@ -62,8 +68,8 @@ class IndexSettingError(ValueError):
 
 
 def resolve_backend(backend: str, dim: int, capacity: int) -> str:
-    """The concrete backend (``hnsw``, ``exact``, ``product`` or ``cells``) that ``backend`` names for this
-    shape."""
+    """The concrete backend (``hnsw``, ``exact``, ``product``, ``cells`` or ``faiss``) that ``backend`` names
+    for this shape."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown index backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
@@ -97,18 +103,22 @@ def check_index_settings(params: dict[str, Any], dim: int, metric: str, capacity
         ProductKeyIndex.check_shape(dim, metric, capacity)
     elif backend == "cells":
         CellIndex.check_settings(dim, metric, capacity, own.get("cells_per_half"), own.get("probe_cells"))
+    elif backend == "faiss":
+        FaissIndex.check_settings(own.get("nlist"), own.get("nprobe"))
     return backend
 
 
 def index_class(backend: str) -> type[KeyIndex]:
     """The class of a concrete backend."""
-    return {"hnsw": HnswIndex, "exact": ExactIndex, "product": ProductKeyIndex, "cells": CellIndex}[backend]
+    classes = (HnswIndex, ExactIndex, ProductKeyIndex, CellIndex, FaissIndex)
+    return {cls.backend: cls for cls in classes}[backend]
 
 
 def make_index(dim: int, metric: str, capacity: int, **params: Any) -> KeyIndex:
-    """A new index: ``backend`` (``auto`` | ``hnsw`` | ``exact`` | ``product`` | ``cells``, default ``hnsw``)
-    plus the hnsw settings ``M``, ``ef_construction``, ``ef_search``, ``num_threads`` and the cells ones
-    ``cells_per_half``, ``probe_cells`` (each ignored by the other backends)."""
+    """A new index: ``backend`` (``auto`` | ``hnsw`` | ``exact`` | ``product`` | ``cells`` | ``faiss``,
+    default ``hnsw``) plus the hnsw settings ``M``, ``ef_construction``, ``ef_search``, ``num_threads``, the
+    cells ones ``cells_per_half``, ``probe_cells`` and the faiss ones ``nlist``, ``nprobe`` (each ignored
+    by the other backends)."""
     backend, own = _split_params(params, dim, capacity)
     return index_class(backend)(dim, metric, capacity, **own)
 

@@ -106,6 +106,12 @@ class KeyIndex(ABC):
         return labels.to(queries.device), distances.to(queries.device)  # the one host→device copy
 
     @property
+    def search_state(self) -> dict[str, Any]:
+        """What the index derived at run time and a report should show (faiss: its lists and probes);
+        empty for an index whose settings say everything."""
+        return {}
+
+    @property
     def pending_entries(self) -> int:
         """Points not filed into the index's search structure yet, searched exactly meanwhile (cells)."""
         return 0

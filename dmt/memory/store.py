@@ -117,13 +117,19 @@ class KNNStore:
 
     @property
     def index_backend(self) -> str:
-        """The concrete key index in use: ``hnsw``, ``exact``, ``product`` or ``cells``."""
+        """The concrete key index in use: ``hnsw``, ``exact``, ``product``, ``cells`` or ``faiss``."""
         return self._index.backend
 
     @property
     def index_params(self) -> dict[str, Any]:
         """The key index's settings, as :func:`~dmt.memory.backends.make_index` takes them."""
         return self._index.params
+
+    @property
+    def index_state(self) -> dict[str, Any]:
+        """What the key index derived at run time (:attr:`~dmt.memory.index.KeyIndex.search_state`: for
+        faiss whether it is trained, its ``nlist``, calibrated ``nprobe`` and recall, its trainings)."""
+        return self._index.search_state
 
     @property
     def pending_entries(self) -> int:

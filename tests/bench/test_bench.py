@@ -42,6 +42,8 @@ def test_every_section_present_and_finite(report):
         ("featural_product", 4096),
         ("featural_cells", 4096),
         ("associative_cells", 4096),
+        ("featural_faiss", 4096),
+        ("associative_faiss", 4096),
     }
     assert all(math.isfinite(x) for x in numbers(report))
 

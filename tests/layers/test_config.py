@@ -95,7 +95,7 @@ def test_every_setting_has_one_group_and_errors_name_it():
             "swap.index.cells_per_half: not a setting of the auto",
         ),
         ({"backend": "cells", "ef_search": 8}, "swap.index.ef_search: not a setting of the cells backend"),
-        ({"backend": "faiss"}, "swap.index: unknown index backend 'faiss'"),
+        ({"backend": "usearch"}, "swap.index: unknown index backend 'usearch'"),
     ],
 )
 def test_index_settings_of_another_backend_are_refused(index, message):

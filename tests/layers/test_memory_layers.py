@@ -93,7 +93,7 @@ def test_product_key_featural_layer_is_full_and_learns_by_write_back():
         ({"metric": "cosine"}, r"swap\.index: a product-key index needs metric ip or l2"),
         ({"novelty_threshold": 0.1}, r"swap\.write\.novelty_threshold: a product-key store has fixed keys"),
         ({"init": "ffn"}, r"swap\.store\.init: a product-key store has fixed keys: it needs init=empty"),
-        ({"index": {"backend": "faiss"}}, r"swap\.index: unknown index backend 'faiss'"),
+        ({"index": {"backend": "usearch"}}, r"swap\.index: unknown index backend 'usearch'"),
         (
             {"index": {"backend": "exact", "ef": 3}},
             r"swap\.index\.ef: not a setting of the exact backend; it has none",
