@@ -135,7 +135,10 @@ def _set(field: str, value: Any) -> Any:
         (_set("now", -1), r"manifest\.json: field 'now' must be >= 0"),
         (_set("stats", {"inserts": 1, "bogus": 2}), r"manifest\.json: field 'stats'"),
         (_set("index_params", {"M": "16"}), r"manifest\.json: field 'index_params'"),
-        (_set("index_params", {"M": None}), r"field 'index_params' .* integers \(ef_search, nlist, nprobe also to null\)"),
+        (
+            _set("index_params", {"M": None}),
+            r"field 'index_params' .* integers \(ef_search, nlist, nprobe also to null\)",
+        ),
         (_set("stats", {"reads": None}), r"manifest\.json: field 'stats' must map .* to integers, got"),
         (_set("eviction", "lifo"), r"manifest\.json: eviction must be one of lrfu, fifo, random"),
         (_set("eviction", 0), r"manifest\.json: field 'eviction' has the wrong type"),
