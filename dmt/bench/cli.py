@@ -23,12 +23,15 @@ from dmt.bench.measure import (
     layer_benchmarks,
     memory_footprint,
 )
+from dmt.bench.real_keys import real_key_benchmark
 from dmt.bench.stores import LAYER_KINDS
 from dmt.cli import command_name, user_errors
 from dmt.conf import cache_dir
 from dmt.files import refuse_existing_file, write_json
 
 GIB = 2**30
+# The featural layer's top-k, which the real-key indexes are searched for.
+REAL_KEYS_K = 32
 # Exact search blocks compared (distances per block, as powers of two).
 BLOCK_EXPONENTS = [20, 22, 24, 26]
 # Targets are fixed by the project plan; they are printed beside the measurements, never tuned.
@@ -74,6 +77,25 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
         default=Path(cache_dir("bench")),
         help="where built stores are saved and reused (default: the dmt cache, see DMT_CACHE)",
     )
+    parser.add_argument(
+        "--keys",
+        type=Path,
+        help="a memory pack (dmt-memorize) whose keys fill the stores: measure only the key indexes, on "
+        "these real keys beside Gaussian ones (needs --held-out)",
+    )
+    parser.add_argument(
+        "--held-out",
+        type=Path,
+        help="with --keys: a pack memorised from held-out text, whose keys are the queries",
+    )
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        choices=["exact", "faiss", "cells", "hnsw"],
+        default=["exact", "faiss", "cells"],
+        help="with --keys: the key indexes compared (default exact faiss cells)",
+    )
+    parser.add_argument("--churn", type=int, default=4096, help="with --keys: inserts per churn step")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     defaults = (
@@ -84,6 +106,8 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if (args.keys is None) != (args.held_out is None):
+        parser.error("--keys and --held-out go together: the stored keys and the held-out queries")
     return args
 
 
@@ -202,7 +226,67 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, prog)
     with user_errors(prog, args.debug):
         refuse_existing_file(args.out, args.force, "--force")
+        if args.keys is not None:
+            return run_real_keys(args, argv)
         return run_benchmarks(args, argv)
+
+
+def real_keys_table(report: dict[str, Any]) -> str:
+    """The short human summary of a real-key report."""
+    settings = report["settings"]
+    lines = [
+        f"key indexes, cosine, k={settings['k']}: read = search of {settings['batch']} queries and copy of "
+        f"the returned entries, beside the GPT-2 MLP forward on as many tokens (median of "
+        f"{settings['repeats']}, interleaved); churn = {settings['churn']} inserts into the full store",
+        f"{'keys':<10}{'backend':<8}{'size':>9}{'read ms':>9}{'MLP ms':>8}{'x MLP fwd':>10}"
+        f"{'recall held-out/near':>22}{'churn ins/s':>12}{'build s':>9}  index",
+    ]
+    for section in report["real_keys"]:
+        for r in section["rows"]:
+            state = ", ".join(f"{k} {v}" for k, v in r["index_state"].items() if k in ("nlist", "nprobe"))
+            lines.append(
+                f"{r['keys']:<10}{r['backend']:<8}{r['size']:>9}{r['read_s'] * 1e3:>9.1f}"
+                f"{r['mlp_forward_s'] * 1e3:>8.1f}{r['read_vs_mlp_forward']:>10.2f}"
+                f"{r['recall_held_out']:>13.3f}/{r['recall_near']:.3f}{r['churn_inserts_per_s']:>12.0f}"
+                f"{r['build']['build_s']:>9.0f}  {state}"
+            )
+    return "\n".join(lines)
+
+
+def run_real_keys(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """The key indexes on real keys beside Gaussian ones (:mod:`dmt.bench.real_keys`), per size."""
+    report: dict[str, Any] = {
+        "command": " ".join(["python -m dmt.bench", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine_info(),
+        "settings": {
+            "sizes": args.sizes,
+            "backends": args.backends,
+            "batch": args.batch * args.seq,
+            "churn": args.churn,
+            "k": REAL_KEYS_K,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+        },
+        "real_keys": [],
+    }
+    for size in args.sizes:
+        report["real_keys"].append(
+            real_key_benchmark(
+                args.keys,
+                args.held_out,
+                size,
+                args.backends,
+                args.batch * args.seq,
+                args.churn,
+                REAL_KEYS_K,
+                args.warmup,
+                args.repeats,
+            )
+        )
+        write_report(report, args.out)
+    print(real_keys_table(report))
+    print(f"\nwritten: {args.out}")
+    return 0
 
 
 def run_benchmarks(args: argparse.Namespace, argv: list[str] | None) -> int:

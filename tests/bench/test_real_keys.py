@@ -1,0 +1,87 @@
+"""The real-key benchmark: keys read from packs in document order, both key sets measured per backend."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dmt.bench.cli import main
+from dmt.bench.real_keys import key_sets, pack_keys
+from dmt.memory import faiss_ivf
+from dmt.packs import PackError
+from dmt.packs.files import PackDocument, PackManifest, write_manifest, write_shard
+
+DIM = 16
+
+
+def write_pack(path: Path, sizes: list[int], seed: int) -> np.ndarray:
+    """A pack of one layer (block 3) whose documents hold ``sizes`` clustered keys; returns the keys."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((24, DIM)).astype(np.float32)
+    documents, every = [], []
+    path.mkdir()
+    for i, size in enumerate(sizes):
+        keys = centres[rng.integers(0, 24, size)] + 0.3 * rng.standard_normal((size, DIM)).astype(np.float32)
+        arrays = {"keys": keys, "values": np.zeros((size, 4), np.float32), "offsets": np.arange(size)}
+        write_shard(path, f"{i:06d}", {"3": arrays})
+        documents.append(PackDocument(f"docs/{i}", size + 1, f"{i:064d}", f"{i:06d}", {"3": size}))
+        every.append(keys)
+    manifest = PackManifest({"fingerprint": "0" * 64, "name": "tiny"}, {"3": {}}, {"window": 8, "stride": 4})
+    write_manifest(path, PackManifest(**{**manifest.__dict__, "documents": documents}))
+    return np.concatenate(every)
+
+
+@pytest.fixture(scope="module")
+def packs(tmp_path_factory) -> tuple[Path, Path, np.ndarray]:
+    tmp = tmp_path_factory.mktemp("packs")
+    keys = write_pack(tmp / "stored", [1500, 2500, 1200], seed=0)
+    write_pack(tmp / "held_out", [300], seed=0)  # the same centres: text of the same kind
+    return tmp / "stored", tmp / "held_out", keys
+
+
+def test_keys_come_in_document_order_and_too_few_are_named(packs):
+    stored, held_out, keys = packs
+    np.testing.assert_array_equal(pack_keys(stored, 2000), keys[:2000])
+    np.testing.assert_array_equal(pack_keys(stored), keys)
+    with pytest.raises(PackError, match="5200 keys in layer 3, fewer than the 6000 asked for"):
+        pack_keys(stored, 6000)
+    sets = key_sets(stored, held_out, 4000, 500, 100)
+    assert {name: sets["real"][name].shape for name in sets["real"]} == {
+        "keys": (4000, DIM),
+        "churn": (500, DIM),
+        "calibration": (100, DIM),
+        "queries": (100, DIM),
+    }
+    assert {name: a.shape for name, a in sets["gaussian"].items()} == {
+        n: a.shape for n, a in sets["real"].items()
+    }
+    calibration, queries = ({tuple(row) for row in sets["real"][n]} for n in ("calibration", "queries"))
+    assert not calibration & queries  # faiss never calibrates on the queries it is measured on
+
+
+def test_every_backend_is_measured_on_both_key_sets(packs, tmp_path, monkeypatch):
+    monkeypatch.setattr(faiss_ivf, "TRAIN_MIN", 1024)  # faiss trains its lists in a 4096-entry store
+    stored, held_out, _ = packs
+    out = tmp_path / "bench.json"
+    argv = ["--quick", "--keys", str(stored), "--held-out", str(held_out), "--churn", "64", "--out", str(out)]
+    assert main([*argv, "--backends", "exact", "faiss"]) == 0
+    rows = json.loads(out.read_text())["real_keys"][0]["rows"]
+    assert [(r["keys"], r["backend"], r["size"]) for r in rows] == [
+        (keys, backend, 4096) for keys in ("real", "gaussian") for backend in ("exact", "faiss")
+    ]
+    for r in rows:
+        assert r["read_s"] > 0 and r["churn_s"] > 0 and r["mlp_forward_s"] > 0
+        assert 0 < r["recall_held_out"] <= 1 and 0 < r["recall_near"] <= 1
+        assert r["recall_held_out"] == 1.0 if r["backend"] == "exact" else r["index_state"]["trained"]
+    real_faiss = rows[1]
+    assert real_faiss["recall_held_out"] >= 0.9 and real_faiss["index_state"]["nprobe"] >= 1
+
+
+def test_keys_without_queries_is_a_usage_error(packs, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--keys", str(packs[0])])
+    assert exit_info.value.code == 2
+    assert "--keys and --held-out go together" in capsys.readouterr().err
