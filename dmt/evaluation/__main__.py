@@ -23,6 +23,7 @@ from dmt.files import read_text_file, refuse_existing_file, write_json
 from dmt.model.loading import load_teacher, load_tokenizer
 from dmt.model.persistence import check_student_path, load_student
 from dmt.model.surgery import swapped_layers
+from dmt.packs.reading import pack_index
 from dmt.progress import set_quiet
 
 
@@ -50,7 +51,9 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.teacher)
     if texts is None:
         texts = instantiate(cfg.data, tokenizer=tokenizer).val_texts()
-    student = load_student(cfg.student, cfg.get("memory"))[0] if cfg.student is not None else None
+    student = None
+    if cfg.student is not None:
+        student = load_student(cfg.student, cfg.get("memory"), pack_index(cfg.get("memory_index")))[0]
     teacher = load_teacher(cfg.teacher)
     ablate = cfg.ablate_layers
     if ablate is None:

@@ -32,6 +32,7 @@ from dmt.files import read_text_file, refuse_existing_file, write_json
 from dmt.model.loading import load_teacher, load_tokenizer
 from dmt.model.persistence import check_student_path, load_student
 from dmt.model.surgery import memory_layers, memory_protocol
+from dmt.packs.reading import pack_index
 from dmt.progress import progress_bar, set_quiet
 
 QUARTERS = 4
@@ -149,7 +150,7 @@ def run_long_document(cfg: DictConfig) -> dict[str, Any]:
     input_ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)  # (L,)
     if cfg.max_tokens is not None:
         input_ids = input_ids[: cfg.max_tokens]
-    student = load_student(cfg.student, cfg.get("memory"))[0]
+    student = load_student(cfg.student, cfg.get("memory"), pack_index(cfg.get("memory_index")))[0]
     teacher = load_teacher(cfg.teacher)
     result = read_document(teacher, student, input_ids, cfg.window, cfg.stride, cfg.from_empty)
     result |= {"student": str(cfg.student), "document": str(cfg.document)}

@@ -17,7 +17,7 @@ host: its queries go there once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,8 +102,9 @@ class MemoryLayer(nn.Module):
         self._recall_queries = torch.zeros(0, self.key_dim)  # (≤ RECALL_SAMPLE, Dk) float32
         self._recall_by_magnitude = False
 
-    def empty_store(self, capacity: int | None = None) -> KNNStore:
-        """A new, empty store of this layer's settings (of ``capacity`` entries instead of the setting's)."""
+    def empty_store(self, capacity: int | None = None, index: Mapping[str, Any] | None = None) -> KNNStore:
+        """A new, empty store of this layer's settings (of ``capacity`` entries and on the key ``index``
+        settings, when given, instead of the layer's)."""
         cfg = self.cfg
         return KNNStore(
             key_dim=self.key_dim,
@@ -112,7 +113,7 @@ class MemoryLayer(nn.Module):
             metric=cfg.metric,
             lrfu_lambda=cfg.lrfu_lambda,
             value_dtype=cfg.value_dtype,
-            index=dict(cfg.index),
+            index=dict(cfg.index if index is None else index),
             eviction=cfg.eviction,
         )
 

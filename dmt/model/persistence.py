@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, replace
 from importlib import resources
 from pathlib import Path
@@ -189,6 +189,7 @@ def load_pretrained(
     mmap: bool = False,
     device: str | torch.device = "cpu",
     memory: str | os.PathLike | None = None,
+    memory_index: Mapping[str, Any] | None = None,
 ) -> tuple[PreTrainedModel, Any]:
     """Load an export directory: ``(model in eval mode, tokenizer or None)``.
 
@@ -196,6 +197,8 @@ def load_pretrained(
     are never changed by using the student (writes stay in memory). ``memory`` names a memory pack made for
     this student (``dmt-memorize``), whose entries replace the memory of the layers it holds
     (:func:`dmt.packs.use_pack`); a pack made for another student is refused, naming both.
+    ``memory_index`` names the key index of the pack's stores (e.g. ``{"backend": "faiss"}``); None: each
+    layer's own.
     """
     directory = Path(directory)
     config, configs = read_export_config(directory)
@@ -238,7 +241,7 @@ def load_pretrained(
         else None
     )
     if memory is not None:
-        use_pack(model, memory, str(directory))
+        use_pack(model, memory, str(directory), index=memory_index)
     return model.to(device).eval(), tokenizer
 
 
@@ -249,19 +252,22 @@ def check_student_path(student: str | os.PathLike) -> None:
 
 
 def load_student(
-    path: str | os.PathLike, memory: str | os.PathLike | None = None
+    path: str | os.PathLike,
+    memory: str | os.PathLike | None = None,
+    memory_index: Mapping[str, Any] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """``(student in eval mode, tokenizer or None)`` from an export directory or a ``.ckpt`` file, with
-    the memory pack ``memory`` in place of its memory when given (:func:`load_pretrained`)."""
+    the memory pack ``memory`` in place of its memory when given, its stores on the key index
+    ``memory_index`` (:func:`load_pretrained`)."""
     path = Path(path)
     if path.is_dir():
-        return load_pretrained(path, memory=memory)
+        return load_pretrained(path, memory=memory, memory_index=memory_index)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: student not found (give an export directory or a .ckpt file)")
     checkpoint = read_checkpoint(path)
     student = student_from_checkpoint(checkpoint, str(path))
     if memory is not None:
-        use_pack(student, memory, str(path))
+        use_pack(student, memory, str(path), index=memory_index)
     return student, checkpoint_tokenizer(checkpoint)
 
 

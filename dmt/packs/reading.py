@@ -16,9 +16,10 @@ reading).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -216,9 +217,28 @@ def check_pack_fits(model: PreTrainedModel, manifest: PackManifest, pack: Path, 
     same_maker(manifest, fresh, f"pack {pack}", f"student {student}")
 
 
-def use_pack(model: PreTrainedModel, pack: str | Path, student: str, verify: bool = True) -> PackManifest:
+def pack_index(value: Any) -> dict[str, Any] | None:
+    """The ``memory_index`` setting as index settings (None stays None); ``ConfigError`` naming it unless
+    it is a mapping such as ``{backend: faiss}``."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"memory_index: expected index settings such as {{backend: faiss}}, got {value!r}")
+    return dict(value)
+
+
+def use_pack(
+    model: PreTrainedModel,
+    pack: str | Path,
+    student: str,
+    verify: bool = True,
+    index: Mapping[str, Any] | None = None,
+) -> PackManifest:
     """Give each memory layer of ``model`` that ``pack`` holds entries for a store of those entries (in
     document order, with room for the layer's ``capacity`` more); returns the pack's manifest.
+
+    ``index``: the key index settings of those stores (``{"backend": "faiss"}`` for a pack of a million
+    entries); None: each layer's own, chosen for its own capacity.
 
     Raises:
         PackError: the pack is not one, is corrupt, or was made for another student (``student`` names
@@ -235,7 +255,12 @@ def use_pack(model: PreTrainedModel, pack: str | Path, student: str, verify: boo
             keys, entries = pack_entries(
                 pack, raw, key, layer.key_dim, layer.entry_dim, verify
             )  # (M, Dk), (M, E)
-        store = layer.empty_store(capacity=len(keys) + layer.cfg.capacity)
+        try:
+            store = layer.empty_store(capacity=len(keys) + layer.cfg.capacity, index=index)
+        except ValueError as err:
+            if index is None:
+                raise
+            raise ConfigError(f"memory_index: {err}") from err
         store.insert(keys.numpy(), entries.numpy())
         layer.use_store(store)
     return manifest

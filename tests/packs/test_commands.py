@@ -159,6 +159,28 @@ def test_eval_refuses_a_pack_of_another_student_naming_both(
     assert f"made for student {export}" in err and "student other" in err
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("memory_index=5", "memory_index: expected index settings such as {backend: faiss}, got 5"),
+        ("memory_index={backend:usearch}", "memory_index: unknown index backend 'usearch'"),
+    ],
+)
+def test_a_bad_memory_index_is_named(export, corpus, monkeypatch, capsys, setting, message):
+    assert run(memorize_main, [f"student={export}", "corpus=[notes]", "output=p", *SMALL], monkeypatch) == 0
+    argv = [
+        *TINY_TEACHER,
+        f"student={export}",
+        "memory=p",
+        setting,
+        "texts=[notes]",
+        "window=64",
+        "stride=32",
+    ]
+    assert run(eval_main, [*argv, "output=e.json", "quiet=true", "hydra.run.dir=run"], monkeypatch) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_a_killed_memorize_leaves_a_pack_that_a_rerun_completes(export, tmp_path):
     """``kill -9`` while documents are being read: the pack lists the finished ones and loads; running
     the same command again reads the rest, giving the pack an uninterrupted run gives."""

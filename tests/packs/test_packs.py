@@ -15,7 +15,7 @@ from conftest import tiny_teacher_cfg
 import dmt.packs.files
 from dmt.errors import ConfigError
 from dmt.kernel.pack_files import SHARDS, read_shard
-from dmt.memory import KNNStore
+from dmt.memory import KNNStore, faiss_ivf
 from dmt.model.loading import load_teacher
 from dmt.model.persistence import load_pretrained, save_pretrained
 from dmt.model.surgery import build_student, memory_layers, memory_protocol, resolve_layer_configs
@@ -120,6 +120,20 @@ def test_a_loaded_pack_replaces_the_memory_and_changes_the_reading(export, tmp_p
     keys, _ = store.get(np.arange(len(first["keys"])))
     assert np.array_equal(keys, first["keys"])
     assert not torch.allclose(logits(plain, QUERY), logits(packed, QUERY))
+
+
+def test_a_pack_read_on_a_faiss_index_probing_every_list_reads_as_on_the_exact_one(
+    export, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(faiss_ivf, "TRAIN_MIN", 100)  # the pack's entries train faiss's lists
+    make_pack(load_pretrained(export)[0], tmp_path / "pack", documents())
+    exact, _ = load_pretrained(export, memory=tmp_path / "pack")
+    on_faiss, _ = load_pretrained(
+        export, memory=tmp_path / "pack", memory_index={"backend": "faiss", "nlist": 4, "nprobe": 4}
+    )
+    store = memory_layers(on_faiss)[3].store
+    assert store.index_backend == "faiss" and store.index_state["trained"]
+    torch.testing.assert_close(logits(on_faiss, QUERY), logits(exact, QUERY))
 
 
 def test_forgetting_documents_equals_a_pack_never_fed_them(export, tmp_path):
