@@ -142,10 +142,10 @@ ROWS = [
         "swap.read.capacity: not a read setting; it is swap.store.capacity",
     ),
     (
-        "distill a cells setting with hnsw",
+        "distill a faiss setting with hnsw",
         distill_main,
-        ["debug=fast", "swap/index=hnsw", "+swap.index.probe_cells=4"],
-        "swap.index.probe_cells: not a setting of the hnsw backend",
+        ["debug=fast", "swap/index=hnsw", "+swap.index.nprobe=4"],
+        "swap.index.nprobe: not a setting of the hnsw backend",
     ),
     (
         "distill binary text",

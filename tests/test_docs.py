@@ -15,7 +15,6 @@ import yaml
 
 from dmt.layers.config import CONFIG_CLASSES, SELECTION_KEYS, swap_key
 from dmt.memory.backends import BACKEND_PARAMS, INDEX_PARAMS
-from dmt.memory.cells import CellIndex
 from dmt.memory.faiss_ivf import FaissIndex
 from dmt.memory.hnsw import HnswIndex
 
@@ -147,7 +146,7 @@ def test_index_table_matches_the_backends() -> None:
     for name in INDEX_PARAMS:
         backends = {b.strip() for b in rows[name]["backends"].split(",")}
         assert backends == {b for b, own in BACKEND_PARAMS.items() if name in own}, name
-    for cls in (HnswIndex, CellIndex, FaissIndex):
+    for cls in (HnswIndex, FaissIndex):
         for name, parameter in inspect.signature(cls.__init__).parameters.items():
             if name in INDEX_PARAMS:
                 assert same(code(rows[name]["default"]), parameter.default), name

@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
         nargs="+",
         choices=list(LAYER_KINDS),
         default=list(LAYER_KINDS),
-        help="layers to time: conf/swap options, and featural/associative on the cells index",
+        help="layers to time: conf/swap options, and featural/associative on the faiss index",
     )
     parser.add_argument("--repeats", type=int, help="timed repeats per measurement (default 5)")
     parser.add_argument("--warmup", type=int, help="untimed warm-up iterations (default 2)")
@@ -91,9 +91,9 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     parser.add_argument(
         "--backends",
         nargs="+",
-        choices=["exact", "faiss", "cells", "hnsw"],
-        default=["exact", "faiss", "cells"],
-        help="with --keys: the key indexes compared (default exact faiss cells)",
+        choices=["exact", "faiss", "hnsw"],
+        default=["exact", "faiss"],
+        help="with --keys: the key indexes compared (default exact faiss)",
     )
     parser.add_argument("--churn", type=int, default=4096, help="with --keys: inserts per churn step")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")

@@ -36,8 +36,6 @@ LAYER_KINDS: dict[str, tuple[str, str | None]] = {
     "featural": ("featural", None),
     "associative": ("associative", None),
     "featural_product": ("featural_product", None),
-    "featural_cells": ("featural", "cells"),
-    "associative_cells": ("associative", "cells"),
     "featural_faiss": ("featural", "faiss"),
     "associative_faiss": ("associative", "faiss"),
 }

@@ -20,10 +20,8 @@ widths, ``K`` neighbours read: ``topk``, or fewer while the store holds fewer en
   (the index's one matmul also spans free rows below its high-water mark and a fused offset column, which
   a store filled from its lowest slots does not have); ``product`` scores ``2n`` sub-keys of ``Dk/2``,
   ``n · Dk``; ``hnsw`` walks a graph whose hops hnswlib does not report, so its count is an *estimate*,
-  ``max(ef, K) · M`` distance evaluations of ``Dk`` (``MultiplyAdds.search_estimated``); ``cells``
-  scores ``2n`` sub-keys and then the keys filed in its ``probe_cells`` cells, whose number is estimated
-  as their mean, ``entries · probe_cells / n²``, plus the keys not filed yet; a trained ``faiss`` index
-  scores its ``nlist`` centroids and the keys of its ``nprobe`` lists, estimated as
+  ``max(ef, K) · M`` distance evaluations of ``Dk`` (``MultiplyAdds.search_estimated``); a trained
+  ``faiss`` index scores its ``nlist`` centroids and the keys of its ``nprobe`` lists, estimated as
   ``entries · nprobe / nlist`` (exact search before training). Ranking by
   ``|q·k|`` (``ranking: magnitude``) costs the index's ``magnitude_searches``: ``exact`` and ``product``
   rank in one pass over their scores, ``hnsw`` searches twice, for ``q`` and ``-q``.
@@ -69,7 +67,7 @@ class MultiplyAdds:
     projections: int = 0  # dense Linear layers (lowrank: its whole MLP)
     search: int = 0  # finding the top-k: stored keys, sub-keys or graph hops scored
     read: int = 0  # the returned entries: distances recomputed, gate dots, value mix
-    search_estimated: bool = False  # an hnsw graph walk or cell sizes: an estimate, not a count
+    search_estimated: bool = False  # an hnsw graph walk or list sizes: an estimate, not a count
 
     @property
     def total(self) -> int:
@@ -98,13 +96,6 @@ def search_multiply_adds(layer: MemoryLayer, entries: int) -> tuple[int, bool]:
         ef_search = cfg.index.get("ef_search")
         ef = derived_ef(k, entries) if ef_search is None else max(int(ef_search), k)
         cost = ef * int(cfg.index.get("M", HNSW_DEFAULT_M)) * key_dim if k else 0
-    elif backend == "cells":
-        # Both sub-key tables, then the keys filed in the probed cells (their expected number: cells hold
-        # entries / n² keys on average) and those not filed yet.
-        params = layer.store.index_params
-        n, probe = params["cells_per_half"], params["probe_cells"]
-        candidates = min(entries, math.ceil(entries * probe / n**2) + layer.store.pending_entries)
-        cost = (n + candidates) * key_dim if k else 0
     elif backend == "faiss":
         # Exact until trained; then the centroids, and the keys of the probed lists (entries / nlist each
         # on average).
@@ -118,7 +109,7 @@ def search_multiply_adds(layer: MemoryLayer, entries: int) -> tuple[int, bool]:
         raise ValueError(f"swap.index.backend: no multiply-add count for the {backend!r} index")
     by_magnitude = cfg.ranking == "magnitude"
     searches = index_class(backend).magnitude_searches if by_magnitude else 1
-    return searches * cost, backend in ("hnsw", "cells", "faiss")
+    return searches * cost, backend in ("hnsw", "faiss")
 
 
 def memory_multiply_adds(layer: MemoryLayer, entries: int) -> MultiplyAdds:

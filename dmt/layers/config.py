@@ -103,8 +103,8 @@ class MemoryConfig(LayerConfig):
     farther than this (in the store's metric); ``None`` disables inserts. A full store makes room by evicting
     (``eviction``: ``lrfu`` with ``lrfu_lambda``, ``fifo`` or ``random``). ``value_dtype`` is the stores'
     storage type of values (computation stays float32); ``index`` the key index settings of
-    :mod:`dmt.memory.backends` (``backend: auto | exact | hnsw | product | cells | faiss`` and each
-    backend's own).
+    :mod:`dmt.memory.backends` (``backend: auto | exact | hnsw | product | faiss`` and each backend's
+    own).
     ``value_lr``: the write-back SGD rate of the stored values returned in training.
 
     How a layer weights what it read: ``weighting`` turns an entry's score into its weight (``softmax``
@@ -146,10 +146,6 @@ class MemoryConfig(LayerConfig):
                 raise bad("ranking", "softmax weights favour the largest scores; use an activation weighting")
             if self.metric == "l2":
                 raise bad("ranking", "ranking by |q·k| needs metric ip or cosine, not l2")
-            if self.index.get("backend") == "cells":
-                raise bad(
-                    "ranking", "a cells index ranks by q·k only; ranking by |q·k| needs another backend"
-                )
             if self.recombine_distance is not None:
                 raise bad("recombine_distance", "ranking by |q·k| returns entries out of distance order")
         if self.weighting is not None and self.weighting not in WEIGHTINGS:

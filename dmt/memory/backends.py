@@ -7,16 +7,15 @@
 - ``product`` (:class:`dmt.memory.product.ProductKeyIndex`): ``n²`` fixed product keys searched exactly at
   a cost of ``2n`` sub-keys; the store is full from the start and learns only its values. Never chosen by
   ``auto``: fixed keys are a modelling choice.
-- ``cells`` (:class:`dmt.memory.cells.CellIndex`): the store's own keys filed into ``n²`` product-key
-  cells, a query ranking exactly the keys of its ``probe_cells`` nearest cells; inserts are row copies.
-  Never chosen by ``auto``: its recall depends on how the keys cluster (``ip``/``cosine`` only).
 - ``faiss`` (:class:`dmt.memory.faiss_ivf.FaissIndex`): faiss's inverted file (IVF-Flat), trained on the
   store's own keys once it holds enough of them (exact search before), ``nprobe`` calibrated on real
   queries; inserts and evictions add and remove by id.
 
 ``auto`` takes ``exact`` while ``capacity · dim`` is at most :data:`EXACT_MAX_WORK` (a 131,072-entry store
-of 64-d keys): at that size exact search costs about what hnswlib costs at ``ef_search=64`` while returning
-the true neighbours, and beyond it hnswlib's sublinear search wins.
+of 64-d keys), whose search returns the true neighbours at a cost linear in the size, and ``faiss`` above:
+on keys a model makes, faiss's inverted file searched a million entries at recall@k >= 0.95 for a small
+fraction of exact search's time and of hnswlib's, and filled them in seconds where hnswlib takes many
+minutes (docs/results.md, "Key indexes on real keys").
 """
 
 from __future__ import annotations
@@ -26,28 +25,26 @@ from typing import Any
 
 import numpy as np
 
-from dmt.memory.cells import CellIndex
 from dmt.memory.exact import ExactIndex
 from dmt.memory.faiss_ivf import FaissIndex
 from dmt.memory.hnsw import HnswIndex
 from dmt.memory.index import KeyIndex
 from dmt.memory.product import ProductKeyIndex
 
-BACKENDS: tuple[str, ...] = ("auto", "hnsw", "exact", "product", "cells", "faiss")
+BACKENDS: tuple[str, ...] = ("auto", "hnsw", "exact", "product", "faiss")
 EXACT_MAX_WORK = 131072 * 64
 HNSW_PARAMS = ("M", "ef_construction", "ef_search", "num_threads")
-CELL_PARAMS = ("cells_per_half", "probe_cells")
 FAISS_PARAMS = ("nlist", "nprobe")
-INDEX_PARAMS = (*HNSW_PARAMS, *CELL_PARAMS, *FAISS_PARAMS)
-# The settings each backend reads; ``auto`` takes hnsw's, read when it becomes hnsw (a large store). Stores
-# built in code may pass every backend's settings (each backend ignores the others'); a config is held to
-# its backend's own (check_index_settings), so that a setting it names is one that applies.
+INDEX_PARAMS = (*HNSW_PARAMS, *FAISS_PARAMS)
+# The settings each backend reads; ``auto`` takes faiss's, read when it becomes faiss (a large store), and
+# accepts hnsw's, which configs and checkpoints hold from when a large ``auto`` store was hnsw (ignored now).
+# Stores built in code may pass every backend's settings (each backend ignores the others'); a config is
+# held to its backend's own (check_index_settings), so that a setting it names is one that applies.
 BACKEND_PARAMS: dict[str, tuple[str, ...]] = {
-    "auto": HNSW_PARAMS,
+    "auto": (*FAISS_PARAMS, *HNSW_PARAMS),
     "hnsw": HNSW_PARAMS,
     "exact": (),
     "product": (),
-    "cells": CELL_PARAMS,
     "faiss": FAISS_PARAMS,
 }
 
@@ -68,12 +65,12 @@ class IndexSettingError(ValueError):
 
 
 def resolve_backend(backend: str, dim: int, capacity: int) -> str:
-    """The concrete backend (``hnsw``, ``exact``, ``product``, ``cells`` or ``faiss``) that ``backend`` names
-    for this shape."""
+    """The concrete backend (``hnsw``, ``exact``, ``product`` or ``faiss``) that ``backend`` names for this
+    shape."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown index backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "exact" if capacity * dim <= EXACT_MAX_WORK else "hnsw"
+        return "exact" if capacity * dim <= EXACT_MAX_WORK else "faiss"
     return backend
 
 
@@ -101,8 +98,6 @@ def check_index_settings(params: dict[str, Any], dim: int, metric: str, capacity
     backend, own = _split_params(params, dim, capacity)
     if backend == "product":
         ProductKeyIndex.check_shape(dim, metric, capacity)
-    elif backend == "cells":
-        CellIndex.check_settings(dim, metric, capacity, own.get("cells_per_half"), own.get("probe_cells"))
     elif backend == "faiss":
         FaissIndex.check_settings(own.get("nlist"), own.get("nprobe"))
     return backend
@@ -110,15 +105,14 @@ def check_index_settings(params: dict[str, Any], dim: int, metric: str, capacity
 
 def index_class(backend: str) -> type[KeyIndex]:
     """The class of a concrete backend."""
-    classes = (HnswIndex, ExactIndex, ProductKeyIndex, CellIndex, FaissIndex)
+    classes = (HnswIndex, ExactIndex, ProductKeyIndex, FaissIndex)
     return {cls.backend: cls for cls in classes}[backend]
 
 
 def make_index(dim: int, metric: str, capacity: int, **params: Any) -> KeyIndex:
-    """A new index: ``backend`` (``auto`` | ``hnsw`` | ``exact`` | ``product`` | ``cells`` | ``faiss``,
-    default ``hnsw``) plus the hnsw settings ``M``, ``ef_construction``, ``ef_search``, ``num_threads``, the
-    cells ones ``cells_per_half``, ``probe_cells`` and the faiss ones ``nlist``, ``nprobe`` (each ignored
-    by the other backends)."""
+    """A new index: ``backend`` (``auto`` | ``hnsw`` | ``exact`` | ``product`` | ``faiss``, default
+    ``hnsw``) plus the hnsw settings ``M``, ``ef_construction``, ``ef_search``, ``num_threads`` and the
+    faiss ones ``nlist``, ``nprobe`` (each ignored by the other backends)."""
     backend, own = _split_params(params, dim, capacity)
     return index_class(backend)(dim, metric, capacity, **own)
 

@@ -1,7 +1,7 @@
 """A copy of a store's keys and values on a torch device, so that reads there need no host copies.
 
 A :class:`~dmt.memory.store.KNNStore` whose index searches on a device (:meth:`KNNStore.to
-<dmt.memory.store.KNNStore.to>`: exact, product and cells indexes) holds a :class:`DeviceMirror` of its
+<dmt.memory.store.KNNStore.to>`: exact and product indexes) holds a :class:`DeviceMirror` of its
 numpy keys and values there and updates it after every write on the host; :meth:`KNNStore.get_tensors
 <dmt.memory.store.KNNStore.get_tensors>` gathers from it. The numpy arrays stay the store's record (saved,
 read by ``get``): the mirror only ever follows them.

@@ -111,11 +111,6 @@ class KeyIndex(ABC):
         empty for an index whose settings say everything."""
         return {}
 
-    @property
-    def pending_entries(self) -> int:
-        """Points not filed into the index's search structure yet, searched exactly meanwhile (cells)."""
-        return 0
-
     def set_ef(self, ef_search: int | None) -> None:
         """The search breadth of a graph index (hnsw); ``ValueError`` for the others, which have none."""
         raise ValueError(f"ef_search is an hnsw setting; this store's index is {self.backend}")

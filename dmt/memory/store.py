@@ -117,7 +117,7 @@ class KNNStore:
 
     @property
     def index_backend(self) -> str:
-        """The concrete key index in use: ``hnsw``, ``exact``, ``product``, ``cells`` or ``faiss``."""
+        """The concrete key index in use: ``hnsw``, ``exact``, ``product`` or ``faiss``."""
         return self._index.backend
 
     @property
@@ -131,11 +131,6 @@ class KNNStore:
         faiss whether it is trained, its ``nlist``, calibrated ``nprobe`` and recall, its trainings)."""
         return self._index.search_state
 
-    @property
-    def pending_entries(self) -> int:
-        """Entries a cells index has not filed into its cells yet (searched exactly); 0 for the others."""
-        return self._index.pending_entries
-
     def set_search_breadth(self, ef_search: int | None) -> None:
         """An hnsw store's ``ef_search`` from now on (None: derived per search from k and the size);
         ``ValueError`` for the other backends, which have no search breadth."""
@@ -147,7 +142,7 @@ class KNNStore:
         return self._index.device
 
     def to(self, device: torch.device | str) -> KNNStore:
-        """Put the searchable state (exact, product and cells indexes) and a copy of the keys and values,
+        """Put the searchable state (exact and product indexes) and a copy of the keys and values,
         which every write updates too, on ``device`` (:mod:`dmt.memory.rows`); hnsw stays on the host."""
         self._index.to(device)
         self._rows.to(self.device)

@@ -40,8 +40,6 @@ def test_every_section_present_and_finite(report):
         ("featural", 4096),
         ("associative", 4096),
         ("featural_product", 4096),
-        ("featural_cells", 4096),
-        ("associative_cells", 4096),
         ("featural_faiss", 4096),
         ("associative_faiss", 4096),
     }

@@ -21,6 +21,7 @@ from dmt.distill.losses import distillation_divergence, kd_loss
 from dmt.distill.module import DistillationModule
 from dmt.layers import AssociativeConfig, FeaturalConfig, LowRankConfig, RemovedConfig, layer_config
 from dmt.layers.resolve import resolve
+from dmt.memory import faiss_ivf
 from dmt.model.families import mlp_form
 from dmt.model.loading import teacher_config
 from dmt.model.persistence import export_checkpoint, load_pretrained
@@ -141,10 +142,11 @@ def test_product_key_memory_in_float16_distils_and_reloads(tmp_path, text_dir):
     assert torch.isfinite(model(torch.randint(0, 1000, (1, 10))).logits).all()
 
 
-def test_memory_on_the_cells_index_inserts_evicts_and_reloads(tmp_path, text_dir):
+def test_memory_on_the_faiss_index_inserts_evicts_and_reloads(tmp_path, text_dir, monkeypatch):
+    monkeypatch.setattr(faiss_ivf, "TRAIN_MIN", 128)  # the lists are trained within the run
     overrides = small_run_overrides(tmp_path, text_dir)
     overrides += [
-        "swap/index=cells",
+        "swap/index=faiss",
         "swap.store.capacity=256",
         "trainer.max_steps=4",
         "evaluate.enabled=false",
@@ -153,7 +155,7 @@ def test_memory_on_the_cells_index_inserts_evicts_and_reloads(tmp_path, text_dir
     model, _ = load_pretrained(summary["export_dir"])
     for layer in memory_layers(model).values():
         store = layer.store
-        assert (store.index_backend, len(store)) == ("cells", 256)
+        assert (store.index_backend, len(store)) == ("faiss", 256) and store.index_state["trained"]
         assert store.stats.inserts > 256 and store.stats.evictions > 0  # full, and evicting
     assert torch.isfinite(model(torch.randint(0, 1000, (1, 10))).logits).all()
 

@@ -148,7 +148,7 @@ def seeded_llama_student(teacher):
     [
         ("tiny_gpt2", mixed_student),
         ("tiny_gpt2", partial(mixed_student, backend="hnsw")),
-        ("tiny_gpt2", partial(mixed_student, backend="cells")),
+        ("tiny_gpt2", partial(mixed_student, backend="faiss")),
         ("tiny_llama", seeded_llama_student),
         ("tiny_llama", cache_student),
         ("tiny_llama", units_student),
@@ -157,7 +157,7 @@ def seeded_llama_student(teacher):
     ids=[
         "gpt2-mixed",
         "gpt2-mixed-hnsw",
-        "gpt2-mixed-cells",
+        "gpt2-mixed-faiss",
         "llama-seeded-fp16",
         "llama-cache-beside-mlp",
         "llama-associative-units",

@@ -1,7 +1,6 @@
 """Multiply-adds per token of swapped layers and of the MLPs they replace, counted by hand."""
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -171,22 +170,6 @@ def test_swap_arithmetic_per_block_and_in_total(tiny_llama):
 def test_refuses_a_layer_that_was_not_swapped_in():
     with pytest.raises(TypeError, match="Linear"):
         layer_multiply_adds(nn.Linear(4, 4))
-
-
-def test_a_cells_search_counts_the_sub_keys_and_the_probed_cells_mean_keys():
-    # 1024 capacity: 8 cells a half (64 cells), 4 probed; 640 entries (10 a cell on average) of 8 dims.
-    layer = memory(
-        type="featural", key_dim=8, topk=4, capacity=1024, index={"backend": "cells", "probe_cells": 4}
-    )
-    assert layer.store.index_params == {"backend": "cells", "cells_per_half": 8, "probe_cells": 4}
-    filled(layer, 640)
-    layer.store._index.file_pending()
-    counts = layer_multiply_adds(layer)
-    assert counts.search == (8 + 640 * 4 // 64) * 8 and counts.search_estimated
-    # Keys not filed yet are scored by every query, beside the cells.
-    filled(layer, 30, seed=1)
-    assert layer.store.pending_entries == 30
-    assert layer_multiply_adds(layer).search == (8 + math.ceil(670 * 4 / 64) + 30) * 8
 
 
 def test_a_memory_beside_its_kept_mlp_also_pays_for_the_mlp(tiny_llama):

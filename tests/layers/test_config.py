@@ -85,16 +85,10 @@ def test_every_setting_has_one_group_and_errors_name_it():
 @pytest.mark.parametrize(
     ("index", "message"),
     [
-        (
-            {"backend": "hnsw", "probe_cells": 4},
-            "swap.index.probe_cells: not a setting of the hnsw backend; it has",
-        ),
+        ({"backend": "hnsw", "nprobe": 4}, "swap.index.nprobe: not a setting of the hnsw backend; it has"),
         ({"backend": "exact", "M": 16}, "swap.index.M: not a setting of the exact backend; it has none"),
-        (
-            {"backend": "auto", "cells_per_half": 4},
-            "swap.index.cells_per_half: not a setting of the auto",
-        ),
-        ({"backend": "cells", "ef_search": 8}, "swap.index.ef_search: not a setting of the cells backend"),
+        ({"backend": "auto", "probe_cells": 4}, "swap.index.probe_cells: not a setting of the auto"),
+        ({"backend": "faiss", "ef_search": 8}, "swap.index.ef_search: not a setting of the faiss backend"),
         ({"backend": "usearch"}, "swap.index: unknown index backend 'usearch'"),
     ],
 )

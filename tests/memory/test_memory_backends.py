@@ -105,7 +105,7 @@ def test_exact_index_has_no_file(tmp_path: Path) -> None:
 
 def test_auto_takes_exact_for_small_stores_only() -> None:
     assert resolve_backend("auto", dim=64, capacity=EXACT_MAX_WORK // 64) == "exact"
-    assert resolve_backend("auto", dim=64, capacity=EXACT_MAX_WORK // 64 + 1) == "hnsw"
+    assert resolve_backend("auto", dim=64, capacity=EXACT_MAX_WORK // 64 + 1) == "faiss"
     assert resolve_backend("hnsw", dim=8, capacity=10) == "hnsw"
     with pytest.raises(ValueError, match="unknown index backend 'usearch'"):
         make_index(8, "l2", 10, backend="usearch")

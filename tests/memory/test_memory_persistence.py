@@ -201,7 +201,7 @@ def _store_with_holes(backend: str) -> KNNStore:
     """40 entries inserted into 64 slots, then merged: holes below the high-water mark. Product keys (which
     cannot insert or merge) get value updates instead."""
     rng = np.random.default_rng(2)
-    metric = "ip" if backend in ("product", "cells") else "l2"  # cells: ip or cosine only
+    metric = "ip" if backend == "product" else "l2"
     store = KNNStore(8, 3, capacity=64, metric=metric, index={"backend": backend}, value_dtype="float16")
     if backend == "product":
         store.update_values(np.arange(0, 64, 3), rng.standard_normal((22, 3)).astype(np.float32))
@@ -216,7 +216,7 @@ def _store_with_holes(backend: str) -> KNNStore:
     return store
 
 
-@pytest.mark.parametrize("backend", ["exact", "hnsw", "product", "cells", "faiss"])
+@pytest.mark.parametrize("backend", ["exact", "hnsw", "product", "faiss"])
 @pytest.mark.parametrize("mmap", [False, True])
 def test_truncated_round_trip_restores_an_identical_store_that_grows(
     tmp_path: Path, backend: str, mmap: bool
