@@ -21,23 +21,13 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_module
 
-from benchmarks.memorize.throughput import teacher_forward
-from dmt.evaluation.perplexity import window_batch, windows
+from benchmarks.memorize.throughput import forward_windows
 from dmt.files import read_text_file, write_json
 from dmt.model.loading import load_teacher
 from dmt.model.persistence import load_pretrained
 from dmt.model.surgery import memory_layers
 
 SETTINGS = ("tokens", "window", "stride", "batch_size", "repeats", "recall_queries")
-
-
-@torch.no_grad()
-def read_windows(model, input_ids: torch.Tensor, window: int, stride: int, batch_size: int) -> None:
-    """The model's forward over the sliding windows of ``input_ids``, batched as the teacher's."""
-    spans = windows(input_ids.numel(), window, stride)
-    for start in range(0, len(spans), batch_size):
-        ids, mask = window_batch(input_ids, spans[start : start + batch_size])
-        model(input_ids=ids, attention_mask=mask)
 
 
 def recorded_queries(model, read) -> dict[int, np.ndarray]:
@@ -86,12 +76,15 @@ def main() -> None:
         loading_s[backend] = time.perf_counter() - started
     input_ids = torch.tensor(tokenizer(read_text_file(args.text))["input_ids"][: args.tokens])
     settings = (args.window, args.stride, args.batch_size)
-    runs = {"teacher": lambda: teacher_forward(teacher, input_ids, *settings)}
-    runs |= {f"student, {b}": lambda m=m: read_windows(m, input_ids, *settings) for b, m in students.items()}
+    runs = {"teacher": lambda: forward_windows(teacher, input_ids, *settings)}
+    runs |= {
+        f"student, {b}": lambda m=m: forward_windows(m, input_ids, *settings) for b, m in students.items()
+    }
     # The first round warms up (faiss calibrates nprobe on its first search) and is not counted; the
     # queries of that round are recorded for the recall.
     queries = {
-        b: recorded_queries(m, lambda m=m: read_windows(m, input_ids, *settings)) for b, m in students.items()
+        b: recorded_queries(m, lambda m=m: forward_windows(m, input_ids, *settings))
+        for b, m in students.items()
     }
     timings: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.repeats):

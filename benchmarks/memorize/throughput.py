@@ -26,12 +26,12 @@ from dmt.packs.reading import document_entries
 
 
 @torch.no_grad()
-def teacher_forward(teacher, input_ids: torch.Tensor, window: int, stride: int, batch_size: int) -> None:
-    """The teacher's forward over the windows ``document_entries`` reads, batched the same way."""
+def forward_windows(model, input_ids: torch.Tensor, window: int, stride: int, batch_size: int) -> None:
+    """``model``'s forward over the windows ``document_entries`` reads, batched the same way."""
     spans = windows(input_ids.numel(), window, stride)
     for start in range(0, len(spans), batch_size):
         ids, mask = window_batch(input_ids, spans[start : start + batch_size])
-        teacher(input_ids=ids, attention_mask=mask)
+        model(input_ids=ids, attention_mask=mask)
 
 
 def main() -> None:
@@ -52,7 +52,7 @@ def main() -> None:
     settings = (args.window, args.stride, args.batch_size)
     timings: dict[str, list[float]] = {"teacher forward": [], "memorize": []}
     runs = {
-        "teacher forward": lambda: teacher_forward(teacher, input_ids, *settings),
+        "teacher forward": lambda: forward_windows(teacher, input_ids, *settings),
         "memorize": lambda: document_entries(student, input_ids, *settings),
     }
     for _ in range(args.repeats + 1):  # the first round warms up and is not counted
