@@ -134,6 +134,11 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def command_line(argv: list[str] | None) -> str:
+    """The command that made a report, as a user would type it."""
+    return " ".join(["python -m dmt.bench", *(argv if argv is not None else sys.argv[1:])])
+
+
 def write_report(report: dict[str, Any], path: Path) -> None:
     """Rewritten after every section, so an interrupted run still leaves what it measured."""
     write_json(path, json.loads(json.dumps(report, default=str)))
@@ -256,7 +261,7 @@ def real_keys_table(report: dict[str, Any]) -> str:
 def run_real_keys(args: argparse.Namespace, argv: list[str] | None) -> int:
     """The key indexes on real keys beside Gaussian ones (:mod:`dmt.bench.real_keys`), per size."""
     report: dict[str, Any] = {
-        "command": " ".join(["python -m dmt.bench", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(argv),
         "machine": machine_info(),
         "settings": {
             "sizes": args.sizes,
@@ -293,7 +298,7 @@ def run_benchmarks(args: argparse.Namespace, argv: list[str] | None) -> int:
     """Every measurement of the module docstring, the report rewritten at ``args.out`` after each."""
     timing = {"warmup": args.warmup, "repeats": args.repeats}
     report: dict[str, Any] = {
-        "command": " ".join(["python -m dmt.bench", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(argv),
         "machine": machine_info(),
         "settings": {
             "batch": args.batch,
