@@ -18,8 +18,9 @@ def set_quiet() -> None:
     os.environ["TQDM_DISABLE"] = "1"
 
 
-def progress_bar(total: int, desc: str, unit: str = "tok") -> tqdm:
-    """A bar over ``total`` units with rate and ETA; ``disable=None`` hides it when stderr is no terminal."""
+def progress_bar(total: int | None, desc: str, unit: str = "tok") -> tqdm:
+    """A bar over ``total`` units (None: not known ahead) with rate and ETA; ``disable=None`` hides it when
+    stderr is no terminal."""
     return tqdm(
         total=total,
         desc=desc,

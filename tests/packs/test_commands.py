@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, tiny_teacher_cfg
@@ -19,6 +20,7 @@ from dmt.evaluation.__main__ import main as eval_main
 from dmt.evaluation.long_document import main as long_document_main
 from dmt.forget import main as forget_main
 from dmt.inspect import main as inspect_main
+from dmt.kernel.pack_files import SHARDS
 from dmt.memorize import main as memorize_main
 from dmt.model.loading import load_teacher
 from dmt.model.persistence import save_pretrained
@@ -84,6 +86,35 @@ def test_memorize_forget_and_inspect_from_the_command_line(export, corpus, monke
     assert all(p.read_text().startswith("Note") for p in corpus.iterdir())  # the corpus as it was
 
 
+def test_memorize_streams_a_datasets_dataset_as_its_files_would_read(export, corpus, monkeypatch, capsys):
+    texts = {p.stem: p.read_text() for p in sorted(corpus.iterdir())}
+    rows = [{"title": name, "body": text} for name, text in texts.items()]
+    rows.insert(1, {"title": "blank", "body": "  \n"})  # a blank row is no document
+    Path("notes.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    dataset = ["dataset.path=json", "dataset.data_files=[notes.jsonl]", "dataset.text_column=body"]
+    argv = [f"student={export}", *dataset, "dataset.name_column=title", "exclude=[note2]", "output=rows.pack"]
+    assert run(memorize_main, [*argv, *SMALL], monkeypatch) == 0
+    assert "memorised 2 documents" in capsys.readouterr().out
+    assert run(memorize_main, [*argv, *SMALL], monkeypatch) == 0  # a rerun resumes: nothing left
+    assert "memorised 0 documents (2 already in the pack)" in capsys.readouterr().out
+    argv = [f"student={export}", f"corpus=[{corpus}]", "exclude=[notes/note2.txt]", "output=files.pack"]
+    assert run(memorize_main, [*argv, *SMALL], monkeypatch) == 0
+    streamed, listed = read_pack("rows.pack").documents, read_pack("files.pack").documents
+    assert [d.name for d in streamed] == ["note0", "note1"]
+    for row, file in zip(streamed, listed, strict=True):
+        assert (row.digest, row.tokens, row.entries) == (file.digest, file.tokens, file.entries)
+        row_arrays = sorted((Path("rows.pack") / SHARDS / row.shard).iterdir())
+        file_arrays = sorted((Path("files.pack") / SHARDS / file.shard).iterdir())
+        assert [p.name for p in row_arrays] == [p.name for p in file_arrays]
+        for a, b in zip(row_arrays, file_arrays, strict=True):
+            if a.suffix == ".npy":
+                assert np.array_equal(np.load(a), np.load(b))
+    # Unnamed rows are numbered: <dataset>/<row>.
+    argv = [f"student={export}", *dataset, "output=numbered.pack"]
+    assert run(memorize_main, [*argv, *SMALL], monkeypatch) == 0
+    assert [d.name for d in read_pack("numbered.pack").documents] == ["json/0", "json/2", "json/3"]
+
+
 def test_packs_merge_from_the_command_line(export, corpus, monkeypatch, capsys):
     for name in ("note0", "note2"):
         argv = [f"student={export}", f"corpus=[{corpus / name}.txt]", f"output={name}.pack", *SMALL]
@@ -108,6 +139,23 @@ def test_packs_merge_from_the_command_line(export, corpus, monkeypatch, capsys):
         (["student={plain}", "corpus=[notes]"], "experiment=associative_cache"),
         (["student={export}", "source=poetry"], "source: unknown source 'poetry'"),
         (["merge=[notes]", "output=both.pack"], "notes: not a memory pack"),
+        (
+            ["student={export}", "dataset.path=json", "dataset.data_files=[gone.jsonl]"],
+            "dataset.path: cannot load 'json'",
+        ),
+        (
+            [
+                "student={export}",
+                "dataset.path=json",
+                "dataset.data_files=[rows.jsonl]",
+                "dataset.text_column=body",
+            ],
+            "dataset.text_column: no column 'body'",
+        ),
+        (
+            ["student={export}", "dataset.path=json", "dataset.data_files=[rows.jsonl]", "exclude=[json/*]"],
+            "dataset: every row is blank or excluded",
+        ),
     ],
 )
 def test_a_mistake_is_one_named_line(argv, fragment, export, corpus, gpt2_tokenizer, monkeypatch, capsys):
@@ -115,6 +163,7 @@ def test_a_mistake_is_one_named_line(argv, fragment, export, corpus, gpt2_tokeni
     (corpus.parent / "binary.txt").write_bytes(bytes(range(256)) * 8)
     (corpus.parent / "mine").mkdir()
     (corpus.parent / "mine" / "thesis.txt").write_text("mine")
+    (corpus.parent / "rows.jsonl").write_text('{"text": "A row of text."}\n')
     plain = (
         export_of(corpus.parent / "plain", gpt2_tokenizer, novelty_threshold=None)
         if "{plain}" in argv[0]
