@@ -18,6 +18,11 @@ the live entries with
   values, which are the contribution itself. Only the first ``value_dim`` columns of an entry are its
   value: a gated featural memory stores the gate key after it.
 
+Given a memory pack (``dmt-memorize``) it lists the pack's documents with their tokens and entries; with
+``--student`` and ``--texts`` the student reads the texts with the pack in its memory and each document's
+row also counts the reads of its entries (how often they were among a query's top-k), which shows the
+sources a reading draws on.
+
 It prints one summary line and a table per layer, and ``--json`` writes the same report (the same rows) as
 JSON. :func:`entry_use` gives the use of every live entry of a store, for plots (see
 ``notebooks/analyze_run.ipynb``).
@@ -36,8 +41,10 @@ import torch
 from torch import nn
 
 from dmt.cli import command_name, user_errors
+from dmt.data.datamodule import resolve_files
 from dmt.errors import ConfigError
-from dmt.files import refuse_existing_file, write_json
+from dmt.evaluation.perplexity import check_windows, perplexity
+from dmt.files import read_text_file, refuse_existing_file, write_json
 from dmt.layers import MemoryLayer
 from dmt.memory import KNNStore
 from dmt.model.persistence import load_student
@@ -275,16 +282,52 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def pack_report(manifest: PackManifest) -> dict[str, Any]:
-    """What a memory pack holds: its student, layers and reading, and per document its tokens and entries."""
+def pack_report(manifest: PackManifest, reads: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """What a memory pack holds: its student, layers and reading, and per document its tokens and entries
+    (and, given ``reads``, per layer the reads of each document's entries, :func:`pack_reads`)."""
+    documents = []
+    for number, d in enumerate(manifest.documents):
+        row = {"document": d.name, "tokens": d.tokens, "entries": d.entries}
+        if reads is not None:
+            row["reads"] = {layer: int(counts[number]) for layer, counts in reads.items()}
+        documents.append(row)
     return {
         "student": manifest.student,
         "reading": manifest.reading,
         "entries": manifest.entries(),
-        "documents": [
-            {"document": d.name, "tokens": d.tokens, "entries": d.entries} for d in manifest.documents
-        ],
+        "documents": documents,
     }
+
+
+def pack_reads(
+    student: Path, pack: Path, texts: list[str], window: int, stride: int, index: str | None
+) -> tuple[PackManifest, dict[str, np.ndarray], float]:
+    """Read ``texts`` with ``student`` holding ``pack`` (:func:`~dmt.packs.use_pack`, on the key index
+    ``index``, None: the layers' own): per layer the reads ``(D,)`` of each document's entries, and the
+    texts' perplexity. The pack's entries fill each store's first slots in document order, and a
+    reading without inserts moves none of them, so a document's entries are a slot range."""
+    model, tokenizer = load_student(
+        student, memory=pack, memory_index=None if index is None else {"backend": index}
+    )
+    if tokenizer is None:
+        raise ConfigError(f"--student: {student} has no tokenizer to read the texts with")
+    manifest = read_pack(pack)
+    layers = {key: memory_layers(model)[int(key)] for key in manifest.layers}
+    slots = {key: np.arange(manifest.entries()[key]) for key in manifest.layers}
+    stored = {key: layer.store.insertion_times(slots[key]) for key, layer in layers.items()}
+    result = perplexity(model, tokenizer, texts, window, stride, desc="reading")
+    reads = {}
+    for key, layer in layers.items():
+        if not np.array_equal(layer.store.insertion_times(slots[key]), stored[key]):
+            raise ConfigError(
+                f"--student: the layer of block {key} inserts while reading (insert_during_eval) and "
+                "replaced entries of the pack, so reads cannot be told per document"
+            )
+        counts = layer.store.read_counts(slots[key])  # (M,)
+        bounds = np.cumsum([0, *(d.entries.get(key, 0) for d in manifest.documents)])  # (D + 1,)
+        running = np.concatenate([[0], np.cumsum(counts)])  # (M + 1,)
+        reads[key] = running[bounds[1:]] - running[bounds[:-1]]
+    return manifest, reads, result["perplexity"]
 
 
 def format_pack_report(report: dict[str, Any]) -> str:
@@ -297,9 +340,24 @@ def format_pack_report(report: dict[str, Any]) -> str:
         f"{len(report['documents'])} documents, entries "
         + ", ".join(f"layer {layer}: {report['entries'][layer]:,}" for layer in layers)
     )
-    rows = [("document", "tokens", *(f"layer {layer}" for layer in layers))]
+    if "perplexity" in report:
+        head += f"\nread {report['texts']} texts at perplexity {report['perplexity']:.3f}; reads per layer:"
+    counted = "reads" in report["documents"][0] if report["documents"] else False
+    rows = [
+        (
+            "document",
+            "tokens",
+            *(f"layer {layer}" for layer in layers),
+            *((f"reads {layer}" for layer in layers) if counted else ()),
+        )
+    ]
     rows += [
-        (d["document"], f"{d['tokens']:,}", *(f"{d['entries'].get(layer, 0):,}" for layer in layers))
+        (
+            d["document"],
+            f"{d['tokens']:,}",
+            *(f"{d['entries'].get(layer, 0):,}" for layer in layers),
+            *((f"{d['reads'].get(layer, 0):,}" for layer in layers) if counted else ()),
+        )
         for d in report["documents"]
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -322,6 +380,16 @@ def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=5, help="promoted tokens per entry (default 5)")
     parser.add_argument("--sort", choices=SORTS, default="score", help="row order (default: LRFU score)")
     parser.add_argument("--head", type=int, help="logit lens of one head (default: the mean over heads)")
+    parser.add_argument(
+        "--student",
+        dest="student_of_pack",
+        type=Path,
+        help="with a pack: the student that reads --texts with it",
+    )
+    parser.add_argument("--texts", nargs="+", help="with a pack: text files or folders to read (*.txt)")
+    parser.add_argument("--window", type=int, default=512, help="reading window in tokens (default 512)")
+    parser.add_argument("--stride", type=int, default=256, help="reading stride in tokens (default 256)")
+    parser.add_argument("--index", help="key index of the pack's stores, e.g. faiss (default: the layer's)")
     parser.add_argument("--json", type=Path, help="also write the report (the same rows) as JSON here")
     parser.add_argument("--force", action="store_true", help="replace an existing --json file")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -329,6 +397,8 @@ def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
     for name in ("top", "tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if (args.student_of_pack is None) != (args.texts is None):
+        parser.error("--student and --texts go together: the student reads the texts with the pack")
     return args
 
 
@@ -340,9 +410,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.json is not None:
             refuse_existing_file(args.json, args.force, "--force")
         if is_pack(args.student):
-            report = {"pack": str(args.student), **pack_report(read_pack(args.student))}
+            report: dict[str, Any] = {"pack": str(args.student)}
+            if args.texts is None:
+                report |= pack_report(read_pack(args.student))
+            else:
+                check_windows(args.window, args.stride, 1)
+                texts = [read_text_file(path) for path in resolve_files(args.texts, "*.txt")]
+                manifest, reads, ppl = pack_reads(
+                    args.student_of_pack, args.student, texts, args.window, args.stride, args.index
+                )
+                report |= {"texts": len(texts), "perplexity": ppl, **pack_report(manifest, reads)}
             print(format_pack_report(report))
         else:
+            if args.texts is not None:
+                raise ConfigError(f"--texts: {args.student} is not a memory pack (give the pack first)")
             model, tokenizer = load_student(args.student)
             report = inspect_model(model, tokenizer, args.layer, args.top, args.tokens, args.sort, args.head)
             report = {"student": str(args.student), **report}

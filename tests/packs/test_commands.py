@@ -18,6 +18,7 @@ from conftest import REPO, tiny_teacher_cfg
 
 from dmt.evaluation.__main__ import main as eval_main
 from dmt.evaluation.long_document import main as long_document_main
+from dmt.evaluation.perplexity import windows
 from dmt.forget import main as forget_main
 from dmt.inspect import main as inspect_main
 from dmt.kernel.pack_files import SHARDS
@@ -84,6 +85,25 @@ def test_memorize_forget_and_inspect_from_the_command_line(export, corpus, monke
     assert "forgot 1 documents" in capsys.readouterr().out
     assert [d.name for d in read_pack("notes.pack").documents] == ["notes/note0.txt", "notes/note2.txt"]
     assert all(p.read_text().startswith("Note") for p in corpus.iterdir())  # the corpus as it was
+
+
+def test_inspect_counts_the_reads_of_each_documents_entries(export, corpus, monkeypatch, capsys):
+    Path("other.txt").write_text("zebra quantum violet harbour, " * 12)
+    argv = [f"student={export}", f"corpus=[{corpus / 'note0.txt'},other.txt]", "output=two.pack", *SMALL]
+    assert run(memorize_main, argv, monkeypatch) == 0
+    reading = ["--student", str(export), "--window", "32", "--stride", "16", "--json"]
+    assert run(inspect_main, ["two.pack", "--texts", "other.txt", *reading, "r.json"], monkeypatch) == 0
+    assert "reads 3" in capsys.readouterr().out  # a column of the reads of block 3's entries
+    report = json.loads(Path("r.json").read_text())
+    reads = {d["document"]: d["reads"]["3"] for d in report["documents"]}
+    assert reads["other.txt"] > reads["note0.txt"]  # a text read draws most on its own entries
+    # Every read lands on some document: each position of each window queries topk entries per head (the
+    # pack holds more than topk).
+    positions = sum(end - begin for begin, end, _ in windows(report["documents"][1]["tokens"], 32, 16))
+    assert sum(reads.values()) == positions * PLAN["heads"] * PLAN["topk"]
+    assert report["perplexity"] > 1
+    assert run(inspect_main, ["two.pack", "--texts", "other.txt"], monkeypatch) == 2  # --student missing
+    assert "--student and --texts go together" in capsys.readouterr().err
 
 
 def test_memorize_streams_a_datasets_dataset_as_its_files_would_read(export, corpus, monkeypatch, capsys):
