@@ -12,7 +12,7 @@ needs around it:
 - **Ids are slots.** faiss ids are the store's labels, with a hash-table direct map, so an eviction
   removes exactly the evicted slots (``remove_ids``) and a re-added slot leaves its old list first.
 - **Retraining.** The centroids are retrained from the live keys (:meth:`FaissIndex.train`) when the store
-  has grown :data:`GROWTH` times past the size they were trained at (``nlist`` follows ``sqrt(size)``),
+  has grown :data:`GROWTH` times past the size they were trained at (``nlist`` follows ``4 · sqrt(size)``),
   or when the keys have drifted: the mean quantisation error of newly added keys (a running average over
   a sample of each add) exceeds :data:`DRIFT` times the error at training (a key projection that moved).
   A retraining costs one k-means on at most ``SAMPLE_PER_LIST · nlist`` keys plus re-filing every live key
@@ -60,8 +60,12 @@ SEED = 0
 
 
 def derived_nlist(size: int) -> int:
-    """Lists for a store of ``size`` keys: the power of two nearest ``sqrt(size)``, at least 16."""
-    return max(16, 2 ** round(math.log2(math.sqrt(max(1, size)))))
+    """Lists for a store of ``size`` keys: the power of two nearest ``4 · sqrt(size)`` (the low end of
+    faiss's guideline, 4 to 16 · sqrt(N)), but at most the power of two that leaves every list
+    :data:`SAMPLE_PER_LIST` training keys, and at least 16."""
+    nearest = 2 ** round(math.log2(4 * math.sqrt(max(1, size))))
+    trainable = 2 ** int(math.log2(max(1, size // SAMPLE_PER_LIST)))
+    return max(16, min(nearest, trainable))
 
 
 class FaissIndex(ExactIndex):

@@ -82,7 +82,7 @@ def test_nprobe_is_calibrated_on_the_first_queries_after_training(small_training
     index = FaissIndex(16, "cosine", 4000)
     keys = _clustered(3000, 16, 0)
     index.add(np.arange(3000), keys)
-    assert index.trained and index.nlist == derived_nlist(3000) == 64 and index.nprobe is None
+    assert index.trained and index.nlist == derived_nlist(3000) == 32 and index.nprobe is None
     queries = _clustered(300, 16, 0)[::-1] + 0.05 * _rand(300, 16, 3)
     found = index.search(queries, 8)[0]
     assert index.nprobe is not None and 1 <= index.nprobe < index.nlist
@@ -145,3 +145,7 @@ def test_bad_faiss_settings_are_named(settings, message):
         check_index_settings({"backend": "faiss", **settings}, 8, "ip", 1024)
     with pytest.raises(ValueError, match=message):
         make_index(8, "ip", 1024, backend="faiss", **settings)
+
+
+def test_derived_lists_follow_four_root_n_with_enough_training_keys_each():
+    assert [derived_nlist(n) for n in (400, 3000, 16384, 65536, 1048576)] == [16, 32, 256, 1024, 4096]
