@@ -57,28 +57,44 @@ def read_pack_json(directory: Path) -> dict[str, Any]:
 
 
 def read_shard(
-    shard: Path, block: str, count: int, key_dim: int, entry_dim: int, verify: bool = True
+    shard: Path,
+    block: str,
+    count: int,
+    key_dim: int | None,
+    entry_dim: int | None,
+    verify: bool = True,
+    names: tuple[str, ...] = ARRAYS,
+    mmap: bool = False,
 ) -> dict[str, np.ndarray]:
-    """``keys (M, Dk)``, ``values (M, E)`` and ``offsets (M,)`` of the layer of block ``block`` in
-    ``shard``, ``M = count``, checked against the shard's manifest (sizes; with ``verify`` also SHA-256).
+    """The arrays ``names`` of ``keys (M, Dk)``, ``values (M, E)`` and ``offsets (M,)`` of the layer of
+    block ``block`` in ``shard``, ``M = count``, checked against the shard's manifest (sizes; with
+    ``verify`` also SHA-256); a width of None is not checked. ``mmap``: mapped read-only, not read.
 
     Raises:
         StoreFileError: naming the file that is missing, changed or of another shape.
     """
-    names = [array_file(block, name) for name in ARRAYS]
+    files = {name: array_file(block, name) for name in names}
     try:
         records = read_manifest(shard)["files"]
     except (FileNotFoundError, KeyError, TypeError) as err:
         raise StoreFileError(f"{shard / MANIFEST}: missing or malformed ({err})") from err
-    verify_files(shard, records, names, checksums=verify)
+    verify_files(shard, records, list(files.values()), checksums=verify)
     arrays = {}
     expected = {"keys": (count, key_dim), "values": (count, entry_dim), "offsets": (count,)}
-    for name, file in zip(ARRAYS, names, strict=True):
+    for name, file in files.items():
         try:
-            arrays[name] = np.load(shard / file, allow_pickle=False)
+            arrays[name] = np.load(shard / file, allow_pickle=False, mmap_mode="r" if mmap else None)
         except (OSError, ValueError, EOFError) as err:
             raise StoreFileError(f"{shard / file}: not a readable .npy array ({err})") from err
-        if arrays[name].shape != expected[name] or arrays[name].dtype.kind not in "fi":
+        shape = tuple(
+            got if want is None else want
+            for got, want in zip(arrays[name].shape, expected[name], strict=False)
+        )
+        if (
+            arrays[name].shape != shape
+            or len(shape) != len(expected[name])
+            or arrays[name].dtype.kind not in "fi"
+        ):
             raise StoreFileError(
                 f"{shard / file}: {arrays[name].dtype} {arrays[name].shape}, expected {expected[name]} "
                 "as pack.json records"

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import faiss
@@ -66,6 +67,25 @@ def derived_nlist(size: int) -> int:
     nearest = 2 ** round(math.log2(4 * math.sqrt(max(1, size))))
     trainable = 2 ** int(math.log2(max(1, size // SAMPLE_PER_LIST)))
     return max(16, min(nearest, trainable))
+
+
+def calibrated_nprobe(recall: Callable[[int], float], nlist: int) -> tuple[int, float]:
+    """The smallest nprobe in ``[1, nlist]`` whose ``recall(nprobe)`` reaches :data:`CALIBRATION_RECALL`
+    (``nlist`` when none does), and its recall: doubled from 1 until it reaches, then bisected between
+    the last that missed and the first that reached."""
+    missed, nprobe = 0, 1
+    reached = recall(nprobe)
+    while reached < CALIBRATION_RECALL and nprobe < nlist:
+        missed, nprobe = nprobe, min(2 * nprobe, nlist)
+        reached = recall(nprobe)
+    while reached >= CALIBRATION_RECALL and nprobe - missed > 1:
+        middle = (missed + nprobe) // 2
+        found = recall(middle)
+        if found >= CALIBRATION_RECALL:
+            nprobe, reached = middle, found
+        else:
+            missed = middle
+    return nprobe, reached
 
 
 class FaissIndex(ExactIndex):
@@ -228,20 +248,19 @@ class FaissIndex(ExactIndex):
         return labels, np.where(labels >= 0, distances, np.float32(np.inf)).astype(np.float32)
 
     def calibrate(self, queries: np.ndarray, k: int) -> None:
-        """Set nprobe to the smallest power of two whose recall@k on ``queries (N, D)`` (at most
-        :data:`CALIBRATION_QUERIES`, normalised for cosine) reaches :data:`CALIBRATION_RECALL`."""
+        """Set nprobe to the smallest whose recall@k on ``queries (N, D)`` (at most
+        :data:`CALIBRATION_QUERIES`, normalised for cosine) reaches :data:`CALIBRATION_RECALL`: doubled
+        from 1 until it does, then bisected between the last that missed and the first that reached."""
         sample = queries[:: max(1, len(queries) // CALIBRATION_QUERIES)][:CALIBRATION_QUERIES]
         k = min(k, len(self))
         exact = super()._search_on_device(torch.from_numpy(sample), k, False)[1].numpy()  # (n, k)
         bound = exact[:, -1:] + TIE_TOLERANCE  # (n, 1): the k-th exact distance per query
-        nprobe = 1
-        while True:
+
+        def recall(nprobe: int) -> float:
             distances = self._faiss_search(sample, k, nprobe)[1]
-            recall = float((distances <= bound).sum() / exact.size)
-            if recall >= CALIBRATION_RECALL or nprobe >= self.nlist:
-                self._nprobe, self.calibrated_recall = nprobe, recall
-                return
-            nprobe = min(2 * nprobe, self.nlist)
+            return float((distances <= bound).sum() / exact.size)
+
+        self._nprobe, self.calibrated_recall = calibrated_nprobe(recall, self.nlist)
 
     def _search_on_device(
         self, queries: torch.Tensor, k: int, by_magnitude: bool
