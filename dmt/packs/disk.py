@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,9 @@ class DiskPack:
             arrays = read_shard(
                 shard, self.block, count, self.dim, None, verify, names=("values",), mmap=not in_ram
             )
+            if isinstance(arrays["values"], np.memmap):
+                # A search reads scattered rows: no readahead, or every row read pulls its neighbours in.
+                arrays["values"]._mmap.madvise(mmap.MADV_RANDOM)
             self.values.append(arrays["values"])
             starts.append(starts[-1] + count)
         self.starts = np.asarray(starts, dtype=np.int64)  # (S + 1,): entry id where each shard begins
