@@ -43,7 +43,7 @@ import numpy as np
 from dmt.bench.cli import machine_info
 from dmt.bench.real_keys import pack_keys
 from dmt.kernel.pack_files import SHARDS, pack_entries, read_pack_json
-from dmt.packs.disk import DiskPack, index_pack, layer_shards
+from dmt.packs.disk import DiskPack, index_pack, layer_documents
 from dmt.packs.files import PackDocument, read_pack, write_manifest, write_shard
 
 CALIBRATION = 1024  # held-out queries that calibrate nprobe; the measured ones follow them
@@ -106,7 +106,7 @@ def make(args: argparse.Namespace) -> None:
     write_manifest(target, manifest)
     written = time.perf_counter() - started
     started = time.perf_counter()
-    index_pack(target, block, layer["metric"])
+    index_pack(target, block)
     indexed = time.perf_counter() - started
     record = {
         "source": str(source),
@@ -143,10 +143,6 @@ def drop_cache(files: list[Path]) -> None:
             os.close(fd)
 
 
-def recall(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(found, truth, strict=True)]))
-
-
 def measure_one(args: argparse.Namespace) -> None:
     """One fresh process: open, calibrate, two passes, recall; prints its record as JSON."""
     pack, block, in_ram = Path(args.pack), str(args.block), args.mode == "ram"
@@ -179,19 +175,17 @@ def measure_one(args: argparse.Namespace) -> None:
             batch = measured[b * args.batch : (b + 1) * args.batch]
             started = time.perf_counter()
             ids, _ = searched.search(batch, args.k)
-            searched.get(ids)  # (batch, k, E): what the layer reads
+            searched.get(ids)  # keys (batch, k, Dk) and values (batch, k, E): what a layer reads
             seconds.append(time.perf_counter() - started)
         record[name] = {"batch_s": seconds, "queries_per_s": args.batch * len(seconds) / sum(seconds)}
         record[name + "_memory"] = memory()
     if args.recall:
         rng = np.random.default_rng(1)
         sample = measured[: args.recall]
-        truth, _ = searched.search(sample, args.k, nprobe=searched.nlist)
-        record["recall_held_out"] = recall(searched.search(sample, args.k)[0], truth)
+        record["recall_held_out"] = searched.recall(sample, args.k)
         stored = np.load(pack / SHARDS / "000000" / f"layer_{int(block):02d}.keys.npy", mmap_mode="r")
         near = moved(np.asarray(stored[rng.choice(len(stored), args.recall, replace=False)]), 0.05, rng)
-        truth, _ = searched.search(near, args.k, nprobe=searched.nlist)
-        record["recall_near"] = recall(searched.search(near, args.k)[0], truth)
+        record["recall_near"] = searched.recall(near, args.k)
     record["end"] = memory()
     print(json.dumps(record))
 
@@ -199,7 +193,7 @@ def measure_one(args: argparse.Namespace) -> None:
 def measure(args: argparse.Namespace) -> None:
     pack = Path(args.pack)
     pack_bytes = sum(p.stat().st_size for p in pack.rglob("*") if p.is_file())
-    entries = sum(count for _, count in layer_shards(pack, read_pack_json(pack), str(args.block)))
+    entries = sum(count for _, _, count in layer_documents(pack, read_pack_json(pack), str(args.block)))
     rows = []
     for mode in ("disk", "ram"):
         command = [sys.executable, "-m", "benchmarks.disk_pack", "measure-one", str(pack), "--mode", mode]

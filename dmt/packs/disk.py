@@ -1,45 +1,50 @@
-"""A pack searched where it lies: its keys filed in a faiss inverted file, its values read from the shards
-memory-mapped, so a pack larger than RAM answers a memory layer's queries.
+"""A pack searched where it lies: its keys filed in a faiss inverted file, its keys and values read from the
+shards memory-mapped, so a pack larger than RAM answers a memory layer's queries.
 
-:func:`index_pack` files one layer's keys once (k-means centroids and each entry's list) and saves the
-result beside the shards::
+:func:`index_pack` (``dmt-index PACK``) files a layer's keys once, k-means centroids and each entry's
+list, and saves the result beside the shards::
 
     index/layer_XX.centroids.npy   (nlist, Dk) float32: k-means centroids of the keys
-    index/layer_XX.lists.npy       (M,) int32: each entry's list, in pack order
-    index/manifest.json            each file's size and SHA-256, and per layer its metric and the
-                                   SHA-256 of pack.json's document list it was made from
+    index/layer_XX.lists.npy       (M,) int32: each entry's list, document after document
+    index/manifest.json            each file's size and SHA-256; per layer its metric, nlist and the
+                                   documents it filed, in order: [shard, token digest, entries]
 
 :class:`DiskPack` opens it: the keys are read shard by shard with plain reads (the page cache keeps them,
 not the process) into an ``IndexIVFFlat`` whose quantiser holds the saved centroids and whose lists the
-saved assignment (``add_core`` with precomputed lists: no k-means and no quantiser pass at opening); the
-values stay in their shards, memory-mapped, and only the rows a search returns are read. What stays
-resident is the filed keys (``4 · Dk + 8`` bytes an entry) and the pages of values read.
+saved assignment (``add_core`` with precomputed lists: no k-means and no quantiser pass at opening); keys
+and values stay in their shards, memory-mapped without readahead, and only the rows a search returns are
+read. What stays resident is the filed keys (``4 · Dk + 8`` bytes an entry) and the pages of rows read.
+:class:`PackStore` puts it behind a memory layer, read-only: ``memory_index={backend: disk}`` of
+``dmt-eval``/``dmt-long-document`` (``use_pack(..., index={"backend": "disk"})``).
 
 faiss parses no file of ours: the index is rebuilt from ``.npy`` arrays (no pickle) checked for shape and
-range first, so a malformed index file is a named error, never a crash in native code. An index is tied to
-the documents it filed: merging or forgetting rewrites pack.json's document list, and an index made for
-another list is refused (index the pack again).
+range first, so a malformed index file is a named error, never a crash in native code. An index stays
+valid when documents are forgotten (each document's lists are a slice of the file); a document it did not
+file (a merge, a resumed ``dmt-memorize``) is refused until the pack is indexed again.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
+import torch
 
 from dmt.files import write_directory
 from dmt.kernel.pack_files import SHARDS, read_pack_json, read_shard
 from dmt.kernel.store_files import MANIFEST, StoreFileError, read_manifest, verify_files
+from dmt.memory.base import MemoryStats
 from dmt.memory.faiss_ivf import SAMPLE_PER_LIST, SEED, TIE_TOLERANCE, calibrated_nprobe, derived_nlist
 from dmt.memory.integrity import write_array
 from dmt.memory.metrics import check_metric
 
+DISK = "disk"  # the memory_index backend that reads a pack where it lies
 INDEX = "index"  # the pack's subdirectory holding its layers' inverted-file indexes
 # Queries (the first search's) on which nprobe is calibrated when it is not given.
 CALIBRATION_QUERIES = 512
@@ -50,18 +55,13 @@ def index_file(block: str, name: str) -> str:
     return f"layer_{int(block):02d}.{name}.npy"
 
 
-def documents_digest(raw: dict[str, Any]) -> str:
-    """SHA-256 of the document list of a parsed ``pack.json``: what an index was made from."""
-    return hashlib.sha256(json.dumps(raw["documents"], sort_keys=True).encode()).hexdigest()
-
-
-def layer_shards(pack: Path, raw: dict[str, Any], block: str) -> Iterator[tuple[Path, int]]:
-    """Each document's shard directory and its entry count for the layer of block ``block``."""
+def layer_documents(pack: Path, raw: dict[str, Any], block: str) -> Iterator[tuple[Path, str, int]]:
+    """Each document's shard directory, token digest and entry count for the layer of block ``block``."""
     for document in raw["documents"]:
         shard = str(document["shard"])
         if Path(shard).name != shard or not shard.isdigit():
             raise StoreFileError(f"{pack}/pack.json: {shard!r} is not a shard name")
-        yield pack / SHARDS / shard, int(document["entries"].get(block, 0))
+        yield pack / SHARDS / shard, str(document["digest"]), int(document["entries"].get(block, 0))
 
 
 def read_keys(shard: Path, block: str, count: int, verify: bool) -> np.ndarray:
@@ -77,74 +77,69 @@ def filed(keys: np.ndarray, metric: str) -> np.ndarray:
     return np.ascontiguousarray(keys, dtype=np.float32)
 
 
-def empty_ivf(centroids: np.ndarray, metric: str) -> faiss.IndexIVFFlat:
-    """An ``IndexIVFFlat`` with ``centroids (nlist, Dk)`` as its trained quantiser and no keys."""
-    nlist, dim = centroids.shape
+def flat_ivf(dim: int, nlist: int, metric: str) -> tuple[faiss.IndexIVFFlat, faiss.IndexFlat]:
+    """An empty, untrained ``IndexIVFFlat`` of ``nlist`` lists and its quantiser (kept alive by the
+    caller) for ``metric`` (cosine: inner product of unit keys)."""
     ip = metric != "l2"
     quantizer = faiss.IndexFlatIP(dim) if ip else faiss.IndexFlatL2(dim)
-    quantizer.add(centroids)
     ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2)
-    ivf.is_trained = True
-    ivf.own_fields = True  # the index frees the quantiser
-    quantizer.this.disown()
-    return ivf
+    return ivf, quantizer
 
 
-def index_pack(pack: str | Path, block: str | int, metric: str, nlist: int | None = None) -> Path:
+def index_pack(pack: str | Path, block: str | int, nlist: int | None = None) -> Path:
     """File the keys of the layer of block ``block`` in ``pack`` under ``nlist`` k-means centroids
     (None: the power of two nearest ``4 · sqrt(M)``, as :func:`~dmt.memory.faiss_ivf.derived_nlist`),
-    trained on at most ``SAMPLE_PER_LIST · nlist`` keys spread over the documents; writes ``index/``
-    (replacing an earlier index of that layer, keeping the others) and returns it."""
+    trained on at most ``SAMPLE_PER_LIST · nlist`` keys spread over the documents, in the layer's
+    metric; writes ``index/`` (replacing an earlier index of that layer, keeping the others) and
+    returns it."""
     pack, block = Path(pack), str(int(block))
-    check_metric(metric)
     raw = read_pack_json(pack)
-    shards = list(layer_shards(pack, raw, block))
-    total = sum(count for _, count in shards)
+    if block not in raw["layers"]:
+        raise StoreFileError(f"{pack}: holds no entries of block {block} (it has {sorted(raw['layers'])})")
+    metric = raw["layers"][block].get("metric")
+    if metric is None:
+        raise StoreFileError(f"{pack}/pack.json: block {block} records no metric to file its keys by")
+    check_metric(metric)
+    documents = [d for d in layer_documents(pack, raw, block) if d[2]]
+    total = sum(count for _, _, count in documents)
     if total == 0:
         raise StoreFileError(f"{pack}: no entries of block {block} to index")
     nlist = nlist or derived_nlist(total)
     step = max(1, total // (SAMPLE_PER_LIST * nlist))
 
     # Train: k-means on every step-th key.
-    sample = np.concatenate([filed(read_keys(s, block, n, True), metric)[::step] for s, n in shards])
-    ip = metric != "l2"
-    quantizer = faiss.IndexFlatIP(sample.shape[1]) if ip else faiss.IndexFlatL2(sample.shape[1])
-    ivf = faiss.IndexIVFFlat(
-        quantizer, sample.shape[1], nlist, faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2
-    )
+    sample = np.concatenate([filed(read_keys(s, block, n, True), metric)[::step] for s, _, n in documents])
+    ivf, quantizer = flat_ivf(sample.shape[1], nlist, metric)
     ivf.cp.seed = SEED
     ivf.train(sample)
     centroids = quantizer.reconstruct_n(0, nlist)  # (nlist, Dk)
 
     # Assign: each key's nearest centroid, shard by shard.
-    lists = np.concatenate(
-        [quantizer.assign(filed(read_keys(s, block, n, False), metric), 1)[:, 0] for s, n in shards]
-    )
+    lists = [quantizer.assign(filed(read_keys(s, block, n, False), metric), 1)[:, 0] for s, _, n in documents]
 
     target = pack / INDEX
     previous = read_manifest(target) if (target / MANIFEST).is_file() else {"files": {}, "layers": {}}
+    names = {name: index_file(block, name) for name in ("centroids", "lists")}
 
     def write(staging: Path) -> None:
-        files = {
-            name: record
-            for name, record in previous["files"].items()
-            if not name.startswith(f"layer_{int(block):02d}.")
-        }
+        files = {name: record for name, record in previous["files"].items() if name not in names.values()}
         for name in files:
             (staging / name).write_bytes((target / name).read_bytes())
-        files[index_file(block, "centroids")] = write_array(
-            staging / index_file(block, "centroids"), centroids
-        )
-        files[index_file(block, "lists")] = write_array(
-            staging / index_file(block, "lists"), lists.astype(np.int32)
-        )
-        layers = {
-            **previous["layers"],
-            block: {"metric": metric, "nlist": nlist, "documents": documents_digest(raw)},
-        }
+        files[names["centroids"]] = write_array(staging / names["centroids"], centroids)
+        files[names["lists"]] = write_array(staging / names["lists"], np.concatenate(lists).astype(np.int32))
+        filed_documents = [[s.name, digest, n] for s, digest, n in documents]
+        layer = {"metric": metric, "nlist": nlist, "documents": filed_documents}
+        layers = {**previous["layers"], block: layer}
         (staging / MANIFEST).write_text(json.dumps({"files": files, "layers": layers}, indent=1))
 
     return write_directory(target, write)
+
+
+def mapped_rows(array: np.ndarray) -> np.ndarray:
+    """A memory-mapped ``array`` advised to the kernel as read at random: a search reads scattered rows,
+    and readahead would pull each one's neighbours in with it."""
+    array._mmap.madvise(mmap.MADV_RANDOM)  # np.memmap's mapping (numpy has no public handle on it)
+    return array
 
 
 class DiskPack:
@@ -156,12 +151,12 @@ class DiskPack:
         nprobe: lists a query visits; None calibrates it on the first search's queries (at most
             :data:`CALIBRATION_QUERIES`) for recall@k >= ``CALIBRATION_RECALL`` of ``dmt.memory.faiss_ivf``
             against visiting every list (exact for a flat inverted file).
-        in_ram: read the values into memory instead of mapping them (what a pack held in RAM costs).
+        in_ram: read keys and values into memory instead of mapping them (what a pack held in RAM costs).
         verify: check every file's SHA-256 against its manifest (a full read of the pack), not only sizes.
 
     Raises:
         StoreFileError: naming the file or setting when the pack, a shard or the index is missing,
-            changed, malformed or made for another document list.
+            changed, malformed, or does not cover the pack's documents.
     """
 
     def __init__(
@@ -174,51 +169,53 @@ class DiskPack:
     ) -> None:
         self.pack, self.block = Path(pack), str(int(block))
         raw = read_pack_json(self.pack)
-        shards = list(layer_shards(self.pack, raw, self.block))
-        centroids, lists = self._read_index(raw, sum(count for _, count in shards), verify)
+        documents = [d for d in layer_documents(self.pack, raw, self.block) if d[2]]
+        centroids, lists = self._read_index(documents, verify)
         self.nlist, self.dim = centroids.shape
-        self.ivf = empty_ivf(centroids, self.metric)
+        self.ivf, quantizer = flat_ivf(self.dim, self.nlist, self.metric)
+        quantizer.add(centroids)
+        self.ivf.is_trained = True
+        self._quantizer = quantizer  # the index holds only a pointer to it
         self.nprobe = None if nprobe is None else min(int(nprobe), self.nlist)
         self.calibrated_recall: float | None = None
 
-        # Keys: filed list by precomputed list, shard by shard; values: mapped (or read) per shard.
+        # Keys: filed by their saved lists, shard by shard; keys and values: mapped (or read) per shard.
+        self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
         starts = [0]
-        for shard, count in shards:
+        for (shard, _, count), assigned in zip(documents, lists, strict=True):
             keys = filed(read_keys(shard, self.block, count, verify), self.metric)  # (M, Dk)
             ids = np.arange(starts[-1], starts[-1] + count, dtype=np.int64)
-            assigned = np.ascontiguousarray(lists[ids], dtype=np.int64)
+            assigned = np.ascontiguousarray(assigned, dtype=np.int64)
             self.ivf.add_core(count, faiss.swig_ptr(keys), faiss.swig_ptr(ids), faiss.swig_ptr(assigned))
             arrays = read_shard(
-                shard, self.block, count, self.dim, None, verify, names=("values",), mmap=not in_ram
+                shard, self.block, count, self.dim, None, False, names=("keys", "values"), mmap=not in_ram
             )
-            if isinstance(arrays["values"], np.memmap):
-                # A search reads scattered rows: no readahead, or every row read pulls its neighbours in.
-                arrays["values"]._mmap.madvise(mmap.MADV_RANDOM)
-            self.values.append(arrays["values"])
+            self.keys.append(arrays["keys"] if in_ram else mapped_rows(arrays["keys"]))
+            self.values.append(arrays["values"] if in_ram else mapped_rows(arrays["values"]))
             starts.append(starts[-1] + count)
         self.starts = np.asarray(starts, dtype=np.int64)  # (S + 1,): entry id where each shard begins
+        self.value_dim = int(self.values[0].shape[1])
 
-    def _read_index(self, raw: dict[str, Any], total: int, verify: bool) -> tuple[np.ndarray, np.ndarray]:
-        """The layer's checked ``centroids (nlist, Dk)`` and ``lists (M,)``."""
+    def _read_index(
+        self, documents: list[tuple[Path, str, int]], verify: bool
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The layer's checked ``centroids (nlist, Dk)`` and each document's slice of its lists."""
         directory = self.pack / INDEX
-        where = f"{directory}/{MANIFEST}"
-        if not (directory / MANIFEST).is_file():
-            raise StoreFileError(
-                f"{self.pack}: no {INDEX}/ (index the pack first: dmt.packs.disk.index_pack)"
-            )
+        where = directory / MANIFEST
+        if not where.is_file():
+            raise StoreFileError(f"{self.pack}: not indexed (no {INDEX}/): run dmt-index {self.pack}")
         manifest = read_manifest(directory)
-        layer = (
-            manifest.get("layers", {}).get(self.block) if isinstance(manifest.get("layers"), dict) else None
-        )
-        if not isinstance(layer, dict):
-            raise StoreFileError(f"{where}: block {self.block} is not indexed")
-        if layer.get("documents") != documents_digest(raw):
-            raise StoreFileError(
-                f"{where}: made for another document list than pack.json's (the pack was merged or "
-                "forgotten since): index it again"
-            )
-        self.metric = check_metric(layer.get("metric"))
+        layers = manifest.get("layers")
+        layer = layers.get(self.block) if isinstance(layers, dict) else None
+        try:
+            self.metric = check_metric(layer["metric"])
+            ranges, start = {}, 0
+            for shard, digest, count in layer["documents"]:
+                ranges[(str(shard), str(digest))] = (start, int(count))
+                start += int(count)
+        except (TypeError, KeyError, ValueError) as err:
+            raise StoreFileError(f"{where}: block {self.block} missing or malformed ({err!r})") from err
         names = [index_file(self.block, "centroids"), index_file(self.block, "lists")]
         verify_files(directory, manifest.get("files"), names, checksums=verify)
         arrays = []
@@ -230,17 +227,24 @@ class DiskPack:
         centroids, lists = arrays
         if centroids.ndim != 2 or centroids.dtype != np.float32 or not np.isfinite(centroids).all():
             raise StoreFileError(f"{directory / names[0]}: expected finite float32 (nlist, Dk) centroids")
-        nlist = len(centroids)
         if (
-            lists.shape != (total,)
+            lists.shape != (start,)
             or lists.dtype != np.int32
-            or (total and not 0 <= lists.min() <= lists.max() < nlist)
+            or (start and not 0 <= lists.min() <= lists.max() < len(centroids))
         ):
             raise StoreFileError(
-                f"{directory / names[1]}: expected int32 ({total},) lists in [0, {nlist}), "
+                f"{directory / names[1]}: expected int32 ({start},) lists in [0, {len(centroids)}), "
                 f"got {lists.dtype} {lists.shape}"
             )
-        return centroids, lists
+        slices = []
+        for shard, digest, count in documents:
+            begin, filed_count = ranges.get((shard.name, digest), (0, -1))
+            if filed_count != count:
+                raise StoreFileError(
+                    f"{where}: shard {shard.name} was not indexed (added since): run dmt-index {self.pack}"
+                )
+            slices.append(lists[begin : begin + count])
+        return centroids, slices
 
     def __len__(self) -> int:
         return int(self.ivf.ntotal)
@@ -270,13 +274,95 @@ class DiskPack:
 
         self.nprobe, self.calibrated_recall = calibrated_nprobe(recall, self.nlist)
 
-    def get(self, ids: np.ndarray) -> np.ndarray:
-        """Values ``(*ids.shape, E)`` float32 of entry ``ids`` (-1 reads zeros), gathered shard by shard."""
+    def get(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Keys ``(*ids.shape, Dk)`` and values ``(*ids.shape, E)``, float32, of entry ``ids`` (-1 reads
+        zeros), gathered shard by shard in ascending order (sequential reads of each mapped file)."""
         flat = np.asarray(ids, dtype=np.int64).ravel()
-        out = np.zeros((len(flat), self.values[0].shape[1]), np.float32)
+        keys = np.zeros((len(flat), self.dim), np.float32)
+        values = np.zeros((len(flat), self.value_dim), np.float32)
         shard = np.searchsorted(self.starts, flat, side="right") - 1  # (N·k,)
         for s in np.unique(shard[flat >= 0]):
             rows = np.flatnonzero((shard == s) & (flat >= 0))
-            order = np.argsort(flat[rows])  # ascending offsets: sequential reads of a mapped file
-            out[rows[order]] = self.values[s][flat[rows[order]] - self.starts[s]]
-        return out.reshape(*np.shape(ids), -1)
+            rows = rows[np.argsort(flat[rows])]
+            keys[rows] = self.keys[s][flat[rows] - self.starts[s]]
+            values[rows] = self.values[s][flat[rows] - self.starts[s]]
+        return keys.reshape(*np.shape(ids), -1), values.reshape(*np.shape(ids), -1)
+
+    def recall(self, queries: np.ndarray, k: int) -> float:
+        """Recall@k of :meth:`search` against visiting every list, for ``queries (N, Dk)``."""
+        found, truth = self.search(queries, k)[0], self.search(queries, k, nprobe=self.nlist)[0]
+        return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(found, truth, strict=True)]))
+
+
+class PackStore:
+    """A pack on disk behind a memory layer (:meth:`MemoryLayer.use_store`), read-only.
+
+    It answers what a layer asks of its store while it reads: search (distances in the metric's
+    convention of :mod:`dmt.memory.metrics`), the returned keys and entries, references (counted as
+    reads) and recall; it stays on the host whatever the layer's device. Inserts, value updates and
+    recombining are refused: a pack on disk is read, not trained (load it into RAM to write).
+    """
+
+    def __init__(self, pack: DiskPack) -> None:
+        self.pack = pack
+        self.key_dim, self.value_dim, self.metric = pack.dim, pack.value_dim, pack.metric
+        self.capacity = len(pack)
+        self._stats = MemoryStats()
+        self.now = 0  # the clock: queries referenced so far
+
+    def __len__(self) -> int:
+        return len(self.pack)
+
+    @property
+    def stats(self) -> MemoryStats:
+        return replace(self._stats, entries=len(self))
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> PackStore:
+        """Stays on the host (its keys are filed in faiss-cpu, its rows mapped from disk)."""
+        return self
+
+    def search(
+        self, queries: np.ndarray, k: int, by_magnitude: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Ids ``(N, k)`` (-1 padding) and distances ``(N, k)`` (+inf padding) of the nearest entries."""
+        if by_magnitude:
+            raise ValueError(f"{self.pack.pack}: a pack on disk ranks by score, not by magnitude")
+        ids, scores = self.pack.search(queries, k)
+        self._stats.queries += len(ids)
+        distances = scores if self.metric == "l2" else 1.0 - scores
+        return ids, np.where(ids >= 0, distances, np.inf).astype(np.float32)
+
+    def search_torch(
+        self, queries: torch.Tensor, k: int, by_magnitude: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, distances = self.search(queries.detach().float().cpu().numpy(), k, by_magnitude)
+        return torch.from_numpy(ids), torch.from_numpy(distances)
+
+    def get_tensors(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys ``(M, Dk)`` and entries ``(M, E)`` float32 of ``ids (M,)``."""
+        keys, values = self.pack.get(ids)
+        return torch.from_numpy(keys), torch.from_numpy(values)
+
+    def reference(self, ids: np.ndarray) -> None:
+        rows = np.asarray(ids)
+        self._stats.reads += int(np.count_nonzero(rows >= 0))
+        self.now += 1 if rows.ndim == 1 else len(rows)
+
+    def insertion_times(self, ids: np.ndarray) -> np.ndarray:
+        """Every entry predates any run: zeros ``(M,)``."""
+        return np.zeros(len(ids), np.int64)
+
+    def recall(self, queries: np.ndarray, k: int, by_magnitude: bool = False) -> float:
+        return self.pack.recall(queries, k) if len(queries) else float("nan")
+
+    def _read_only(self, *args: Any) -> None:
+        raise ValueError(
+            f"{self.pack.pack}: a pack on disk is read-only (load it without memory_index backend disk "
+            "to write)"
+        )
+
+    insert = update_values = recombine = _read_only

@@ -32,6 +32,7 @@ from dmt.kernel.pack_files import pack_entries, weights_fingerprint
 from dmt.layers import MemoryLayer
 from dmt.memory.integrity import store_errors
 from dmt.model.surgery import memory_layers, memory_protocol
+from dmt.packs.disk import DISK, DiskPack, PackStore
 from dmt.packs.files import (
     SHARDS,
     PackDocument,
@@ -240,6 +241,10 @@ def use_pack(
     ``index``: the key index settings of those stores (``{"backend": "faiss"}`` for a pack of a million
     entries); None: each layer's own, chosen for its own capacity.
 
+    ``{"backend": "disk"}`` (and optionally ``nprobe``): search the pack where it lies instead, read-only
+    (:mod:`dmt.packs.disk`: the index ``dmt-index PACK`` saved in it, keys and values memory-mapped), for
+    a pack larger than RAM.
+
     Raises:
         PackError: the pack is not one, is corrupt, or was made for another student (``student`` names
             this one) or other layer settings.
@@ -249,6 +254,16 @@ def use_pack(
     check_pack_fits(model, manifest, pack, student)
     layers = memory_layers(model)
     raw = manifest.to_json()
+    if index is not None and index.get("backend") == DISK:
+        settings = {k: v for k, v in index.items() if k != "backend"}
+        nprobe = settings.pop("nprobe", None)
+        if settings:
+            raise ConfigError(f"memory_index: backend disk takes only nprobe, got {sorted(settings)}")
+        for key in manifest.layers:
+            with store_errors(PackError):
+                store = PackStore(DiskPack(pack, key, nprobe=nprobe, verify=verify))
+            layers[int(key)].use_store(store)
+        return manifest
     for key in manifest.layers:
         layer = layers[int(key)]
         with store_errors(PackError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from dmt.kernel.store_files import MANIFEST, StoreFileError, file_record
 from dmt.memory import faiss_ivf
-from dmt.packs import forget_documents
+from dmt.packs import forget_documents, merge_packs
 from dmt.packs.disk import INDEX, DiskPack, index_file, index_pack
 from dmt.packs.files import PackDocument, PackManifest, write_manifest, write_shard
 
@@ -39,7 +40,9 @@ def pack(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
         documents.append(PackDocument(f"docs/{i}", count, f"{i:064x}", shard, {"3": count}))
         keys.append(k)
         values.append(v)
-    manifest = PackManifest({"fingerprint": "f" * 64, "name": "tiny"}, {"3": {}}, {"window": 8, "stride": 4})
+    manifest = PackManifest(
+        {"fingerprint": "f" * 64, "name": "tiny"}, {"3": {"metric": "cosine"}}, {"window": 8, "stride": 4}
+    )
     write_manifest(directory, replace(manifest, documents=documents))
     return directory, np.concatenate(keys), np.concatenate(values)
 
@@ -52,22 +55,24 @@ def exact_top(keys: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
 
 def test_a_pack_on_disk_returns_the_exact_neighbours_and_their_values(pack):
     directory, keys, values = pack
-    index_pack(directory, 3, "cosine", nlist=16)
+    index_pack(directory, 3, nlist=16)
     queries = clustered(64, seed=9)
     on_disk = DiskPack(directory, 3)
     assert len(on_disk) == len(keys) and on_disk.nlist == 16
-    assert all(isinstance(v, np.memmap) for v in on_disk.values)  # mapped, not read
+    assert all(isinstance(v, np.memmap) for v in on_disk.keys + on_disk.values)  # mapped, not read
     ids, _ = on_disk.search(queries, 6, nprobe=16)  # every list visited: exact
     np.testing.assert_array_equal(np.sort(ids, axis=1), np.sort(exact_top(keys, queries, 6), axis=1))
-    np.testing.assert_array_equal(on_disk.get(ids), values[ids].astype(np.float32))  # across shards
+    found_keys, found_values = on_disk.get(ids)  # across shards
+    np.testing.assert_array_equal(found_keys, keys[ids])
+    np.testing.assert_array_equal(found_values, values[ids].astype(np.float32))
     in_ram = DiskPack(directory, 3, in_ram=True)
-    assert not any(isinstance(v, np.memmap) for v in in_ram.values)
-    np.testing.assert_array_equal(in_ram.get(ids), on_disk.get(ids))
+    assert not any(isinstance(v, np.memmap) for v in in_ram.keys + in_ram.values)
+    np.testing.assert_array_equal(in_ram.get(ids)[1], found_values)
 
 
 def test_nprobe_is_calibrated_for_recall_on_the_first_queries(pack):
     directory, keys, _ = pack
-    index_pack(directory, 3, "cosine", nlist=32)
+    index_pack(directory, 3, nlist=32)
     on_disk = DiskPack(directory, 3)
     queries = clustered(200, seed=11)
     ids, _ = on_disk.search(queries, 8)
@@ -77,18 +82,23 @@ def test_nprobe_is_calibrated_for_recall_on_the_first_queries(pack):
     assert np.mean([len(set(a) & set(b)) / 8 for a, b in zip(ids, truth, strict=True)]) >= 0.95
 
 
-def test_an_index_of_another_document_list_is_refused(pack):
-    directory, _, _ = pack
-    index_pack(directory, 3, "cosine", nlist=16)
+def test_forgetting_keeps_the_index_and_a_document_added_since_is_refused(pack, tmp_path):
+    directory, keys, _ = pack
+    index_pack(directory, 3, nlist=16)
     forget_documents(directory, ["docs/2"])
-    with pytest.raises(StoreFileError, match="another document list"):
-        DiskPack(directory, 3)
-    index_pack(directory, 3, "cosine", nlist=16)
-    assert len(DiskPack(directory, 3)) == sum(LENGTHS) - LENGTHS[2]
+    kept = np.concatenate([keys[:700], keys[700 + 900 :]])  # document 1 gave no entries
+    queries = clustered(32, seed=5)
+    ids, _ = DiskPack(directory, 3).search(queries, 5, nprobe=16)
+    np.testing.assert_array_equal(np.sort(ids, axis=1), np.sort(exact_top(kept, queries, 5), axis=1))
+    merged = tmp_path / "merged"
+    merge_packs([directory], merged)  # shards renumbered: not what the index filed
+    shutil.copytree(directory / INDEX, merged / INDEX)
+    with pytest.raises(StoreFileError, match="was not indexed"):
+        DiskPack(merged, 3)
 
 
 def test_an_unindexed_pack_is_refused_naming_what_to_do(pack):
-    with pytest.raises(StoreFileError, match="index the pack first"):
+    with pytest.raises(StoreFileError, match="not indexed .*run dmt-index"):
         DiskPack(pack[0], 3)
 
 
@@ -96,7 +106,7 @@ def test_an_unindexed_pack_is_refused_naming_what_to_do(pack):
 def test_index_arrays_out_of_shape_or_range_are_refused_before_faiss_reads_them(pack, fault):
     """Even with the manifest rewritten to match (a file someone else made), faiss never sees them."""
     directory, _, _ = pack
-    index_pack(directory, 3, "cosine", nlist=16)
+    index_pack(directory, 3, nlist=16)
     name = index_file("3", "centroids" if fault == "nan centroid" else "lists")
     array = np.load(directory / INDEX / name)
     if fault == "list out of range":
@@ -115,7 +125,7 @@ def test_index_arrays_out_of_shape_or_range_are_refused_before_faiss_reads_them(
 
 def test_a_changed_index_file_is_refused_by_its_checksum(pack):
     directory, _, _ = pack
-    index_pack(directory, 3, "cosine", nlist=16)
+    index_pack(directory, 3, nlist=16)
     path = directory / INDEX / index_file("3", "lists")
     data = bytearray(path.read_bytes())
     data[-1] ^= 1
