@@ -20,6 +20,7 @@ from dmt.evaluation.__main__ import main as eval_main
 from dmt.evaluation.long_document import main as long_document_main
 from dmt.evaluation.perplexity import windows
 from dmt.forget import main as forget_main
+from dmt.index import main as index_main
 from dmt.inspect import main as inspect_main
 from dmt.kernel.pack_files import SHARDS
 from dmt.memorize import main as memorize_main
@@ -62,7 +63,7 @@ def corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def run(main, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
     monkeypatch.setattr(sys, "argv", ["dmt-test", *argv])
     try:
-        main(argv) if main in (forget_main, inspect_main) else main()
+        main(argv) if main in (forget_main, index_main, inspect_main) else main()
     except SystemExit as exit:
         return 0 if exit.code is None else exit.code
     return 0
@@ -202,6 +203,17 @@ def test_forget_names_a_glob_that_matches_nothing(export, corpus, monkeypatch, c
     assert "--source: other/* matches no document of p" in capsys.readouterr().err
     assert run(forget_main, ["p", "--source", "notes/*", "--dry-run"], monkeypatch) == 0
     assert len(read_pack("p").documents) == 3
+
+
+def test_index_names_a_missing_pack_and_a_bad_nlist(export, corpus, monkeypatch, capsys):
+    assert run(index_main, ["nowhere"], monkeypatch) == 2
+    assert "nowhere: no such memory pack directory" in capsys.readouterr().err
+    assert run(memorize_main, [f"student={export}", "corpus=[notes]", "output=p", *SMALL], monkeypatch) == 0
+    assert run(index_main, ["p", "--nlist", "0"], monkeypatch) == 2
+    assert "--nlist: expected an integer >= 1, got 0" in capsys.readouterr().err
+    assert run(index_main, ["p", "--nlist", "100000"], monkeypatch) == 2
+    assert "--nlist: 100000 lists for" in capsys.readouterr().err
+    assert not (Path("p") / "index").exists()
 
 
 def test_eval_refuses_a_pack_of_another_student_naming_both(

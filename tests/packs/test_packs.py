@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import tiny_teacher_cfg
 
+import dmt.index
 import dmt.packs.files
 from dmt.errors import ConfigError
 from dmt.kernel.pack_files import SHARDS, read_shard
@@ -20,6 +21,7 @@ from dmt.model.loading import load_teacher
 from dmt.model.persistence import load_pretrained, save_pretrained
 from dmt.model.surgery import build_student, memory_layers, memory_protocol, resolve_layer_configs
 from dmt.packs import PackError, forget_documents, memorize, merge_packs, open_pack, pack_manifest, read_pack
+from dmt.packs.disk import PackStore
 from dmt.packs.reading import document_entries
 
 WINDOW, STRIDE = 32, 16
@@ -134,6 +136,30 @@ def test_a_pack_read_on_a_faiss_index_probing_every_list_reads_as_on_the_exact_o
     store = memory_layers(on_faiss)[3].store
     assert store.index_backend == "faiss" and store.index_state["trained"]
     torch.testing.assert_close(logits(on_faiss, QUERY), logits(exact, QUERY))
+
+
+def test_a_pack_searched_on_disk_probing_every_list_reads_as_in_memory(export, tmp_path, capsys):
+    make_pack(load_pretrained(export)[0], tmp_path / "pack", documents())
+    dmt.index.main([str(tmp_path / "pack"), "--nlist", "4"])
+    assert "indexed block 3" in capsys.readouterr().out
+    exact, _ = load_pretrained(export, memory=tmp_path / "pack")
+    on_disk, _ = load_pretrained(
+        export, memory=tmp_path / "pack", memory_index={"backend": "disk", "nprobe": 4}
+    )
+    store = memory_layers(on_disk)[3].store
+    assert isinstance(store, PackStore) and len(store) == read_pack(tmp_path / "pack").entries()["3"]
+    torch.testing.assert_close(logits(on_disk, QUERY), logits(exact, QUERY))
+    assert store.stats.reads > 0
+    with pytest.raises(ValueError, match="read-only"):
+        store.insert(np.ones((1, 8), np.float32), np.ones((1, 16), np.float32))
+
+
+def test_a_pack_on_disk_must_be_indexed_and_takes_only_nprobe(export, tmp_path):
+    make_pack(load_pretrained(export)[0], tmp_path / "pack", documents())
+    with pytest.raises(PackError, match="not indexed .*run dmt-index"):
+        load_pretrained(export, memory=tmp_path / "pack", memory_index={"backend": "disk"})
+    with pytest.raises(ConfigError, match="memory_index: backend disk takes only nprobe"):
+        load_pretrained(export, memory=tmp_path / "pack", memory_index={"backend": "disk", "nlist": 4})
 
 
 def test_forgetting_documents_equals_a_pack_never_fed_them(export, tmp_path):
