@@ -151,7 +151,7 @@ def measure_one(args: argparse.Namespace) -> None:
         drop_cache(files)
     record: dict[str, Any] = {"mode": args.mode, "start": memory()}
     started = time.perf_counter()
-    searched = DiskPack(pack, block, in_ram=in_ram, verify=False)
+    searched = DiskPack(pack, block, in_ram=in_ram, verify=False, codes=args.codes)
     record["open_s"] = time.perf_counter() - started
     record["opened"] = memory()
     held_out = pack_keys(args.queries)
@@ -197,7 +197,16 @@ def measure(args: argparse.Namespace) -> None:
     rows = []
     for mode in ("disk", "ram"):
         command = [sys.executable, "-m", "benchmarks.disk_pack", "measure-one", str(pack), "--mode", mode]
-        command += ["--queries", args.queries, "--block", str(args.block), "--k", str(args.k)]
+        command += [
+            "--queries",
+            args.queries,
+            "--block",
+            str(args.block),
+            "--k",
+            str(args.k),
+            "--codes",
+            args.codes,
+        ]
         command += [
             "--batch",
             str(args.batch),
@@ -211,6 +220,7 @@ def measure(args: argparse.Namespace) -> None:
         print(json.dumps(rows[-1]))
     disk, ram = rows
     summary = {
+        "codes": args.codes,
         "entries": entries,
         "pack_bytes": pack_bytes,
         "disk_resident_peak_vs_pack": disk["end"]["VmHWM"] / pack_bytes,
@@ -255,6 +265,7 @@ def main() -> None:
         measuring.add_argument("--batch", type=int, default=1024)
         measuring.add_argument("--batches", type=int, default=4)
         measuring.add_argument("--recall", type=int, default=512)
+        measuring.add_argument("--codes", default="float16", help="how faiss holds the keys it ranks")
     commands.choices["measure"].add_argument("--out")
     commands.choices["measure-one"].add_argument("--mode", choices=("disk", "ram"), required=True)
     args = parser.parse_args()

@@ -10,10 +10,11 @@ list, and saves the result beside the shards::
                                    documents it filed, in order: [shard, token digest, entries]
 
 :class:`DiskPack` opens it: the keys are read shard by shard with plain reads (the page cache keeps them,
-not the process) into an ``IndexIVFFlat`` whose quantiser holds the saved centroids and whose lists the
-saved assignment (``add_core`` with precomputed lists: no k-means and no quantiser pass at opening); keys
-and values stay in their shards, memory-mapped without readahead, and only the rows a search returns are
-read. What stays resident is the filed keys (``4 · Dk + 8`` bytes an entry) and the pages of rows read.
+not the process) into a faiss inverted file (keys as float16 by default) whose quantiser holds the saved
+centroids and whose lists the saved assignment (``add_core`` with precomputed lists: no k-means and no
+quantiser pass at opening); keys and values stay in their shards, memory-mapped without readahead, and
+only the rows a search returns are read. What stays resident is the filed keys (``2 · Dk + 8`` bytes an
+entry as float16) and the pages of the rows read.
 :class:`PackStore` puts it behind a memory layer, read-only: ``memory_index={backend: disk}`` of
 ``dmt-eval``/``dmt-long-document`` (``use_pack(..., index={"backend": "disk"})``).
 
@@ -77,12 +78,21 @@ def filed(keys: np.ndarray, metric: str) -> np.ndarray:
     return np.ascontiguousarray(keys, dtype=np.float32)
 
 
-def flat_ivf(dim: int, nlist: int, metric: str) -> tuple[faiss.IndexIVFFlat, faiss.IndexFlat]:
-    """An empty, untrained ``IndexIVFFlat`` of ``nlist`` lists and its quantiser (kept alive by the
-    caller) for ``metric`` (cosine: inner product of unit keys)."""
+def inverted_file(
+    dim: int, nlist: int, metric: str, codes: str = "float32"
+) -> tuple[faiss.IndexIVF, faiss.IndexFlat]:
+    """An empty inverted file of ``nlist`` lists for ``metric`` (cosine: inner product of unit keys) and
+    its quantiser (kept alive by the caller): ``IndexIVFFlat`` for ``codes`` float32, or keys held as
+    float16 (``IndexIVFScalarQuantizer`` QT_fp16, no residuals: half the bytes, nothing to train)."""
     ip = metric != "l2"
+    faiss_metric = faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2
     quantizer = faiss.IndexFlatIP(dim) if ip else faiss.IndexFlatL2(dim)
-    ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2)
+    if codes == "float32":
+        return faiss.IndexIVFFlat(quantizer, dim, nlist, faiss_metric), quantizer
+    if codes != "float16":
+        raise ValueError(f"codes: expected float32 or float16, got {codes!r}")
+    fp16 = faiss.ScalarQuantizer.QT_fp16
+    ivf = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, fp16, faiss_metric, False)
     return ivf, quantizer
 
 
@@ -109,7 +119,7 @@ def index_pack(pack: str | Path, block: str | int, nlist: int | None = None) -> 
 
     # Train: k-means on every step-th key.
     sample = np.concatenate([filed(read_keys(s, block, n, True), metric)[::step] for s, _, n in documents])
-    ivf, quantizer = flat_ivf(sample.shape[1], nlist, metric)
+    ivf, quantizer = inverted_file(sample.shape[1], nlist, metric)
     ivf.cp.seed = SEED
     ivf.train(sample)
     centroids = quantizer.reconstruct_n(0, nlist)  # (nlist, Dk)
@@ -153,6 +163,8 @@ class DiskPack:
             against visiting every list (exact for a flat inverted file).
         in_ram: read keys and values into memory instead of mapping them (what a pack held in RAM costs).
         verify: check every file's SHA-256 against its manifest (a full read of the pack), not only sizes.
+        codes: how the inverted file holds the keys it ranks: ``float16`` (half the resident bytes) or
+            ``float32``; the keys a search returns are read from the shards as stored either way.
 
     Raises:
         StoreFileError: naming the file or setting when the pack, a shard or the index is missing,
@@ -166,16 +178,25 @@ class DiskPack:
         nprobe: int | None = None,
         in_ram: bool = False,
         verify: bool = True,
+        codes: str = "float16",
     ) -> None:
         self.pack, self.block = Path(pack), str(int(block))
         raw = read_pack_json(self.pack)
         documents = [d for d in layer_documents(self.pack, raw, self.block) if d[2]]
+        if not documents:
+            raise StoreFileError(f"{self.pack}: holds no entries of block {self.block}")
         centroids, lists = self._read_index(documents, verify)
         self.nlist, self.dim = centroids.shape
-        self.ivf, quantizer = flat_ivf(self.dim, self.nlist, self.metric)
+        self.ivf, quantizer = inverted_file(self.dim, self.nlist, self.metric, codes)
         quantizer.add(centroids)
         self.ivf.is_trained = True
         self._quantizer = quantizer  # the index holds only a pointer to it
+        # Each list sized once for all its entries: grown shard by shard, faiss's vectors would double
+        # and leave freed blocks behind (about 1.5 times the keys' bytes resident at ten million).
+        lists_of = faiss.downcast_InvertedLists(self.ivf.invlists)
+        for number, count in enumerate(np.bincount(np.concatenate(lists), minlength=self.nlist).tolist()):
+            lists_of.resize(number, count)
+            lists_of.resize(number, 0)  # empty again, its room kept
         self.nprobe = None if nprobe is None else min(int(nprobe), self.nlist)
         self.calibrated_recall: float | None = None
 

@@ -29,6 +29,7 @@ from dmt.errors import ConfigError
 from dmt.evaluation.perplexity import window_batch, windows
 from dmt.files import check_directory_target, write_directory
 from dmt.kernel.pack_files import pack_entries, weights_fingerprint
+from dmt.kernel.store_files import StoreFileError
 from dmt.layers import MemoryLayer
 from dmt.memory.integrity import store_errors
 from dmt.model.surgery import memory_layers, memory_protocol
@@ -241,9 +242,9 @@ def use_pack(
     ``index``: the key index settings of those stores (``{"backend": "faiss"}`` for a pack of a million
     entries); None: each layer's own, chosen for its own capacity.
 
-    ``{"backend": "disk"}`` (and optionally ``nprobe``): search the pack where it lies instead, read-only
-    (:mod:`dmt.packs.disk`: the index ``dmt-index PACK`` saved in it, keys and values memory-mapped), for
-    a pack larger than RAM.
+    ``{"backend": "disk"}`` (and optionally ``nprobe`` and ``codes`` of :class:`~dmt.packs.disk.DiskPack`):
+    search the pack where it lies instead, read-only (the index ``dmt-index PACK`` saved in it, keys and
+    values memory-mapped), for a pack larger than RAM.
 
     Raises:
         PackError: the pack is not one, is corrupt, or was made for another student (``student`` names
@@ -256,12 +257,17 @@ def use_pack(
     raw = manifest.to_json()
     if index is not None and index.get("backend") == DISK:
         settings = {k: v for k, v in index.items() if k != "backend"}
-        nprobe = settings.pop("nprobe", None)
-        if settings:
-            raise ConfigError(f"memory_index: backend disk takes only nprobe, got {sorted(settings)}")
+        if set(settings) - {"nprobe", "codes"}:
+            raise ConfigError(f"memory_index: backend disk takes nprobe and codes, got {sorted(settings)}")
         for key in manifest.layers:
             with store_errors(PackError):
-                store = PackStore(DiskPack(pack, key, nprobe=nprobe, verify=verify))
+                try:
+                    searched = DiskPack(pack, key, verify=verify, **settings)
+                except StoreFileError:
+                    raise
+                except ValueError as err:  # nprobe or codes
+                    raise ConfigError(f"memory_index: {err}") from err
+                store = PackStore(searched)
             layers[int(key)].use_store(store)
         return manifest
     for key in manifest.layers:

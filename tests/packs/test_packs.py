@@ -144,7 +144,7 @@ def test_a_pack_searched_on_disk_probing_every_list_reads_as_in_memory(export, t
     assert "indexed block 3" in capsys.readouterr().out
     exact, _ = load_pretrained(export, memory=tmp_path / "pack")
     on_disk, _ = load_pretrained(
-        export, memory=tmp_path / "pack", memory_index={"backend": "disk", "nprobe": 4}
+        export, memory=tmp_path / "pack", memory_index={"backend": "disk", "nprobe": 4, "codes": "float32"}
     )
     store = memory_layers(on_disk)[3].store
     assert isinstance(store, PackStore) and len(store) == read_pack(tmp_path / "pack").entries()["3"]
@@ -154,12 +154,15 @@ def test_a_pack_searched_on_disk_probing_every_list_reads_as_in_memory(export, t
         store.insert(np.ones((1, 8), np.float32), np.ones((1, 16), np.float32))
 
 
-def test_a_pack_on_disk_must_be_indexed_and_takes_only_nprobe(export, tmp_path):
+def test_a_pack_on_disk_must_be_indexed_and_takes_only_its_settings(export, tmp_path):
     make_pack(load_pretrained(export)[0], tmp_path / "pack", documents())
     with pytest.raises(PackError, match="not indexed .*run dmt-index"):
         load_pretrained(export, memory=tmp_path / "pack", memory_index={"backend": "disk"})
-    with pytest.raises(ConfigError, match="memory_index: backend disk takes only nprobe"):
+    with pytest.raises(ConfigError, match="memory_index: backend disk takes nprobe and codes"):
         load_pretrained(export, memory=tmp_path / "pack", memory_index={"backend": "disk", "nlist": 4})
+    dmt.index.main([str(tmp_path / "pack"), "--nlist", "4"])
+    with pytest.raises(ConfigError, match="memory_index: codes: expected float32 or float16, got 'int8'"):
+        load_pretrained(export, memory=tmp_path / "pack", memory_index={"backend": "disk", "codes": "int8"})
 
 
 def test_forgetting_documents_equals_a_pack_never_fed_them(export, tmp_path):
