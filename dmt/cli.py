@@ -9,6 +9,7 @@ made for it, when nothing but Hydra's own files is in it.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -32,6 +33,20 @@ def command_name(module: str, script: str) -> str:
     if argv0.suffix == ".py" and Path(__file__).resolve().parent not in argv0.resolve().parents:
         return f"python {sys.argv[0]}"
     return f"python -m {module}"
+
+
+def pack_command(module: str, script: str, doc: str, example: str) -> tuple[str, argparse.ArgumentParser]:
+    """The name of a command on a memory pack and its parser: the ``example`` (``{prog}`` filled in) and
+    the first line of its ``doc`` as description, the ``pack`` argument and ``--debug``."""
+    prog = command_name(module, script)
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=f"{example.format(prog=prog)}\n\n{doc.splitlines()[0]}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("pack", help="memory pack directory (dmt-memorize's output)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return prog, parser
 
 
 def describe(error: BaseException) -> str:

@@ -8,10 +8,9 @@ as it was or without the documents.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
-from dmt.cli import command_name, user_errors
+from dmt.cli import pack_command, user_errors
 from dmt.errors import ConfigError
 from dmt.packs.files import forget_documents, matching, read_pack
 
@@ -19,13 +18,7 @@ EXAMPLE = "example: {prog} shakespeare.pack --source 'shakespeare/hamlet*' --sou
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    prog = command_name("dmt.forget", "dmt-forget")
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=f"{EXAMPLE.format(prog=prog)}\n\n{__doc__.splitlines()[0]}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("pack", help="memory pack directory (dmt-memorize's output)")
+    prog, parser = pack_command("dmt.forget", "dmt-forget", __doc__, EXAMPLE)
     parser.add_argument(
         "--source",
         action="append",
@@ -34,7 +27,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="shell-style pattern of document names, as dmt-inspect PACK lists them (repeatable)",
     )
     parser.add_argument("--dry-run", action="store_true", help="list the documents only; change nothing")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     with user_errors(prog, args.debug):
         documents = matching(read_pack(args.pack).documents, args.source)

@@ -8,11 +8,10 @@ keeps the index valid; a pack merged or memorised into since must be indexed aga
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Sequence
 
-from dmt.cli import command_name, user_errors
+from dmt.cli import pack_command, user_errors
 from dmt.errors import ConfigError
 from dmt.memory.integrity import store_errors
 from dmt.packs.disk import index_pack
@@ -22,19 +21,12 @@ EXAMPLE = "example: {prog} plays.pack   then   dmt-eval ... memory=plays.pack 'm
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    prog = command_name("dmt.index", "dmt-index")
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=f"{EXAMPLE.format(prog=prog)}\n\n{__doc__.splitlines()[0]}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("pack", help="memory pack directory (dmt-memorize's output)")
+    prog, parser = pack_command("dmt.index", "dmt-index", __doc__, EXAMPLE)
     parser.add_argument(
         "--nlist",
         type=int,
         help="inverted lists per layer (default: the power of two nearest 4·sqrt(entries))",
     )
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     with user_errors(prog, args.debug):
         if args.nlist is not None and args.nlist < 1:
