@@ -32,6 +32,7 @@ ENTRY_POINTS = (
     "dmt-bench",
     "dmt-memorize",
     "dmt-forget",
+    "dmt-index",
 )
 TIMEOUT_S = 600
 
