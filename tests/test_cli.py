@@ -166,6 +166,18 @@ ROWS = [
         [*TINY_TEACHER, "student={export}", "document=binary.txt"],
         "binary.txt: not a text file",
     ),
+    (
+        "long document, pack on disk",
+        long_document_main,
+        [
+            *TINY_TEACHER,
+            "student={export}",
+            "document=binary.txt",
+            "memory=p",
+            "memory_index={{backend:disk}}",
+        ],
+        "memory_index: backend disk reads a pack read-only",
+    ),
     ("inspect truncated config", inspect_main, ["{broken}"], "config.json: not valid JSON"),
     (
         "inspect no memory layer there",

@@ -32,6 +32,7 @@ from dmt.files import read_text_file, refuse_existing_file, write_json
 from dmt.model.loading import load_teacher, load_tokenizer
 from dmt.model.persistence import check_student_path, load_student
 from dmt.model.surgery import memory_layers, memory_protocol
+from dmt.packs.disk import DISK
 from dmt.packs.reading import pack_index
 from dmt.progress import progress_bar, set_quiet
 
@@ -141,6 +142,12 @@ def run_long_document(cfg: DictConfig) -> dict[str, Any]:
     for key in ("student", "document"):
         if cfg[key] is None:
             raise ConfigError(f"{key}: required; give {key}=<path> (an export or .ckpt, and a text file)")
+    index = pack_index(cfg.get("memory_index"))
+    if index is not None and index.get("backend") == DISK:
+        raise ConfigError(
+            "memory_index: backend disk reads a pack read-only, and this reading inserts as it reads; "
+            "load the pack into memory (memory_index: null or {backend: faiss})"
+        )
     if cfg.output:
         refuse_existing_file(cfg.output, cfg.get("force", False))
     check_windows(cfg.window, cfg.stride, 1)
@@ -150,7 +157,7 @@ def run_long_document(cfg: DictConfig) -> dict[str, Any]:
     input_ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)  # (L,)
     if cfg.max_tokens is not None:
         input_ids = input_ids[: cfg.max_tokens]
-    student = load_student(cfg.student, cfg.get("memory"), pack_index(cfg.get("memory_index")))[0]
+    student = load_student(cfg.student, cfg.get("memory"), index)[0]
     teacher = load_teacher(cfg.teacher)
     result = read_document(teacher, student, input_ids, cfg.window, cfg.stride, cfg.from_empty)
     result |= {"student": str(cfg.student), "document": str(cfg.document)}
