@@ -28,7 +28,7 @@ import transformers
 from transformers import PreTrainedModel
 
 from .configuration_dmt import CLASS_PREFIX, student_config_class
-from .pack_files import pack_entries, read_pack_json, weights_fingerprint
+from .pack_files import pack_entries, read_pack_json, stored_settings, weights_fingerprint
 from .read import swapped_module
 from .store_files import StoreFileError, read_store
 
@@ -80,7 +80,9 @@ class StudentMixin:
             )
         for index, settings in raw["layers"].items():
             block = self.config.dmt["blocks"].get(index)
-            if block is None or self.config.dmt["layers"][index] != settings:
+            if block is None or stored_settings(self.config.dmt["layers"][index]) != stored_settings(
+                settings
+            ):
                 raise StoreFileError(f"pack {pack}: block {index} has other settings, or no memory, here")
             layer = self.get_submodule(block["module"])
             keys, entries = pack_entries(

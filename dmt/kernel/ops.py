@@ -54,16 +54,25 @@ def neighbour_distances(
 
 
 def neighbour_weights(
-    scores: torch.Tensor, valid: torch.Tensor, weighting: str, gate: torch.Tensor | None = None
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    weighting: str,
+    gate: torch.Tensor | None = None,
+    null_score: float | None = None,
 ) -> torch.Tensor:
     """Weights ``(N, K)`` of the neighbours from their ``scores (N, K)``; invalid neighbours get 0.
 
-    ``softmax`` normalises over the neighbours; ``relu``/``gelu``/``gelu_tanh``/``silu`` apply the
-    activation to each score independently, which makes a store seeded from an MLP's rows compute a top-k
-    MLP. ``gate (N, K)``, if given, multiplies the weights (a gated, SwiGLU-like memory).
+    ``softmax`` normalises over the neighbours and, given ``null_score``, a null entry of that score and a
+    zero value: a query whose neighbours all score well below it reads almost nothing (the weights sum to
+    less than 1). ``relu``/``gelu``/``gelu_tanh``/``silu`` apply the activation to each score
+    independently, which makes a store seeded from an MLP's rows compute a top-k MLP. ``gate (N, K)``, if
+    given, multiplies the weights (a gated, SwiGLU-like memory).
     """
     if weighting == "softmax":
-        weights = scores.masked_fill(~valid, torch.finfo(scores.dtype).min).softmax(dim=-1)
+        logits = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)  # (N, K)
+        if null_score is not None:
+            logits = torch.cat([logits, logits.new_full((len(logits), 1), null_score)], dim=1)  # (N, K + 1)
+        weights = logits.softmax(dim=-1)[:, : scores.shape[1]]
     else:
         weights = ACTIVATIONS[weighting](scores)
     if gate is not None:
@@ -100,13 +109,21 @@ class OutputBias(nn.Module):
         return x + self.bias
 
 
-def similarity_scores(distances: torch.Tensor, metric: str, temperature: float) -> torch.Tensor:
-    """Similarity ``(N, K)`` of neighbours at ``distances (N, K)``, divided by ``temperature``.
+def similarity_scores(
+    distances: torch.Tensor | float, metric: str, temperature: float
+) -> torch.Tensor | float:
+    """Similarity ``(N, K)`` of neighbours at ``distances (N, K)`` (a tensor or a number), divided by
+    ``temperature``.
 
     ip and cosine distances are ``1 - similarity``; an l2 distance is its own negated similarity.
     """
     similarity = -distances if metric == "l2" else 1.0 - distances
     return similarity / temperature
+
+
+def null_score(null_distance: float | None, metric: str, temperature: float) -> float | None:
+    """The softmax score of a null entry at ``null_distance`` from every query (None: no null entry)."""
+    return None if null_distance is None else float(similarity_scores(null_distance, metric, temperature))
 
 
 def read_projections(
@@ -142,15 +159,18 @@ def read_values(
     weighting: str,
     value_dim: int,
     gate_queries: torch.Tensor | None = None,
+    null_distance: float | None = None,
 ) -> torch.Tensor:
     """What ``queries (N, Dk)`` read from their neighbours ``keys (U, Dk)[rows (N, K)]``: ``(N, Dv)``.
 
     ``entries (U, Dv + G)`` hold each neighbour's value, then (gated entries) its gate key, dotted with
-    ``gate_queries (N, G)``; ``valid (N, K)`` marks real neighbours. Differentiable in the queries, the
+    ``gate_queries (N, G)``; ``valid (N, K)`` marks real neighbours; ``null_distance``: the softmax's null
+    entry (:func:`neighbour_weights`), as a distance from every query. Differentiable in the queries, the
     gate queries and the entries (the keys are the store's constants).
     """
     distances = neighbour_distances(queries, keys, rows, metric)  # (N, K)
     scores = similarity_scores(distances, metric, temperature)
     gate = None if gate_queries is None else neighbour_dots(gate_queries, entries[:, value_dim:], rows)
-    weights = neighbour_weights(scores, valid, weighting, gate)  # (N, K)
+    null = null_score(null_distance, metric, temperature)
+    weights = neighbour_weights(scores, valid, weighting, gate, null)  # (N, K)
     return mix_values(weights, rows, entries[:, :value_dim])  # (N, Dv)

@@ -24,6 +24,15 @@ PACK_FORMAT_VERSION = 1
 PACK_MANIFEST = "pack.json"
 SHARDS = "shards"
 ARRAYS = ("keys", "values", "offsets")
+# Layer settings that weigh what a layer reads and leave what it stores alone: a pack made under one value
+# reads under any other.
+READING_SETTINGS = frozenset({"topk", "temperature", "null_distance"})
+
+
+def stored_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """A layer's settings (``LayerConfig.to_dict()``) less its :data:`READING_SETTINGS`: what a pack made by
+    that layer depends on."""
+    return {key: value for key, value in settings.items() if key not in READING_SETTINGS}
 
 
 def array_file(block: str, name: str) -> str:

@@ -43,6 +43,8 @@ class MemoryRead(nn.Module):
             settings["temperature"],
         )
         self.weighting, self.by_magnitude = settings["weighting"], settings["ranking"] == "magnitude"
+        # A student saved before null entries existed has none.
+        self.null_distance = settings.get("null_distance")
         # Only featural layers can drop their dense weights.
         dense = settings.get("dense_weights", True)
         self.query_proj, self.out_proj, self.gate_query_proj = read_projections(
@@ -107,6 +109,7 @@ class MemoryRead(nn.Module):
             weighting=self.weighting,
             value_dim=self.value_dim,
             gate_queries=gate_queries,
+            null_distance=self.null_distance,
         )  # (N, Dv)
         output = self.out_proj(mixed.reshape(*batch_shape, self.heads * self.value_dim))  # (B, T, C)
         return output if self.mlp is None else output + self.mlp(hidden_states)

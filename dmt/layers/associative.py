@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmt.kernel.ops import neighbour_dots, neighbour_weights
+from dmt.kernel.ops import neighbour_dots, neighbour_weights, null_score
 from dmt.layers.base import MemoryLayer
 from dmt.layers.config import AssociativeConfig
 from dmt.layers.protocol import current
@@ -125,7 +125,8 @@ class AssociativeMemory(MemoryLayer):
             if gate_queries is None
             else neighbour_dots(gate_queries, entries[:, self.value_dim :], found.rows)
         )
-        weights = neighbour_weights(scores, found.valid, self.cfg.weighting, gate)
+        null = null_score(self.cfg.null_distance, self.cfg.metric, self.cfg.temperature)
+        weights = neighbour_weights(scores, found.valid, self.cfg.weighting, gate, null)
         attended = mix_values_straight_through(
             weights, found.rows, entries[:, : self.value_dim], values
         )  # (N, Dv)

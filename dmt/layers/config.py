@@ -271,6 +271,10 @@ class AssociativeConfig(MemoryConfig):
     with ``keep_mlp``. A cache of next tokens beside the MLP that starts above 0 reads a document usefully
     before any training: what followed the nearest earlier contexts is added to the residual stream, which
     the tied output embedding reads.
+
+    ``null_distance``: the softmax also weighs a null entry (zero value) at this distance from every query
+    (an attention sink), so a query whose neighbours all lie well beyond it reads almost nothing: a memory
+    of one domain stays quiet on text of another. ``null``: no null entry, the weights sum to 1.
     """
 
     type: ClassVar[str] = "associative"
@@ -281,8 +285,16 @@ class AssociativeConfig(MemoryConfig):
     output_gain: float | None = setting("output", None)
     weighting: str | None = setting("read", "softmax")
     gate_dim: int | None = setting("read", 0)
+    null_distance: float | None = setting("read", None)
 
     def __post_init__(self) -> None:
+        if self.null_distance is not None:
+            if self.null_distance < 0:
+                raise bad("null_distance", f"must be >= 0, got {self.null_distance}")
+            if self.weighting != "softmax":
+                raise bad(
+                    "null_distance", f"a null entry takes weight in a softmax; weighting is {self.weighting}"
+                )
         if self.init == "ffn" and self.inserted_values != "projected":
             raise bad(
                 "inserted_values",

@@ -45,6 +45,7 @@ from dmt.kernel.pack_files import (
     SHARDS,
     array_file,
     read_pack_json,
+    stored_settings,
 )
 from dmt.kernel.store_files import MANIFEST as SHARD_MANIFEST
 from dmt.memory.integrity import store_errors, write_array
@@ -176,15 +177,23 @@ def same_maker(a: PackManifest, b: PackManifest, a_name: str, b_name: str) -> No
             f"{b_name} for student {b.student['name']} (weights {b.student['fingerprint'][:12]})"
         )
     for what in ("layers", "reading"):
-        if getattr(a, what) != getattr(b, what):
+        if compared(a, what) != compared(b, what):
             raise PackError(
                 f"{a_name} and {b_name} differ in their {what}: {settings_difference(a, b, what)}"
             )
 
 
+def compared(manifest: PackManifest, what: str) -> dict[str, Any]:
+    """``manifest``'s ``layers`` (each as :func:`stored_settings`) or ``reading``, flat (``29.key_dim``):
+    what two makers of packs must agree on."""
+    if what == "layers":
+        return flat({index: stored_settings(layer) for index, layer in manifest.layers.items()})
+    return flat(manifest.reading)
+
+
 def settings_difference(a: PackManifest, b: PackManifest, what: str) -> str:
     """The first keys in which ``a`` and ``b`` differ, as ``key: a-value vs b-value``."""
-    left, right = flat(getattr(a, what)), flat(getattr(b, what))
+    left, right = compared(a, what), compared(b, what)
     keys = sorted(k for k in set(left) | set(right) if left.get(k) != right.get(k))
     return "; ".join(f"{k}: {left.get(k)!r} vs {right.get(k)!r}" for k in keys[:4])
 

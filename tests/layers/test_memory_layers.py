@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dmt.kernel.ops import mix_values, neighbour_distances
+from dmt.kernel.ops import mix_values, neighbour_distances, neighbour_weights, null_score
 from dmt.layers import (
     AssociativeMemory,
     FeaturalConfig,
@@ -235,6 +235,50 @@ def test_mix_values_equals_the_weighted_gather():
         strict=True,
     ):
         assert_close(a, b)
+
+
+def test_a_null_entry_takes_weight_from_far_neighbours_only():
+    """The softmax with a null entry is the softmax over the neighbours and one more score whose value is
+    zero: near neighbours keep most of their weight, a query whose neighbours all lie far reads ~nothing."""
+    scores = torch.tensor([[10.0, 9.0, 8.0], [-5.0, -6.0, -7.0], [3.0, 2.0, 1.0]])
+    valid = torch.tensor([[True, True, True], [True, True, True], [True, True, False]])
+    null = null_score(0.5, "cosine", 0.1)  # (1 - 0.5) / 0.1 = 5
+    got = neighbour_weights(scores, valid, "softmax", null_score=null)
+    logits = torch.cat([scores.masked_fill(~valid, -torch.inf), torch.full((3, 1), 5.0)], dim=1)
+    assert_close(got, logits.softmax(dim=1)[:, :3])
+    assert got[0].sum() > 0.99 and got[1].sum() < 1e-4 and got[2, 2] == 0
+    assert_close(
+        neighbour_weights(scores, valid, "softmax", null_score=-1e4),
+        scores.masked_fill(~valid, -torch.inf).softmax(dim=1),
+    )
+    assert null_score(None, "cosine", 0.1) is None and null_score(2.0, "l2", 0.5) == -4.0
+
+
+def test_an_associative_layer_with_a_null_entry_reads_less_from_a_far_memory():
+    plain = make(AssociativeMemory).train()
+    x = torch.randn(2, 6, 16)
+    with torch.no_grad():
+        plain(x)  # fills the store
+    plain.eval()
+    null = make(AssociativeMemory, null_distance=0.0)
+    null.load_state_dict(plain.state_dict())
+    null.store = plain.store
+    with torch.no_grad():
+        far, near = plain(-x), null(-x)
+    # Cosine distances are >= 0, so the null entry at distance 0 outweighs every neighbour.
+    assert near.norm() < far.norm()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"null_distance": -0.1}, r"swap\.read\.null_distance: must be >= 0, got -0\.1"),
+        ({"null_distance": 0.5, "weighting": "relu"}, r"swap\.read\.null_distance: a null entry .* relu"),
+    ],
+)
+def test_null_entry_settings_are_checked(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make(AssociativeMemory, **overrides)
 
 
 @pytest.mark.parametrize("layer_cls", [FeaturalMemory, AssociativeMemory])

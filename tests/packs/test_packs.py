@@ -227,11 +227,27 @@ def test_a_pack_of_another_student_or_other_settings_is_refused_naming_both(expo
         load_pretrained(tmp_path / "other", memory=tmp_path / "pack")
     student, _ = load_pretrained(export)
     layer = memory_layers(student)[3]
-    layer.cfg = replace(layer.cfg, topk=2)
-    make_pack(student, tmp_path / "topk2", documents(2))
-    with pytest.raises(PackError, match=r"3.topk: 2 vs 4"):
-        merge_packs([tmp_path / "topk2", tmp_path / "pack"], tmp_path / "merged")
+    layer.cfg = replace(layer.cfg, novelty_threshold=0.5)
+    make_pack(student, tmp_path / "novel", documents(2))
+    with pytest.raises(PackError, match=r"3.novelty_threshold: 0.5 vs 0.0"):
+        merge_packs([tmp_path / "novel", tmp_path / "pack"], tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_reading_settings_do_not_tie_a_pack_to_its_maker(export, tmp_path):
+    """topk, temperature and null_distance weigh what a layer reads, not what it stores: a pack made
+    under some values reads under others, in dmt and in plain transformers alike."""
+    from transformers import AutoModelForCausalLM
+
+    student, _ = load_pretrained(export)
+    layer = memory_layers(student)[3]
+    layer.cfg = replace(layer.cfg, topk=2, temperature=0.5, null_distance=0.3)
+    docs = documents(4)
+    make_pack(student, tmp_path / "pack", docs[:2])
+    make_pack(load_pretrained(export)[0], tmp_path / "plain", docs[2:])
+    merge_packs([tmp_path / "pack", tmp_path / "plain"], tmp_path / "merged")
+    load_pretrained(export, memory=tmp_path / "merged")
+    AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dmt_memory=tmp_path / "pack")
 
 
 def test_a_changed_shard_is_refused_by_name(export, tmp_path):
