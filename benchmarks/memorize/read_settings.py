@@ -1,9 +1,10 @@
 """How a cache student reads a memory pack, over its reading settings: the perplexity of a validation
-document under each output gain, temperature, top-k and null distance; the held-out documents are then read
-with the student's own settings and with the ones chosen on the validation documents (never chosen on them).
+document under each output gain, temperature, top-k, null distance and largest distance read; the held-out
+documents are then read with the student's own settings and with the ones chosen on the validation
+documents (never chosen on them).
 
 python -m benchmarks.memorize.read_settings STUDENT PACK --validation NAME --held-out NAME ...
-    [--gains 4 8] [--nulls none 0.2] [--elsewhere NAME ... --max-harm 1.005]
+    [--gains 4 8] [--nulls none 0.02] [--max-distances none 0.03] [--elsewhere NAME ... --max-harm 1.005]
 
 STUDENT: an export whose memory layer reads residual-stream values (``experiment=associative_cache``);
 PACK: a memory pack made for it that does not hold the validation document (``dmt-forget`` it first).
@@ -15,8 +16,8 @@ best on the validation document among those whose perplexity elsewhere is at mos
 teacher's there, or if none is the least harmful (the student with its output projection at zero reads as
 the teacher).
 The settings are changed on the loaded student only (the output projection scaled to ``gain`` × its
-identity start, the layer's temperature, top-k and null distance); the pack is read as it was made. Each
-row also gives the quantiles of the queries' nearest-entry distance. Writes ``--out``.
+identity start; the layer's reading settings); the pack is read as it was made. Each row also gives the
+quantiles of the queries' nearest-entry distance. Writes ``--out``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from dmt.model.surgery import memory_layers
 QUANTILES = (0.1, 0.5, 0.9)
 
 
-def null_setting(value: str) -> float | None:
+def optional_float(value: str) -> float | None:
     return None if value.lower() in ("none", "null") else float(value)
 
 
@@ -61,7 +62,8 @@ def main() -> None:
     parser.add_argument("--gains", type=float, nargs="+", default=[4.0])
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.02])
     parser.add_argument("--topks", type=int, nargs="+", default=[32])
-    parser.add_argument("--nulls", type=null_setting, nargs="+", default=[None])
+    parser.add_argument("--nulls", type=optional_float, nargs="+", default=[None])
+    parser.add_argument("--max-distances", type=optional_float, nargs="+", default=[None])
     parser.add_argument("--elsewhere", nargs="*", default=[])
     parser.add_argument("--elsewhere-chars", type=int, default=8000)
     parser.add_argument("--max-harm", type=float, default=1.005)
@@ -80,6 +82,7 @@ def main() -> None:
         "temperature": layer.cfg.temperature,
         "topk": layer.cfg.topk,
         "null_distance": layer.cfg.null_distance,
+        "max_distance": layer.cfg.max_distance,
     }
 
     # Nearest distances: every query's distance to its nearest entry, per read
@@ -94,11 +97,22 @@ def main() -> None:
     layer.search = recording_search
 
     def read(
-        texts: list[str], gain: float, temperature: float, topk: int, null_distance: float | None
+        texts: list[str],
+        gain: float,
+        temperature: float,
+        topk: int,
+        null_distance: float | None,
+        max_distance: float | None,
     ) -> dict:
         with torch.no_grad():
             layer.out_proj.weight.copy_(identity * gain)
-        layer.cfg = replace(layer.cfg, temperature=temperature, topk=topk, null_distance=null_distance)
+        layer.cfg = replace(
+            layer.cfg,
+            temperature=temperature,
+            topk=topk,
+            null_distance=null_distance,
+            max_distance=max_distance,
+        )
         nearest.clear()
         started = time.perf_counter()
         result = perplexity(student, tokenizer, texts, 512, 256, 4, "student")
@@ -107,6 +121,7 @@ def main() -> None:
             "temperature": temperature,
             "topk": topk,
             "null_distance": null_distance,
+            "max_distance": max_distance,
             **result,
         }
         row["tokens_per_second"] = result["tokens"] / (time.perf_counter() - started)
@@ -116,11 +131,12 @@ def main() -> None:
         return row
 
     grid = [
-        {"gain": g, "temperature": t, "topk": k, "null_distance": n}
+        {"gain": g, "temperature": t, "topk": k, "null_distance": n, "max_distance": m}
         for g in args.gains
         for t in args.temperatures
         for k in args.topks
         for n in args.nulls
+        for m in args.max_distances
     ]
     teacher = {**own, "gain": 0.0}
     rows = [read([text], **settings) for settings in grid]

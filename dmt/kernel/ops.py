@@ -121,6 +121,12 @@ def similarity_scores(
     return similarity / temperature
 
 
+def within(valid: torch.Tensor, distances: torch.Tensor, max_distance: float | None) -> torch.Tensor:
+    """``valid (N, K)`` less the neighbours farther than ``max_distance`` (None: all stay): a query whose
+    neighbours all lie beyond it reads nothing."""
+    return valid if max_distance is None else valid & (distances.detach() <= max_distance)
+
+
 def null_score(null_distance: float | None, metric: str, temperature: float) -> float | None:
     """The softmax score of a null entry at ``null_distance`` from every query (None: no null entry)."""
     return None if null_distance is None else float(similarity_scores(null_distance, metric, temperature))
@@ -160,15 +166,18 @@ def read_values(
     value_dim: int,
     gate_queries: torch.Tensor | None = None,
     null_distance: float | None = None,
+    max_distance: float | None = None,
 ) -> torch.Tensor:
     """What ``queries (N, Dk)`` read from their neighbours ``keys (U, Dk)[rows (N, K)]``: ``(N, Dv)``.
 
     ``entries (U, Dv + G)`` hold each neighbour's value, then (gated entries) its gate key, dotted with
     ``gate_queries (N, G)``; ``valid (N, K)`` marks real neighbours; ``null_distance``: the softmax's null
-    entry (:func:`neighbour_weights`), as a distance from every query. Differentiable in the queries, the
+    entry (:func:`neighbour_weights`), as a distance from every query; ``max_distance``: neighbours farther
+    are not read (:func:`within`). Differentiable in the queries, the
     gate queries and the entries (the keys are the store's constants).
     """
     distances = neighbour_distances(queries, keys, rows, metric)  # (N, K)
+    valid = within(valid, distances, max_distance)
     scores = similarity_scores(distances, metric, temperature)
     gate = None if gate_queries is None else neighbour_dots(gate_queries, entries[:, value_dim:], rows)
     null = null_score(null_distance, metric, temperature)

@@ -26,7 +26,7 @@ SHARDS = "shards"
 ARRAYS = ("keys", "values", "offsets")
 # Layer settings that weigh what a layer reads and leave what it stores alone: a pack made under one value
 # reads under any other.
-READING_SETTINGS = frozenset({"topk", "temperature", "null_distance"})
+READING_SETTINGS = frozenset({"topk", "temperature", "null_distance", "max_distance"})
 
 
 def stored_settings(settings: dict[str, Any]) -> dict[str, Any]:

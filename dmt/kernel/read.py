@@ -44,7 +44,7 @@ class MemoryRead(nn.Module):
         )
         self.weighting, self.by_magnitude = settings["weighting"], settings["ranking"] == "magnitude"
         # A student saved before null entries existed has none.
-        self.null_distance = settings.get("null_distance")
+        self.null_distance, self.max_distance = settings.get("null_distance"), settings.get("max_distance")
         # Only featural layers can drop their dense weights.
         dense = settings.get("dense_weights", True)
         self.query_proj, self.out_proj, self.gate_query_proj = read_projections(
@@ -110,6 +110,7 @@ class MemoryRead(nn.Module):
             value_dim=self.value_dim,
             gate_queries=gate_queries,
             null_distance=self.null_distance,
+            max_distance=self.max_distance,
         )  # (N, Dv)
         output = self.out_proj(mixed.reshape(*batch_shape, self.heads * self.value_dim))  # (B, T, C)
         return output if self.mlp is None else output + self.mlp(hidden_states)

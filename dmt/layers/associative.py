@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmt.kernel.ops import neighbour_dots, neighbour_weights, null_score
+from dmt.kernel.ops import neighbour_dots, neighbour_weights, null_score, within
 from dmt.layers.base import MemoryLayer
 from dmt.layers.config import AssociativeConfig
 from dmt.layers.protocol import current
@@ -126,7 +126,8 @@ class AssociativeMemory(MemoryLayer):
             else neighbour_dots(gate_queries, entries[:, self.value_dim :], found.rows)
         )
         null = null_score(self.cfg.null_distance, self.cfg.metric, self.cfg.temperature)
-        weights = neighbour_weights(scores, found.valid, self.cfg.weighting, gate, null)
+        valid = within(found.valid, distances, self.cfg.max_distance)  # (N, K)
+        weights = neighbour_weights(scores, valid, self.cfg.weighting, gate, null)
         attended = mix_values_straight_through(
             weights, found.rows, entries[:, : self.value_dim], values
         )  # (N, Dv)

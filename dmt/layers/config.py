@@ -275,6 +275,8 @@ class AssociativeConfig(MemoryConfig):
     ``null_distance``: the softmax also weighs a null entry (zero value) at this distance from every query
     (an attention sink), so a query whose neighbours all lie well beyond it reads almost nothing: a memory
     of one domain stays quiet on text of another. ``null``: no null entry, the weights sum to 1.
+    ``max_distance``: neighbours farther than this are not read (a radius search's bound); a query with
+    none within it reads nothing. ``null``: all k are read.
     """
 
     type: ClassVar[str] = "associative"
@@ -286,15 +288,13 @@ class AssociativeConfig(MemoryConfig):
     weighting: str | None = setting("read", "softmax")
     gate_dim: int | None = setting("read", 0)
     null_distance: float | None = setting("read", None)
+    max_distance: float | None = setting("read", None)
 
     def __post_init__(self) -> None:
-        if self.null_distance is not None:
-            if self.null_distance < 0:
-                raise bad("null_distance", f"must be >= 0, got {self.null_distance}")
-            if self.weighting != "softmax":
-                raise bad(
-                    "null_distance", f"a null entry takes weight in a softmax; weighting is {self.weighting}"
-                )
+        if self.null_distance is not None and self.weighting != "softmax":
+            raise bad(
+                "null_distance", f"a null entry takes weight in a softmax; weighting is {self.weighting}"
+            )
         if self.init == "ffn" and self.inserted_values != "projected":
             raise bad(
                 "inserted_values",

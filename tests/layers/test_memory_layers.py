@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
@@ -255,12 +256,12 @@ def test_a_null_entry_takes_weight_from_far_neighbours_only():
 
 
 def test_an_associative_layer_with_a_null_entry_reads_less_from_a_far_memory():
-    plain = make(AssociativeMemory).train()
+    plain = make(AssociativeMemory, metric="cosine").train()
     x = torch.randn(2, 6, 16)
     with torch.no_grad():
         plain(x)  # fills the store
     plain.eval()
-    null = make(AssociativeMemory, null_distance=0.0)
+    null = make(AssociativeMemory, metric="cosine", null_distance=0.0).eval()
     null.load_state_dict(plain.state_dict())
     null.store = plain.store
     with torch.no_grad():
@@ -269,10 +270,31 @@ def test_an_associative_layer_with_a_null_entry_reads_less_from_a_far_memory():
     assert near.norm() < far.norm()
 
 
+def test_neighbours_beyond_the_largest_distance_are_not_read():
+    plain = make(AssociativeMemory, metric="cosine").train()
+    x = torch.randn(2, 6, 16)
+    with torch.no_grad():
+        plain(x)  # fills the store
+    plain.eval()
+    queries = plain.split_heads(plain.query_proj(-x), 8)
+    median = float(np.median(plain.search(queries).nearest))  # about half the queries read within it
+    read = {}
+    for bound in (2.0, -1.0, median):  # cosine distances lie in [0, 2]
+        layer = make(AssociativeMemory, metric="cosine", max_distance=bound).eval()
+        layer.load_state_dict(plain.state_dict())
+        layer.store = plain.store
+        with torch.no_grad():
+            read[bound] = layer(-x)
+    every, nothing, half = read.values()
+    with torch.no_grad():
+        assert torch.equal(every, plain(-x))  # every neighbour within: the plain read
+    assert_close(nothing, plain.out_proj.bias.expand(2, 6, 16))  # none within: nothing read
+    assert not torch.equal(half, every) and not torch.equal(half, nothing)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"null_distance": -0.1}, r"swap\.read\.null_distance: must be >= 0, got -0\.1"),
         ({"null_distance": 0.5, "weighting": "relu"}, r"swap\.read\.null_distance: a null entry .* relu"),
     ],
 )
