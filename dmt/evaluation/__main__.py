@@ -53,7 +53,9 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         texts = instantiate(cfg.data, tokenizer=tokenizer).val_texts()
     student = None
     if cfg.student is not None:
-        student = load_student(cfg.student, cfg.get("memory"), pack_index(cfg.get("memory_index")))[0]
+        student = load_student(
+            cfg.student, cfg.get("memory"), pack_index(cfg.get("memory_index")), cfg.get("memory_read")
+        )[0]
     teacher = load_teacher(cfg.teacher)
     ablate = cfg.ablate_layers
     if ablate is None:

@@ -157,7 +157,7 @@ def run_long_document(cfg: DictConfig) -> dict[str, Any]:
     input_ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)  # (L,)
     if cfg.max_tokens is not None:
         input_ids = input_ids[: cfg.max_tokens]
-    student = load_student(cfg.student, cfg.get("memory"), index)[0]
+    student = load_student(cfg.student, cfg.get("memory"), index, cfg.get("memory_read"))[0]
     teacher = load_teacher(cfg.teacher)
     result = read_document(teacher, student, input_ids, cfg.window, cfg.stride, cfg.from_empty)
     result |= {"student": str(cfg.student), "document": str(cfg.document)}

@@ -64,7 +64,7 @@ from dmt.model.checkpoint import (
 from dmt.model.families import mlp_form, mlp_path
 from dmt.model.loading import model_config_from_dict
 from dmt.model.surgery import attach_memory_layers, memory_layers, swapped_layers
-from dmt.packs.reading import use_pack
+from dmt.packs.reading import read_with, use_pack
 from dmt.progress import progress_bar
 
 CONFIG = "config.json"
@@ -190,6 +190,7 @@ def load_pretrained(
     device: str | torch.device = "cpu",
     memory: str | os.PathLike | None = None,
     memory_index: Mapping[str, Any] | None = None,
+    memory_read: Mapping[str, Any] | None = None,
 ) -> tuple[PreTrainedModel, Any]:
     """Load an export directory: ``(model in eval mode, tokenizer or None)``.
 
@@ -198,7 +199,8 @@ def load_pretrained(
     this student (``dmt-memorize``), whose entries replace the memory of the layers it holds
     (:func:`dmt.packs.use_pack`); a pack made for another student is refused, naming both.
     ``memory_index`` names the key index of the pack's stores (e.g. ``{"backend": "faiss"}``); None: each
-    layer's own.
+    layer's own. ``memory_read``: reading settings over the saved ones (e.g. ``{"max_distance": 0.05}``,
+    :func:`dmt.packs.reading.read_with`).
     """
     directory = Path(directory)
     config, configs = read_export_config(directory)
@@ -242,6 +244,7 @@ def load_pretrained(
     )
     if memory is not None:
         use_pack(model, memory, str(directory), index=memory_index)
+    read_with(model, memory_read)
     return model.to(device).eval(), tokenizer
 
 
@@ -255,19 +258,21 @@ def load_student(
     path: str | os.PathLike,
     memory: str | os.PathLike | None = None,
     memory_index: Mapping[str, Any] | None = None,
+    memory_read: Mapping[str, Any] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """``(student in eval mode, tokenizer or None)`` from an export directory or a ``.ckpt`` file, with
     the memory pack ``memory`` in place of its memory when given, its stores on the key index
-    ``memory_index`` (:func:`load_pretrained`)."""
+    ``memory_index``, read with the reading settings ``memory_read`` (:func:`load_pretrained`)."""
     path = Path(path)
     if path.is_dir():
-        return load_pretrained(path, memory=memory, memory_index=memory_index)
+        return load_pretrained(path, memory=memory, memory_index=memory_index, memory_read=memory_read)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: student not found (give an export directory or a .ckpt file)")
     checkpoint = read_checkpoint(path)
     student = student_from_checkpoint(checkpoint, str(path))
     if memory is not None:
         use_pack(student, memory, str(path), index=memory_index)
+    read_with(student, memory_read)
     return student, checkpoint_tokenizer(checkpoint)
 
 

@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 from dmt.errors import ConfigError
 from dmt.evaluation.perplexity import window_batch, windows
 from dmt.files import check_directory_target, write_directory
-from dmt.kernel.pack_files import pack_entries, weights_fingerprint
+from dmt.kernel.pack_files import READING_SETTINGS, pack_entries, weights_fingerprint
 from dmt.kernel.store_files import StoreFileError
 from dmt.layers import MemoryLayer
 from dmt.memory.integrity import store_errors
@@ -227,6 +227,39 @@ def pack_index(value: Any) -> dict[str, Any] | None:
     if not isinstance(value, Mapping):
         raise ConfigError(f"memory_index: expected index settings such as {{backend: faiss}}, got {value!r}")
     return dict(value)
+
+
+def read_with(model: PreTrainedModel, settings: Mapping[str, Any] | None) -> None:
+    """Give every memory layer of ``model`` the reading settings ``settings`` (``memory_read``, e.g.
+    ``{max_distance: 0.05}``; any of :data:`READING_SETTINGS`) in place of its saved ones; None: as saved.
+    They change how a layer weighs what it reads, not what it stores, so any pack of the student reads under
+    them.
+
+    Raises:
+        ConfigError: ``settings`` is not a mapping, names another setting or one a layer does not have, or
+            gives a value the layer refuses; the error names ``memory_read.<key>``.
+    """
+    if settings is None:
+        return
+    if not isinstance(settings, Mapping):
+        raise ConfigError(
+            f"memory_read: expected reading settings such as {{max_distance: 0.05}}, got {settings!r}"
+        )
+    for key in settings:
+        if key not in READING_SETTINGS:
+            raise ConfigError(
+                f"memory_read.{key}: not a reading setting; reading settings are {sorted(READING_SETTINGS)}"
+            )
+    for index, layer in memory_layers(model).items():
+        for key in settings:
+            if not hasattr(layer.cfg, key):
+                raise ConfigError(
+                    f"memory_read.{key}: the {layer.cfg.type} layer of block {index} has no {key}"
+                )
+        try:
+            layer.cfg = replace(layer.cfg, **settings)
+        except ValueError as err:  # the layer's own check, naming swap.read.<key>
+            raise ConfigError(f"memory_read: block {index}: {err}") from None
 
 
 def use_pack(

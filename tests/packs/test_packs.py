@@ -323,3 +323,20 @@ def test_plain_transformers_reads_a_pack_as_dmt_does(export, tmp_path):
         AutoModelForCausalLM.from_pretrained(
             tmp_path / "other", trust_remote_code=True, dmt_memory=tmp_path / "pack"
         )
+
+
+def test_memory_read_sets_the_reading_of_every_memory_layer(export, tmp_path):
+    """``memory_read`` (dmt-eval, long_document, load_pretrained) reads a pack under other reading settings:
+    a radius no neighbour is within reads nothing, as an empty memory does; other settings are refused."""
+    make_pack(load_pretrained(export)[0], tmp_path / "pack", documents(3))
+    nothing = {"max_distance": -1e9}  # below any distance of any metric
+    with_pack, _ = load_pretrained(export, memory=tmp_path / "pack")
+    radius, _ = load_pretrained(export, memory=tmp_path / "pack", memory_read=nothing)
+    empty, _ = load_pretrained(export, memory_read=nothing)
+    assert memory_layers(radius)[3].cfg.max_distance == -1e9
+    torch.testing.assert_close(logits(radius, QUERY), logits(empty, QUERY), rtol=0, atol=0)
+    assert not torch.equal(logits(radius, QUERY), logits(with_pack, QUERY))
+    with pytest.raises(ConfigError, match=r"memory_read\.key_dim: not a reading setting"):
+        load_pretrained(export, memory_read={"key_dim": 4})
+    with pytest.raises(ConfigError, match=r"memory_read: expected reading settings"):
+        load_pretrained(export, memory_read=0.05)
