@@ -255,38 +255,38 @@ def test_a_null_entry_takes_weight_from_far_neighbours_only():
     assert null_score(None, "cosine", 0.1) is None and null_score(2.0, "l2", 0.5) == -4.0
 
 
+def filled_cache(x: torch.Tensor) -> AssociativeMemory:
+    """An associative layer (cosine) in eval mode whose store holds the entries ``x`` inserted."""
+    layer = make(AssociativeMemory, metric="cosine").train()
+    with torch.no_grad():
+        layer(x)
+    return layer.eval()
+
+
+def reading_as(layer: AssociativeMemory, **reading) -> AssociativeMemory:
+    """A layer with ``layer``'s weights and store, read with other reading settings."""
+    other = make(AssociativeMemory, metric="cosine", **reading).eval()
+    other.load_state_dict(layer.state_dict())
+    other.store = layer.store
+    return other
+
+
 def test_an_associative_layer_with_a_null_entry_reads_less_from_a_far_memory():
-    plain = make(AssociativeMemory, metric="cosine").train()
     x = torch.randn(2, 6, 16)
+    plain = filled_cache(x)
     with torch.no_grad():
-        plain(x)  # fills the store
-    plain.eval()
-    null = make(AssociativeMemory, metric="cosine", null_distance=0.0).eval()
-    null.load_state_dict(plain.state_dict())
-    null.store = plain.store
-    with torch.no_grad():
-        far, near = plain(-x), null(-x)
+        far, near = plain(-x), reading_as(plain, null_distance=0.0)(-x)
     # Cosine distances are >= 0, so the null entry at distance 0 outweighs every neighbour.
     assert near.norm() < far.norm()
 
 
 def test_neighbours_beyond_the_largest_distance_are_not_read():
-    plain = make(AssociativeMemory, metric="cosine").train()
     x = torch.randn(2, 6, 16)
-    with torch.no_grad():
-        plain(x)  # fills the store
-    plain.eval()
+    plain = filled_cache(x)
     queries = plain.split_heads(plain.query_proj(-x), 8)
     median = float(np.median(plain.search(queries).nearest))  # about half the queries read within it
-    read = {}
-    for bound in (2.0, -1.0, median):  # cosine distances lie in [0, 2]
-        layer = make(AssociativeMemory, metric="cosine", max_distance=bound).eval()
-        layer.load_state_dict(plain.state_dict())
-        layer.store = plain.store
-        with torch.no_grad():
-            read[bound] = layer(-x)
-    every, nothing, half = read.values()
-    with torch.no_grad():
+    with torch.no_grad():  # cosine distances lie in [0, 2]
+        every, nothing, half = (reading_as(plain, max_distance=d)(-x) for d in (2.0, -1.0, median))
         assert torch.equal(every, plain(-x))  # every neighbour within: the plain read
     assert_close(nothing, plain.out_proj.bias.expand(2, 6, 16))  # none within: nothing read
     assert not torch.equal(half, every) and not torch.equal(half, nothing)
