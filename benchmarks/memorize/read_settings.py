@@ -3,7 +3,7 @@ document under each output gain, temperature, top-k, null distance and largest d
 documents are then read with the student's own settings and with the ones chosen on the validation
 documents (never chosen on them).
 
-python -m benchmarks.memorize.read_settings STUDENT PACK --validation NAME --held-out NAME ...
+python -m benchmarks.memorize.read_settings STUDENT PACK --validation NAME [--held-out NAME ...]
     [--gains 4 8] [--nulls none 0.02] [--max-distances none 0.03] [--elsewhere NAME ... --max-harm 1.005]
 
 STUDENT: an export whose memory layer reads residual-stream values (``experiment=associative_cache``);
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("student", type=Path)
     parser.add_argument("pack", type=Path)
     parser.add_argument("--validation", required=True)
-    parser.add_argument("--held-out", nargs="+", required=True)
+    parser.add_argument("--held-out", nargs="*", default=[])
     parser.add_argument("--chars", type=int, default=32000)
     parser.add_argument("--gains", type=float, nargs="+", default=[4.0])
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.02])
@@ -151,11 +151,12 @@ def main() -> None:
     best = min(allowed, key=lambda r: r["perplexity"])
     chosen = {key: best[key] for key in own}
     record["chosen"] = chosen
-    record["held_out"] = {
-        "teacher": read(held_out, **teacher),
-        "own settings": read(held_out, **own),
-        "chosen settings": read(held_out, **chosen),
-    }
+    if held_out:  # none: the validation grid alone
+        record["held_out"] = {
+            "teacher": read(held_out, **teacher),
+            "own settings": read(held_out, **own),
+            "chosen settings": read(held_out, **chosen),
+        }
     command = "python -m benchmarks.memorize.read_settings " + shlex.join(sys.argv[1:])
     write_json(args.out, {"command": command, **record})
 
