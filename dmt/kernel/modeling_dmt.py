@@ -80,9 +80,8 @@ class StudentMixin:
             )
         for index, settings in raw["layers"].items():
             block = self.config.dmt["blocks"].get(index)
-            if block is None or stored_settings(self.config.dmt["layers"][index]) != stored_settings(
-                settings
-            ):
+            here = self.config.dmt["layers"].get(index, {})
+            if block is None or stored_settings(here) != stored_settings(settings):
                 raise StoreFileError(f"pack {pack}: block {index} has other settings, or no memory, here")
             layer = self.get_submodule(block["module"])
             keys, entries = pack_entries(
