@@ -2,10 +2,13 @@
 search, and the time to search 1,024 of them beside the GPT-2 MLP's forward on 1,024 tokens (medians of 5
 after one warm-up), read-only (no inserts). Keys are normalised (the packs' cosine metric).
 
-python -m benchmarks.faiss_variants KEYS_PACK HELD_OUT_PACK [--size 1048576] [--nlists 1024 4096]
+python -m benchmarks.faiss_variants KEYS_PACK HELD_OUT_PACK [--size 1048576] [--nlists 4096 16384]
+    [--kinds flat sq8 pq32 pq64 hnsw]
 
-Prints one JSON line per variant and setting: IVF-Flat at several nprobe, IVF-PQ (4-bit fast scan, 32
-sub-quantisers) re-ranked exactly (IndexRefineFlat, k_factor), and HNSW-Flat at several efSearch.
+Prints one JSON line per variant and setting: IVF-Flat at several nprobe; IVF with 8-bit scalar-quantised
+or 4-bit fast-scan product-quantised codes (32 or 64 sub-quantisers), each re-ranked exactly on the
+float keys (``IndexRefineFlat``: ``k_factor · k`` candidates), at several (nprobe, k_factor); HNSW-Flat at
+several efSearch.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import faiss
 import numpy as np
@@ -22,13 +26,19 @@ from dmt.bench.real_keys import mlp_forward, pack_keys
 
 K = 32
 QUERIES = 1024
+# Training keys per inverted list (faiss warns below 39).
+SAMPLE_PER_LIST = 64
+# (nprobe, k_factor) settings of the re-ranked variants.
+REFINED = ((32, 8), (48, 8), (48, 16), (64, 16), (64, 32), (96, 16), (96, 32))
+# Codes of the re-ranked inverted files, by --kinds name.
+CODES = {"sq8": "SQ8", "pq32": "PQ32x4fs", "pq64": "PQ64x4fs"}
 
 
 def normalised(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True), dtype=np.float32)
 
 
-def median_seconds(step, repeats: int = 5) -> float:
+def median_seconds(step: Callable[[], object], repeats: int = 5) -> float:
     step()
     times = []
     for _ in range(repeats):
@@ -43,13 +53,15 @@ def main() -> None:
     parser.add_argument("keys_pack")
     parser.add_argument("held_out_pack")
     parser.add_argument("--size", type=int, default=1_048_576)
-    parser.add_argument("--nlists", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--nlists", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--kinds", nargs="+", choices=["flat", *CODES, "hnsw"], default=["flat", *CODES])
     args = parser.parse_args()
     keys = normalised(pack_keys(args.keys_pack, args.size))  # (N, D)
+    dim = keys.shape[1]
     held = pack_keys(args.held_out_pack)
     pick = np.random.default_rng(0).permutation(len(held))
     queries = normalised(held[np.sort(pick[QUERIES : 2 * QUERIES])])  # as dmt.bench's measured queries
-    exact = faiss.IndexFlatIP(keys.shape[1])
+    exact = faiss.IndexFlatIP(dim)
     exact.add(keys)
     truth = exact.search(queries, K)[1]
     mlp = median_seconds(mlp_forward(QUERIES))
@@ -75,32 +87,26 @@ def main() -> None:
         index.hnsw.efSearch = value
 
     for nlist in args.nlists:
-        sample = keys[rng.choice(len(keys), min(len(keys), 64 * nlist), replace=False)]
+        sample = keys[rng.choice(len(keys), min(len(keys), SAMPLE_PER_LIST * nlist), replace=False)]
+        if "flat" in args.kinds:
+            started = time.perf_counter()
+            ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            ivf.train(sample)
+            ivf.add(keys)
+            report(f"IVF{nlist},Flat", ivf, (16, 32, 48, 64, 96, 128), nprobe, time.perf_counter() - started)
+        for kind in (kind for kind in args.kinds if kind in CODES):
+            started = time.perf_counter()
+            factory = f"IVF{nlist},{CODES[kind]}"
+            index = faiss.IndexRefineFlat(faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT))
+            index.train(sample)
+            index.add(keys)
+            report(f"{factory},RFlat", index, REFINED, refined, time.perf_counter() - started)
+    if "hnsw" in args.kinds:
         started = time.perf_counter()
-        ivf = faiss.IndexIVFFlat(
-            faiss.IndexFlatIP(keys.shape[1]), keys.shape[1], nlist, faiss.METRIC_INNER_PRODUCT
-        )
-        ivf.train(sample)
-        ivf.add(keys)
-        report(f"IVF{nlist},Flat", ivf, (8, 16, 32, 64), nprobe, time.perf_counter() - started)
-        started = time.perf_counter()
-        pq = faiss.IndexRefineFlat(
-            faiss.index_factory(keys.shape[1], f"IVF{nlist},PQ32x4fs", faiss.METRIC_L2)
-        )
-        pq.train(sample)
-        pq.add(keys)
-        report(
-            f"IVF{nlist},PQ32x4fs,RFlat",
-            pq,
-            ((16, 4), (32, 4), (32, 8), (64, 4)),
-            refined,
-            time.perf_counter() - started,
-        )
-    started = time.perf_counter()
-    hnsw = faiss.IndexHNSWFlat(keys.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
-    hnsw.hnsw.efConstruction = 64
-    hnsw.add(keys)
-    report("HNSW32,Flat", hnsw, (32, 64, 128), ef, time.perf_counter() - started)
+        hnsw = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = 64
+        hnsw.add(keys)
+        report("HNSW32,Flat", hnsw, (32, 64, 128), ef, time.perf_counter() - started)
 
 
 if __name__ == "__main__":

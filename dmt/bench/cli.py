@@ -23,7 +23,7 @@ from dmt.bench.measure import (
     layer_benchmarks,
     memory_footprint,
 )
-from dmt.bench.real_keys import real_key_benchmark
+from dmt.bench.real_keys import LAYER_ROWS, real_key_benchmark
 from dmt.bench.stores import LAYER_KINDS
 from dmt.cli import command_name, user_errors
 from dmt.conf import cache_dir
@@ -41,6 +41,8 @@ TARGETS = {
     "distill_throughput_min_ratio": 0.8,
     "store_resident_max_bytes": 2 * GIB,
 }
+# The real-key layer rows' targets (time against the MLP they replace, inserts and evictions included).
+LAYER_ROW_MAX_RATIOS = {"featural": 1.5, "associative": 2.0, "read_only": 1.0}
 
 
 def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
@@ -96,6 +98,14 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
         help="with --keys: the key indexes compared (default exact faiss)",
     )
     parser.add_argument("--churn", type=int, default=4096, help="with --keys: inserts per churn step")
+    parser.add_argument(
+        "--key-layers",
+        nargs="*",
+        choices=list(LAYER_ROWS),
+        default=list(LAYER_ROWS),
+        help="with --keys: the memory layers timed on the keys, against the GPT-2 MLP (default: all; "
+        "none: the key indexes only)",
+    )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     defaults = (
@@ -255,6 +265,24 @@ def real_keys_table(report: dict[str, Any]) -> str:
                 f"{r['recall_held_out']:>13.3f}/{r['recall_near']:.3f}{r['churn_inserts_per_s']:>12.0f}"
                 f"{r['build']['build_s']:>9.0f}  {state}"
             )
+    layer_rows = [r for section in report["real_keys"] for r in section.get("layer_rows", [])]
+    if layer_rows:
+        lines.append(
+            f"memory layers on the faiss index, {settings['batch']} held-out keys a step, beside the GPT-2 "
+            "MLP on the same hidden states (fwd+bwd with inserts; read_only: forward without inserts)"
+        )
+        lines.append(
+            f"{'keys':<10}{'layer':<13}{'size':>9}{'ms':>8}{'MLP ms':>8}{'x MLP':>7}{'recall':>8}"
+            f"{'ins/step':>9}  target"
+        )
+    for r in layer_rows:
+        limit = LAYER_ROW_MAX_RATIOS[r["layer"]]
+        ok = r["ratio_vs_mlp"] <= limit and r["recall_held_out"] >= TARGETS["recall_at_k_min"]
+        lines.append(
+            f"{r['keys']:<10}{r['layer']:<13}{r['size']:>9}{r['median_s'] * 1e3:>8.1f}"
+            f"{r['mlp_median_s'] * 1e3:>8.1f}{r['ratio_vs_mlp']:>7.2f}{r['recall_held_out']:>8.3f}"
+            f"{r['inserts_per_step']:>9.0f}  <= {limit}x, recall >= 0.95: {mark(ok)}"
+        )
     return "\n".join(lines)
 
 
@@ -266,6 +294,7 @@ def run_real_keys(args: argparse.Namespace, argv: list[str] | None) -> int:
         "settings": {
             "sizes": args.sizes,
             "backends": args.backends,
+            "layers": args.key_layers,
             "batch": args.batch * args.seq,
             "churn": args.churn,
             "k": REAL_KEYS_K,
@@ -286,6 +315,8 @@ def run_real_keys(args: argparse.Namespace, argv: list[str] | None) -> int:
                 REAL_KEYS_K,
                 args.warmup,
                 args.repeats,
+                args.key_layers,
+                (args.batch, args.seq),
             )
         )
         write_report(report, args.out)

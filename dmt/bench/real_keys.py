@@ -12,6 +12,14 @@ For each key set and backend, one store is filled and measured side by side with
   read-only layer, a memorised pack) against the MLP's forward: the read-only target is <= 1.0x;
 - ``churn``: inserting ``churn`` fresh keys into the full store (each evicts one) against the same forward;
 - recall@k of the held-out queries and of queries near stored keys, against exact search.
+
+Layer rows (:func:`layer_row`) time whole memory layers of GPT-2 width on the faiss index over the same
+keys, against the GPT-2 MLP they replace, on batches of held-out keys in document order (one new batch per
+step): ``featural`` and ``associative`` train (forward and backward, inserting the novel
+queries and evicting, as in training), ``read_only`` is an associative layer that never inserts (a
+memorised pack) timed forward only, against the MLP's forward. The layer's query (and key) projection is
+aimed at the keys (:func:`aim_at_keys`): its search is exactly the held-out keys' search, at the
+projection's usual cost.
 """
 
 from __future__ import annotations
@@ -24,15 +32,42 @@ from typing import Any
 import numpy as np
 import torch
 
-from dmt.bench.measure import gpt2_mlp, paired_median_seconds, search_and_read
-from dmt.bench.stores import FILL_BATCH, PeakRSS
+from dmt.bench.measure import (
+    GPT2_WIDTH,
+    feeding,
+    gpt2_mlp,
+    memory_layer,
+    paired_median_seconds,
+    search_and_read,
+)
+from dmt.bench.profile import profile_step
+from dmt.bench.stores import FILL_BATCH, PeakRSS, StoreSpec, layer_config
 from dmt.kernel.pack_files import SHARDS, array_file
+from dmt.layers import MemoryLayer
 from dmt.memory import KNNStore
 from dmt.packs.files import PackError, read_pack
 
 # Values stored per entry: the width of a GPT-2 block's output, in float16 (what a read copies).
 VALUE_DIM = 768
 VALUE_DTYPE = "float16"
+# The layers timed on real keys, by row: the dmt.bench layer (on the faiss index), the ``swap`` overrides
+# beyond the keys' width, and whether it trains (forward and backward, inserting) or only reads. The
+# associative rows take the Shakespeare cache's shape (one head, top-32), the read-only one its float16
+# values and no inserts.
+LAYER_ROWS: dict[str, tuple[str, tuple[str, ...], bool]] = {
+    "featural": ("featural_faiss", (), True),
+    "associative": ("associative_faiss", ("swap.read.heads=1", "swap.read.topk=32"), True),
+    "read_only": (
+        "associative_faiss",
+        (
+            "swap.read.heads=1",
+            "swap.read.topk=32",
+            "swap.write.novelty_threshold=null",
+            "swap.store.value_dtype=float16",
+        ),
+        False,
+    ),
+}
 
 
 def pack_keys(pack: str | Path, count: int | None = None) -> np.ndarray:
@@ -69,41 +104,45 @@ def pack_keys(pack: str | Path, count: int | None = None) -> np.ndarray:
     return np.concatenate(chunks)
 
 
-def key_sets(keys_pack: Path, queries_pack: Path, size: int, churn: int, queries: int) -> dict[str, dict]:
+def key_sets(
+    keys_pack: Path, queries_pack: Path, size: int, churn: int, queries: int, stream: int = 0
+) -> dict[str, dict]:
     """``{"real": ..., "gaussian": ...}``, each ``{"keys": (size, D), "churn": (churn, D), "calibration":
-    (queries, D), "queries": (queries, D)}``: the real set from the two packs, the Gaussian one drawn to
-    the same shapes. An index that tunes itself on its first queries (faiss) sees ``calibration`` first;
-    recall and time are measured on the other, disjoint, ``queries``."""
+    (queries, D), "queries": (queries, D), "stream": (stream, D)}``: the real set from the two packs, the
+    Gaussian one drawn to the same shapes. An index that tunes itself on its first queries (faiss) sees
+    ``calibration`` first; recall and time are measured on the other, disjoint, ``queries``. ``stream``:
+    the first held-out keys in document order, what a layer reading the held-out text searches with."""
     stored = pack_keys(keys_pack, size + churn)
     held_out = pack_keys(queries_pack)
-    if len(held_out) < 2 * queries:
-        raise PackError(f"{queries_pack}: {len(held_out)} held-out keys, fewer than 2 x {queries} queries")
+    if len(held_out) < max(2 * queries, stream):
+        raise PackError(
+            f"{queries_pack}: {len(held_out)} held-out keys, fewer than 2 x {queries} queries or a stream "
+            f"of {stream}"
+        )
     pick = np.random.default_rng(0).permutation(len(held_out))
     real = {
         "keys": stored[:size],
         "churn": stored[size:],
         "calibration": held_out[np.sort(pick[:queries])],
         "queries": held_out[np.sort(pick[queries : 2 * queries])],
+        "stream": held_out[:stream],
     }
     rng = np.random.default_rng(0)
     gaussian = {name: rng.standard_normal(array.shape, dtype=np.float32) for name, array in real.items()}
     return {"real": real, "gaussian": gaussian}
 
 
-def filled_store(backend: str, keys: np.ndarray, metric: str) -> tuple[KNNStore, dict[str, float]]:
-    """A store of exactly ``len(keys)`` entries on ``backend`` holding ``keys`` (random values), and its
-    build facts: seconds, inserts/s and peak RSS growth."""
+def fill(store: KNNStore, keys: np.ndarray) -> dict[str, float]:
+    """Insert ``keys (M, D)`` (random values) into the empty ``store``; its build facts: seconds, inserts/s
+    and peak RSS growth."""
     rng = np.random.default_rng(1)
     with PeakRSS() as rss:
         started = time.perf_counter()
-        store = KNNStore(
-            keys.shape[1], VALUE_DIM, len(keys), metric, value_dtype=VALUE_DTYPE, index={"backend": backend}
-        )
         for begin in range(0, len(keys), FILL_BATCH):
             batch = keys[begin : begin + FILL_BATCH]
-            store.insert(batch, rng.standard_normal((len(batch), VALUE_DIM), dtype=np.float32))
+            store.insert(batch, rng.standard_normal((len(batch), store.value_dim), dtype=np.float32))
         seconds = time.perf_counter() - started
-    return store, {
+    return {
         "build_s": seconds,
         "inserts_per_s": len(keys) / seconds,
         "build_peak_rss_delta_bytes": float(rss.peak - rss.start),
@@ -135,7 +174,9 @@ def index_row(
     backend: str, keys: dict[str, np.ndarray], metric: str, k: int, churn: int, warmup: int, repeats: int
 ) -> dict[str, Any]:
     """Build, recall and side-by-side read and churn times of one ``backend`` store over one key set."""
-    store, build = filled_store(backend, keys["keys"], metric)
+    size, dim = keys["keys"].shape
+    store = KNNStore(dim, VALUE_DIM, size, metric, value_dtype=VALUE_DTYPE, index={"backend": backend})
+    build = fill(store, keys["keys"])
     store.search(keys["calibration"], k)  # the first search after filling: faiss calibrates nprobe here
     queries = keys["queries"]
     recall = {
@@ -155,7 +196,7 @@ def index_row(
     )
     return {
         "backend": backend,
-        "size": len(keys["keys"]),
+        "size": size,
         "k": k,
         "build": build,
         **recall,
@@ -169,6 +210,92 @@ def index_row(
     }
 
 
+def aim_at_keys(layer: MemoryLayer, dim: int) -> None:
+    """Make ``layer``'s query projection (and key projection, where it has one) copy the first ``dim``
+    features of its input to every head: fed hidden states that begin with a key, the layer searches (and
+    inserts) with that key. The projection's cost does not depend on its weights."""
+    with torch.no_grad():
+        for projection in (layer.query_proj, getattr(layer, "key_proj", None)):
+            if projection is None:
+                continue
+            projection.weight.zero_()
+            projection.bias.zero_()
+            projection.weight[:, :dim] = torch.eye(dim).repeat(projection.weight.shape[0] // dim, 1)
+
+
+def key_inputs(
+    stream: np.ndarray, count: int, batch: int, seq: int, grad: bool
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` batches of hidden states ``(batch, seq, 768)`` beginning with the next keys of ``stream``
+    (the other features N(0, 1)), with upstream gradients; the hidden states require grad when ``grad``."""
+    tokens = batch * seq
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for begin in range(0, count * tokens, tokens):
+        hidden = torch.randn(batch, seq, GPT2_WIDTH, generator=generator)
+        keys = torch.from_numpy(np.ascontiguousarray(stream[begin : begin + tokens]))  # (B·T, D)
+        hidden[..., : stream.shape[1]] = keys.reshape(batch, seq, -1)
+        upstream = torch.randn(batch, seq, GPT2_WIDTH, generator=generator)
+        inputs.append((hidden.requires_grad_(grad), upstream))
+    return inputs
+
+
+def reading(module: torch.nn.Module, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
+    """A step running ``module``'s forward (eval, no grad) on the next of ``inputs`` at each call."""
+    feed = iter(inputs)
+    module.eval()
+
+    def step() -> None:
+        with torch.no_grad():
+            module(next(feed)[0])
+
+    return step
+
+
+def layer_row(
+    name: str, keys: dict[str, np.ndarray], batch: int, seq: int, warmup: int, repeats: int
+) -> dict[str, Any]:
+    """One :data:`LAYER_ROWS` layer over a store filled with ``keys["keys"]``, stepped on ``(batch,
+    seq)`` batches of ``keys["stream"]`` beside the GPT-2 MLP on the same hidden states: median seconds,
+    their ratio, the inserts and evictions per step, recall@k of the next (unseen) batch's queries, and a
+    profile."""
+    kind, overrides, trains = LAYER_ROWS[name]
+    size, dim = keys["keys"].shape
+    cfg = layer_config(kind, size, GPT2_WIDTH, (f"swap.read.key_dim={dim}", *overrides))
+    store = StoreSpec.for_layer(cfg).empty_store()
+    build = fill(store, keys["keys"])
+    layer = memory_layer(cfg, store)
+    aim_at_keys(layer, dim)
+    torch.manual_seed(0)
+    mlp = gpt2_mlp()
+    # The timed steps, then an unseen batch for recall, then the profile's warm-up and profiled steps.
+    inputs = key_inputs(keys["stream"], warmup + repeats + 2, batch, seq, trains)
+    step = feeding(layer, inputs) if trains else reading(layer, inputs)
+    before = store.stats
+    inserts, evictions = before.inserts, before.evictions
+    seconds = paired_median_seconds(
+        {"layer": step, "mlp": feeding(mlp, inputs) if trains else reading(mlp, inputs)}, warmup, repeats
+    )
+    unseen = inputs[warmup + repeats][0][..., :dim].reshape(-1, dim).detach().numpy()
+    recall = store.recall(unseen, cfg.topk)
+    steps = warmup + repeats
+    return {
+        "layer": name,
+        "trains": trains,
+        "size": size,
+        "settings": cfg.to_dict(),
+        "build": build,
+        "index_state": store.index_state,
+        "recall_held_out": recall,
+        "inserts_per_step": (store.stats.inserts - inserts) / steps,
+        "evictions_per_step": (store.stats.evictions - evictions) / steps,
+        "median_s": seconds["layer"],
+        "mlp_median_s": seconds["mlp"],
+        "ratio_vs_mlp": seconds["layer"] / seconds["mlp"],
+        "profile": profile_step(step),
+    }
+
+
 def real_key_benchmark(
     keys_pack: Path,
     queries_pack: Path,
@@ -179,14 +306,23 @@ def real_key_benchmark(
     k: int,
     warmup: int,
     repeats: int,
+    layers: list[str],
+    layer_shape: tuple[int, int],
 ) -> dict[str, Any]:
     """Every backend on the real and the Gaussian key sets of ``size`` entries (cosine, the pack's key
-    width): one :func:`index_row` each, built and measured one store at a time."""
-    sets = key_sets(keys_pack, queries_pack, size, (warmup + repeats) * churn, batch)
+    width): one :func:`index_row` each, then one :func:`layer_row` per ``layers`` name on batches of
+    ``layer_shape`` (sequences, tokens), built and measured one store at a time."""
+    stream = (warmup + repeats + 2) * layer_shape[0] * layer_shape[1] if layers else 0
+    sets = key_sets(keys_pack, queries_pack, size, (warmup + repeats) * churn, batch, stream)
     rows = [
         {"keys": name, **index_row(backend, keys, "cosine", k, churn, warmup, repeats)}
         for name, keys in sets.items()
         for backend in backends
+    ]
+    layer_rows = [
+        {"keys": name, **layer_row(layer, keys, *layer_shape, warmup, repeats)}
+        for name, keys in sets.items()
+        for layer in layers
     ]
     return {
         "keys_pack": str(keys_pack),
@@ -194,4 +330,5 @@ def real_key_benchmark(
         "key_dim": int(sets["real"]["keys"].shape[1]),
         "metric": "cosine",
         "rows": rows,
+        "layer_rows": layer_rows,
     }

@@ -41,13 +41,15 @@ LAYER_KINDS: dict[str, tuple[str, str | None]] = {
 }
 
 
-def layer_config(kind: str, capacity: int, d_model: int) -> MemoryConfig:
+def layer_config(kind: str, capacity: int, d_model: int, overrides: tuple[str, ...] = ()) -> MemoryConfig:
     """The resolved settings of the benchmarked layer ``kind`` (:data:`LAYER_KINDS`, e.g. ``featural``)
-    for one layer of ``capacity`` in a GPT-2 of width ``d_model``."""
+    for one layer of ``capacity`` in a GPT-2 of width ``d_model``, with Hydra ``overrides`` of ``swap``
+    (e.g. ``swap.read.key_dim=64``) applied last."""
     option, backend = LAYER_KINDS[kind]
-    overrides = [f"swap={option}", "swap.blocks=[0]", f"swap.store.capacity={capacity}"]
+    index = [f"swap/index={backend}"] if backend else []
+    overrides = (f"swap={option}", "swap.blocks=[0]", f"swap.store.capacity={capacity}", *index, *overrides)
     with initialize_config_module("dmt.conf", version_base="1.3"):
-        swap = compose("distill", [*overrides, *([f"swap/index={backend}"] if backend else [])]).swap
+        swap = compose("distill", list(overrides)).swap
     settings = swap_settings(OmegaConf.to_container(swap, resolve=True))  # type: ignore[arg-type]
     return resolve_layer_configs(settings, GPT2Config(n_layer=1, n_embd=d_model))[0]  # type: ignore[return-value]
 

@@ -28,7 +28,7 @@ import transformers
 from transformers import PreTrainedModel
 
 from .configuration_dmt import CLASS_PREFIX, student_config_class
-from .pack_files import pack_entries, read_pack_json, stored_settings, weights_fingerprint
+from .pack_files import READING_SETTINGS, pack_entries, read_pack_json, stored_settings, weights_fingerprint
 from .read import swapped_module
 from .store_files import StoreFileError, read_store
 
@@ -89,12 +89,44 @@ class StudentMixin:
             )
             layer.load_entries(keys, entries, torch.ones(len(keys), dtype=torch.bool))
 
+    def read_with(self, settings: dict[str, Any]) -> None:
+        """Give every memory layer the reading settings ``settings`` (e.g. ``{"max_distance": 0.05}``; any
+        of :data:`READING_SETTINGS`) in place of its saved ones, in ``config.dmt`` too (a save keeps them).
+        They weigh what a layer reads, not what it stores, so any pack of the student reads under them.
+
+        Raises:
+            ValueError: ``settings`` is not a dict, names another setting, or gives a value a layer refuses;
+                the error names ``dmt_memory_read.<key>``. No layer changes then.
+        """
+        if not isinstance(settings, dict):
+            raise ValueError(
+                f"dmt_memory_read: expected a dict such as {{'max_distance': 0.05}}, got {settings!r}"
+            )
+        for key, value in settings.items():
+            if (error := reading_error(key, value)) is not None:
+                raise ValueError(f"dmt_memory_read.{key}: {error}")
+        memories = {index: block for index, block in self.config.dmt["blocks"].items() if "store" in block}
+        for index in memories:
+            weighting = self.config.dmt["layers"][index]["weighting"]
+            if settings.get("null_distance") is not None and weighting != "softmax":
+                raise ValueError(
+                    f"dmt_memory_read.null_distance: a null entry takes weight in a softmax; block {index} "
+                    f"weighs with {weighting}"
+                )
+        for index, block in memories.items():
+            self.config.dmt["layers"][index].update(settings)
+            layer = self.get_submodule(block["module"])
+            for key, value in settings.items():
+                setattr(layer, key, value)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
         """The base class's ``from_pretrained`` of the ``dmt`` weights variant, then the memory: from the
         export directory, or (a hub repository id) from its ``memory/`` files, downloaded like the weights;
-        or, given ``dmt_memory=PACK``, from that memory pack (:meth:`load_pack`)."""
+        or, given ``dmt_memory=PACK``, from that memory pack (:meth:`load_pack`). ``dmt_memory_read``:
+        reading settings in place of the saved ones (:meth:`read_with`)."""
         pack = kwargs.pop("dmt_memory", None)
+        reading = kwargs.pop("dmt_memory_read", None)
         kwargs.setdefault("variant", WEIGHTS_VARIANT)
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         directory = Path(pretrained_model_name_or_path)
@@ -112,7 +144,23 @@ class StudentMixin:
         model.load_memory(directory)
         if pack is not None:
             model.load_pack(pack)
+        if reading is not None:
+            model.read_with(reading)
         return model
+
+
+def reading_error(key: str, value: Any) -> str | None:
+    """What is wrong with the reading setting ``key: value`` (None: nothing)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if key not in READING_SETTINGS:
+        return f"not a reading setting; reading settings are {sorted(READING_SETTINGS)}"
+    if key == "topk" and not (number and isinstance(value, int) and value >= 1):
+        return f"must be an integer >= 1, got {value!r}"
+    if key == "temperature" and not (number and value > 0):
+        return f"must be a number > 0, got {value!r}"
+    if key in ("null_distance", "max_distance") and not (value is None or number):
+        return f"must be a number or None, got {value!r}"
+    return None
 
 
 @cache

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dmt.bench.cli import main
 from dmt.bench.real_keys import key_sets, pack_keys
@@ -48,18 +49,22 @@ def test_keys_come_in_document_order_and_too_few_are_named(packs):
     np.testing.assert_array_equal(pack_keys(stored), keys)
     with pytest.raises(PackError, match="5200 keys in layer 3, fewer than the 6000 asked for"):
         pack_keys(stored, 6000)
-    sets = key_sets(stored, held_out, 4000, 500, 100)
+    sets = key_sets(stored, held_out, 4000, 500, 100, stream=250)
     assert {name: sets["real"][name].shape for name in sets["real"]} == {
         "keys": (4000, DIM),
         "churn": (500, DIM),
         "calibration": (100, DIM),
         "queries": (100, DIM),
+        "stream": (250, DIM),
     }
+    np.testing.assert_array_equal(sets["real"]["stream"], pack_keys(held_out)[:250])  # document order
     assert {name: a.shape for name, a in sets["gaussian"].items()} == {
         n: a.shape for n, a in sets["real"].items()
     }
     calibration, queries = ({tuple(row) for row in sets["real"][n]} for n in ("calibration", "queries"))
     assert not calibration & queries  # faiss never calibrates on the queries it is measured on
+    with pytest.raises(PackError, match="300 held-out keys, fewer than 2 x 100 queries or a stream of 400"):
+        key_sets(stored, held_out, 4000, 500, 100, stream=400)
 
 
 def test_every_backend_is_measured_on_both_key_sets(packs, tmp_path, monkeypatch):
@@ -67,7 +72,7 @@ def test_every_backend_is_measured_on_both_key_sets(packs, tmp_path, monkeypatch
     stored, held_out, _ = packs
     out = tmp_path / "bench.json"
     argv = ["--quick", "--keys", str(stored), "--held-out", str(held_out), "--churn", "64", "--out", str(out)]
-    assert main([*argv, "--backends", "exact", "faiss"]) == 0
+    assert main([*argv, "--backends", "exact", "faiss", "--key-layers"]) == 0
     rows = json.loads(out.read_text())["real_keys"][0]["rows"]
     assert [(r["keys"], r["backend"], r["size"]) for r in rows] == [
         (keys, backend, 4096) for keys in ("real", "gaussian") for backend in ("exact", "faiss")
@@ -78,6 +83,50 @@ def test_every_backend_is_measured_on_both_key_sets(packs, tmp_path, monkeypatch
         assert r["recall_held_out"] == 1.0 if r["backend"] == "exact" else r["index_state"]["trained"]
     real_faiss = rows[1]
     assert real_faiss["recall_held_out"] >= 0.9 and real_faiss["index_state"]["nprobe"] >= 1
+
+
+def test_every_layer_is_timed_on_both_key_sets_searching_with_the_held_out_keys(
+    packs, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(faiss_ivf, "TRAIN_MIN", 1024)
+    stored, held_out, _ = packs
+    out = tmp_path / "bench.json"
+    argv = ["--quick", "--keys", str(stored), "--held-out", str(held_out), "--churn", "64", "--out", str(out)]
+    assert main([*argv, "--backends", "faiss"]) == 0
+    section = json.loads(out.read_text())["real_keys"][0]
+    rows = section["layer_rows"]
+    assert [(r["keys"], r["layer"]) for r in rows] == [
+        (keys, layer) for keys in ("real", "gaussian") for layer in ("featural", "associative", "read_only")
+    ]
+    for r in rows:
+        assert r["settings"]["key_dim"] == DIM and r["settings"]["index"]["backend"] == "faiss"
+        assert r["median_s"] > 0 and r["mlp_median_s"] > 0
+        assert r["ratio_vs_mlp"] == pytest.approx(r["median_s"] / r["mlp_median_s"])
+        assert 0 < r["recall_held_out"] <= 1 and r["index_state"]["trained"]
+    by_name = {(r["keys"], r["layer"]): r for r in rows}
+    assert by_name["real", "read_only"]["inserts_per_step"] == 0  # a memorised pack: nothing inserted
+    # Gaussian queries lie far from the stored keys: each training layer inserts, and the full store evicts
+    # as many as it inserts.
+    for layer in ("featural", "associative"):
+        row = by_name["gaussian", layer]
+        assert 0 < row["inserts_per_step"] <= 32  # --quick: 1 x 32 tokens a step
+        assert row["evictions_per_step"] == row["inserts_per_step"]
+    assert "read_only" in capsys.readouterr().out
+
+
+def test_layers_search_with_the_keys_they_are_fed():
+    from dmt.bench.real_keys import aim_at_keys, key_inputs
+    from dmt.bench.stores import layer_config
+    from dmt.layers import build_memory_layer
+
+    cfg = layer_config("associative_faiss", 64, 768, (f"swap.read.key_dim={DIM}", "swap.read.heads=2"))
+    layer = build_memory_layer(768, cfg, None)
+    aim_at_keys(layer, DIM)
+    stream = np.random.default_rng(0).standard_normal((12, DIM)).astype(np.float32)
+    ((hidden, _),) = key_inputs(stream, 1, 3, 4, grad=False)
+    for projection in (layer.query_proj, layer.key_proj):
+        heads = projection(hidden).reshape(12, 2, DIM)  # (B·T, H, Dk): every head gets the token's key
+        torch.testing.assert_close(heads, torch.from_numpy(stream)[:, None].expand(12, 2, DIM))
 
 
 def test_keys_without_queries_is_a_usage_error(packs, capsys):

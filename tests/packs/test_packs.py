@@ -304,6 +304,27 @@ def test_a_full_disk_leaves_the_pack_as_it_was(export, tmp_path, monkeypatch):
     load_pretrained(export, memory=tmp_path / "pack")  # still loads
 
 
+@pytest.mark.parametrize("reading", [{"topk": 1, "temperature": 0.5}, {"max_distance": -1e9}])
+def test_plain_transformers_reads_under_other_reading_settings_as_dmt_does(export, tmp_path, reading):
+    """``from_pretrained(..., dmt_memory_read=...)`` is dmt's ``memory_read``: the same logits with a pack,
+    and a save keeps the settings; a setting that is not a reading one is refused, naming it."""
+    from transformers import AutoModelForCausalLM
+
+    make_pack(load_pretrained(export)[0], tmp_path / "pack", documents(3))
+    remote = AutoModelForCausalLM.from_pretrained(
+        export, trust_remote_code=True, dmt_memory=tmp_path / "pack", dmt_memory_read=dict(reading)
+    )
+    ours, _ = load_pretrained(export, memory=tmp_path / "pack", memory_read=reading)
+    saved, _ = load_pretrained(export, memory=tmp_path / "pack")
+    torch.testing.assert_close(logits(remote.eval(), QUERY), logits(ours, QUERY))
+    assert not torch.equal(logits(ours, QUERY), logits(saved, QUERY))
+    assert remote.config.dmt["layers"]["3"].items() >= reading.items()
+    with pytest.raises(ValueError, match=r"dmt_memory_read\.key_dim: not a reading setting"):
+        AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dmt_memory_read={"key_dim": 4})
+    with pytest.raises(ValueError, match=r"dmt_memory_read\.topk: must be an integer >= 1, got 0"):
+        AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dmt_memory_read={"topk": 0})
+
+
 def test_plain_transformers_reads_a_pack_as_dmt_does(export, tmp_path):
     """``from_pretrained(export, trust_remote_code=True, dmt_memory=PACK)``: the kernel reads the pack
     and gives dmt's logits; another student's pack is refused there too."""
