@@ -31,18 +31,35 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 DENSE_SCORING_MAX_ROWS_PER_K = 32
 
 
+def scored_densely(table: torch.Tensor, rows: torch.Tensor) -> bool:
+    """Whether neighbours ``table (U, D)[rows (N, K)]`` are scored against the whole table (a small one)
+    rather than gathered."""
+    return table.shape[0] <= DENSE_SCORING_MAX_ROWS_PER_K * rows.shape[1]
+
+
 def neighbour_dots(vectors: torch.Tensor, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``vectors (N, D)`` · ``table (U, D)[rows (N, K)]`` → ``(N, K)``, differentiable in both."""
-    if table.shape[0] <= DENSE_SCORING_MAX_ROWS_PER_K * rows.shape[1]:
-        return (vectors @ table.T).gather(1, rows)  # (N, U) → (N, K)
-    return torch.einsum("nd,nkd->nk", vectors, table[rows])
+    """``vectors (N, D)`` · ``table (U, D)[rows (N, K)]`` → ``(N, K)`` in the vectors' dtype (the table's
+    rows are cast), differentiable in both."""
+    if scored_densely(table, rows):
+        return (vectors @ table.T.to(vectors.dtype)).gather(1, rows)  # (N, U) → (N, K)
+    return torch.einsum("nd,nkd->nk", vectors, table[rows].to(vectors.dtype))
 
 
 def neighbour_distances(
     queries: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, metric: str
 ) -> torch.Tensor:
     """Distance ``(N, K)`` of ``queries (N, D)`` to their neighbours ``keys (U, D)[rows (N, K)]``, in the
-    conventions of :mod:`dmt.memory.metrics` (what the index reported, differentiable in the queries)."""
+    conventions of :mod:`dmt.memory.metrics` (what the index reported, differentiable in the queries).
+    Norms are taken of the neighbours only, unless the table is small (a large one is a store read in
+    place)."""
+    if not scored_densely(keys, rows):
+        neighbours = keys[rows].to(queries.dtype)  # (N, K, D)
+        if metric == "l2":
+            dots = torch.einsum("nd,nkd->nk", queries, neighbours)
+            return queries.pow(2).sum(1, keepdim=True) - 2.0 * dots + neighbours.pow(2).sum(2)
+        if metric == "cosine":
+            queries, neighbours = F.normalize(queries, dim=1), F.normalize(neighbours, dim=2)
+        return 1.0 - torch.einsum("nd,nkd->nk", queries, neighbours)
     if metric == "l2":
         squared_norms = keys.pow(2).sum(1)[rows]  # (N, K)
         dots = neighbour_dots(queries, keys, rows)
@@ -81,11 +98,19 @@ def neighbour_weights(
 
 
 def mix_values(weights: torch.Tensor, rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """``Σ_k weights[n, k] · table[rows[n, k]]`` → ``(N, Dv)`` for ``table (U, Dv)``.
+    """``Σ_k weights[n, k] · table[rows[n, k]]`` → ``(N, Dv)`` in the weights' dtype for ``table (U, Dv)``.
 
     ``embedding_bag`` forms the sum without the ``(N, K, Dv)`` gather, forward and backward; the table's
-    gradient comes back summed per row (one row per distinct entry).
+    gradient comes back summed per row (one row per distinct entry). A table of another dtype (a store's
+    float16 values, read in place) is summed in its own dtype, never copied whole.
     """
+    if not table.is_contiguous():  # values sliced from wider rows: embedding_bag would copy the whole table
+        used, rows = torch.unique(rows, return_inverse=True)
+        table = table[used]  # (U', Dv), the rows read
+    if table.dtype != weights.dtype:
+        return F.embedding_bag(rows, table, per_sample_weights=weights.to(table.dtype), mode="sum").to(
+            weights.dtype
+        )
     return F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
 
 

@@ -84,15 +84,12 @@ class MemoryRead(nn.Module):
             queries.detach().float(), self.table, self.topk, self.live, self.metric, self.by_magnitude
         )
 
-        # Each distinct entry once, as a table; row 0 is all-zero padding when any id is -1
-        slots, rows = torch.unique(ids, return_inverse=True)  # (U,), (N, K)
-        if self.live:
-            present = (slots >= 0)[:, None]
-            keys = self.keys[slots.clamp_min(0)].to(queries.dtype) * present  # (U, Dk)
-            entries = self.entries[slots.clamp_min(0)].to(queries.dtype) * present  # (U, Dv + G)
-        else:  # an empty memory: every neighbour is padding
-            keys = queries.new_zeros(len(slots), self.key_dim)
-            entries = queries.new_zeros(len(slots), self.value_dim + self.gate_dim)
+        # Read in place: the neighbours' rows of the held entries; padding (-1) reads row 0 at weight 0
+        keys, entries = self.keys, self.entries  # (H, Dk), (H, Dv + G)
+        if not self.live:  # an empty memory: every neighbour is padding
+            keys = queries.new_zeros(1, self.key_dim)
+            entries = queries.new_zeros(1, self.value_dim + self.gate_dim)
+        rows = ids.clamp_min(0)  # (N, K)
 
         # Weighted read
         gate_queries = None

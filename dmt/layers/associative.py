@@ -111,8 +111,12 @@ class AssociativeMemory(MemoryLayer):
     def read_write(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_shape = hidden_states.shape[:-1]  # (B, T)
         queries = self.split_heads(self.query_proj(hidden_states), self.key_dim)  # (N, Dk)
-        keys = self.split_heads(self.key_proj(hidden_states), self.key_dim)  # (N, Dk)
-        values = self.split_heads(self.value_proj(hidden_states), self.value_dim)  # (N, Dv)
+        # The tokens' own keys and values feed inserts and the straight-through gradients: a forward that
+        # does neither (reading a memorised pack) skips their projections.
+        keys = values = None
+        if self.inserting or torch.is_grad_enabled():
+            keys = self.split_heads(self.key_proj(hidden_states), self.key_dim)  # (N, Dk)
+            values = self.split_heads(self.value_proj(hidden_states), self.value_dim)  # (N, Dv)
         found = self.search(queries, by_magnitude=self.cfg.ranking == "magnitude")
         distances = distances_straight_through(
             queries, keys, found.keys, found.rows, self.cfg.metric

@@ -52,16 +52,18 @@ RECALL_SAMPLE = 64
 class Retrieved:
     """A search result moved to torch, with ``N = B·T·H`` queries, ``K = topk`` and ``U`` distinct entries.
 
-    Neighbours are not gathered per query: each distinct entry is copied out of the store once (``keys``,
-    ``entries``) and ``rows`` says which table row each neighbour is, so ``(N, K, D)`` tensors are only
-    built where a computation needs them.
+    Neighbours are not gathered per query: ``rows`` says which row of the tables ``keys``, ``entries`` each
+    neighbour is, so ``(N, K, D)`` tensors are only built where a computation needs them. A training
+    forward copies each distinct entry out of the store once (its entries are a leaf that gradients reach,
+    ``slots`` says where each came from); a forward that only reads indexes the store's own tables in
+    place (``slots`` None, row = slot, entries in the store's value dtype).
     """
 
     ids: np.ndarray  # (N, K) int64 store slots, -1 where no entry
     distances: np.ndarray  # (N, K) float32 as the index reported them, +inf where no entry
     valid: torch.Tensor  # (N, K) bool
-    rows: torch.Tensor  # (N, K) int64 row of each neighbour in `keys` / `entries`
-    slots: np.ndarray  # (U,) store slot of each table row; -1 for the all-zero padding row
+    rows: torch.Tensor  # (N, K) int64 row of each neighbour in `keys` / `entries` (0 where no entry)
+    slots: np.ndarray | None  # (U,) store slot of each copied row, -1 for the all-zero padding row
     keys: torch.Tensor  # (U, Dk)
     entries: torch.Tensor  # (U, E): value, then (gated featural memory) gate key
 
@@ -206,12 +208,18 @@ class MemoryLayer(nn.Module):
         self.write("reference", ids)  # LRFU: each query referenced every entry it returned
         if found.any():
             self.last_topk_distance = float(found_distances.mean())
-        slots, rows = np.unique(ids, return_inverse=True)  # sorted: a padding id -1 becomes row 0
+        valid = torch.from_numpy(found).to(queries.device)
         if self.training:
-            self._count_reads(ids[found], found_distances, int(np.count_nonzero(slots >= 0)))
+            self._count_reads(ids[found], found_distances)
             stride = max(1, len(detached) // RECALL_SAMPLE)
             self._recall_queries = detached[::stride][:RECALL_SAMPLE].clone()  # not a view of the batch
             self._recall_by_magnitude = by_magnitude
+        if self.store.has_tables and not (self.training and torch.is_grad_enabled()):
+            # Reading only: the neighbours are read where they lie; padding reads row 0 at weight 0.
+            keys, entries = self.store.tables()  # (R, Dk), (R, E) on the store's device
+            rows = torch.from_numpy(np.where(found, ids, 0))
+            return Retrieved(ids, distances, valid, rows.to(keys.device), None, keys, entries)
+        slots, rows = np.unique(ids, return_inverse=True)  # sorted: a padding id -1 becomes row 0
         keys, entries = self.store.get_tensors(slots[slots >= 0])  # (U', Dk), (U', E) on the store's device
         if len(slots) and slots[0] < 0:
             keys = torch.cat([keys.new_zeros(1, self.key_dim), keys])
@@ -219,7 +227,7 @@ class MemoryLayer(nn.Module):
         return Retrieved(
             ids=ids,
             distances=distances,
-            valid=torch.from_numpy(found).to(queries.device),
+            valid=valid,
             rows=torch.from_numpy(rows.reshape(ids.shape)).to(queries.device),
             slots=slots,
             keys=keys.to(device=queries.device, dtype=queries.dtype),
@@ -301,12 +309,12 @@ class MemoryLayer(nn.Module):
         """``(B·T·H, Dv) -> (B, T, H·Dv)`` then the output projection to ``(B, T, C)``."""
         return self.out_proj(x.reshape(*batch_shape, self.heads * self.value_dim))
 
-    def _count_reads(self, read_ids: np.ndarray, read_distances: np.ndarray, distinct: int) -> None:
+    def _count_reads(self, read_ids: np.ndarray, read_distances: np.ndarray) -> None:
         """Count a training search's valid neighbours ``read_ids (M,)`` at ``read_distances (M,)`` and its
-        ``distinct`` entries."""
+        distinct entries."""
         self._reads.searches += 1
         self._reads.reads += len(read_ids)
-        self._reads.distinct += distinct
+        self._reads.distinct += len(np.unique(read_ids))
         self._reads.distance_sum += float(read_distances.sum(dtype=np.float64))
         if self._run_start is not None and len(read_ids):
             self._reads.new += int(np.count_nonzero(self.store.insertion_times(read_ids) > self._run_start))

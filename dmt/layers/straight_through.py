@@ -19,11 +19,11 @@ from dmt.kernel.ops import mix_values, neighbour_distances, neighbour_dots
 
 
 def distances_straight_through(
-    queries: torch.Tensor, keys: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, metric: str
+    queries: torch.Tensor, keys: torch.Tensor | None, table: torch.Tensor, rows: torch.Tensor, metric: str
 ) -> torch.Tensor:
     """Distances ``(N, K)`` of ``queries (N, Dk)`` to their returned keys ``table (U, Dk)[rows (N, K)]``,
     exact in the queries, with ``dQuery = dKeyInserted = Σ_k dKeyReturned`` added for ``queries`` and the
-    keys this step inserts for the same tokens, ``keys (N, Dk)``.
+    keys this step inserts for the same tokens, ``keys (N, Dk)`` (None: a forward that writes nothing).
 
     ``dKeyReturned[n, k] = dDistance[n, k] · ∂distance/∂key`` at ``(query n, returned key k)``; a zero-valued
     term ``<∂distance/∂key, shift_n>`` (``shift = Δquery + Δkey``, zero in the forward) gives ``shift`` that
@@ -35,6 +35,8 @@ def distances_straight_through(
     """
     table = table.detach()
     distances = neighbour_distances(queries, table, rows, metric)  # (N, K)
+    if keys is None:
+        keys = queries.detach()
     if not (torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad)):
         return distances  # no gradient to pass on: skip the zero-valued term
     shift = (queries - queries.detach()) + (keys - keys.detach())  # (N, Dk), zeros
@@ -55,14 +57,16 @@ def distances_straight_through(
 
 
 def mix_values_straight_through(
-    weights: torch.Tensor, rows: torch.Tensor, table: torch.Tensor, value: torch.Tensor
+    weights: torch.Tensor, rows: torch.Tensor, table: torch.Tensor, value: torch.Tensor | None
 ) -> torch.Tensor:
     """``Σ_k weights[n, k] · values_ret[n, k]`` → ``(N, Dv)`` with ``values_ret = table (U, Dv)[rows (N, K)]``
-    and ``dValueInserted = Σ_k dValueReturned`` for ``value (N, Dv)``.
+    and ``dValueInserted = Σ_k dValueReturned`` for ``value (N, Dv)`` (None: a forward that writes nothing).
 
     ``dValueReturned[n, k] = weights[n, k] · dOut[n]``, so the rule gives ``value`` the gradient
     ``(Σ_k weights[n, k]) · dOut[n]``: adding ``(Σ_k weights) · (value - value.detach())`` (zero in the
     forward, zero in the weights' gradient) does that without materialising the ``(N, K, Dv)`` returns.
     """
-    straight_through = weights.sum(dim=1, keepdim=True) * (value - value.detach())  # (N, Dv), zeros
-    return mix_values(weights, rows, table) + straight_through
+    mixed = mix_values(weights, rows, table)
+    if value is None:
+        return mixed
+    return mixed + weights.sum(dim=1, keepdim=True) * (value - value.detach())  # + (N, Dv) zeros

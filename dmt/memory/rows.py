@@ -9,6 +9,8 @@ both to ``capacity``. The numpy arrays are the store's record (saved, read by ``
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -83,6 +85,17 @@ class Rows:
         """Values in ``value_dtype`` from now on; memory-mapped values move into memory."""
         self.values = np.asarray(self.values).astype(value_dtype)
         self.mirror.refresh(self.keys, self.values)
+
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys ``(R, key_dim)`` float32 and values ``(R, value_dim)`` in the value dtype, row = slot, as
+        tensors on the store's device that share the store's memory (no copy): the device copies, or views
+        of the host arrays."""
+        if self.mirror.active:
+            return self.mirror.keys, self.mirror.values
+        with warnings.catch_warnings():
+            # A read-only memory map gives a read-only view; torch warns, but these tensors are only read.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(self.keys), torch.from_numpy(self.values)
 
     def read(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Keys ``(M, key_dim)`` float32 and values ``(M, value_dim)`` float32 of rows ``ids (M,)``."""

@@ -199,6 +199,15 @@ class KNNStore:
             return torch.from_numpy(keys), torch.from_numpy(values)
         return self._rows.mirror.gather(self._slots.check_live(ids, "get_tensors"))
 
+    # Whether :meth:`tables` gives every row at once (a pack searched on disk does not).
+    has_tables = True
+
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's key ``(R, key_dim)`` float32 and entry ``(R, value_dim)`` in the value dtype, row =
+        id, as tensors on :attr:`device` sharing the store's memory (``R`` covers every live id; free rows
+        hold stale data). For reading in place; writing through them bypasses the store's bookkeeping."""
+        return self._rows.tables()
+
     def reference(self, ids: np.ndarray) -> None:
         """Count the LRFU references of one search: ``ids (N, k)`` as :meth:`search` returned them, or
         ``(M,)`` for a single query of ``M`` references. Row ``n`` is referenced at tick ``now + n + 1``

@@ -324,6 +324,9 @@ class PackStore:
     recombining are refused: a pack on disk is read, not trained (load it into RAM to write).
     """
 
+    # Its rows lie in many mapped shards: a layer gathers the entries it reads (get_tensors).
+    has_tables = False
+
     def __init__(self, pack: DiskPack) -> None:
         self.pack = pack
         self.key_dim, self.value_dim, self.metric = pack.dim, pack.value_dim, pack.metric
