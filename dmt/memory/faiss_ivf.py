@@ -14,7 +14,11 @@ needs around it:
 - **Retraining.** The centroids are retrained from the live keys (:meth:`FaissIndex.train`) when the store
   has grown :data:`GROWTH` times past the size they were trained at (``nlist`` follows ``4 · sqrt(size)``),
   or when the keys have drifted: the mean quantisation error of newly added keys (a running average over
-  a sample of each add) exceeds :data:`DRIFT` times the error at training (a key projection that moved).
+  a sample of each add) exceeds :data:`DRIFT` times the error at training (a key projection that moved),
+  once keys numbering :data:`DRIFT_TURNOVER` of the trained size have been added since. Keys a layer
+  inserts because they are novel lie far from the stored ones by that very rule, so their error alone
+  would retrain a large store every few steps; the turnover bounds retraining to once per that share of
+  the store replaced.
   A retraining costs one k-means on at most ``SAMPLE_PER_LIST · nlist`` keys plus re-filing every live key
   (:attr:`FaissIndex.train_seconds` accumulates it).
 - **nprobe measured, not guessed.** Unless ``nprobe`` is given, the first search after each training
@@ -49,6 +53,8 @@ SAMPLE_PER_LIST = 64
 GROWTH = 4
 # ... or once new keys sit this many times farther from their centroids than the training keys did.
 DRIFT = 1.5
+# ... once keys numbering this share of the trained size have been added since the training.
+DRIFT_TURNOVER = 0.25
 # Added keys per add whose quantisation error feeds the drift average, and that average's weight.
 DRIFT_SAMPLE = 256
 DRIFT_MOMENTUM = 0.9
@@ -111,6 +117,7 @@ class FaissIndex(ExactIndex):
         self._ivf: faiss.IndexIVFFlat | None = None
         self._nprobe = nprobe  # None until calibrated
         self.trained_on = 0  # live keys when the centroids were last trained
+        self.added_since = 0  # keys added since
         self.trainings = 0
         self.train_seconds = 0.0
         self.calibrated_recall = float("nan")
@@ -189,7 +196,11 @@ class FaissIndex(ExactIndex):
         filed = self._vectors(labels)
         self._ivf.add_with_ids(filed, labels)
         self._track_drift(filed)
-        if len(self) >= GROWTH * self.trained_on or self._recent_error > DRIFT * self._trained_error:
+        self.added_since += len(labels)
+        drifted = self._recent_error > DRIFT * self._trained_error
+        if len(self) >= GROWTH * self.trained_on or (
+            drifted and self.added_since >= DRIFT_TURNOVER * self.trained_on
+        ):
             self.train()
 
     def remove(self, labels: np.ndarray) -> None:
@@ -233,7 +244,7 @@ class FaissIndex(ExactIndex):
         ivf.train(training)
         ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
         ivf.add_with_ids(self._vectors(live), live)
-        self._ivf, self.trained_on = ivf, len(live)
+        self._ivf, self.trained_on, self.added_since = ivf, len(live), 0
         self._trained_error = self._recent_error = self._quantisation_error(training)
         self._nprobe = None if self.nprobe_setting is None else min(self.nprobe_setting, nlist)
         self.trainings += 1
