@@ -99,6 +99,13 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     )
     parser.add_argument("--churn", type=int, default=4096, help="with --keys: inserts per churn step")
     parser.add_argument(
+        "--key-sets",
+        nargs="+",
+        choices=["real", "gaussian"],
+        default=["real", "gaussian"],
+        help="with --keys: the key sets measured (default both: the pack's keys and Gaussian ones)",
+    )
+    parser.add_argument(
         "--key-layers",
         nargs="*",
         choices=list(LAYER_ROWS),
@@ -294,6 +301,7 @@ def run_real_keys(args: argparse.Namespace, argv: list[str] | None) -> int:
         "settings": {
             "sizes": args.sizes,
             "backends": args.backends,
+            "key_sets": args.key_sets,
             "layers": args.key_layers,
             "batch": args.batch * args.seq,
             "churn": args.churn,
@@ -317,6 +325,7 @@ def run_real_keys(args: argparse.Namespace, argv: list[str] | None) -> int:
                 args.repeats,
                 args.key_layers,
                 (args.batch, args.seq),
+                args.key_sets,
             )
         )
         write_report(report, args.out)

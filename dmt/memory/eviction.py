@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 if TYPE_CHECKING:
     from dmt.memory.lrfu import LRFU
@@ -34,12 +35,31 @@ def lowest(slots: np.ndarray, n: int, score: np.ndarray, *ties: np.ndarray) -> n
         raise ValueError(f"cannot choose n={n} victims among {len(slots)} candidates")
     if n == 0:
         return np.empty(0, dtype=np.int64)
-    if n < len(slots):
-        # O(M) pre-selection; keep everything tied with the n-th score so tie-breaking stays exact.
-        keep = score <= np.partition(score, n - 1)[n - 1]
-        slots, score, ties = slots[keep], score[keep], tuple(tie[keep] for tie in ties)
-    order = np.lexsort((slots, *reversed(ties), score))
-    return slots[order[:n]]
+    chosen = np.arange(len(slots)) if n == len(slots) else smallest(n, (score, *ties, slots))
+    order = np.lexsort((slots[chosen], *(tie[chosen] for tie in reversed(ties)), score[chosen]))
+    return slots[chosen[order]].astype(np.int64)
+
+
+def smallest(n: int, keys: tuple[np.ndarray, ...]) -> np.ndarray:
+    """Positions of the ``n`` smallest rows (``0 < n < M``) in the lexicographic order of ``keys`` (``(M,)``
+    each, most significant first, the last one distinct), in no particular order.
+
+    One selection per key, over the rows still tied: those below the n-th value are in, those equal to
+    it go on to the next key. ``torch.topk`` selects in O(M) also among many equal values (LFU scores
+    are mostly ties), where ``np.partition`` slows down a hundredfold.
+    """
+    candidates = np.arange(len(keys[0]))  # (M,) rows not yet decided
+    chosen = []
+    for key in keys:
+        values = key[candidates]
+        nth = torch.topk(torch.from_numpy(values), n, largest=False, sorted=False).values.max().item()
+        below = values < nth
+        chosen.append(candidates[below])
+        n -= int(np.count_nonzero(below))
+        candidates = candidates[values == nth]
+        if len(candidates) == n:  # every row tied at the n-th value is in (always so at the distinct key)
+            break
+    return np.concatenate([*chosen, candidates])
 
 
 def choose_victims(

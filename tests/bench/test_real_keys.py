@@ -129,6 +129,17 @@ def test_layers_search_with_the_keys_they_are_fed():
         torch.testing.assert_close(heads, torch.from_numpy(stream)[:, None].expand(12, 2, DIM))
 
 
+def test_one_key_set_alone(packs, tmp_path, monkeypatch):
+    monkeypatch.setattr(faiss_ivf, "TRAIN_MIN", 1024)
+    stored, held_out, _ = packs
+    out = tmp_path / "bench.json"
+    argv = ["--quick", "--keys", str(stored), "--held-out", str(held_out), "--churn", "64", "--out", str(out)]
+    assert main([*argv, "--backends", "exact", "--key-sets", "real", "--key-layers", "read_only"]) == 0
+    section = json.loads(out.read_text())["real_keys"][0]
+    assert [(r["keys"], r["backend"]) for r in section["rows"]] == [("real", "exact")]
+    assert [(r["keys"], r["layer"]) for r in section["layer_rows"]] == [("real", "read_only")]
+
+
 def test_keys_without_queries_is_a_usage_error(packs, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--quick", "--keys", str(packs[0])])
