@@ -93,6 +93,23 @@ def build(args: argparse.Namespace) -> None:
         print(f"{number + 1}/{len(documents)} {document.name}: {len(targets)} keys, {rate:.0f} tok/s")
 
 
+def knn_probability(
+    distances: torch.Tensor, neighbours: torch.Tensor, targets: torch.Tensor, k: int, temperature: float
+) -> torch.Tensor:
+    """``p_knn (N,)`` of ``targets (N,)``: a softmax of ``-distance / temperature`` over the ``k`` nearest of
+    ``distances (N, K)``, summed over the neighbours whose token (``neighbours (N, K)``) is the target."""
+    weights = torch.softmax(-distances[:, :k].double() / temperature, -1)  # (N, k)
+    return (weights * (neighbours[:, :k] == targets[:, None])).sum(-1)
+
+
+def mixture_nll(lm_logprob: torch.Tensor, memories: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
+    """Summed NLL under ``(1 - Σ lam) * p_lm + Σ lam * p`` for the ``(lam, p (N,))`` of ``memories``."""
+    rest = 1.0 - sum(lam for lam, _ in memories)
+    parts = [math.log(rest) + lm_logprob.double()]
+    parts += [math.log(lam) + p.clamp_min(1e-30).log() for lam, p in memories if lam > 0]
+    return -torch.logsumexp(torch.stack(parts), 0).sum()
+
+
 def knn_nll(
     distances: torch.Tensor,
     neighbours: torch.Tensor,
@@ -103,12 +120,7 @@ def knn_nll(
     lam: float,
 ) -> torch.Tensor:
     """Summed NLL of ``targets`` under ``lam * p_knn + (1 - lam) * p_lm`` over the ``k`` nearest keys."""
-    weights = torch.softmax(-distances[:, :k] / temperature, -1)  # (N, k)
-    p_knn = (weights * (neighbours[:, :k] == targets[:, None])).sum(-1)  # (N,)
-    if lam == 0.0:
-        return -lm_logprob.sum()
-    mixed = torch.logaddexp(math.log(lam) + p_knn.clamp_min(1e-30).log(), math.log(1 - lam) + lm_logprob)
-    return -mixed.sum()
+    return mixture_nll(lm_logprob, [(lam, knn_probability(distances, neighbours, targets, k, temperature))])
 
 
 def read(args: argparse.Namespace) -> None:

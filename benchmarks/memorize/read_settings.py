@@ -46,8 +46,8 @@ def optional_float(value: str) -> float | None:
     return None if value.lower() in ("none", "null") else float(value)
 
 
-def document_text(name: str, chars: int) -> str:
-    """The first ``chars`` characters of document ``name`` (``source/unit``)."""
+def document_text(name: str, chars: int | None) -> str:
+    """The first ``chars`` characters of document ``name`` (``source/unit``; None: all of it)."""
     documents = {d.name: d for d in read_source(name.split("/", 1)[0])}
     return head(documents[name].text, chars)
 
