@@ -72,7 +72,7 @@ def moved(keys: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarra
 def make(args: argparse.Namespace) -> None:
     source, block = Path(args.keys), str(args.block)
     layer = read_pack(source).layers[block]
-    keys, values = (
+    keys, values, tokens = (
         t.numpy()
         for t in pack_entries(source, read_pack_json(source), block, layer["key_dim"], layer["value_dim"])
     )
@@ -96,6 +96,7 @@ def make(args: argparse.Namespace) -> None:
                     "keys": moved(keys[ids], scale, rng),
                     "values": values[ids].astype(args.value_dtype),
                     "offsets": ids,
+                    "tokens": tokens[ids],
                 }
             },
         )

@@ -84,7 +84,7 @@ class StudentMixin:
             if block is None or stored_settings(here) != stored_settings(settings):
                 raise StoreFileError(f"pack {pack}: block {index} has other settings, or no memory, here")
             layer = self.get_submodule(block["module"])
-            keys, entries = pack_entries(
+            keys, entries, _ = pack_entries(
                 pack, raw, index, layer.key_dim, layer.value_dim + layer.gate_dim, verify
             )
             layer.load_entries(keys, entries, torch.ones(len(keys), dtype=torch.bool))
@@ -154,6 +154,8 @@ def reading_error(key: str, value: Any) -> str | None:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if key not in READING_SETTINGS:
         return f"not a reading setting; reading settings are {sorted(READING_SETTINGS)}"
+    if key.startswith("next_token_"):
+        return "next tokens mixed into the output are read by dmt.load_pretrained, not the transformers path"
     if key == "topk" and not (number and isinstance(value, int) and value >= 1):
         return f"must be an integer >= 1, got {value!r}"
     if key == "temperature" and not (number and value > 0):

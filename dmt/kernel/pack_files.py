@@ -3,7 +3,7 @@ checked against its manifest, and the fingerprint of the student a pack is made 
 
 The layout (``dmt.packs`` writes it): ``pack.json`` (format version, the student's fingerprint and name,
 each layer's settings, the reading, one record per document) and ``shards/<NNNNNN>/`` per document, with
-``layer_XX.{keys,values,offsets}.npy`` and a ``manifest.json`` of every file's size and SHA-256.
+``layer_XX.{keys,values,offsets,tokens}.npy`` and a ``manifest.json`` of every file's size and SHA-256.
 ``dmt.packs`` reads packs with these functions, and so does an exported student loaded with plain
 ``transformers`` (``from_pretrained(export, trust_remote_code=True, dmt_memory=PACK)``).
 """
@@ -20,13 +20,23 @@ import torch
 
 from .store_files import MANIFEST, StoreFileError, read_manifest, verify_files
 
-PACK_FORMAT_VERSION = 1
+PACK_FORMAT_VERSION = 2
 PACK_MANIFEST = "pack.json"
 SHARDS = "shards"
-ARRAYS = ("keys", "values", "offsets")
+ARRAYS = ("keys", "values", "offsets", "tokens")
 # Layer settings that weigh what a layer reads and leave what it stores alone: a pack made under one value
 # reads under any other.
-READING_SETTINGS = frozenset({"topk", "temperature", "null_distance", "max_distance"})
+READING_SETTINGS = frozenset(
+    {
+        "topk",
+        "temperature",
+        "null_distance",
+        "max_distance",
+        "next_token_weight",
+        "next_token_topk",
+        "next_token_temperature",
+    }
+)
 
 
 def stored_settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -59,8 +69,11 @@ def read_pack_json(directory: Path) -> dict[str, Any]:
         raise StoreFileError(f"{path}: not valid JSON ({err})") from err
     version = raw.get("format_version") if isinstance(raw, dict) else None
     if version != PACK_FORMAT_VERSION:
+        hint = (
+            "; format 1 packs lack their entries' next tokens: run dmt-memorize again" if version == 1 else ""
+        )
         raise StoreFileError(
-            f"{path}: pack format {version!r} is not the one read here ({PACK_FORMAT_VERSION})"
+            f"{path}: pack format {version!r} is not the one read here ({PACK_FORMAT_VERSION}){hint}"
         )
     return raw
 
@@ -75,9 +88,9 @@ def read_shard(
     names: tuple[str, ...] = ARRAYS,
     mmap: bool = False,
 ) -> dict[str, np.ndarray]:
-    """The arrays ``names`` of ``keys (M, Dk)``, ``values (M, E)`` and ``offsets (M,)`` of the layer of
-    block ``block`` in ``shard``, ``M = count``, checked against the shard's manifest (sizes; with
-    ``verify`` also SHA-256); a width of None is not checked. ``mmap``: mapped read-only, not read.
+    """The arrays ``names`` of ``keys (M, Dk)``, ``values (M, E)``, ``offsets (M,)`` and ``tokens (M,)`` of
+    the layer of block ``block`` in ``shard``, ``M = count``, checked against the shard's manifest (sizes;
+    with ``verify`` also SHA-256); a width of None is not checked. ``mmap``: mapped read-only, not read.
 
     Raises:
         StoreFileError: naming the file that is missing, changed or of another shape.
@@ -89,7 +102,12 @@ def read_shard(
         raise StoreFileError(f"{shard / MANIFEST}: missing or malformed ({err})") from err
     verify_files(shard, records, list(files.values()), checksums=verify)
     arrays = {}
-    expected = {"keys": (count, key_dim), "values": (count, entry_dim), "offsets": (count,)}
+    expected = {
+        "keys": (count, key_dim),
+        "values": (count, entry_dim),
+        "offsets": (count,),
+        "tokens": (count,),
+    }
     for name, file in files.items():
         try:
             arrays[name] = np.load(shard / file, allow_pickle=False, mmap_mode="r" if mmap else None)
@@ -113,10 +131,11 @@ def read_shard(
 
 def pack_entries(
     directory: Path, raw: dict[str, Any], block: str, key_dim: int, entry_dim: int, verify: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every document's ``keys (M, Dk)`` and entries ``(M, E)`` for the layer of block ``block``, in
-    document order, from the pack ``directory`` whose ``pack.json`` is ``raw``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every document's ``keys (M, Dk)``, entries ``(M, E)`` and next tokens ``(M,)`` int64 for the layer
+    of block ``block``, in document order, from the pack ``directory`` whose ``pack.json`` is ``raw``."""
     keys, entries = [np.zeros((0, key_dim), np.float32)], [np.zeros((0, entry_dim), np.float32)]
+    tokens = [np.zeros(0, np.int64)]
     for document in raw["documents"]:
         shard = str(document["shard"])
         if Path(shard).name != shard or not shard.isdigit():
@@ -128,7 +147,8 @@ def pack_entries(
             raise StoreFileError(f"{err} (document {document['name']!r})") from err
         keys.append(arrays["keys"].astype(np.float32))
         entries.append(arrays["values"])
-    return torch.from_numpy(np.concatenate(keys)), torch.from_numpy(np.concatenate(entries))
+        tokens.append(arrays["tokens"].astype(np.int64))
+    return tuple(torch.from_numpy(np.concatenate(parts)) for parts in (keys, entries, tokens))
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

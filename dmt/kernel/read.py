@@ -31,6 +31,12 @@ class MemoryRead(nn.Module):
     def __init__(self, d_model: int, settings: Mapping[str, Any], mlp: nn.Module | None = None) -> None:
         super().__init__()
         self.kind = settings["type"]
+        if settings.get("next_token_weight", 0.0) > 0:
+            raise ValueError(
+                "next_token_weight: this memory mixes its next tokens into the output, which the "
+                "transformers path does not do; load it with dmt.load_pretrained, or save it with "
+                "next_token_weight 0"
+            )
         self.heads, self.key_dim, self.value_dim = (
             settings["heads"],
             settings["key_dim"],

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmt.kernel.ops import neighbour_dots, neighbour_weights, null_score, within
-from dmt.layers.base import MemoryLayer
+from dmt.layers.base import MemoryLayer, Retrieved
 from dmt.layers.config import AssociativeConfig
+from dmt.layers.next_tokens import NextTokenRead, neighbour_distribution
 from dmt.layers.protocol import current
 from dmt.layers.straight_through import distances_straight_through, mix_values_straight_through
 
@@ -29,6 +30,10 @@ class AssociativeMemory(MemoryLayer):
     What the caller hands a forward (:class:`~dmt.layers.protocol.MemoryProtocol`): with ``inserted_values:
     next_token`` the forward's input ids and the model's input embeddings; with ``mlp_output`` the teacher
     MLP's output.
+
+    With ``next_token_weight`` > 0, an evaluation forward also searches the ``next_token_topk`` nearest
+    and keeps their next tokens' distribution (:mod:`dmt.layers.next_tokens`) until the student's output
+    hook takes it (:meth:`take_next_token_read`); the residual read uses the ``topk`` nearest of them.
 
     With ``init: ffn`` (:meth:`init_from_ffn`) the store starts with the replaced MLP's units and the
     attention weights are the MLP's activation of each score (times the gate for a gated MLP), so the layer
@@ -68,6 +73,8 @@ class AssociativeMemory(MemoryLayer):
                 nn.init.zeros_(self.out_proj.bias)
         # The block's own MLP, kept beside the memory (keep_mlp; set by keep()).
         self.register_module("mlp", None)
+        # The next-token distribution of the latest evaluation forward, until the output hook takes it.
+        self._next_token_read: NextTokenRead | None = None
 
     def keep(self, mlp: nn.Module) -> None:
         """Run ``mlp`` (the block's own MLP, ``keep_mlp``) beside the memory: the layer outputs their sum."""
@@ -80,6 +87,22 @@ class AssociativeMemory(MemoryLayer):
         if self.mlp is not None:
             output = output + self.mlp(hidden_states)
         return output
+
+    def take_next_token_read(self) -> NextTokenRead | None:
+        """The next-token distribution of the latest forward (None: not reading next tokens); taken once."""
+        read, self._next_token_read = self._next_token_read, None
+        return read
+
+    def read_next_tokens(self, found: Retrieved, device: torch.device) -> NextTokenRead:
+        """The distribution of the next tokens of ``found``'s ``next_token_topk`` nearest neighbours."""
+        cfg = self.cfg
+        k = cfg.next_token_topk or cfg.topk
+        tokens = torch.from_numpy(self.store.next_tokens(found.ids[:, :k])).to(device)  # (N, k)
+        distances = torch.from_numpy(found.distances[:, :k]).to(device)  # (N, k)
+        temperature = cfg.temperature if cfg.next_token_temperature is None else cfg.next_token_temperature
+        return neighbour_distribution(
+            distances, tokens, temperature, cfg.next_token_weight, self.heads, cfg.max_distance
+        )
 
     def next_token_values(
         self, nearest: np.ndarray, batch_shape: torch.Size
@@ -117,7 +140,13 @@ class AssociativeMemory(MemoryLayer):
         if self.inserting or torch.is_grad_enabled():
             keys = self.split_heads(self.key_proj(hidden_states), self.key_dim)  # (N, Dk)
             values = self.split_heads(self.value_proj(hidden_states), self.value_dim)  # (N, Dv)
-        found = self.search(queries, by_magnitude=self.cfg.ranking == "magnitude")
+        # Search: the topk nearest, or as many as the next-token read takes (the nearest topk of them read).
+        reading_next = self.cfg.next_token_weight > 0 and not self.training
+        k = max(self.cfg.topk, self.cfg.next_token_topk or 0) if reading_next else self.cfg.topk
+        found = self.search(queries, by_magnitude=self.cfg.ranking == "magnitude", k=k)
+        if reading_next:
+            self._next_token_read = self.read_next_tokens(found, hidden_states.device)
+        found = found.first(self.cfg.topk)
         distances = distances_straight_through(
             queries, keys, found.keys, found.rows, self.cfg.metric
         )  # (N, K)

@@ -67,6 +67,20 @@ class Retrieved:
     keys: torch.Tensor  # (U, Dk)
     entries: torch.Tensor  # (U, E): value, then (gated featural memory) gate key
 
+    def first(self, k: int) -> Retrieved:
+        """The ``k`` nearest of each query's neighbours (a search sorted nearest first); the tables stay."""
+        if self.ids.shape[1] <= k:
+            return self
+        return Retrieved(
+            self.ids[:, :k],
+            self.distances[:, :k],
+            self.valid[:, :k],
+            self.rows[:, :k],
+            self.slots,
+            self.keys,
+            self.entries,
+        )
+
     @property
     def nearest(self) -> np.ndarray:
         """``(N,)`` distance of each query's nearest returned entry, +inf if none (the first, unless the
@@ -183,9 +197,9 @@ class MemoryLayer(nn.Module):
             self.store.to(device)
         return self
 
-    def search(self, queries: torch.Tensor, by_magnitude: bool = False) -> Retrieved:
-        """Batched top-k search for ``queries (N, Dk)`` (by ``|similarity|`` with ``by_magnitude``); tensors
-        on the queries' device and dtype.
+    def search(self, queries: torch.Tensor, by_magnitude: bool = False, k: int | None = None) -> Retrieved:
+        """Batched top-k search for ``queries (N, Dk)`` (by ``|similarity|`` with ``by_magnitude``; ``k``
+        neighbours, default ``topk``); tensors on the queries' device and dtype.
 
         The store is first put on the queries' device (nothing to do once it is there). On that device the
         search, and the gathering of the returned keys and entries, copy nothing to the host but the ids
@@ -196,11 +210,12 @@ class MemoryLayer(nn.Module):
             ValueError: a query holds NaN or inf (its neighbours' distances are not finite).
         """
         detached = queries.detach().float()  # (N, Dk)
+        k = self.cfg.topk if k is None else k
         self.store.to(queries.device)
         if self.store.device == queries.device:
-            ids, distances = host_results(*self.store.search_torch(detached, self.cfg.topk, by_magnitude))
+            ids, distances = host_results(*self.store.search_torch(detached, k, by_magnitude))
         else:
-            ids, distances = self.store.search(detached.cpu().numpy(), self.cfg.topk, by_magnitude)
+            ids, distances = self.store.search(detached.cpu().numpy(), k, by_magnitude)
         found = ids >= 0
         found_distances = distances[found]
         if not np.isfinite(found_distances).all():
@@ -281,7 +296,7 @@ class MemoryLayer(nn.Module):
             if collect is not None and self in collect:
                 collect[self].append(NewEntries(np.flatnonzero(novel), new_keys, new_values))
                 return
-            origin_tokens = None
+            origin_tokens = next_tokens = None
             if current().token_ids is not None:
                 token_ids = current().token_ids.detach().cpu().numpy()  # (B, T)
                 if token_ids.size * self.heads != len(novel):
@@ -291,7 +306,11 @@ class MemoryLayer(nn.Module):
                     )
                 batch, position = np.divmod(np.flatnonzero(novel) // self.heads, token_ids.shape[1])
                 origin_tokens = token_spans(token_ids, batch, position)  # (M, ORIGIN_SPAN)
-            self.write("insert", new_keys, new_values, None, origin_tokens)
+                following = np.minimum(position + 1, token_ids.shape[1] - 1)
+                next_tokens = np.where(
+                    position + 1 < token_ids.shape[1], token_ids[batch, following], -1
+                )  # (M,)
+            self.write("insert", new_keys, new_values, None, origin_tokens, next_tokens)
 
     def maybe_recombine(self, found: Retrieved) -> None:
         if self.training and self.cfg.recombine_distance is not None:

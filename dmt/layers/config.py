@@ -277,6 +277,13 @@ class AssociativeConfig(MemoryConfig):
     of one domain stays quiet on text of another. ``null``: no null entry, the weights sum to 1.
     ``max_distance``: neighbours farther than this are not read (a radius search's bound); a query with
     none within it reads nothing. ``null``: all k are read.
+
+    ``next_token_weight`` (λ, in [0, 1)): in evaluation, the tokens that followed the
+    ``next_token_topk`` nearest entries (their provenance; ``null``: ``topk``), weighted by a softmax of
+    ``-distance / next_token_temperature`` (``null``: ``temperature``), also form a distribution that is
+    mixed into the model's output probabilities, ``(1 - λ) p_model + λ p_memory``, as kNN-LM mixes its
+    neighbours' next tokens (:mod:`dmt.layers.next_tokens`). 0: off. These three are reading settings: any
+    pack of the student reads under them.
     """
 
     type: ClassVar[str] = "associative"
@@ -289,8 +296,19 @@ class AssociativeConfig(MemoryConfig):
     gate_dim: int | None = setting("read", 0)
     null_distance: float | None = setting("read", None)
     max_distance: float | None = setting("read", None)
+    next_token_weight: float = setting("read", 0.0)
+    next_token_topk: int | None = setting("read", None)
+    next_token_temperature: float | None = setting("read", None)
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.next_token_weight < 1.0:
+            raise bad("next_token_weight", f"must lie in [0, 1), got {self.next_token_weight}")
+        if self.next_token_topk is not None and int(self.next_token_topk) < 1:
+            raise bad("next_token_topk", f"must be >= 1 or null, got {self.next_token_topk}")
+        if self.next_token_temperature is not None and self.next_token_temperature <= 0:
+            raise bad("next_token_temperature", f"must be > 0 or null, got {self.next_token_temperature}")
+        if self.next_token_weight > 0 and self.ranking == "magnitude":
+            raise bad("next_token_weight", "the next tokens of the nearest entries need ranking=score")
         if self.null_distance is not None and self.weighting != "softmax":
             raise bad(
                 "null_distance", f"a null entry takes weight in a softmax; weighting is {self.weighting}"

@@ -39,6 +39,7 @@ from dmt.kernel.store_files import (
 )
 from dmt.memory.integrity import MemoryStoreError, store_errors, write_array
 from dmt.memory.snapshot import ARRAY_NAMES, capture, check_fields, index_has_file, restore, saved_arrays
+from dmt.memory.state import LATER_SLOT_ARRAYS
 from dmt.memory.store import KNNStore
 
 # Array name → file name in a directory; the names are also the keys of a checkpoint dict.
@@ -127,10 +128,15 @@ def load(store_class: type[KNNStore], directory: str | Path, mmap: bool, verify:
         check_version(manifest, DIRECTORY_FORMAT_VERSION, source=source)
     check_fields(manifest, source)
     has_file = index_has_file(manifest)
-    names = saved_arrays(manifest)
+    records = manifest.get("files")
+    names = [  # a store saved before a later per-slot array existed has no file of it
+        name
+        for name in saved_arrays(manifest)
+        if name not in LATER_SLOT_ARRAYS or not isinstance(records, dict) or ARRAY_FILES[name] in records
+    ]
     required = [*(ARRAY_FILES[name] for name in names), *([INDEX_FILE] if has_file else [])]
     with store_errors():
-        verify_files(directory, manifest.get("files"), required, checksums=verify)
+        verify_files(directory, records, required, checksums=verify)
     arrays = {
         name: _load_npy(directory / ARRAY_FILES[name], mmap=mmap and name in ("keys", "values"))
         for name in names
@@ -184,7 +190,11 @@ def from_state_dict(store_class: type[KNNStore], state: Mapping[str, Any]) -> KN
     if not isinstance(state, Mapping):
         raise MemoryStoreError(f"state_dict: expected a mapping, got {type(state).__name__}")
     check_fields(state, "state_dict")
-    arrays = {name: _state_array(state, name) for name in saved_arrays(state)}
+    arrays = {
+        name: _state_array(state, name)
+        for name in saved_arrays(state)
+        if name not in LATER_SLOT_ARRAYS or name in state
+    }
     return restore(
         store_class,
         state,

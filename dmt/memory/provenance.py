@@ -1,11 +1,11 @@
 """Where a store's entries came from and how they were used since, per slot.
 
 For every slot of a :class:`~dmt.memory.store.KNNStore`: the clock when its entry was stored, the references
-to it since then, the MLP unit it was seeded from and the ids of the :data:`ORIGIN_SPAN` tokens ending at the
-one whose query or key inserted it (-1 where unknown). A store's per-slot bookkeeping
-(:class:`~dmt.memory.slots.Slots`) holds one :class:`Provenance`, from which the store answers
-``insertion_times``, ``read_counts`` and ``origins``; a memory layer builds the token spans it inserts with
-:func:`token_spans`.
+to it since then, the MLP unit it was seeded from, the ids of the :data:`ORIGIN_SPAN` tokens ending at the
+one whose query or key inserted it and the token that followed that one (-1 where unknown). A store's
+per-slot bookkeeping (:class:`~dmt.memory.slots.Slots`) holds one :class:`Provenance`, from which the store
+answers ``insertion_times``, ``read_counts``, ``origins`` and ``next_tokens``; a memory layer builds the
+token spans it inserts with :func:`token_spans`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class Provenance:
     read_count: np.ndarray  # (C,) int64: references since then
     origin_unit: np.ndarray  # (C,) int32: the MLP unit the entry was seeded from, or -1
     origin_tokens: np.ndarray  # (C, ORIGIN_SPAN) int32: token ids of the span that inserted it, or -1
+    next_token: np.ndarray  # (C,) int32: the token after that span (what came next), or -1
 
     @staticmethod
     def empty_arrays(capacity: int) -> dict[str, np.ndarray]:
@@ -37,6 +38,7 @@ class Provenance:
             "read_count": np.zeros(capacity, dtype=np.int64),
             "origin_unit": np.full(capacity, -1, dtype=np.int32),
             "origin_tokens": np.full((capacity, ORIGIN_SPAN), -1, dtype=np.int32),
+            "next_token": np.full(capacity, -1, dtype=np.int32),
         }
 
     @classmethod
@@ -52,12 +54,15 @@ class Provenance:
         """The origin units ``(M,)`` and token spans ``(M, ORIGIN_SPAN)`` of checked ``ids (M,)``."""
         return self.origin_unit[ids], self.origin_tokens[ids]
 
-    def stored(self, slots: np.ndarray, now: int, units: np.ndarray, tokens: np.ndarray) -> None:
-        """New entries in ``slots (M,)``, stored at clock ``now``, unread, from ``units (M,)`` and ``tokens
-        (M, ORIGIN_SPAN)`` (checked by :func:`origin_array`)."""
+    def stored(
+        self, slots: np.ndarray, now: int, units: np.ndarray, tokens: np.ndarray, following: np.ndarray
+    ) -> None:
+        """New entries in ``slots (M,)``, stored at clock ``now``, unread, from ``units (M,)``, ``tokens
+        (M, ORIGIN_SPAN)`` and next tokens ``following (M,)`` (checked by :func:`origin_array`)."""
         self.inserted_at[slots] = now
         self.read_count[slots] = 0
         self.origin_unit[slots], self.origin_tokens[slots] = units, tokens
+        self.next_token[slots] = following
 
     def read(self, ids: np.ndarray) -> None:
         """One reference to each of the live ``ids (M,)``; duplicates each count."""

@@ -63,11 +63,11 @@ class Slots:
             eviction, self.live, n - len(free), self.lrfu, inserted_at, self.now, inserts
         )
 
-    def stored(self, slots: np.ndarray, units: np.ndarray, tokens: np.ndarray) -> None:
-        """New entries in ``slots (M,)`` from ``units (M,)`` and ``tokens (M, ORIGIN_SPAN)``: live, stored now
-        with a single LRFU reference, unread."""
+    def stored(self, slots: np.ndarray, units: np.ndarray, tokens: np.ndarray, following: np.ndarray) -> None:
+        """New entries in ``slots (M,)`` from ``units (M,)``, ``tokens (M, ORIGIN_SPAN)`` and next tokens
+        ``following (M,)``: live, stored now with a single LRFU reference, unread."""
         self.live[slots] = True
-        self.provenance.stored(slots, self.now, units, tokens)
+        self.provenance.stored(slots, self.now, units, tokens, following)
         self.lrfu.reset(slots, self.now)
 
     def reference(self, rows: np.ndarray) -> int:

@@ -15,7 +15,9 @@ Arrays are kept up to the store's high-water mark ``H`` (highest live slot + 1, 
 - ``live (H,)`` bool: which rows hold an entry (rows of merged-away entries are holes);
 - ``lrfu_crf (H,)`` float64 and ``lrfu_last (H,)`` int64: the LRFU state (:class:`dmt.memory.lrfu.LRFU`);
 - ``inserted_at (H,)`` int64 and ``read_count (H,)`` int64: the clock at insertion, references since;
-- ``origin_unit (H,)`` int32 and ``origin_tokens (H, S)`` int32: each entry's origin, -1 where unknown.
+- ``origin_unit (H,)`` int32 and ``origin_tokens (H, S)`` int32: each entry's origin, -1 where unknown;
+- ``next_token (H,)`` int32: the token after its origin, -1 where unknown (absent from stores saved before
+  it was recorded, :data:`~dmt.memory.state.LATER_SLOT_ARRAYS`: restored as unknown).
 
 Restoring keeps keys and values as loaded (``H`` rows; the store grows them on its first insert beyond) and
 pads the other arrays to ``capacity`` with the state of an empty slot. The key index is saved only when it
@@ -40,7 +42,14 @@ from dmt.memory.backends import BACKENDS, INDEX_PARAMS, index_class, load_index,
 from dmt.memory.base import MemoryStats
 from dmt.memory.index import KeyIndex
 from dmt.memory.integrity import MemoryStoreError, store_errors
-from dmt.memory.state import SLOT_ARRAYS, StoreSettings, StoreState, check_settings, empty_slots
+from dmt.memory.state import (
+    LATER_SLOT_ARRAYS,
+    SLOT_ARRAYS,
+    StoreSettings,
+    StoreState,
+    check_settings,
+    empty_slots,
+)
 from dmt.memory.store import KNNStore
 
 # Every array a container holds, by name: the keys, the values and the per-slot arrays.
@@ -139,7 +148,7 @@ def restore(
             ``format_version``, are ignored).
         arrays: every saved :data:`ARRAY_NAMES` name → its array of ``H <= capacity`` rows; keys and values
             are used as they are (memory maps stay mapped), the others copied into arrays of ``capacity``
-            rows.
+            rows. One of :data:`~dmt.memory.state.LATER_SLOT_ARRAYS` may be missing (an older save).
         index: the index file, or its bytes as a 1-D ``uint8`` array; None for an index without a file
             (:func:`index_has_file`), which is rebuilt from the keys.
         source: names the origin of ``fields`` in errors.
@@ -158,7 +167,8 @@ def restore(
     slots = empty_slots(settings.capacity)  # an empty store's bookkeeping, its first H rows restored below
     rows = _check_arrays(settings, fields, arrays, slots, source, where)
     for name, array in slots.items():
-        array[:rows] = arrays[name]
+        if name in arrays:
+            array[:rows] = arrays[name]
     key_index = _restore_index(settings, fields["index_params"], index, arrays["keys"], slots["live"], where)
     stats = MemoryStats(**{name: int(count) for name, count in fields["stats"].items()})
     state = StoreState(arrays["keys"], arrays["values"], slots, key_index, int(fields["now"]), stats)
@@ -192,6 +202,8 @@ def _check_arrays(
         **{name: ((rows, *array.shape[1:]), array.dtype) for name, array in slots.items()},
     }
     for name, (shape, dtype) in expected.items():
+        if name in LATER_SLOT_ARRAYS and name not in arrays:
+            continue
         array = arrays[name]
         if array.shape != shape or array.dtype != dtype:
             raise MemoryStoreError(

@@ -24,7 +24,19 @@ from dmt.memory.provenance import Provenance
 VALUE_DTYPES = ("float32", "float16")
 # The per-slot arrays of a store, by name: its live mask, its LRFU state (dmt.memory.lrfu.LRFU's crf and
 # last) and its provenance (dmt.memory.provenance.Provenance's fields).
-SLOT_ARRAYS = ("live", "lrfu_crf", "lrfu_last", "inserted_at", "read_count", "origin_unit", "origin_tokens")
+SLOT_ARRAYS = (
+    "live",
+    "lrfu_crf",
+    "lrfu_last",
+    "inserted_at",
+    "read_count",
+    "origin_unit",
+    "origin_tokens",
+    "next_token",
+)
+# Per-slot arrays that stores saved before they existed lack: their slots restore as an empty slot's
+# (next tokens unknown).
+LATER_SLOT_ARRAYS = ("next_token",)
 
 
 @dataclass(frozen=True)

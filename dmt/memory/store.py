@@ -239,12 +239,23 @@ class KNNStore:
         units ``(M,)`` int32 and token spans ``(M, ORIGIN_SPAN)`` int32, -1 where unknown."""
         return self._slots.provenance.origins(self._slots.check_live(ids, "origins"))
 
+    def next_tokens(self, ids: np.ndarray) -> np.ndarray:
+        """``(...)`` int64 of ``ids (...)`` (any shape, -1 padding): the token that followed each entry's
+        origin as :meth:`insert` recorded it; -1 for padding, entries no longer live and unknown tokens."""
+        ids = np.asarray(ids)
+        flat = check_ids(ids.reshape(-1), self.capacity)
+        live = self._slots.is_live(flat)
+        tokens = np.full(len(flat), -1, dtype=np.int64)
+        tokens[live] = self._slots.provenance.next_token[flat[live]]
+        return tokens.reshape(ids.shape)
+
     def insert(
         self,
         keys: np.ndarray,
         values: np.ndarray,
         origin_units: np.ndarray | None = None,
         origin_tokens: np.ndarray | None = None,
+        next_tokens: np.ndarray | None = None,
     ) -> np.ndarray:
         """Store ``keys (N, key_dim)`` / ``values (N, value_dim)``; returns their slot ids ``(N,)`` int64.
 
@@ -255,7 +266,8 @@ class KNNStore:
         rows get id -1.
 
         ``origin_units (N,)``: the MLP unit each entry is seeded from; ``origin_tokens (N, ORIGIN_SPAN)``: the
-        ids of the text span ending at the token that inserts it, left-padded with -1; None: all -1.
+        ids of the text span ending at the token that inserts it, left-padded with -1; ``next_tokens (N,)``:
+        the token that followed that span (what a ``next_token_weight`` read predicts); None: all -1.
         """
         self._index.refuse_if_keys_fixed("insert")
         keys = as_float_matrix("keys", keys, self.key_dim)
@@ -264,17 +276,19 @@ class KNNStore:
             raise ValueError(f"got {len(keys)} keys but {len(values)} values")
         units = origin_array("origin_units", origin_units, (len(keys),))
         tokens = origin_array("origin_tokens", origin_tokens, (len(keys), ORIGIN_SPAN))
+        following = origin_array("next_tokens", next_tokens, (len(keys),))
         ids = np.full(len(keys), -1, dtype=np.int64)
         stored = min(len(keys), self.capacity)
         if stored == 0:
             return ids
-        keys, values, units, tokens = keys[-stored:], values[-stored:], units[-stored:], tokens[-stored:]
+        keys, values, units = keys[-stored:], values[-stored:], units[-stored:]
+        tokens, following = tokens[-stored:], following[-stored:]
         free, victims = self._slots.choose(stored, self.eviction, self._stats.inserts)
         self._remove(victims)
         self._stats.evictions += len(victims)
         slots = np.concatenate([free, victims])
         self._rows.write(slots, keys, values)
-        self._slots.stored(slots, units, tokens)
+        self._slots.stored(slots, units, tokens, following)
         self._index.add(slots, keys)
         self._rows.sync(slots)
         self._stats.inserts += stored

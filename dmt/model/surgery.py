@@ -24,6 +24,7 @@ from dmt.layers import (
 )
 from dmt.layers.config import CONFIG_CLASSES, SELECTION_KEYS, bad, settings_of
 from dmt.layers.mlp import MLPForm
+from dmt.layers.next_tokens import mix_next_tokens
 from dmt.memory import KNNStore
 from dmt.model.families import family_of, get_mlp, mlp_form, mlp_weights, num_blocks, set_mlp
 
@@ -166,7 +167,31 @@ def attach_memory_layers(
             if isinstance(layer, AssociativeMemory) and layer.cfg.keep_mlp:
                 layer.keep(get_mlp(model, index))
         set_mlp(model, index, layer.to(device))
+    if not getattr(model, "_dmt_next_token_hook", False):
+        model.register_forward_hook(mix_next_token_reads, with_kwargs=True)
+        model._dmt_next_token_hook = True
     return model
+
+
+def mix_next_token_reads(
+    model: PreTrainedModel, _args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+) -> Any:
+    """A forward hook on a student: its associative layers' next-token reads of this forward
+    (``next_token_weight``) mixed into the logits (:func:`~dmt.layers.next_tokens.mix_next_tokens`), and
+    the loss of given ``labels`` computed again from the mixture. Nothing changes without a read."""
+    reads = [
+        read
+        for layer in memory_layers(model).values()
+        if isinstance(layer, AssociativeMemory) and (read := layer.take_next_token_read()) is not None
+    ]
+    if not reads:
+        return None
+    if not hasattr(output, "logits"):
+        raise TypeError("next_token_weight: the student's forward must return logits (return_dict=True)")
+    output.logits = mix_next_tokens(output.logits, reads)  # (B, T, V) log-probabilities
+    if kwargs.get("labels") is not None:
+        output.loss = model.loss_function(output.logits, kwargs["labels"], model.config.vocab_size)
+    return output
 
 
 def swapped_layers(model: nn.Module) -> dict[int, nn.Module]:

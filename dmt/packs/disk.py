@@ -203,6 +203,7 @@ class DiskPack:
         # Keys: filed by their saved lists, shard by shard; keys and values: mapped (or read) per shard.
         self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
+        self.tokens: list[np.ndarray] = []
         starts = [0]
         for (shard, _, count), assigned in zip(documents, lists, strict=True):
             keys = filed(read_keys(shard, self.block, count, verify), self.metric)  # (M, Dk)
@@ -210,10 +211,18 @@ class DiskPack:
             assigned = np.ascontiguousarray(assigned, dtype=np.int64)
             self.ivf.add_core(count, faiss.swig_ptr(keys), faiss.swig_ptr(ids), faiss.swig_ptr(assigned))
             arrays = read_shard(
-                shard, self.block, count, self.dim, None, False, names=("keys", "values"), mmap=not in_ram
+                shard,
+                self.block,
+                count,
+                self.dim,
+                None,
+                False,
+                names=("keys", "values", "tokens"),
+                mmap=not in_ram,
             )
             self.keys.append(arrays["keys"] if in_ram else mapped_rows(arrays["keys"]))
             self.values.append(arrays["values"] if in_ram else mapped_rows(arrays["values"]))
+            self.tokens.append(arrays["tokens"] if in_ram else mapped_rows(arrays["tokens"]))
             starts.append(starts[-1] + count)
         self.starts = np.asarray(starts, dtype=np.int64)  # (S + 1,): entry id where each shard begins
         self.value_dim = int(self.values[0].shape[1])
@@ -309,6 +318,16 @@ class DiskPack:
             values[rows] = self.values[s][flat[rows] - self.starts[s]]
         return keys.reshape(*np.shape(ids), -1), values.reshape(*np.shape(ids), -1)
 
+    def next_tokens(self, ids: np.ndarray) -> np.ndarray:
+        """``(...)`` int64: the next token of each of entry ``ids (...)`` (-1 for -1), shard by shard."""
+        flat = np.asarray(ids, dtype=np.int64).ravel()
+        tokens = np.full(len(flat), -1, np.int64)
+        shard = np.searchsorted(self.starts, flat, side="right") - 1  # (N·k,)
+        for s in np.unique(shard[flat >= 0]):
+            rows = np.flatnonzero((shard == s) & (flat >= 0))
+            tokens[rows] = self.tokens[s][flat[rows] - self.starts[s]]
+        return tokens.reshape(np.shape(ids))
+
     def recall(self, queries: np.ndarray, k: int) -> float:
         """Recall@k of :meth:`search` against visiting every list, for ``queries (N, Dk)``."""
         found, truth = self.search(queries, k)[0], self.search(queries, k, nprobe=self.nlist)[0]
@@ -375,6 +394,10 @@ class PackStore:
         rows = np.asarray(ids)
         self._stats.reads += int(np.count_nonzero(rows >= 0))
         self.now += 1 if rows.ndim == 1 else len(rows)
+
+    def next_tokens(self, ids: np.ndarray) -> np.ndarray:
+        """The token after each of ``ids (...)`` in its document (-1 for -1), as the pack recorded it."""
+        return self.pack.next_tokens(ids)
 
     def insertion_times(self, ids: np.ndarray) -> np.ndarray:
         """Every entry predates any run: zeros ``(M,)``."""

@@ -8,7 +8,9 @@ A pack is a directory::
                                SHA-256 of its token ids, its shard and the entries it gave each layer
     shards/<NNNNNN>/           one document's entries: per layer ``layer_XX.keys.npy`` (M, Dk) float32,
                                ``layer_XX.values.npy`` (M, E) in the layer's value dtype and
-                               ``layer_XX.offsets.npy`` (M,) int64, the token each entry was read at;
+                               ``layer_XX.offsets.npy`` (M,) int64, the token each entry was read at,
+                               ``layer_XX.tokens.npy`` (M,) int64, the document's token after it (what
+                               followed the entry's context, read by ``next_token_weight``);
                                ``manifest.json`` records every file's size and SHA-256
 
 Writes are crash-safe: a shard is written aside and renamed into place (:func:`dmt.files.write_directory`),
@@ -134,7 +136,8 @@ def next_shard(manifest: PackManifest) -> str:
 
 
 def write_shard(directory: Path, shard: str, arrays: Mapping[str, Mapping[str, np.ndarray]]) -> None:
-    """Write one document's ``arrays`` (block index → ``keys``, ``values``, ``offsets``) as ``shard``."""
+    """Write one document's ``arrays`` (block index → ``keys``, ``values``, ``offsets``, ``tokens``) as
+    ``shard``."""
 
     def write(staging: Path) -> None:
         files = {

@@ -98,7 +98,8 @@ def document_entries(
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """The entries the inserting layers of ``model`` give ``input_ids (L,)``, by block index (as a string):
-    ``keys (M, Dk)`` float32, ``values (M, E)`` in the layer's value dtype and ``offsets (M,)`` int64.
+    ``keys (M, Dk)`` float32, ``values (M, E)`` in the layer's value dtype, ``offsets (M,)`` int64 and
+    ``tokens (M,)`` int64, the document's token after each entry's offset.
     The stores are left as they were. ``progress`` is called with the tokens each batch read."""
     layers = inserting_layers(model)
     protocol = memory_protocol(model, deferred=True)
@@ -130,14 +131,17 @@ def document_entries(
                     found[index][name].append(array[keep])
         if progress is not None:
             progress(int(sum(end - first for _, end, first in chunk)))
-    return {
-        str(index): {
+    document = input_ids.cpu().numpy().astype(np.int64)  # (L,)
+    arrays = {}
+    for index, parts in found.items():
+        offsets = np.concatenate(parts["offsets"]).astype(np.int64)  # (M,)
+        arrays[str(index)] = {
             "keys": np.concatenate(parts["keys"]),
             "values": np.concatenate(parts["values"]).astype(layers[index].cfg.value_dtype),
-            "offsets": np.concatenate(parts["offsets"]).astype(np.int64),
+            "offsets": offsets,
+            "tokens": document[offsets + 1],  # an entry is read only where its successor is scored
         }
-        for index, parts in found.items()
-    }
+    return arrays
 
 
 def open_pack(target: Path, fresh: PackManifest, force: bool, keep: Iterable[Path]) -> PackManifest:
@@ -306,15 +310,15 @@ def use_pack(
     for key in manifest.layers:
         layer = layers[int(key)]
         with store_errors(PackError):
-            keys, entries = pack_entries(
+            keys, entries, tokens = pack_entries(
                 pack, raw, key, layer.key_dim, layer.entry_dim, verify
-            )  # (M, Dk), (M, E)
+            )  # (M, Dk), (M, E), (M,)
         try:
             store = layer.empty_store(capacity=len(keys) + layer.cfg.capacity, index=index)
         except ValueError as err:
             if index is None:
                 raise
             raise ConfigError(f"memory_index: {err}") from err
-        store.insert(keys.numpy(), entries.numpy())
+        store.insert(keys.numpy(), entries.numpy(), next_tokens=tokens.numpy())
         layer.use_store(store)
     return manifest

@@ -27,6 +27,7 @@ def write_pack(path: Path, sizes: list[int], seed: int) -> np.ndarray:
     for i, size in enumerate(sizes):
         keys = centres[rng.integers(0, 24, size)] + 0.3 * rng.standard_normal((size, DIM)).astype(np.float32)
         arrays = {"keys": keys, "values": np.zeros((size, 4), np.float32), "offsets": np.arange(size)}
+        arrays["tokens"] = np.arange(size)
         write_shard(path, f"{i:06d}", {"3": arrays})
         documents.append(PackDocument(f"docs/{i}", size + 1, f"{i:064d}", f"{i:06d}", {"3": size}))
         every.append(keys)

@@ -24,6 +24,7 @@ ARRAYS = (
     "read_count",
     "origin_unit",
     "origin_tokens",
+    "next_token",
 )
 DATA_FILES = [*(f"{name}.npy" for name in ARRAYS), "index.bin"]
 ALL_FILES = [*DATA_FILES, "manifest.json"]

@@ -29,7 +29,10 @@ def _filled_store(value_dtype: str = "float32", backend: str = "hnsw", eviction:
     )
     for _ in range(3):  # 90 inserts into 64 slots: evictions and LRFU state worth saving
         tokens = rng.integers(-1, 50_000, (30, ORIGIN_SPAN))
-        store.insert(rng.standard_normal((30, 8)), rng.standard_normal((30, 3)), np.arange(30), tokens)
+        following = rng.integers(-1, 50_000, 30)
+        store.insert(
+            rng.standard_normal((30, 8)), rng.standard_normal((30, 3)), np.arange(30), tokens, following
+        )
         ids, _ = store.search(rng.standard_normal((4, 8)).astype(np.float32), k=5)
         store.reference(ids)
     return store
@@ -56,6 +59,7 @@ def _assert_equivalent(store: KNNStore, restored: KNNStore) -> None:
         np.testing.assert_array_equal(got, want, err_msg=method)
     for got, want in zip(restored.origins(live), store.origins(live), strict=True):
         np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(restored.next_tokens(live), store.next_tokens(live))
     for got, want in zip(_answers(restored, queries), _answers(store, queries), strict=True):
         np.testing.assert_array_equal(got, want)
     if store.keys_are_fixed:
@@ -85,6 +89,7 @@ def test_save_load_round_trip(tmp_path: Path, value_dtype: str) -> None:
         "read_count.npy",
         "origin_unit.npy",
         "origin_tokens.npy",
+        "next_token.npy",
     }
     manifest = json.loads((tmp_path / "mem" / "manifest.json").read_text())
     assert manifest["format_version"] == 4
@@ -283,3 +288,19 @@ def test_empty_store_round_trips_and_grows(tmp_path: Path) -> None:
     keys = np.eye(4, dtype=np.float32)[:3]
     np.testing.assert_array_equal(restored.insert(keys, np.ones((3, 2))), [0, 1, 2])
     np.testing.assert_array_equal(restored.search(keys[1:2], 1)[0], [[1]])
+
+
+def test_a_store_saved_before_next_tokens_were_recorded_loads_with_them_unknown(tmp_path: Path) -> None:
+    store = _filled_store()
+    store.save(tmp_path / "mem")
+    manifest = json.loads((tmp_path / "mem" / "manifest.json").read_text())
+    del manifest["files"]["next_token.npy"]
+    (tmp_path / "mem" / "next_token.npy").unlink()
+    (tmp_path / "mem" / "manifest.json").write_text(json.dumps(manifest))
+    live = store.live_ids()
+    for restored in (
+        KNNStore.load(tmp_path / "mem"),
+        KNNStore.from_state_dict({k: v for k, v in store.state_dict().items() if k != "next_token"}),
+    ):
+        np.testing.assert_array_equal(restored.next_tokens(live), np.full(len(live), -1))
+        np.testing.assert_array_equal(restored.origins(live)[1], store.origins(live)[1])

@@ -354,8 +354,11 @@ def test_read_counts_origins_and_lrfu_scores_per_entry() -> None:
     store = KNNStore(4, 1, capacity=6, metric="l2", lrfu_lambda=0.5, index={"backend": "exact"})
     keys = np.array([[0, 0, 0, 0], [0.1, 0, 0, 0], [5, 0, 0, 0]], dtype=np.float32)
     tokens = np.arange(3 * ORIGIN_SPAN).reshape(3, ORIGIN_SPAN)
-    ids = store.insert(keys, np.zeros((3, 1), np.float32), origin_units=[7, -1, 9], origin_tokens=tokens)
+    values = np.zeros((3, 1), np.float32)
+    ids = store.insert(keys, values, origin_units=[7, -1, 9], origin_tokens=tokens, next_tokens=[4, 5, -1])
     np.testing.assert_array_equal(store.live_ids(), [0, 1, 2])
+    # next tokens of any shape of ids; padding (-1) answers -1
+    np.testing.assert_array_equal(store.next_tokens(np.array([[2, 0], [-1, 1]])), [[-1, 4], [-1, 5]])
     units, spans = store.origins(ids)
     assert units.dtype == spans.dtype == np.int32
     np.testing.assert_array_equal(units, [7, -1, 9])
@@ -374,6 +377,8 @@ def test_read_counts_origins_and_lrfu_scores_per_entry() -> None:
     np.testing.assert_array_equal(store.read_counts(refilled), [0])
     np.testing.assert_array_equal(store.origins(refilled)[0], [-1])
     np.testing.assert_array_equal(store.origins(refilled)[1], np.full((1, ORIGIN_SPAN), -1))
+    np.testing.assert_array_equal(store.next_tokens(refilled), [-1])
+    np.testing.assert_array_equal(store.next_tokens(np.array([1, 0])), [-1, 4])  # a merged-away id: -1
     for method in ("lrfu_scores", "read_counts", "origins"):
         with pytest.raises(ValueError, match=rf"{method}\(\) needs ids of live entries"):
             getattr(store, method)(np.array([4]))
@@ -386,6 +391,7 @@ def test_read_counts_origins_and_lrfu_scores_per_entry() -> None:
         ({"origin_tokens": np.zeros((1, 3), np.int64)}, r"origin_tokens must have shape \(1, 8\)"),
         ({"origin_units": np.array([0.5])}, "origin_units must be an integer array"),
         ({"origin_tokens": np.full((1, ORIGIN_SPAN), -2)}, r"origin_tokens must lie in \[-1, 2\*\*31\)"),
+        ({"next_tokens": np.zeros(3, np.int64)}, r"next_tokens must have shape \(1,\), got \(3,\)"),
     ],
 )
 def test_insert_rejects_malformed_origins(origins: dict[str, np.ndarray], message: str) -> None:

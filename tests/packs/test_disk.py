@@ -36,7 +36,8 @@ def pack(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
         shard = f"{i:06d}"
         k = clustered(count, seed=i + 1)
         v = np.random.default_rng(i).standard_normal((count, WIDTH)).astype(np.float16)
-        write_shard(directory, shard, {"3": {"keys": k, "values": v, "offsets": np.arange(count)}})
+        arrays = {"keys": k, "values": v, "offsets": np.arange(count), "tokens": 1000 * i + np.arange(count)}
+        write_shard(directory, shard, {"3": arrays})
         documents.append(PackDocument(f"docs/{i}", count, f"{i:064x}", shard, {"3": count}))
         keys.append(k)
         values.append(v)
@@ -65,6 +66,9 @@ def test_a_pack_on_disk_returns_the_exact_neighbours_and_their_values(pack):
     found_keys, found_values = on_disk.get(ids)  # across shards
     np.testing.assert_array_equal(found_keys, keys[ids])
     np.testing.assert_array_equal(found_values, values[ids].astype(np.float32))
+    tokens = np.concatenate([1000 * i + np.arange(count) for i, count in enumerate(LENGTHS)])
+    np.testing.assert_array_equal(on_disk.next_tokens(ids), tokens[ids])  # each entry's, across shards
+    np.testing.assert_array_equal(on_disk.next_tokens(np.array([-1, ids[0, 0]])), [-1, tokens[ids[0, 0]]])
     # Keys ranked as float16 (the default, half the memory) find the same neighbours but for near ties.
     half, _ = DiskPack(directory, 3).search(queries, 6, nprobe=16)
     assert np.mean([len(set(a) & set(b)) / 6 for a, b in zip(half, ids, strict=True)]) >= 0.97

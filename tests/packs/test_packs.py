@@ -90,7 +90,19 @@ def test_every_token_with_a_successor_gives_one_entry_per_head_and_the_student_i
         arrays = shard_arrays(tmp_path / "pack", document)
         offsets = np.sort(arrays["offsets"])
         assert np.array_equal(offsets, np.repeat(np.arange(len(ids) - 1), 2))
+        # each entry's next token is the document's token after the one it was read at
+        assert np.array_equal(arrays["tokens"], ids.numpy()[arrays["offsets"] + 1])
     assert read_pack(tmp_path / "pack") == manifest
+
+
+def test_a_loaded_pack_keeps_each_entrys_next_token(export, tmp_path):
+    """``use_pack`` stores the pack's entries in document order, each with the token that followed it."""
+    make_pack(load_pretrained(export)[0], tmp_path / "pack", documents(2))
+    manifest = read_pack(tmp_path / "pack")
+    tokens = np.concatenate([shard_arrays(tmp_path / "pack", d)["tokens"] for d in manifest.documents])
+    loaded, _ = load_pretrained(export, memory=tmp_path / "pack")
+    store = memory_layers(loaded)[3].store
+    np.testing.assert_array_equal(store.next_tokens(np.arange(len(tokens))), tokens)
 
 
 def test_an_entry_is_what_the_layer_inserts_reading_the_token_in_its_window(export):
@@ -261,6 +273,9 @@ def test_a_changed_shard_is_refused_by_name(export, tmp_path):
     (tmp_path / "pack" / "pack.json").write_text(json.dumps({"format_version": 99}))
     with pytest.raises(PackError, match="pack format 99"):
         read_pack(tmp_path / "pack")
+    (tmp_path / "pack" / "pack.json").write_text(json.dumps({"format_version": 1}))
+    with pytest.raises(PackError, match="format 1 packs lack their entries' next tokens: run dmt-memorize"):
+        read_pack(tmp_path / "pack")
 
 
 def test_a_student_without_an_inserting_layer_names_the_experiment_that_makes_one(tmp_path):
@@ -323,6 +338,24 @@ def test_plain_transformers_reads_under_other_reading_settings_as_dmt_does(expor
         AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dmt_memory_read={"key_dim": 4})
     with pytest.raises(ValueError, match=r"dmt_memory_read\.topk: must be an integer >= 1, got 0"):
         AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dmt_memory_read={"topk": 0})
+
+
+def test_plain_transformers_refuses_the_next_token_mix_it_does_not_do(export, tmp_path):
+    """The kernel does not mix next tokens: asked to, or given a student saved mixing, it refuses by name
+    rather than read a different model."""
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(ValueError, match=r"dmt_memory_read\.next_token_weight: next tokens mixed into"):
+        AutoModelForCausalLM.from_pretrained(
+            export, trust_remote_code=True, dmt_memory_read={"next_token_weight": 0.2}
+        )
+    mixing, _ = load_pretrained(export, memory_read={"next_token_weight": 0.2})
+    save_pretrained(mixing, None, tmp_path / "mixing")
+    assert (
+        memory_layers(load_pretrained(tmp_path / "mixing")[0])[3].cfg.next_token_weight == 0.2
+    )  # dmt reads it
+    with pytest.raises(ValueError, match="next_token_weight: this memory mixes its next tokens"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "mixing", trust_remote_code=True)
 
 
 def test_plain_transformers_reads_a_pack_as_dmt_does(export, tmp_path):
