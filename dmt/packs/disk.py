@@ -304,28 +304,32 @@ class DiskPack:
 
         self.nprobe, self.calibrated_recall = calibrated_nprobe(recall, self.nlist)
 
-    def get(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Keys ``(*ids.shape, Dk)`` and values ``(*ids.shape, E)``, float32, of entry ``ids`` (-1 reads
-        zeros), gathered shard by shard in ascending order (sequential reads of each mapped file)."""
-        flat = np.asarray(ids, dtype=np.int64).ravel()
-        keys = np.zeros((len(flat), self.dim), np.float32)
-        values = np.zeros((len(flat), self.value_dim), np.float32)
-        shard = np.searchsorted(self.starts, flat, side="right") - 1  # (N·k,)
+    def by_shard(self, flat: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """For entry ids ``flat (M,)`` (-1: none), each shard ``s`` holding some of them, with their positions
+        in ``flat`` and their rows in the shard, in ascending order (sequential reads of each mapped file)."""
+        shard = np.searchsorted(self.starts, flat, side="right") - 1  # (M,)
         for s in np.unique(shard[flat >= 0]):
             rows = np.flatnonzero((shard == s) & (flat >= 0))
             rows = rows[np.argsort(flat[rows])]
-            keys[rows] = self.keys[s][flat[rows] - self.starts[s]]
-            values[rows] = self.values[s][flat[rows] - self.starts[s]]
+            yield s, rows, flat[rows] - self.starts[s]
+
+    def get(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Keys ``(*ids.shape, Dk)`` and values ``(*ids.shape, E)``, float32, of entry ``ids`` (-1 reads
+        zeros), gathered shard by shard."""
+        flat = np.asarray(ids, dtype=np.int64).ravel()
+        keys = np.zeros((len(flat), self.dim), np.float32)
+        values = np.zeros((len(flat), self.value_dim), np.float32)
+        for s, rows, in_shard in self.by_shard(flat):
+            keys[rows] = self.keys[s][in_shard]
+            values[rows] = self.values[s][in_shard]
         return keys.reshape(*np.shape(ids), -1), values.reshape(*np.shape(ids), -1)
 
     def next_tokens(self, ids: np.ndarray) -> np.ndarray:
         """``(...)`` int64: the next token of each of entry ``ids (...)`` (-1 for -1), shard by shard."""
         flat = np.asarray(ids, dtype=np.int64).ravel()
         tokens = np.full(len(flat), -1, np.int64)
-        shard = np.searchsorted(self.starts, flat, side="right") - 1  # (N·k,)
-        for s in np.unique(shard[flat >= 0]):
-            rows = np.flatnonzero((shard == s) & (flat >= 0))
-            tokens[rows] = self.tokens[s][flat[rows] - self.starts[s]]
+        for s, rows, in_shard in self.by_shard(flat):
+            tokens[rows] = self.tokens[s][in_shard]
         return tokens.reshape(np.shape(ids))
 
     def recall(self, queries: np.ndarray, k: int) -> float:
