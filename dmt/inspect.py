@@ -7,7 +7,8 @@ the live entries with
   entry was stored), and the clock at which the entry was stored;
 - their origin: ``unit u`` for an entry seeded from unit ``u`` of the replaced MLP (``init: ffn``), else the
   text span that ended at the token which inserted it (decoded with the tokenizer when the student has
-  one, else its token ids);
+  one, else its token ids), and the token that followed it (what ``next_token_weight`` mixes; ``-`` when
+  unknown: a seeded entry, or one saved before stores kept it);
 - what each promotes, by a logit lens: the tokens whose logits the entry's value raises most. An entry read
   by head ``h`` adds ``W_h · value`` to the residual stream (``W_h``: the columns ``h·Dv:(h+1)·Dv`` of the
   output projection; the projection's bias is the layer's, not the entry's); that vector is projected
@@ -55,7 +56,7 @@ from dmt.packs.files import PackManifest, is_pack, read_pack
 SORTS = ("score", "reads", "slot", "inserted")
 # Longest origin text shown in the table (the JSON keeps it whole).
 ORIGIN_WIDTH = 40
-TABLE_HEADER = ("slot", "LRFU score", "reads", "inserted at", "origin", "promotes")
+TABLE_HEADER = ("slot", "LRFU score", "reads", "inserted at", "origin", "next", "promotes")
 
 
 @dataclass
@@ -68,6 +69,7 @@ class EntryUse:
     inserted_at: np.ndarray  # (L,) int64 clock when the entry was stored
     origin_units: np.ndarray  # (L,) int32 MLP unit seeded from, -1 for inserted entries
     origin_tokens: np.ndarray  # (L, ORIGIN_SPAN) int32 span ending at the inserting token, -1 padded
+    next_tokens: np.ndarray  # (L,) int64 the token that followed the inserting one, -1 unknown
 
     @property
     def seeded(self) -> np.ndarray:
@@ -98,6 +100,7 @@ def entry_use(store: KNNStore) -> EntryUse:
         inserted_at=store.insertion_times(slots),
         origin_units=units,
         origin_tokens=tokens,
+        next_tokens=store.next_tokens(slots),
     )
 
 
@@ -142,6 +145,11 @@ def origin_of(unit: int, tokens: np.ndarray, tokenizer: Any | None) -> dict[str,
         "token_ids": token_ids,
         "text": decode(tokenizer, token_ids) if token_ids else None,
     }
+
+
+def next_token_of(token: int, tokenizer: Any | None) -> dict[str, Any] | None:
+    """JSON-ready next token of an entry (None: unknown)."""
+    return None if token < 0 else {"token_id": token, "token": decode(tokenizer, [token])}
 
 
 def origin_label(origin: dict[str, Any]) -> str:
@@ -202,6 +210,7 @@ def inspect_layer(
                 "read_count": int(use.reads[position]),
                 "inserted_at": int(use.inserted_at[position]),
                 "origin": origin_of(use.origin_units[position], use.origin_tokens[position], tokenizer),
+                "next_token": next_token_of(int(use.next_tokens[position]), tokenizer),
                 "promotes": promotes,
             }
         )
@@ -254,6 +263,12 @@ def table_cells(row: dict[str, Any]) -> tuple[str, ...]:
     origin = origin_label(row["origin"])
     if len(origin) > ORIGIN_WIDTH:
         origin = origin[: ORIGIN_WIDTH - 1] + "…"
+    following = row["next_token"]
+    next_label = (
+        "-"
+        if following is None
+        else (str(following["token_id"]) if following["token"] is None else repr(following["token"]))
+    )
     promoted = (str(p["token_id"]) if p["token"] is None else repr(p["token"]) for p in row["promotes"])
     return (
         str(row["slot"]),
@@ -261,6 +276,7 @@ def table_cells(row: dict[str, Any]) -> tuple[str, ...]:
         str(row["read_count"]),
         str(row["inserted_at"]),
         origin,
+        next_label,
         " ".join(promoted),
     )
 

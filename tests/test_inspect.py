@@ -15,6 +15,7 @@ from dmt.model.surgery import build_student, memory_layers, memory_protocol, res
 FEATURAL, ASSOCIATIVE = 1, 2
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
 SPANS = ["To be, or not to be", " that is the question", "ROMEO: But soft"]
+NEXT_TOKENS = [1771, 38201, 2000]  # " whether", " Juliet", " mind": what followed each span
 
 
 def seeded_student(teacher, settings: dict | None = None):
@@ -40,7 +41,8 @@ def seeded_student(teacher, settings: dict | None = None):
 
 def insert_spans(student, tokenizer) -> list[str]:
     """Insert one entry per span of ``SPANS`` into the associative store, its origin the span's last
-    ``ORIGIN_SPAN`` tokens; then the first entry is read twice, the second once, the third never."""
+    ``ORIGIN_SPAN`` tokens, its next token ``NEXT_TOKENS[row]``; then the first entry is read twice, the
+    second once, the third never."""
     store = memory_layers(student)[ASSOCIATIVE].store
     generator = np.random.default_rng(0)
     tokens = np.full((len(SPANS), ORIGIN_SPAN), -1, dtype=np.int32)
@@ -53,6 +55,7 @@ def insert_spans(student, tokenizer) -> list[str]:
         generator.standard_normal((len(SPANS), store.key_dim)).astype(np.float32),
         generator.standard_normal((len(SPANS), store.value_dim)).astype(np.float32),
         origin_tokens=tokens,
+        next_tokens=np.array(NEXT_TOKENS[: len(SPANS)]),
     )
     store.reference(np.array([[slots[0], slots[0]], [slots[1], -1]]))
     return texts
@@ -132,9 +135,18 @@ def test_entries_inserted_by_forwards_record_the_text_that_inserted_them(tiny_gp
     assert report["inserted"] == report["entries"] > 0 and report["seeded"] == 0
     # The span of the token at position t: the (up to) ORIGIN_SPAN tokens ending at t.
     spans = {tuple(ids[0, max(0, t - ORIGIN_SPAN + 1) : t + 1].tolist()) for t in range(ids.shape[1])}
+    # Each entry's next token: the one after its span (none after the last position).
+    following = {
+        tuple(ids[0, max(0, t - ORIGIN_SPAN + 1) : t + 1].tolist()): ids[0, t + 1].item()
+        for t in range(ids.shape[1] - 1)
+    }
     for row in report["rows"]:
         assert tuple(row["origin"]["token_ids"]) in spans
         assert row["origin"]["text"] == gpt2_tokenizer.decode(row["origin"]["token_ids"])
+        if row["next_token"] is not None:
+            expected = following[tuple(row["origin"]["token_ids"])]
+            assert row["next_token"] == {"token_id": expected, "token": gpt2_tokenizer.decode([expected])}
+    assert any(row["next_token"] is not None for row in report["rows"])
 
 
 def test_cli_prints_decoded_spans_and_writes_json(tiny_gpt2, gpt2_tokenizer, tmp_path, capsys):
@@ -156,6 +168,10 @@ def test_cli_prints_decoded_spans_and_writes_json(tiny_gpt2, gpt2_tokenizer, tmp
     scores = [row["lrfu_score"] for row in featural["rows"]]
     assert scores == sorted(scores, reverse=True)
     assert sorted(row["origin"]["text"] for row in associative["rows"]) == sorted(texts)
+    assert sorted(row["next_token"]["token_id"] for row in associative["rows"]) == sorted(NEXT_TOKENS)
+    assert all(row["next_token"] is None for row in featural["rows"])  # seeded: no next token
+    for token in NEXT_TOKENS:
+        assert repr(gpt2_tokenizer.decode([token])) in printed
     promoted = associative["rows"][0]["promotes"][0]
     assert promoted["token"] == gpt2_tokenizer.decode([promoted["token_id"]])
 
