@@ -35,6 +35,7 @@ READING_SETTINGS = frozenset(
         "next_token_weight",
         "next_token_topk",
         "next_token_temperature",
+        "next_token_distance_scale",
     }
 )
 

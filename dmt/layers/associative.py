@@ -101,7 +101,7 @@ class AssociativeMemory(MemoryLayer):
         distances = torch.from_numpy(found.distances[:, :k]).to(device)  # (N, k)
         temperature = cfg.temperature if cfg.next_token_temperature is None else cfg.next_token_temperature
         return neighbour_distribution(
-            distances, tokens, temperature, cfg.next_token_weight, self.heads, cfg.max_distance
+            distances, tokens, temperature, cfg.next_token_weight, self.heads, cfg.next_token_distance_scale
         )
 
     def next_token_values(

@@ -276,14 +276,18 @@ class AssociativeConfig(MemoryConfig):
     (an attention sink), so a query whose neighbours all lie well beyond it reads almost nothing: a memory
     of one domain stays quiet on text of another. ``null``: no null entry, the weights sum to 1.
     ``max_distance``: neighbours farther than this are not read (a radius search's bound); a query with
-    none within it reads nothing. ``null``: all k are read.
+    none within it reads nothing; below 0 no neighbour is read (the ``next_token_weight`` mix alone reads the
+    memory, as kNN-LM's does). ``null``: all k are read.
 
     ``next_token_weight`` (λ, in [0, 1)): in evaluation, the tokens that followed the
     ``next_token_topk`` nearest entries (their provenance; ``null``: ``topk``), weighted by a softmax of
     ``-distance / next_token_temperature`` (``null``: ``temperature``), also form a distribution that is
     mixed into the model's output probabilities, ``(1 - λ) p_model + λ p_memory``, as kNN-LM mixes its
-    neighbours' next tokens (:mod:`dmt.layers.next_tokens`). 0: off. These three are reading settings: any
-    pack of the student reads under them.
+    neighbours' next tokens (:mod:`dmt.layers.next_tokens`). 0: off. ``next_token_distance_scale`` (s > 0):
+    a query's λ falls as ``λ exp(-d / s)`` with the distance ``d`` of its nearest neighbour of known next
+    token, so text far from every entry (another domain) mixes little; ``null``: a fixed λ. The mix reads
+    its neighbours whatever ``max_distance``, which bounds the residual read alone. These four are reading
+    settings: any pack of the student reads under them.
     """
 
     type: ClassVar[str] = "associative"
@@ -299,6 +303,7 @@ class AssociativeConfig(MemoryConfig):
     next_token_weight: float = setting("read", 0.0)
     next_token_topk: int | None = setting("read", None)
     next_token_temperature: float | None = setting("read", None)
+    next_token_distance_scale: float | None = setting("read", None)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.next_token_weight < 1.0:
@@ -307,6 +312,10 @@ class AssociativeConfig(MemoryConfig):
             raise bad("next_token_topk", f"must be >= 1 or null, got {self.next_token_topk}")
         if self.next_token_temperature is not None and self.next_token_temperature <= 0:
             raise bad("next_token_temperature", f"must be > 0 or null, got {self.next_token_temperature}")
+        if self.next_token_distance_scale is not None and self.next_token_distance_scale <= 0:
+            raise bad(
+                "next_token_distance_scale", f"must be > 0 or null, got {self.next_token_distance_scale}"
+            )
         if self.next_token_weight > 0 and self.ranking == "magnitude":
             raise bad("next_token_weight", "the next tokens of the nearest entries need ranking=score")
         if self.null_distance is not None and self.weighting != "softmax":

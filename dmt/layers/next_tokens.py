@@ -11,10 +11,13 @@ layer, in evaluation, also hands over the tokens that followed its ``next_token_
     log((1 - Σλ) softmax(logits) + Σ λ p_memory)
 
 as the logits, one λ and ``p_memory`` per layer, so a retrieved token can win outright. A query none of
-whose neighbours has a known next token (within ``max_distance``, when the layer reads within a radius)
-mixes nothing (its λ is 0): a pack of one domain stays quiet on another. The logits become float32
-log-probabilities: a cross-entropy over them is the mixture's negative log-likelihood, and generation
-samples from the mixture.
+whose neighbours has a known next token mixes nothing (its λ is 0). A fixed λ hands that share of every
+position to the memory, near neighbours or far; with ``next_token_distance_scale`` ``s`` a query's λ falls
+as ``λ exp(-d / s)`` with the distance ``d`` of its nearest neighbour of known next token (an adaptive
+kNN-LM), so a pack of one domain stays quiet on text of another, whose queries find only far entries. The
+mix reads its ``next_token_topk`` neighbours whatever the layer's ``max_distance``, which bounds the
+residual read alone. The logits become float32 log-probabilities: a cross-entropy over them is the
+mixture's negative log-likelihood, and generation samples from the mixture.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ class NextTokenRead:
 
     weights: torch.Tensor  # (N, K) float32: softmax over the neighbours with a known next token, 0 elsewhere
     tokens: torch.Tensor  # (N, K) int64: each neighbour's next token (0 where unknown, at weight 0)
-    lam: torch.Tensor  # (N,) float32: λ, or 0 for a query without a neighbour of known next token
+    lam: torch.Tensor  # (N,) float32: the query's λ (0 for a query without a neighbour of known next token)
     heads: int  # H: a token's distribution is the mean of its heads'
 
 
@@ -40,18 +43,20 @@ def neighbour_distribution(
     temperature: float,
     weight: float,
     heads: int,
-    max_distance: float | None = None,
+    distance_scale: float | None = None,
 ) -> NextTokenRead:
     """The next-token read of neighbours at ``distances (N, K)`` (+inf: none) whose next tokens are
-    ``tokens (N, K)`` (-1: unknown): a softmax of ``-distance / temperature`` over the known ones within
-    ``max_distance`` (None: at any distance), as the layer's residual read bounds its own."""
+    ``tokens (N, K)`` (-1: unknown): a softmax of ``-distance / temperature`` over the known ones, mixed
+    with λ = ``weight``, or ``weight · exp(-nearest / distance_scale)`` for the distance of the nearest
+    known one (None: a fixed λ); 0 where none is known."""
     known = (tokens >= 0) & torch.isfinite(distances)  # (N, K)
-    if max_distance is not None:
-        known &= distances <= max_distance
     scores = (-distances.float() / temperature).masked_fill(~known, float("-inf"))
-    any_known = known.any(dim=1)  # (N,)
     weights = torch.softmax(scores, dim=1).nan_to_num(0.0)  # a row with none known: all 0, not NaN
-    lam = any_known.float() * weight  # (N,)
+    nearest = distances.float().masked_fill(~known, float("inf")).amin(dim=1)  # (N,) +inf: none known
+    if distance_scale is None:
+        lam = torch.isfinite(nearest).float() * weight  # (N,)
+    else:
+        lam = weight * torch.exp(-nearest / distance_scale)  # (N,) exp(-inf) = 0: none known
     return NextTokenRead(weights, tokens.clamp_min(0), lam, heads)
 
 

@@ -48,10 +48,17 @@ def test_the_mixture_is_the_dense_one_and_a_distribution():
     torch.testing.assert_close(mixed.exp().sum(-1), torch.ones(2, 5))
     assert read.lam[0] == 0 and read.lam[1] == 0 and read.lam[2] == pytest.approx(0.3)
     assert torch.all(read.weights[1] == 0)
-    distances, tokens = torch.tensor([[0.01, 0.2], [0.3, 0.4]]), torch.tensor([[3, 4], [5, 6]])
-    radius = neighbour_distribution(distances, tokens, 0.1, 0.3, heads=1, max_distance=0.1)
-    torch.testing.assert_close(radius.weights, torch.tensor([[1.0, 0.0], [0.0, 0.0]]))  # none within: no mix
-    torch.testing.assert_close(radius.lam, torch.tensor([0.3, 0.0]))
+
+
+def test_lambda_falls_with_the_distance_of_the_nearest_known_next_token():
+    distances = torch.tensor([[0.01, 0.2], [0.3, 0.4], [0.05, 0.5], [float("inf"), float("inf")]])
+    tokens = torch.tensor([[3, 4], [5, 6], [-1, 7], [1, 2]])  # row 2: its nearest's next token unknown
+    fixed = neighbour_distribution(distances, tokens, 0.1, 0.3, heads=1)
+    gated = neighbour_distribution(distances, tokens, 0.1, 0.3, heads=1, distance_scale=0.05)
+    torch.testing.assert_close(fixed.lam, torch.tensor([0.3, 0.3, 0.3, 0.0]))
+    expected = 0.3 * torch.exp(-torch.tensor([0.01, 0.3, 0.5]) / 0.05)  # the nearest known: 0.01, 0.3, 0.5
+    torch.testing.assert_close(gated.lam, torch.cat([expected, torch.zeros(1)]))
+    torch.testing.assert_close(gated.weights, fixed.weights)  # the gate weighs the mix, not its neighbours
 
 
 def test_a_read_of_more_positions_mixes_into_the_last_ones():
@@ -82,19 +89,32 @@ def test_inserted_entries_record_the_token_that_followed():
     assert np.array_equal(np.sort(store.next_tokens(store.live_ids())), expected)
 
 
-def test_an_evaluation_forward_mixes_the_next_tokens_of_the_nearest_entries():
+def filled_student(seed: int) -> tuple:
+    """A student whose cache has read 64 random tokens, a query of 2 x 10 others, and the list of the
+    next-token reads its layer hands over from then on."""
     model = student()
-    generator = torch.Generator().manual_seed(2)
+    generator = torch.Generator().manual_seed(seed)
     with memory_protocol(model).each_forward(model, insert=True), torch.no_grad():
         model(torch.randint(0, 500, (4, 16), generator=generator))
     layer = memory_layers(model)[3]
-    query = torch.randint(0, 500, (2, 10), generator=generator)
+    taken: list[NextTokenRead] = []
+    take = layer.take_next_token_read
+
+    def keep() -> NextTokenRead | None:
+        read = take()
+        if read is not None:
+            taken.append(read)
+        return read
+
+    layer.take_next_token_read = keep
+    return model, layer, torch.randint(0, 500, (2, 10), generator=generator), taken
+
+
+def test_an_evaluation_forward_mixes_the_next_tokens_of_the_nearest_entries():
+    model, layer, query, taken = filled_student(seed=2)
     with torch.no_grad():
         plain = model(query).logits
     read_with(model, {"next_token_weight": 0.4, "next_token_topk": 16, "next_token_temperature": 0.05})
-    taken: list[NextTokenRead] = []
-    take = layer.take_next_token_read
-    layer.take_next_token_read = lambda: taken.append(take()) or taken[-1]
     with torch.no_grad():
         out = model(query, labels=query)
     (read,) = taken
@@ -112,11 +132,26 @@ def test_an_evaluation_forward_mixes_the_next_tokens_of_the_nearest_entries():
     )
 
 
+def test_the_mix_reads_beyond_the_residual_reads_radius_under_its_own_gate():
+    model, _, query, taken = filled_student(seed=3)
+    read_with(model, {"max_distance": 1e-6})  # the residual read finds nothing this near
+    with torch.no_grad():
+        bounded = model(query).logits
+    read_with(model, {"next_token_weight": 0.4, "next_token_topk": 16, "next_token_distance_scale": 0.5})
+    with torch.no_grad():
+        out = model(query).logits
+    (read,) = taken
+    assert bool(read.lam.gt(0).all()) and bool(read.lam.lt(0.4).all())  # gated, not cut by max_distance
+    torch.testing.assert_close(out, mix_next_tokens(bounded, [read]))
+
+
 def test_next_token_settings_are_checked_and_named():
     with pytest.raises(ConfigError, match=r"swap\.read\.next_token_weight: must lie in \[0, 1\), got 1\.0"):
         student({"next_token_weight": 1.0})
     with pytest.raises(ConfigError, match=r"swap\.read\.next_token_topk: must be >= 1"):
         student({"next_token_topk": 0})
+    with pytest.raises(ConfigError, match=r"swap\.read\.next_token_distance_scale: must be > 0 or null"):
+        student({"next_token_distance_scale": 0.0})
     featural = student({"type": "featural", "novelty_threshold": None})
     with pytest.raises(ConfigError, match=r"memory_read\.next_token_weight: the featural layer of block 3"):
         read_with(featural, {"next_token_weight": 0.2})
