@@ -100,7 +100,7 @@ def gate(kind: str, weight: float, scale: float | None, nearest: np.ndarray) -> 
     if kind == "radius":
         return np.where(nearest <= scale, weight, 0.0)
     if kind == "exp":
-        return weight * np.exp(-np.minimum(nearest, 1e3) / scale)
+        return weight * np.exp(-np.clip(nearest, 0.0, 1e3) / scale)  # as the built read clamps
     if kind == "sigmoid":  # scale = (r, s)
         radius, softness = scale
         return weight / (1.0 + np.exp(-(radius - np.minimum(nearest, 1e3)) / softness))

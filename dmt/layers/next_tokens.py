@@ -56,7 +56,8 @@ def neighbour_distribution(
     if distance_scale is None:
         lam = torch.isfinite(nearest).float() * weight  # (N,)
     else:
-        lam = weight * torch.exp(-nearest / distance_scale)  # (N,) exp(-inf) = 0: none known
+        # A cosine distance may round below 0: clamped, so that λ never exceeds weight.
+        lam = weight * torch.exp(-nearest.clamp_min(0.0) / distance_scale)  # (N,) exp(-inf) = 0: none known
     return NextTokenRead(weights, tokens.clamp_min(0), lam, heads)
 
 

@@ -59,6 +59,8 @@ def test_lambda_falls_with_the_distance_of_the_nearest_known_next_token():
     expected = 0.3 * torch.exp(-torch.tensor([0.01, 0.3, 0.5]) / 0.05)  # the nearest known: 0.01, 0.3, 0.5
     torch.testing.assert_close(gated.lam, torch.cat([expected, torch.zeros(1)]))
     torch.testing.assert_close(gated.weights, fixed.weights)  # the gate weighs the mix, not its neighbours
+    rounded = neighbour_distribution(torch.tensor([[-1e-6]]), torch.tensor([[3]]), 0.1, 0.9, 1, 1e-4)
+    assert rounded.lam.item() == pytest.approx(0.9)  # a distance rounded below 0 never lifts λ above weight
 
 
 def test_a_read_of_more_positions_mixes_into_the_last_ones():
