@@ -1,8 +1,10 @@
 """Reading text with a memory pack loaded against the teacher's own forward over the same windows:
 tokens/s of each, side by side (alternating, median of the repeats) in one process, for each key index
-the pack's stores may use; and the recall@k of each index on the queries the reading made.
+the pack's stores may use; and the recall@k of each index on the queries the reading made, at the k the
+layer searches (its ``topk``, or ``next_token_topk`` when it mixes next tokens in).
 
 python -m benchmarks.memorize.reading STUDENT PACK TEXT [--indexes exact faiss] [--tokens 4096]
+    [--memory-read '{"next_token_weight": 0.7, "next_token_topk": 1024}']
 
 STUDENT: an export; PACK: a pack made for it (dmt-memorize); TEXT: a text file the tokens are taken from
 (held-out text: the queries are what the student makes on text it never stored). The teacher is the one
@@ -28,6 +30,14 @@ from dmt.model.persistence import load_pretrained
 from dmt.model.surgery import memory_layers
 
 SETTINGS = ("tokens", "window", "stride", "batch_size", "repeats", "recall_queries")
+
+
+def searched_k(layer) -> int:
+    """The neighbours ``layer`` asks its store for in an evaluation forward (as ``read_write`` does)."""
+    cfg = layer.cfg
+    if getattr(cfg, "next_token_weight", 0) > 0:
+        return max(cfg.topk, cfg.next_token_topk or 0)
+    return cfg.topk
 
 
 def recorded_queries(model, read) -> dict[int, np.ndarray]:
@@ -63,6 +73,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--recall-queries", type=int, default=2048)
+    parser.add_argument(
+        "--memory-read", type=json.loads, default=None, help="reading settings (JSON): dmt-eval's memory_read"
+    )
     parser.add_argument("--out", type=Path, default=Path("results/memorize/reading.json"))
     args = parser.parse_args()
     with initialize_config_module("dmt.conf", version_base="1.3"):
@@ -71,7 +84,7 @@ def main() -> None:
     for backend in args.indexes:
         started = time.perf_counter()
         students[backend], tokenizer = load_pretrained(
-            args.student, memory=args.pack, memory_index={"backend": backend}
+            args.student, memory=args.pack, memory_index={"backend": backend}, memory_read=args.memory_read
         )
         loading_s[backend] = time.perf_counter() - started
     input_ids = torch.tensor(tokenizer(read_text_file(args.text))["input_ids"][: args.tokens])
@@ -100,7 +113,8 @@ def main() -> None:
             sample = sample[:: max(1, len(sample) // args.recall_queries)]
             recall[f"{backend}, layer {block}"] = {
                 "queries": len(sample),
-                "recall_at_k": layer.store.recall(sample, layer.cfg.topk),
+                "k": searched_k(layer),
+                "recall_at_k": layer.store.recall(sample, searched_k(layer)),
                 "entries": len(layer.store),
                 "index_state": layer.store.index_state,
             }
@@ -112,6 +126,7 @@ def main() -> None:
                 "--indexes",
                 *args.indexes,
                 *(f"--{name.replace('_', '-')} {getattr(args, name)}" for name in SETTINGS),
+                *([] if args.memory_read is None else ["--memory-read", f"'{json.dumps(args.memory_read)}'"]),
             ]
         ),
         "tokens": input_ids.numel(),
