@@ -234,14 +234,14 @@ def pack_index(value: Any) -> dict[str, Any] | None:
 
 
 def read_with(model: PreTrainedModel, settings: Mapping[str, Any] | None) -> None:
-    """Give every memory layer of ``model`` the reading settings ``settings`` (``memory_read``, e.g.
-    ``{max_distance: 0.05}``; any of :data:`READING_SETTINGS`) in place of its saved ones; None: as saved.
-    They change how a layer weighs what it reads, not what it stores, so any pack of the student reads under
-    them.
+    """Give each memory layer of ``model`` the reading settings ``settings`` (``memory_read``, e.g.
+    ``{max_distance: 0.05}``; any of :data:`READING_SETTINGS`) that it has, in place of its saved ones
+    (a featural layer has no next-token settings); None: as saved. They change how a layer weighs what it
+    reads, not what it stores, so any pack of the student reads under them.
 
     Raises:
-        ConfigError: ``settings`` is not a mapping, names another setting or one a layer does not have, or
-            gives a value the layer refuses; the error names ``memory_read.<key>``.
+        ConfigError: ``settings`` is not a mapping, names another setting or one no memory layer of
+            ``model`` has, or gives a value a layer refuses; the error names ``memory_read.<key>``.
     """
     if settings is None:
         return
@@ -254,14 +254,17 @@ def read_with(model: PreTrainedModel, settings: Mapping[str, Any] | None) -> Non
             raise ConfigError(
                 f"memory_read.{key}: not a reading setting; reading settings are {sorted(READING_SETTINGS)}"
             )
-    for index, layer in memory_layers(model).items():
-        for key in settings:
-            if not hasattr(layer.cfg, key):
-                raise ConfigError(
-                    f"memory_read.{key}: the {layer.cfg.type} layer of block {index} has no {key}"
-                )
+    layers = memory_layers(model)
+    for key in settings:
+        if not any(hasattr(layer.cfg, key) for layer in layers.values()):
+            kinds = ", ".join(f"{layer.cfg.type} at block {index}" for index, layer in layers.items())
+            raise ConfigError(f"memory_read.{key}: no memory layer of this student has {key} ({kinds})")
+    for index, layer in layers.items():
+        # A student may mix layer types (featural below an associative cache): each takes the settings
+        # it has.
+        own = {key: value for key, value in settings.items() if hasattr(layer.cfg, key)}
         try:
-            layer.cfg = replace(layer.cfg, **settings)
+            layer.cfg = replace(layer.cfg, **own)
         except ValueError as err:  # the layer's own check, naming swap.read.<key>
             raise ConfigError(f"memory_read: block {index}: {err}") from None
 

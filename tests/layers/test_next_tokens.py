@@ -155,5 +155,17 @@ def test_next_token_settings_are_checked_and_named():
     with pytest.raises(ConfigError, match=r"swap\.read\.next_token_distance_scale: must be > 0 or null"):
         student({"next_token_distance_scale": 0.0})
     featural = student({"type": "featural", "novelty_threshold": None})
-    with pytest.raises(ConfigError, match=r"memory_read\.next_token_weight: the featural layer of block 3"):
+    with pytest.raises(
+        ConfigError, match=r"memory_read\.next_token_weight: no memory layer .*\(featural at block 3\)"
+    ):
         read_with(featural, {"next_token_weight": 0.2})
+
+
+def test_a_mixed_student_gives_each_layer_the_reading_settings_it_has():
+    # A featural layer below the cache (as in a smaller student with a pack): the cache's settings
+    # reach the cache, the shared ones both layers, and neither layer is refused.
+    model = student({"blocks": [2, 3], "type": ["featural", "associative"], "novelty_threshold": None})
+    read_with(model, {"next_token_weight": 0.4, "next_token_topk": 16, "topk": 3})
+    featural, cache = memory_layers(model)[2], memory_layers(model)[3]
+    assert (cache.cfg.next_token_weight, cache.cfg.next_token_topk, cache.cfg.topk) == (0.4, 16, 3)
+    assert featural.cfg.topk == 3 and not hasattr(featural.cfg, "next_token_weight")
