@@ -32,14 +32,6 @@ from dmt.model.surgery import memory_layers
 SETTINGS = ("tokens", "window", "stride", "batch_size", "repeats", "recall_queries")
 
 
-def searched_k(layer) -> int:
-    """The neighbours ``layer`` asks its store for in an evaluation forward (as ``read_write`` does)."""
-    cfg = layer.cfg
-    if getattr(cfg, "next_token_weight", 0) > 0:
-        return max(cfg.topk, cfg.next_token_topk or 0)
-    return cfg.topk
-
-
 def recorded_queries(model, read) -> dict[int, np.ndarray]:
     """The queries ``(N, Dk)`` each memory layer of ``model`` searched its store with during ``read()``."""
     seen: dict[int, list[np.ndarray]] = {}
@@ -113,8 +105,8 @@ def main() -> None:
             sample = sample[:: max(1, len(sample) // args.recall_queries)]
             recall[f"{backend}, layer {block}"] = {
                 "queries": len(sample),
-                "k": searched_k(layer),
-                "recall_at_k": layer.store.recall(sample, searched_k(layer)),
+                "k": layer.searched_k,
+                "recall_at_k": layer.store.recall(sample, layer.searched_k),
                 "entries": len(layer.store),
                 "index_state": layer.store.index_state,
             }

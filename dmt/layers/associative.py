@@ -88,6 +88,18 @@ class AssociativeMemory(MemoryLayer):
             output = output + self.mlp(hidden_states)
         return output
 
+    @property
+    def reading_next_tokens(self) -> bool:
+        """Whether a forward now mixes next tokens in (``next_token_weight`` > 0, evaluation)."""
+        return self.cfg.next_token_weight > 0 and not self.training
+
+    @property
+    def searched_k(self) -> int:
+        """``topk``, or as many as the next-token read takes when it reads (``next_token_topk``)."""
+        if self.reading_next_tokens:
+            return max(self.cfg.topk, self.cfg.next_token_topk or 0)
+        return self.cfg.topk
+
     def take_next_token_read(self) -> NextTokenRead | None:
         """The next-token distribution of the latest forward (None: not reading next tokens); taken once."""
         read, self._next_token_read = self._next_token_read, None
@@ -141,10 +153,8 @@ class AssociativeMemory(MemoryLayer):
             keys = self.split_heads(self.key_proj(hidden_states), self.key_dim)  # (N, Dk)
             values = self.split_heads(self.value_proj(hidden_states), self.value_dim)  # (N, Dv)
         # Search: the topk nearest, or as many as the next-token read takes (the nearest topk of them read).
-        reading_next = self.cfg.next_token_weight > 0 and not self.training
-        k = max(self.cfg.topk, self.cfg.next_token_topk or 0) if reading_next else self.cfg.topk
-        found = self.search(queries, by_magnitude=self.cfg.ranking == "magnitude", k=k)
-        if reading_next:
+        found = self.search(queries, by_magnitude=self.cfg.ranking == "magnitude", k=self.searched_k)
+        if self.reading_next_tokens:
             self._next_token_read = self.read_next_tokens(found, hidden_states.device)
         found = found.first(self.cfg.topk)
         distances = distances_straight_through(

@@ -197,6 +197,11 @@ class MemoryLayer(nn.Module):
             self.store.to(device)
         return self
 
+    @property
+    def searched_k(self) -> int:
+        """Neighbours a forward asks the store for: ``topk``."""
+        return self.cfg.topk
+
     def search(self, queries: torch.Tensor, by_magnitude: bool = False, k: int | None = None) -> Retrieved:
         """Batched top-k search for ``queries (N, Dk)`` (by ``|similarity|`` with ``by_magnitude``; ``k``
         neighbours, default ``topk``); tensors on the queries' device and dtype.
