@@ -90,13 +90,15 @@ class StudentMixin:
             layer.load_entries(keys, entries, torch.ones(len(keys), dtype=torch.bool))
 
     def read_with(self, settings: dict[str, Any]) -> None:
-        """Give every memory layer the reading settings ``settings`` (e.g. ``{"max_distance": 0.05}``; any
-        of :data:`READING_SETTINGS`) in place of its saved ones, in ``config.dmt`` too (a save keeps them).
-        They weigh what a layer reads, not what it stores, so any pack of the student reads under them.
+        """Give each memory layer the reading settings ``settings`` (e.g. ``{"max_distance": 0.05}``; any
+        of :data:`READING_SETTINGS`) that it has, in place of its saved ones, in ``config.dmt`` too (a save
+        keeps them); a featural layer has no ``max_distance``, and a student may mix the two. They weigh
+        what a layer reads, not what it stores, so any pack of the student reads under them.
 
         Raises:
-            ValueError: ``settings`` is not a dict, names another setting, or gives a value a layer refuses;
-                the error names ``dmt_memory_read.<key>``. No layer changes then.
+            ValueError: ``settings`` is not a dict, names another setting or one no memory layer has, or
+                gives a value a layer refuses; the error names ``dmt_memory_read.<key>``. No layer changes
+                then.
         """
         if not isinstance(settings, dict):
             raise ValueError(
@@ -106,17 +108,26 @@ class StudentMixin:
             if (error := reading_error(key, value)) is not None:
                 raise ValueError(f"dmt_memory_read.{key}: {error}")
         memories = {index: block for index, block in self.config.dmt["blocks"].items() if "store" in block}
-        for index in memories:
-            weighting = self.config.dmt["layers"][index]["weighting"]
-            if settings.get("null_distance") is not None and weighting != "softmax":
+        saved = {index: self.config.dmt["layers"][index] for index in memories}
+        for key in settings:
+            if not any(key in here for here in saved.values()):
+                kinds = ", ".join(f"{here['type']} at block {index}" for index, here in saved.items())
+                raise ValueError(f"dmt_memory_read.{key}: no memory layer of this model has {key} ({kinds})")
+        for index, here in saved.items():
+            if (
+                "null_distance" in here
+                and settings.get("null_distance") is not None
+                and here["weighting"] != "softmax"
+            ):
                 raise ValueError(
                     f"dmt_memory_read.null_distance: a null entry takes weight in a softmax; block {index} "
-                    f"weighs with {weighting}"
+                    f"weighs with {here['weighting']}"
                 )
         for index, block in memories.items():
-            self.config.dmt["layers"][index].update(settings)
+            own = {key: value for key, value in settings.items() if key in saved[index]}
+            saved[index].update(own)
             layer = self.get_submodule(block["module"])
-            for key, value in settings.items():
+            for key, value in own.items():
                 setattr(layer, key, value)
 
     @classmethod

@@ -340,6 +340,37 @@ def test_plain_transformers_reads_under_other_reading_settings_as_dmt_does(expor
         AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dmt_memory_read={"topk": 0})
 
 
+def test_plain_transformers_gives_each_layer_of_a_mixed_student_the_reading_settings_it_has(
+    tmp_path, gpt2_tokenizer
+):
+    """A featural layer below the cache (a smaller student with a pack): as in dmt, each layer takes the
+    reading settings it has, the featural layer's saved config gains none it lacks, and a setting no
+    layer has is refused naming the layers."""
+    from transformers import AutoModelForCausalLM
+
+    mixed = student_of({"blocks": [2, 3], "type": ["featural", "associative"], "novelty_threshold": None})
+    export = save_pretrained(mixed, gpt2_tokenizer, tmp_path / "mixed")
+    reading = {"topk": 2, "max_distance": -1e9}
+    remote = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dmt_memory_read=reading)
+    ours, _ = load_pretrained(export, memory_read=reading)
+    torch.testing.assert_close(logits(remote.eval(), QUERY), logits(ours, QUERY))
+    assert (
+        remote.config.dmt["layers"]["2"]["topk"] == 2
+        and "max_distance" not in remote.config.dmt["layers"]["2"]
+    )
+    assert remote.config.dmt["layers"]["3"].items() >= reading.items()
+
+    featural = save_pretrained(
+        student_of({"type": "featural", "novelty_threshold": None}), None, tmp_path / "f"
+    )
+    with pytest.raises(
+        ValueError, match=r"dmt_memory_read\.max_distance: no memory layer .* \(featural at block 3\)"
+    ):
+        AutoModelForCausalLM.from_pretrained(
+            featural, trust_remote_code=True, dmt_memory_read={"max_distance": 0.1}
+        )
+
+
 def test_plain_transformers_refuses_the_next_token_mix_it_does_not_do(export, tmp_path):
     """The kernel does not mix next tokens: asked to, or given a student saved mixing, it refuses by name
     rather than read a different model."""
