@@ -9,6 +9,7 @@ mixes the ``--ks`` nearest, without reading again.
 python -m benchmarks.memorize.next_token_gate STUDENT PACK --validation NAME --elsewhere NAME ...
     [--k 1024] [--ks 64 1024] [--temperatures 0.01 0.02] [--weights 0.1 0.2 0.3] [--radii 0.05 0.1]
     [--scales 0.02 0.05] [--softnesses 0.01] [--residual-radii none 0.05] [--max-harm 1.01] [--records DIR]
+    [--index exact]
 
 Documents are the first ``--chars`` (validation) or ``--elsewhere-chars`` characters of NAME (``source/unit``
 of a ``dmt.data`` source), read with windows of 512 tokens and stride 256 as ``dmt-eval`` reads; elsewhere
@@ -36,8 +37,7 @@ from benchmarks.memorize.read_settings import document_text, optional_float
 from dmt.evaluation.perplexity import window_batch, windows
 from dmt.files import write_json
 from dmt.model.persistence import load_student
-from dmt.model.surgery import memory_layers
-from dmt.packs.reading import read_with
+from dmt.packs.reading import inserting_layers, read_with
 
 
 @torch.no_grad()
@@ -47,7 +47,7 @@ def records(
     """Per scored token of ``text``: ``target (S,)``; the student's ``log_p@R (S,)`` of it before any mix,
     its residual read within each radius ``R`` of ``radii`` (``max_distance``); and per head its ``k``
     nearest entries' ``distances (S, H, k)`` and ``tokens (S, H, k)`` (-1: unknown)."""
-    (layer,) = memory_layers(student).values()
+    (layer,) = inserting_layers(student).values()  # the pack's layer; featural ones read as built
     found: dict[str, np.ndarray] = {}
     read_next_tokens = layer.read_next_tokens
 
@@ -166,6 +166,7 @@ def main() -> None:
     parser.add_argument("--residual-radii", type=optional_float, nargs="+", default=[None, 0.05])
     parser.add_argument("--max-harm", type=float, default=1.01)
     parser.add_argument("--records", type=Path, help="directory caching the documents' records")
+    parser.add_argument("--index", default="exact", help="the pack's index while recording (exact, faiss)")
     parser.add_argument("--out", type=Path, default=Path("results/memorize/next_token_gate.json"))
     args = parser.parse_args()
     record: dict[str, Any] = {
@@ -231,7 +232,8 @@ def read_records(args: argparse.Namespace, texts: dict[str, str]) -> dict[str, d
         else:
             missing.append(name)
     if missing:
-        student, tokenizer = load_student(args.student, memory=args.pack, memory_index={"backend": "exact"})
+        index = {"backend": args.index}
+        student, tokenizer = load_student(args.student, memory=args.pack, memory_index=index)
         read_with(student, {"next_token_topk": args.k})
         for name in missing:
             recs[name] = records(student, tokenizer, texts[name], args.k, args.residual_radii)
