@@ -124,3 +124,23 @@ def numpy_conversions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple[int, 
 
     monkeypatch.setattr(torch.Tensor, "numpy", recording)
     return calls
+
+
+def random_keys(n: int, dim: int, seed: int) -> np.ndarray:
+    """``(n, dim)`` float32 keys drawn from N(0, 1)."""
+    return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+
+
+def clustered_keys(n: int, dim: int, seed: int, centres: int = 32) -> np.ndarray:
+    """``(n, dim)`` float32 keys around ``centres`` directions, as a trained projection makes them."""
+    rng = np.random.default_rng(seed)
+    middle = rng.standard_normal((centres, dim)).astype(np.float32)
+    return middle[rng.integers(0, centres, n)] + 0.3 * rng.standard_normal((n, dim)).astype(np.float32)
+
+
+@pytest.fixture
+def small_training(monkeypatch):
+    """Partitioned indexes (faiss, scann) train at 400 live keys instead of 16,384: tests stay small."""
+    from dmt.memory import trained
+
+    monkeypatch.setattr(trained, "TRAIN_MIN", 400)

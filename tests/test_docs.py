@@ -17,6 +17,7 @@ from dmt.layers.config import CONFIG_CLASSES, SELECTION_KEYS, swap_key
 from dmt.memory.backends import BACKEND_PARAMS, INDEX_PARAMS
 from dmt.memory.faiss_ivf import FaissIndex
 from dmt.memory.hnsw import HnswIndex
+from dmt.memory.scann_index import ScannIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DOC = ROOT / "docs" / "config.md"
@@ -146,7 +147,7 @@ def test_index_table_matches_the_backends() -> None:
     for name in INDEX_PARAMS:
         backends = {b.strip() for b in rows[name]["backends"].split(",")}
         assert backends == {b for b, own in BACKEND_PARAMS.items() if name in own}, name
-    for cls in (HnswIndex, FaissIndex):
+    for cls in (HnswIndex, FaissIndex, ScannIndex):
         for name, parameter in inspect.signature(cls.__init__).parameters.items():
             if name in INDEX_PARAMS:
                 assert same(code(rows[name]["default"]), parameter.default), name

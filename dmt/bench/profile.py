@@ -16,7 +16,8 @@ PROFILE_FUNCTIONS: dict[str, list[tuple[str, str]]] = {
         ("dmt/memory/hnsw.py", "search"),
         ("dmt/kernel/search.py", "search_table"),
         ("dmt/memory/product.py", "_search_on_device"),
-        ("dmt/memory/faiss_ivf.py", "_faiss_search"),
+        ("dmt/memory/faiss_ivf.py", "_approximate"),
+        ("dmt/memory/scann_index.py", "_approximate"),
     ],
     "lrfu_reference": [("dmt/memory/store.py", "reference")],
     "weighted_sum": [

@@ -17,7 +17,8 @@ Layer rows (:func:`layer_row`) time whole memory layers of GPT-2 width on the fa
 keys, against the GPT-2 MLP they replace, on batches of held-out keys in document order (one new batch per
 step): ``featural`` and ``associative`` train (forward and backward, inserting the novel
 queries and evicting, as in training), ``read_only`` is an associative layer that never inserts (a
-memorised pack) timed forward only, against the MLP's forward. The layer's query (and key) projection is
+memorised pack) timed forward only, against the MLP's forward; ``read_only_scann`` the same layer on the
+ScaNN index. The layer's query (and key) projection is
 aimed at the keys (:func:`aim_at_keys`): its search is exactly the held-out keys' search, at the
 projection's usual cost.
 """
@@ -50,23 +51,21 @@ from dmt.packs.files import PackError, read_pack
 # Values stored per entry: the width of a GPT-2 block's output, in float16 (what a read copies).
 VALUE_DIM = 768
 VALUE_DTYPE = "float16"
-# The layers timed on real keys, by row: the dmt.bench layer (on the faiss index), the ``swap`` overrides
-# beyond the keys' width, and whether it trains (forward and backward, inserting) or only reads. The
-# associative rows take the Shakespeare cache's shape (one head, top-32), the read-only one its float16
+# The layers timed on real keys, by row: the dmt.bench layer (on the faiss index, or scann's), the ``swap``
+# overrides beyond the keys' width, and whether it trains (forward and backward, inserting) or only reads.
+# The associative rows take the Shakespeare cache's shape (one head, top-32), the read-only ones its float16
 # values and no inserts.
+READ_ONLY = (
+    "swap.read.heads=1",
+    "swap.read.topk=32",
+    "swap.write.novelty_threshold=null",
+    "swap.store.value_dtype=float16",
+)
 LAYER_ROWS: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "featural": ("featural_faiss", (), True),
     "associative": ("associative_faiss", ("swap.read.heads=1", "swap.read.topk=32"), True),
-    "read_only": (
-        "associative_faiss",
-        (
-            "swap.read.heads=1",
-            "swap.read.topk=32",
-            "swap.write.novelty_threshold=null",
-            "swap.store.value_dtype=float16",
-        ),
-        False,
-    ),
+    "read_only": ("associative_faiss", READ_ONLY, False),
+    "read_only_scann": ("associative_scann", READ_ONLY, False),
 }
 
 

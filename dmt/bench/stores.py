@@ -38,6 +38,7 @@ LAYER_KINDS: dict[str, tuple[str, str | None]] = {
     "featural_product": ("featural_product", None),
     "featural_faiss": ("featural", "faiss"),
     "associative_faiss": ("associative", "faiss"),
+    "associative_scann": ("associative", "scann"),
 }
 
 

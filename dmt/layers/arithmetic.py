@@ -55,6 +55,7 @@ from dmt.layers.featural import FeaturalMemory
 from dmt.layers.mlp import MLPForm
 from dmt.memory.backends import index_class
 from dmt.memory.hnsw import HnswIndex, derived_ef
+from dmt.memory.scann_index import MIN_REORDER, REORDER_PER_K
 
 # The graph degree of an hnsw index whose settings leave ``M`` out.
 HNSW_DEFAULT_M: int = inspect.signature(HnswIndex).parameters["M"].default
@@ -96,20 +97,24 @@ def search_multiply_adds(layer: MemoryLayer, entries: int) -> tuple[int, bool]:
         ef_search = cfg.index.get("ef_search")
         ef = derived_ef(k, entries) if ef_search is None else max(int(ef_search), k)
         cost = ef * int(cfg.index.get("M", HNSW_DEFAULT_M)) * key_dim if k else 0
-    elif backend == "faiss":
-        # Exact until trained; then the centroids, and the keys of the probed lists (entries / nlist each
-        # on average).
+    elif backend in ("faiss", "scann"):
+        # Exact until trained; then the partition centres, and the keys of the visited partitions (entries
+        # / partitions each on average): faiss compares them whole, scann by 4-bit codes (one lookup-add a
+        # dimension) and re-ranks max(128, 4·k) of them exactly.
         state = layer.store.index_state
         if not state["trained"]:
             cost = entries * key_dim
         else:
-            nlist, nprobe = state["nlist"], state["nprobe"] or 1
-            cost = (nlist + min(entries, math.ceil(entries * nprobe / nlist))) * key_dim if k else 0
+            names = ("nlist", "nprobe") if backend == "faiss" else ("leaves", "leaves_to_search")
+            partitions, breadth = state[names[0]], state[names[1]] or 1
+            scanned = min(entries, math.ceil(entries * breadth / partitions))
+            reordered = max(MIN_REORDER, REORDER_PER_K * k) if backend == "scann" else 0
+            cost = (partitions + scanned + reordered) * key_dim if k else 0
     else:
         raise ValueError(f"swap.index.backend: no multiply-add count for the {backend!r} index")
     by_magnitude = cfg.ranking == "magnitude"
     searches = index_class(backend).magnitude_searches if by_magnitude else 1
-    return searches * cost, backend in ("hnsw", "faiss")
+    return searches * cost, backend in ("hnsw", "faiss", "scann")
 
 
 def memory_multiply_adds(layer: MemoryLayer, entries: int) -> MultiplyAdds:

@@ -10,6 +10,10 @@
 - ``faiss`` (:class:`dmt.memory.faiss_ivf.FaissIndex`): faiss's inverted file (IVF-Flat), trained on the
   store's own keys once it holds enough of them (exact search before), ``nprobe`` calibrated on real
   queries; inserts and evictions add and remove by id.
+- ``scann`` (:class:`dmt.memory.scann_index.ScannIndex`): ScaNN's partitions scored by 4-bit anisotropic
+  codes and re-ranked exactly, trained like faiss's lists, its breadth calibrated the same way; reads a
+  large store several times faster than faiss at the same recall, but tracks no drift of inserted keys:
+  for packs that are read, not trained. Never chosen by ``auto``.
 
 ``auto`` takes ``exact`` while ``capacity · dim`` is at most :data:`EXACT_MAX_WORK` (a 131,072-entry store
 of 64-d keys), whose search returns the true neighbours at a cost linear in the size, and ``faiss`` above:
@@ -30,12 +34,14 @@ from dmt.memory.faiss_ivf import FaissIndex
 from dmt.memory.hnsw import HnswIndex
 from dmt.memory.index import KeyIndex
 from dmt.memory.product import ProductKeyIndex
+from dmt.memory.scann_index import ScannIndex
 
-BACKENDS: tuple[str, ...] = ("auto", "hnsw", "exact", "product", "faiss")
+BACKENDS: tuple[str, ...] = ("auto", "hnsw", "exact", "product", "faiss", "scann")
 EXACT_MAX_WORK = 131072 * 64
 HNSW_PARAMS = ("M", "ef_construction", "ef_search", "num_threads")
 FAISS_PARAMS = ("nlist", "nprobe")
-INDEX_PARAMS = (*HNSW_PARAMS, *FAISS_PARAMS)
+SCANN_PARAMS = ("leaves", "leaves_to_search")
+INDEX_PARAMS = (*HNSW_PARAMS, *FAISS_PARAMS, *SCANN_PARAMS)
 # The settings each backend reads; ``auto`` takes faiss's, read when it becomes faiss (a large store), and
 # accepts hnsw's, which configs and checkpoints hold from when a large ``auto`` store was hnsw (ignored now).
 # Stores built in code may pass every backend's settings (each backend ignores the others'); a config is
@@ -46,6 +52,7 @@ BACKEND_PARAMS: dict[str, tuple[str, ...]] = {
     "exact": (),
     "product": (),
     "faiss": FAISS_PARAMS,
+    "scann": SCANN_PARAMS,
 }
 
 
@@ -65,8 +72,8 @@ class IndexSettingError(ValueError):
 
 
 def resolve_backend(backend: str, dim: int, capacity: int) -> str:
-    """The concrete backend (``hnsw``, ``exact``, ``product`` or ``faiss``) that ``backend`` names for this
-    shape."""
+    """The concrete backend (``hnsw``, ``exact``, ``product``, ``faiss`` or ``scann``) that ``backend``
+    names for this shape."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown index backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
@@ -100,19 +107,22 @@ def check_index_settings(params: dict[str, Any], dim: int, metric: str, capacity
         ProductKeyIndex.check_shape(dim, metric, capacity)
     elif backend == "faiss":
         FaissIndex.check_settings(own.get("nlist"), own.get("nprobe"))
+    elif backend == "scann":
+        ScannIndex.check_settings(own.get("leaves"), own.get("leaves_to_search"))
     return backend
 
 
 def index_class(backend: str) -> type[KeyIndex]:
     """The class of a concrete backend."""
-    classes = (HnswIndex, ExactIndex, ProductKeyIndex, FaissIndex)
+    classes = (HnswIndex, ExactIndex, ProductKeyIndex, FaissIndex, ScannIndex)
     return {cls.backend: cls for cls in classes}[backend]
 
 
 def make_index(dim: int, metric: str, capacity: int, **params: Any) -> KeyIndex:
-    """A new index: ``backend`` (``auto`` | ``hnsw`` | ``exact`` | ``product`` | ``faiss``, default
-    ``hnsw``) plus the hnsw settings ``M``, ``ef_construction``, ``ef_search``, ``num_threads`` and the
-    faiss ones ``nlist``, ``nprobe`` (each ignored by the other backends)."""
+    """A new index: ``backend`` (``auto`` | ``hnsw`` | ``exact`` | ``product`` | ``faiss`` | ``scann``,
+    default ``hnsw``) plus the hnsw settings ``M``, ``ef_construction``, ``ef_search``, ``num_threads``,
+    the faiss ones ``nlist``, ``nprobe`` and the scann ones ``leaves``, ``leaves_to_search`` (each ignored
+    by the other backends)."""
     backend, own = _split_params(params, dim, capacity)
     return index_class(backend)(dim, metric, capacity, **own)
 

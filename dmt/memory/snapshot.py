@@ -76,7 +76,7 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
 # when derived per search from k and the size.
 _COUNTER_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "stats": (tuple(field.name for field in dataclasses.fields(MemoryStats)), ()),
-    "index_params": (INDEX_PARAMS, ("ef_search", "nlist", "nprobe")),
+    "index_params": (INDEX_PARAMS, ("ef_search", "nlist", "nprobe", "leaves", "leaves_to_search")),
 }
 
 

@@ -41,9 +41,10 @@ from dmt.files import write_directory
 from dmt.kernel.pack_files import SHARDS, read_pack_json, read_shard
 from dmt.kernel.store_files import MANIFEST, StoreFileError, read_manifest, verify_files
 from dmt.memory.base import MemoryStats
-from dmt.memory.faiss_ivf import SAMPLE_PER_LIST, SEED, TIE_TOLERANCE, calibrated_nprobe, derived_nlist
+from dmt.memory.faiss_ivf import SAMPLE_PER_LIST, SEED, derived_nlist
 from dmt.memory.integrity import write_array
 from dmt.memory.metrics import check_metric
+from dmt.memory.trained import TIE_TOLERANCE, calibrated_breadth
 
 DISK = "disk"  # the memory_index backend that reads a pack where it lies
 INDEX = "index"  # the pack's subdirectory holding its layers' inverted-file indexes
@@ -302,7 +303,7 @@ class DiskPack:
             self.ivf.nprobe = nprobe
             return float((sign * self.ivf.search(sample, k)[0] <= bound).mean())
 
-        self.nprobe, self.calibrated_recall = calibrated_nprobe(recall, self.nlist)
+        self.nprobe, self.calibrated_recall = calibrated_breadth(recall, self.nlist)
 
     def by_shard(self, flat: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """For entry ids ``flat (M,)`` (-1: none), each shard ``s`` holding some of them, with their positions

@@ -11,7 +11,7 @@ import torch
 
 from dmt.bench.cli import main
 from dmt.bench.real_keys import key_sets, pack_keys
-from dmt.memory import faiss_ivf
+from dmt.memory import trained
 from dmt.packs import PackError
 from dmt.packs.files import PackDocument, PackManifest, write_manifest, write_shard
 
@@ -69,7 +69,7 @@ def test_keys_come_in_document_order_and_too_few_are_named(packs):
 
 
 def test_every_backend_is_measured_on_both_key_sets(packs, tmp_path, monkeypatch):
-    monkeypatch.setattr(faiss_ivf, "TRAIN_MIN", 1024)  # faiss trains its lists in a 4096-entry store
+    monkeypatch.setattr(trained, "TRAIN_MIN", 1024)  # faiss trains its lists in a 4096-entry store
     stored, held_out, _ = packs
     out = tmp_path / "bench.json"
     argv = ["--quick", "--keys", str(stored), "--held-out", str(held_out), "--churn", "64", "--out", str(out)]
@@ -89,7 +89,7 @@ def test_every_backend_is_measured_on_both_key_sets(packs, tmp_path, monkeypatch
 def test_every_layer_is_timed_on_both_key_sets_searching_with_the_held_out_keys(
     packs, tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setattr(faiss_ivf, "TRAIN_MIN", 1024)
+    monkeypatch.setattr(trained, "TRAIN_MIN", 1024)
     stored, held_out, _ = packs
     out = tmp_path / "bench.json"
     argv = ["--quick", "--keys", str(stored), "--held-out", str(held_out), "--churn", "64", "--out", str(out)]
@@ -97,15 +97,19 @@ def test_every_layer_is_timed_on_both_key_sets_searching_with_the_held_out_keys(
     section = json.loads(out.read_text())["real_keys"][0]
     rows = section["layer_rows"]
     assert [(r["keys"], r["layer"]) for r in rows] == [
-        (keys, layer) for keys in ("real", "gaussian") for layer in ("featural", "associative", "read_only")
+        (keys, layer)
+        for keys in ("real", "gaussian")
+        for layer in ("featural", "associative", "read_only", "read_only_scann")
     ]
     for r in rows:
-        assert r["settings"]["key_dim"] == DIM and r["settings"]["index"]["backend"] == "faiss"
+        backend = "scann" if r["layer"] == "read_only_scann" else "faiss"
+        assert r["settings"]["key_dim"] == DIM and r["settings"]["index"]["backend"] == backend
         assert r["median_s"] > 0 and r["mlp_median_s"] > 0
         assert r["ratio_vs_mlp"] == pytest.approx(r["median_s"] / r["mlp_median_s"])
         assert 0 < r["recall_held_out"] <= 1 and r["index_state"]["trained"]
     by_name = {(r["keys"], r["layer"]): r for r in rows}
-    assert by_name["real", "read_only"]["inserts_per_step"] == 0  # a memorised pack: nothing inserted
+    for layer in ("read_only", "read_only_scann"):  # a memorised pack: nothing inserted
+        assert by_name["real", layer]["inserts_per_step"] == 0
     # Gaussian queries lie far from the stored keys: each training layer inserts, and the full store evicts
     # as many as it inserts.
     for layer in ("featural", "associative"):
@@ -131,7 +135,7 @@ def test_layers_search_with_the_keys_they_are_fed():
 
 
 def test_one_key_set_alone(packs, tmp_path, monkeypatch):
-    monkeypatch.setattr(faiss_ivf, "TRAIN_MIN", 1024)
+    monkeypatch.setattr(trained, "TRAIN_MIN", 1024)
     stored, held_out, _ = packs
     out = tmp_path / "bench.json"
     argv = ["--quick", "--keys", str(stored), "--held-out", str(held_out), "--churn", "64", "--out", str(out)]

@@ -21,7 +21,7 @@ from dmt.distill.losses import distillation_divergence, kd_loss
 from dmt.distill.module import DistillationModule
 from dmt.layers import AssociativeConfig, FeaturalConfig, LowRankConfig, RemovedConfig, layer_config
 from dmt.layers.resolve import resolve
-from dmt.memory import faiss_ivf
+from dmt.memory import trained
 from dmt.model.families import mlp_form
 from dmt.model.loading import teacher_config
 from dmt.model.persistence import export_checkpoint, load_pretrained
@@ -143,7 +143,7 @@ def test_product_key_memory_in_float16_distils_and_reloads(tmp_path, text_dir):
 
 
 def test_memory_on_the_faiss_index_inserts_evicts_and_reloads(tmp_path, text_dir, monkeypatch):
-    monkeypatch.setattr(faiss_ivf, "TRAIN_MIN", 128)  # the lists are trained within the run
+    monkeypatch.setattr(trained, "TRAIN_MIN", 128)  # the lists are trained within the run
     overrides = small_run_overrides(tmp_path, text_dir)
     overrides += [
         "swap/index=faiss",

@@ -10,8 +10,9 @@ from torch import nn
 
 from dmt.layers import FFNWeights, LowRankConfig, LowRankMLP, RemovedMLP, build_memory_layer, layer_config
 from dmt.layers.arithmetic import MultiplyAdds, layer_multiply_adds, mlp_multiply_adds, swap_arithmetic
-from dmt.memory import faiss_ivf
+from dmt.memory import trained
 from dmt.memory.hnsw import derived_ef
+from dmt.memory.scann_index import MIN_REORDER
 from dmt.model.families import mlp_form, mlp_weights
 from dmt.model.surgery import build_student, resolve_layer_configs, swapped_layers
 
@@ -181,13 +182,21 @@ def test_a_memory_beside_its_kept_mlp_also_pays_for_the_mlp(tiny_llama):
     assert (beside.search, beside.read) == (alone.search, alone.read)
 
 
-def test_a_faiss_search_counts_the_centroids_and_the_probed_lists_mean_keys(monkeypatch):
-    monkeypatch.setattr(faiss_ivf, "TRAIN_MIN", 500)
-    index = {"backend": "faiss", "nlist": 16, "nprobe": 2}
+@pytest.mark.parametrize(
+    ("index", "re_ranked"),
+    [
+        ({"backend": "faiss", "nlist": 16, "nprobe": 2}, 0),
+        ({"backend": "scann", "leaves": 16, "leaves_to_search": 2}, MIN_REORDER),  # and its re-ranked keys
+    ],
+)
+def test_a_partitioned_search_counts_the_centres_and_the_visited_partitions_mean_keys(
+    monkeypatch, index, re_ranked
+):
+    monkeypatch.setattr(trained, "TRAIN_MIN", 500)
     layer = memory(type="featural", key_dim=8, topk=4, capacity=1024, index=index)
     filled(layer, 400)
     assert layer_multiply_adds(layer).search == 400 * 8  # not trained yet: exact
     filled(layer, 240, seed=1)
     assert layer.store.index_state["trained"]
     counts = layer_multiply_adds(layer)
-    assert counts.search == (16 + 640 * 2 // 16) * 8 and counts.search_estimated
+    assert counts.search == (16 + 640 * 2 // 16 + re_ranked) * 8 and counts.search_estimated

@@ -9,22 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import clustered_keys, random_keys
 
-from dmt.memory import KNNStore, faiss_ivf
+from dmt.memory import KNNStore, trained
 from dmt.memory.backends import check_index_settings, make_index
 from dmt.memory.exact import ExactIndex
 from dmt.memory.faiss_ivf import FaissIndex, derived_nlist
-
-
-def _rand(n: int, dim: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
-
-
-def _clustered(n: int, dim: int, seed: int, centres: int = 32) -> np.ndarray:
-    """Keys around ``centres`` directions, as a trained projection makes them."""
-    rng = np.random.default_rng(seed)
-    middle = rng.standard_normal((centres, dim)).astype(np.float32)
-    return middle[rng.integers(0, centres, n)] + 0.3 * rng.standard_normal((n, dim)).astype(np.float32)
 
 
 def _same_as_exact(index: FaissIndex, exact: ExactIndex, queries: np.ndarray, k: int) -> None:
@@ -34,19 +24,13 @@ def _same_as_exact(index: FaissIndex, exact: ExactIndex, queries: np.ndarray, k:
     np.testing.assert_array_equal(np.sort(ids, 1), np.sort(expected_ids, 1))
 
 
-@pytest.fixture
-def small_training(monkeypatch):
-    """Train at 400 live keys instead of 16,384, so that tests stay small."""
-    monkeypatch.setattr(faiss_ivf, "TRAIN_MIN", 400)
-
-
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
 def test_probing_every_list_is_exact_search_through_training_removals_and_re_adds(metric, small_training):
     index = FaissIndex(8, metric, 1000, nlist=8, nprobe=8)
     exact = ExactIndex(8, metric, 1000)
-    queries = _rand(20, 8, 9)
+    queries = random_keys(20, 8, 9)
     for step, (begin, end) in enumerate([(0, 300), (300, 500), (500, 700)]):
-        keys = _rand(end - begin, 8, step)
+        keys = random_keys(end - begin, 8, step)
         for target in (index, exact):
             target.add(np.arange(begin, end), keys)
         _same_as_exact(index, exact, queries, 7)
@@ -58,7 +42,7 @@ def test_probing_every_list_is_exact_search_through_training_removals_and_re_add
     assert not np.isin(index.search(queries, 7)[0], removed).any()
     re_added = np.arange(0, 200, 2)  # some removed, some live: every one gets a new key
     for target in (index, exact):
-        target.add(re_added, _rand(len(re_added), 8, 5))
+        target.add(re_added, random_keys(len(re_added), 8, 5))
     _same_as_exact(index, exact, queries, 7)
     ids = index.search(queries, 60)[0]
     assert all(len(set(row[row >= 0])) == len(row[row >= 0]) for row in ids)  # each label once
@@ -68,10 +52,10 @@ def test_probing_every_list_is_exact_search_through_training_removals_and_re_add
 def test_ranking_by_magnitude_merges_the_searches_of_q_and_minus_q(small_training):
     index = FaissIndex(8, "ip", 600, nlist=4, nprobe=4)
     exact = ExactIndex(8, "ip", 600)
-    keys = _rand(500, 8, 1)
+    keys = random_keys(500, 8, 1)
     for target in (index, exact):
         target.add(np.arange(500), keys)
-    queries = _rand(10, 8, 2)
+    queries = random_keys(10, 8, 2)
     ids, distances = index.search_torch(torch.from_numpy(queries), 5, by_magnitude=True)
     expected_ids, expected_distances = exact.search_torch(torch.from_numpy(queries), 5, by_magnitude=True)
     np.testing.assert_array_equal(ids.numpy(), expected_ids.numpy())
@@ -80,13 +64,13 @@ def test_ranking_by_magnitude_merges_the_searches_of_q_and_minus_q(small_trainin
 
 def test_nprobe_is_calibrated_on_the_first_queries_after_training(small_training):
     index = FaissIndex(16, "cosine", 4000)
-    keys = _clustered(3000, 16, 0)
+    keys = clustered_keys(3000, 16, 0)
     index.add(np.arange(3000), keys)
     assert index.trained and index.nlist == derived_nlist(3000) == 32 and index.nprobe is None
-    queries = _clustered(300, 16, 0)[::-1] + 0.05 * _rand(300, 16, 3)
+    queries = clustered_keys(300, 16, 0)[::-1] + 0.05 * random_keys(300, 16, 3)
     found = index.search(queries, 8)[0]
     assert index.nprobe is not None and 1 <= index.nprobe < index.nlist
-    assert index.calibrated_recall >= faiss_ivf.CALIBRATION_RECALL
+    assert index.calibrated_recall >= trained.CALIBRATION_RECALL
     exact = ExactIndex(16, "cosine", 4000)
     exact.add(np.arange(3000), keys)
     truth = exact.search(queries, 8)[0]
@@ -96,24 +80,24 @@ def test_nprobe_is_calibrated_on_the_first_queries_after_training(small_training
     if index.nprobe > 1:
         fewer = FaissIndex(16, "cosine", 4000, nprobe=index.nprobe - 1)
         fewer.add(np.arange(3000), keys)
-        bound = exact.search(queries, 8)[1][:, -1:] + faiss_ivf.TIE_TOLERANCE
-        assert np.mean(fewer.search(queries, 8)[1] <= bound) < faiss_ivf.CALIBRATION_RECALL
+        bound = exact.search(queries, 8)[1][:, -1:] + trained.TIE_TOLERANCE
+        assert np.mean(fewer.search(queries, 8)[1] <= bound) < trained.CALIBRATION_RECALL
     # The settings as given (what rebuilds the index), not what was derived from them.
     assert index.params == {"backend": "faiss", "nlist": None, "nprobe": None}
 
 
 def test_the_centroids_are_retrained_when_the_store_grows_or_its_keys_drift(small_training):
     index = FaissIndex(8, "l2", 10000)
-    index.add(np.arange(400), _clustered(400, 8, 0))
+    index.add(np.arange(400), clustered_keys(400, 8, 0))
     assert (index.trainings, index.trained_on, index.nlist) == (1, 400, derived_nlist(400))
-    index.add(np.arange(400, 1500), _clustered(1100, 8, 0))
+    index.add(np.arange(400, 1500), clustered_keys(1100, 8, 0))
     assert index.trainings == 1  # grown less than 4 times
-    index.add(np.arange(1500, 1600), _clustered(100, 8, 0))
+    index.add(np.arange(1500, 1600), clustered_keys(100, 8, 0))
     assert (index.trainings, index.trained_on) == (2, 1600)  # 4 x 400
     assert index.train_seconds > 0
     # The same number of keys, moved far from every centroid (a key projection that changed).
     for begin in range(0, 1600, 100):
-        index.add(np.arange(begin, begin + 100), _clustered(100, 8, 0) + 20.0)
+        index.add(np.arange(begin, begin + 100), clustered_keys(100, 8, 0) + 20.0)
         if index.trainings == 3:
             break
     # Retrained for the drift before every key had moved, but not before a quarter of the store had.
@@ -123,11 +107,13 @@ def test_the_centroids_are_retrained_when_the_store_grows_or_its_keys_drift(smal
 
 def test_a_faiss_store_evicts_exactly_and_restores_without_an_index_file(tmp_path: Path, small_training):
     store = KNNStore(8, 3, capacity=600, metric="cosine", index={"backend": "faiss", "nlist": 8, "nprobe": 8})
-    store.insert(_clustered(600, 8, 0), _rand(600, 3, 1))
+    store.insert(clustered_keys(600, 8, 0), random_keys(600, 3, 1))
     assert store.index_backend == "faiss" and len(store) == 600
-    store.insert(_clustered(100, 8, 2), _rand(100, 3, 3))  # full: 100 evicted, exactly those removed
+    store.insert(
+        clustered_keys(100, 8, 2), random_keys(100, 3, 3)
+    )  # full: 100 evicted, exactly those removed
     assert len(store) == 600
-    queries = _rand(30, 8, 4)
+    queries = random_keys(30, 8, 4)
     ids, distances = store.search(queries, k=5)
     assert store.recall(queries, k=5) == 1.0  # every list probed: exact
     store.save(tmp_path / "mem")

@@ -138,7 +138,8 @@ def _set(field: str, value: Any) -> Any:
         (_set("index_params", {"M": "16"}), r"manifest\.json: field 'index_params'"),
         (
             _set("index_params", {"M": None}),
-            r"field 'index_params' .* integers \(ef_search, nlist, nprobe also to null\)",
+            r"field 'index_params' .* integers "
+            r"\(ef_search, nlist, nprobe, leaves, leaves_to_search also to null\)",
         ),
         (_set("stats", {"reads": None}), r"manifest\.json: field 'stats' must map .* to integers, got"),
         (_set("eviction", "lifo"), r"manifest\.json: eviction must be one of lrfu, fifo, random"),

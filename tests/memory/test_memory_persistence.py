@@ -221,7 +221,7 @@ def _store_with_holes(backend: str) -> KNNStore:
     return store
 
 
-@pytest.mark.parametrize("backend", ["exact", "hnsw", "product", "faiss"])
+@pytest.mark.parametrize("backend", ["exact", "hnsw", "product", "faiss", "scann"])
 @pytest.mark.parametrize("mmap", [False, True])
 def test_truncated_round_trip_restores_an_identical_store_that_grows(
     tmp_path: Path, backend: str, mmap: bool

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dmt.kernel.store_files import MANIFEST, StoreFileError, file_record
-from dmt.memory import faiss_ivf
+from dmt.memory import trained
 from dmt.packs import forget_documents, merge_packs
 from dmt.packs.disk import INDEX, DiskPack, index_file, index_pack
 from dmt.packs.files import PackDocument, PackManifest, write_manifest, write_shard
@@ -84,7 +84,7 @@ def test_nprobe_is_calibrated_for_recall_on_the_first_queries(pack):
     queries = clustered(200, seed=11)
     ids, _ = on_disk.search(queries, 8)
     assert 1 <= on_disk.nprobe < on_disk.nlist
-    assert on_disk.calibrated_recall >= faiss_ivf.CALIBRATION_RECALL
+    assert on_disk.calibrated_recall >= trained.CALIBRATION_RECALL
     truth = exact_top(keys, queries, 8)
     assert np.mean([len(set(a) & set(b)) / 8 for a, b in zip(ids, truth, strict=True)]) >= 0.95
 

@@ -16,7 +16,7 @@ import dmt.index
 import dmt.packs.files
 from dmt.errors import ConfigError
 from dmt.kernel.pack_files import SHARDS, read_shard
-from dmt.memory import KNNStore, faiss_ivf
+from dmt.memory import KNNStore, trained
 from dmt.model.loading import load_teacher
 from dmt.model.persistence import load_pretrained, save_pretrained
 from dmt.model.surgery import build_student, memory_layers, memory_protocol, resolve_layer_configs
@@ -139,7 +139,7 @@ def test_a_loaded_pack_replaces_the_memory_and_changes_the_reading(export, tmp_p
 def test_a_pack_read_on_a_faiss_index_probing_every_list_reads_as_on_the_exact_one(
     export, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(faiss_ivf, "TRAIN_MIN", 100)  # the pack's entries train faiss's lists
+    monkeypatch.setattr(trained, "TRAIN_MIN", 100)  # the pack's entries train faiss's lists
     make_pack(load_pretrained(export)[0], tmp_path / "pack", documents())
     exact, _ = load_pretrained(export, memory=tmp_path / "pack")
     on_faiss, _ = load_pretrained(
