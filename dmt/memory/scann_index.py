@@ -95,8 +95,9 @@ class ScannIndex(TrainedIndex):
         self.leaves_setting = leaves
         self._searcher: Any = None
         self._leaves = 0
-        self._label_at = np.zeros(0, dtype=np.int64)  # (size,) ScaNN point -> label
+        self._label_at = np.full(capacity, -1, dtype=np.int64)  # (capacity,) ScaNN point -> label
         self._position = np.full(capacity, -1, dtype=np.int64)  # (capacity,) label -> point, -1: none
+        self._filed = 0  # ScaNN's points: 0 .. filed - 1
 
     @staticmethod
     def check_settings(leaves: int | None, leaves_to_search: int | None) -> None:
@@ -128,16 +129,16 @@ class ScannIndex(TrainedIndex):
     @property
     def filed_entries(self) -> int:
         """Keys in the searcher (every live key once trained, 0 before)."""
-        return len(self._label_at) if self.trained else 0
+        return self._filed
 
     @property
     def search_state(self) -> dict[str, Any]:
         return self.state("leaves", "leaves_to_search")
 
     def _file(self, labels: np.ndarray) -> None:
-        positions = self._searcher.upsert([None] * len(labels), self._vectors(labels), 1)
-        self._label_at = np.concatenate([self._label_at, labels])
-        self._position[labels] = positions
+        positions = self._searcher.upsert([None] * len(labels), self._vectors(labels), 1)  # appended
+        self._label_at[positions], self._position[labels] = labels, positions
+        self._filed += len(labels)
         if len(self) >= GROWTH * self.trained_on:
             self.train()
 
@@ -146,11 +147,11 @@ class ScannIndex(TrainedIndex):
         vector and number, as ScaNN's delete does, one after the other."""
         positions = []
         for label in labels.tolist():
-            position, last = int(self._position[label]), len(self._label_at) - 1
+            position, last = int(self._position[label]), self._filed - 1
             moved = self._label_at[last]
             self._label_at[position], self._position[moved] = moved, position
-            self._position[label] = -1
-            self._label_at = self._label_at[:last]
+            self._label_at[last], self._position[label] = -1, -1
+            self._filed = last
             positions.append(position)
         self._searcher.delete(positions)
 
@@ -162,9 +163,9 @@ class ScannIndex(TrainedIndex):
         leaves = min(self.leaves_setting or derived_leaves(len(live)), len(live))
         sample = min(len(live), SAMPLE_PER_LEAF * leaves)
         self._searcher = scann_searcher(self._vectors(live), self.metric, leaves, sample)
-        self._label_at = live.copy()
-        self._position[:] = -1
-        self._position[live] = np.arange(len(live))
+        self._label_at[:] = self._position[:] = -1
+        self._label_at[: len(live)], self._position[live] = live, np.arange(len(live))
+        self._filed = len(live)
         self._leaves, self.trained_on = leaves, len(live)
         self._trained(time.perf_counter() - started)
 
