@@ -22,14 +22,13 @@ labels, ``nprobe`` calibrated on real queries, never saved), plus:
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
 import faiss
 import numpy as np
 
-from dmt.memory.trained import GROWTH, TrainedIndex, check_partition_settings
+from dmt.memory.trained import GROWTH, TrainedIndex, check_partition_settings, derived_partitions
 
 # Training sample: at most this many keys per list (faiss warns below 39).
 SAMPLE_PER_LIST = 64
@@ -45,11 +44,8 @@ SEED = 0
 
 def derived_nlist(size: int) -> int:
     """Lists for a store of ``size`` keys: the power of two nearest ``4 · sqrt(size)`` (the low end of
-    faiss's guideline, 4 to 16 · sqrt(N)), but at most the power of two that leaves every list
-    :data:`SAMPLE_PER_LIST` training keys, and at least 16."""
-    nearest = 2 ** round(math.log2(4 * math.sqrt(max(1, size))))
-    trainable = 2 ** int(math.log2(max(1, size // SAMPLE_PER_LIST)))
-    return max(16, min(nearest, trainable))
+    faiss's guideline, 4 to 16 · sqrt(N)), at most one per :data:`SAMPLE_PER_LIST` keys, at least 16."""
+    return derived_partitions(size, 4, SAMPLE_PER_LIST)
 
 
 class FaissIndex(TrainedIndex):

@@ -24,13 +24,12 @@ distance. No SOAR spilling: ScaNN 1.4's delete crashes on a spilled tree.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
 import numpy as np
 
-from dmt.memory.trained import GROWTH, TrainedIndex, check_partition_settings
+from dmt.memory.trained import GROWTH, TrainedIndex, check_partition_settings, derived_partitions
 
 # Training sample: at most this many keys per partition.
 SAMPLE_PER_LEAF = 128
@@ -45,9 +44,7 @@ QUERY_BATCH = 256
 def derived_leaves(size: int) -> int:
     """Partitions for a store of ``size`` keys: the power of two nearest ``2 · sqrt(size)`` (ScaNN's
     guideline is about sqrt(N)), at most one per :data:`SAMPLE_PER_LEAF` / 2 keys, and at least 16."""
-    nearest = 2 ** round(math.log2(2 * math.sqrt(max(1, size))))
-    trainable = 2 ** int(math.log2(max(1, 2 * size // SAMPLE_PER_LEAF)))
-    return max(16, min(nearest, trainable))
+    return derived_partitions(size, 2, SAMPLE_PER_LEAF // 2)
 
 
 def scann_searcher(vectors: np.ndarray, metric: str, leaves: int, sample: int) -> Any:

@@ -21,6 +21,7 @@ queries from another device are copied over and the results back.
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +42,14 @@ CALIBRATION_QUERIES = 512
 CALIBRATION_RECALL = 0.97
 # A returned key this close to the k-th exact distance is a tie, not a miss (as in dmt.memory.recall).
 TIE_TOLERANCE = 1e-5
+
+
+def derived_partitions(size: int, per_root: int, keys_each: int) -> int:
+    """Partitions for a store of ``size`` keys: the power of two nearest ``per_root · sqrt(size)``, but at
+    most the power of two that leaves every partition ``keys_each`` keys, and at least 16."""
+    nearest = 2 ** round(math.log2(per_root * math.sqrt(max(1, size))))
+    trainable = 2 ** int(math.log2(max(1, size // keys_each)))
+    return max(16, min(nearest, trainable))
 
 
 def calibrated_breadth(recall: Callable[[int], float], partitions: int) -> tuple[int, float]:
