@@ -70,6 +70,19 @@ def neighbour_distances(
     return 1.0 - neighbour_dots(queries, keys, rows)
 
 
+def search_distances(
+    queries: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, metric: str, searched: torch.Tensor | None
+) -> torch.Tensor:
+    """Distances ``(N, K)`` of ``queries (N, D)`` to their neighbours ``keys (U, D)[rows (N, K)]``: the
+    ``searched (N, K)`` distances the index reported (0 where no neighbour) when given and no gradient
+    reaches the queries, else :func:`neighbour_distances`. Every index reports the exact distances of the
+    keys it returns, so a read without gradients need not gather those keys again (a random gather from
+    a large store)."""
+    if searched is None or (torch.is_grad_enabled() and queries.requires_grad):
+        return neighbour_distances(queries, keys, rows, metric)
+    return searched.to(queries.dtype)
+
+
 def neighbour_weights(
     scores: torch.Tensor,
     valid: torch.Tensor,
@@ -192,16 +205,18 @@ def read_values(
     gate_queries: torch.Tensor | None = None,
     null_distance: float | None = None,
     max_distance: float | None = None,
+    searched: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """What ``queries (N, Dk)`` read from their neighbours ``keys (U, Dk)[rows (N, K)]``: ``(N, Dv)``.
 
     ``entries (U, Dv + G)`` hold each neighbour's value, then (gated entries) its gate key, dotted with
     ``gate_queries (N, G)``; ``valid (N, K)`` marks real neighbours; ``null_distance``: the softmax's null
     entry (:func:`neighbour_weights`), as a distance from every query; ``max_distance``: neighbours farther
-    are not read (:func:`within`). Differentiable in the queries, the
-    gate queries and the entries (the keys are the store's constants).
+    are not read (:func:`within`); ``searched (N, K)``: the distances the search reported, 0 where no
+    neighbour (:func:`search_distances`). Differentiable in the queries, the gate queries and the entries
+    (the keys are the store's constants).
     """
-    distances = neighbour_distances(queries, keys, rows, metric)  # (N, K)
+    distances = search_distances(queries, keys, rows, metric, searched)  # (N, K)
     valid = within(valid, distances, max_distance)
     scores = similarity_scores(distances, metric, temperature)
     gate = None if gate_queries is None else neighbour_dots(gate_queries, entries[:, value_dim:], rows)

@@ -86,7 +86,7 @@ class MemoryRead(nn.Module):
 
         # Exact search
         queries = self.query_proj(hidden_states).reshape(-1, self.key_dim)  # (N, Dk), N = B·T·heads
-        ids, _ = search_table(
+        ids, distances = search_table(
             queries.detach().float(), self.table, self.topk, self.live, self.metric, self.by_magnitude
         )
 
@@ -114,6 +114,7 @@ class MemoryRead(nn.Module):
             gate_queries=gate_queries,
             null_distance=self.null_distance,
             max_distance=self.max_distance,
+            searched=distances.masked_fill(ids < 0, 0.0),
         )  # (N, Dv)
         output = self.out_proj(mixed.reshape(*batch_shape, self.heads * self.value_dim))  # (B, T, C)
         return output if self.mlp is None else output + self.mlp(hidden_states)

@@ -158,7 +158,7 @@ class AssociativeMemory(MemoryLayer):
             self._next_token_read = self.read_next_tokens(found, hidden_states.device)
         found = found.first(self.cfg.topk)
         distances = distances_straight_through(
-            queries, keys, found.keys, found.rows, self.cfg.metric
+            queries, keys, found.keys, found.rows, self.cfg.metric, found.searched
         )  # (N, K)
         scores = self.scores(distances)
         entries = self.learnable_entries(found)  # (U, Dv + G): value, then gate key

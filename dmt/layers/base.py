@@ -62,6 +62,7 @@ class Retrieved:
     ids: np.ndarray  # (N, K) int64 store slots, -1 where no entry
     distances: np.ndarray  # (N, K) float32 as the index reported them, +inf where no entry
     valid: torch.Tensor  # (N, K) bool
+    searched: torch.Tensor  # (N, K) float32 the distances on the queries' device, 0 where no entry
     rows: torch.Tensor  # (N, K) int64 row of each neighbour in `keys` / `entries` (0 where no entry)
     slots: np.ndarray | None  # (U,) store slot of each copied row, -1 for the all-zero padding row
     keys: torch.Tensor  # (U, Dk)
@@ -75,6 +76,7 @@ class Retrieved:
             self.ids[:, :k],
             self.distances[:, :k],
             self.valid[:, :k],
+            self.searched[:, :k],
             self.rows[:, :k],
             self.slots,
             self.keys,
@@ -229,6 +231,7 @@ class MemoryLayer(nn.Module):
         if found.any():
             self.last_topk_distance = float(found_distances.mean())
         valid = torch.from_numpy(found).to(queries.device)
+        searched = torch.from_numpy(np.where(found, distances, np.float32(0))).to(queries.device)
         if self.training:
             self._count_reads(ids[found], found_distances)
             stride = max(1, len(detached) // RECALL_SAMPLE)
@@ -238,7 +241,7 @@ class MemoryLayer(nn.Module):
             # Reading only: the neighbours are read where they lie; padding reads row 0 at weight 0.
             keys, entries = self.store.tables()  # (R, Dk), (R, E) on the store's device
             rows = torch.from_numpy(np.where(found, ids, 0))
-            return Retrieved(ids, distances, valid, rows.to(keys.device), None, keys, entries)
+            return Retrieved(ids, distances, valid, searched, rows.to(keys.device), None, keys, entries)
         slots, rows = np.unique(ids, return_inverse=True)  # sorted: a padding id -1 becomes row 0
         keys, entries = self.store.get_tensors(slots[slots >= 0])  # (U', Dk), (U', E) on the store's device
         if len(slots) and slots[0] < 0:
@@ -248,6 +251,7 @@ class MemoryLayer(nn.Module):
             ids=ids,
             distances=distances,
             valid=valid,
+            searched=searched,
             rows=torch.from_numpy(rows.reshape(ids.shape)).to(queries.device),
             slots=slots,
             keys=keys.to(device=queries.device, dtype=queries.dtype),

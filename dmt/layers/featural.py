@@ -37,6 +37,7 @@ class FeaturalMemory(MemoryLayer):
             weighting=self.cfg.weighting,
             value_dim=self.value_dim,
             gate_queries=self.gate_queries(hidden_states),
+            searched=found.searched,
         )  # (N, Dv)
         self.insert_novel(found.nearest, queries, values=None)
         self.maybe_recombine(found)

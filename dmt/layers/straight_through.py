@@ -15,15 +15,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dmt.kernel.ops import mix_values, neighbour_distances, neighbour_dots
+from dmt.kernel.ops import mix_values, neighbour_distances, neighbour_dots, search_distances
 
 
 def distances_straight_through(
-    queries: torch.Tensor, keys: torch.Tensor | None, table: torch.Tensor, rows: torch.Tensor, metric: str
+    queries: torch.Tensor,
+    keys: torch.Tensor | None,
+    table: torch.Tensor,
+    rows: torch.Tensor,
+    metric: str,
+    searched: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Distances ``(N, K)`` of ``queries (N, Dk)`` to their returned keys ``table (U, Dk)[rows (N, K)]``,
     exact in the queries, with ``dQuery = dKeyInserted = Σ_k dKeyReturned`` added for ``queries`` and the
     keys this step inserts for the same tokens, ``keys (N, Dk)`` (None: a forward that writes nothing).
+    A forward without gradients takes the distances the search reported, ``searched (N, K)`` (0 where no
+    neighbour; :func:`~dmt.kernel.ops.search_distances`), when given.
 
     ``dKeyReturned[n, k] = dDistance[n, k] · ∂distance/∂key`` at ``(query n, returned key k)``; a zero-valued
     term ``<∂distance/∂key, shift_n>`` (``shift = Δquery + Δkey``, zero in the forward) gives ``shift`` that
@@ -34,11 +41,11 @@ def distances_straight_through(
     - ``cosine``, ``1 - q̂·k̂``: ``∂/∂k = (cos · k̂ - q̂) / ||k||``.
     """
     table = table.detach()
-    distances = neighbour_distances(queries, table, rows, metric)  # (N, K)
     if keys is None:
         keys = queries.detach()
     if not (torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad)):
-        return distances  # no gradient to pass on: skip the zero-valued term
+        return search_distances(queries, table, rows, metric, searched)  # no zero-valued term to add
+    distances = neighbour_distances(queries, table, rows, metric)  # (N, K)
     shift = (queries - queries.detach()) + (keys - keys.detach())  # (N, Dk), zeros
     point = queries.detach()
     if metric == "ip":

@@ -52,6 +52,10 @@ class LRFU:
         times = np.broadcast_to(np.asarray(times, dtype=np.int64), slots.shape)
         if not slots.size:
             return
+        if self.lam == 0.0:  # F = 1: each reference adds 1 whenever it came, no sort needed (LFU)
+            np.add.at(self.crf, slots, 1.0)
+            np.maximum.at(self.last, slots, times)
+            return
         start, span = int(times.min()), int(times.max() - times.min()) + 1
         if self.capacity * span >= 2**63:
             raise ValueError(f"references spanning {span} time steps are too many to sort at once")

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dmt.kernel.ops import mix_values, neighbour_distances, neighbour_weights, null_score
+from dmt.kernel.ops import mix_values, neighbour_distances, neighbour_weights, null_score, search_distances
 from dmt.layers import (
     AssociativeMemory,
     FeaturalConfig,
@@ -332,3 +332,33 @@ def test_bfloat16_teacher_outputs_are_stored_as_float32_values():
     stored = torch.as_tensor(values)  # (20, 8): every token's 2 heads were novel
     assert stored.dtype == torch.float32
     assert_close(stored.sort(dim=0).values, targets.bfloat16().float().reshape(-1, 8).sort(dim=0).values)
+
+
+@pytest.mark.parametrize("backend", ["exact", "hnsw", "faiss", "scann"])
+def test_a_read_without_gradients_takes_the_distances_the_index_reported(backend, small_training):
+    """Every index reports the exact distances of the keys it returns, so a forward without gradients
+    reads what a forward with them reads, without gathering the returned keys again."""
+    layer = make(AssociativeMemory, metric="cosine", capacity=1024, index={"backend": backend}).train()
+    x = torch.randn(4, 64, 16)
+    with torch.no_grad():
+        layer(x)  # 512 entries: the partitioned indexes train at 400
+    layer.eval()
+    queries = layer.split_heads(layer.query_proj(-x), 8).detach()
+    found = layer.search(queries)
+    assert found.valid.all()
+    assert_close(found.searched, neighbour_distances(queries, found.keys, found.rows, "cosine"))
+    with torch.no_grad():
+        searched = layer(-x)
+    recomputed = layer(-x)  # the queries need gradients: the distances are computed again
+    assert recomputed.requires_grad and not searched.requires_grad
+    assert_close(searched, recomputed.detach())
+
+
+def test_search_distances_are_taken_as_reported_only_when_no_gradient_reaches_the_queries():
+    queries, keys = torch.randn(5, 4, requires_grad=True), torch.randn(20, 4)
+    rows, reported = torch.randint(0, 20, (5, 3)), torch.rand(5, 3)
+    with torch.no_grad():
+        assert torch.equal(search_distances(queries, keys, rows, "l2", reported), reported)
+    recomputed = search_distances(queries, keys, rows, "l2", reported)
+    assert_close(recomputed, neighbour_distances(queries, keys, rows, "l2"))
+    assert recomputed.requires_grad
