@@ -220,9 +220,12 @@ class MemoryLayer(nn.Module):
         k = self.cfg.topk if k is None else k
         self.store.to(queries.device)
         if self.store.device == queries.device:
-            ids, distances = host_results(*self.store.search_torch(detached, k, by_magnitude))
+            device_ids, device_distances = self.store.search_torch(detached, k, by_magnitude)  # (N, K)
+            ids, distances = host_results(device_ids, device_distances)
+            searched = device_distances.masked_fill(device_ids < 0, 0.0)  # stays on the device
         else:
             ids, distances = self.store.search(detached.cpu().numpy(), k, by_magnitude)
+            searched = torch.from_numpy(np.where(ids >= 0, distances, np.float32(0))).to(queries.device)
         found = ids >= 0
         found_distances = distances[found]
         if not np.isfinite(found_distances).all():
@@ -231,7 +234,6 @@ class MemoryLayer(nn.Module):
         if found.any():
             self.last_topk_distance = float(found_distances.mean())
         valid = torch.from_numpy(found).to(queries.device)
-        searched = torch.from_numpy(np.where(found, distances, np.float32(0))).to(queries.device)
         if self.training:
             self._count_reads(ids[found], found_distances)
             stride = max(1, len(detached) // RECALL_SAMPLE)
