@@ -6,7 +6,8 @@ python -m benchmarks.memorize.query_training STUDENT PACK FEATURES --validation 
 
 The student's body is frozen and, with the residual read off (``max_distance`` < 0), its log-probability
 of each token does not depend on the pack, so every scored position is recorded once (``FEATURES``, one
-``.npz`` per document, reused by later runs): the memory layer's input ``h (C,)``, the student's log-
+``.npz`` per document, reused by later runs): the memory layer's input ``h (C,)``, the last block's output
+``x (C,)`` (what the residual read adds to: benchmarks/memorize/value_training.py), the student's log-
 probability of the target without the pack and the target. Training positions are every ``--every``-th
 window (512 tokens, stride 256, as ``dmt-eval`` scores) of each document the pack holds; each searches the
 pack (ScaNN, cosine) with the projection being trained and reads the ``k`` nearest entries of *other*
@@ -36,13 +37,16 @@ from benchmarks.memorize.read_settings import document_text
 from dmt.data.corpus import read_source
 from dmt.evaluation.perplexity import window_batch, windows
 from dmt.files import write_json
-from dmt.kernel.pack_files import SHARDS, array_file
+from dmt.kernel.pack_files import SHARDS, read_shard
 from dmt.memory.scann_index import scann_searcher
+from dmt.model.families import final_norm
 from dmt.model.persistence import load_student
 from dmt.packs.files import read_pack
 from dmt.packs.reading import inserting_layers
 
 VALIDATION_CHARS = 32000
+# The arrays of a pack the study reads: the neighbours' keys and next tokens.
+NEXT = ("keys", "tokens")
 
 
 @torch.no_grad()
@@ -50,18 +54,21 @@ def features(
     student: Any, tokenizer: Any, text: str, every: int, batch_size: int = 4
 ) -> dict[str, np.ndarray]:
     """Per scored position of every ``every``-th window of ``text``: the memory layer's input ``h (S, C)``
-    (float16), the student's ``log_p (S,)`` of the target and the ``target (S,)``."""
+    (float16), the last block's output ``x (S, C)`` (the final norm's input, float32), the student's
+    ``log_p (S,)`` of the target and the ``target (S,)``."""
     (layer,) = inserting_layers(student).values()
-    inputs: list[torch.Tensor] = []
-    hook = layer.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach()))
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [
+        module.register_forward_pre_hook(lambda module, args, name=name: inputs.update({name: args[0]}))
+        for name, module in (("h", layer), ("x", final_norm(student)))
+    ]
     ids = torch.tensor(tokenizer(text)["input_ids"])
     spans = windows(len(ids), 512, 256)[::every]
-    rows: dict[str, list[torch.Tensor]] = {"h": [], "log_p": [], "target": []}
+    rows: dict[str, list[torch.Tensor]] = {"h": [], "x": [], "log_p": [], "target": []}
     try:
         for start in range(0, len(spans), batch_size):
             chunk = spans[start : start + batch_size]
             batch, mask = window_batch(ids, chunk)  # (B, T)
-            inputs.clear()
             logits = student(input_ids=batch, attention_mask=mask).logits.float()  # (B, T, V)
             for row, (begin, end, first) in enumerate(chunk):
                 scored = slice(first - begin - 1, end - begin - 1)  # logits at j predict token j + 1
@@ -69,23 +76,27 @@ def features(
                 rows["log_p"].append(
                     torch.log_softmax(logits[row, scored], -1).gather(1, target[:, None])[:, 0]
                 )
-                rows["h"].append(inputs[0][row, scored].half())
+                rows["h"].append(inputs["h"][row, scored].half())
+                rows["x"].append(inputs["x"][row, scored].float())
                 rows["target"].append(target)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     return {name: torch.cat(parts).numpy() for name, parts in rows.items()}
 
 
 def pack_arrays(pack: Path, block: int) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     """The pack's document names, and per entry of layer ``block`` its key ``(M, Dk)`` (normalised), next
-    token ``(M,)`` (-1: unknown) and document ``(M,)`` (an index into the names)."""
+    token ``(M,)`` (-1: unknown) and document ``(M,)`` (an index into the names); every shard is checked
+    against its manifest."""
     manifest = read_pack(pack)
     keys, tokens, documents = [], [], []
     for number, document in enumerate(manifest.documents):
-        shard = pack / SHARDS / document.shard
-        keys.append(np.load(shard / array_file(block, "keys"), allow_pickle=False))
-        tokens.append(np.load(shard / array_file(block, "tokens"), allow_pickle=False))
-        documents.append(np.full(len(tokens[-1]), number))
+        count = document.entries.get(str(block), 0)
+        arrays = read_shard(pack / SHARDS / document.shard, str(block), count, None, None, names=NEXT)
+        keys.append(arrays["keys"])
+        tokens.append(arrays["tokens"])
+        documents.append(np.full(count, number))
     stacked = np.concatenate(keys).astype(np.float32)
     stacked /= np.linalg.norm(stacked, axis=1, keepdims=True).clip(1e-12)
     return [d.name for d in manifest.documents], stacked, np.concatenate(tokens), np.concatenate(documents)
@@ -142,7 +153,16 @@ class PackSearch:
         """:func:`mixed_nll` ``(N,)`` of ``record``'s positions (``h``, ``log_p``, ``target``) reading their
         ``k`` nearest entries; given each position's document ``own (N,)``, those of other documents."""
         queries = projection(record["h"].float())  # (N, Dk)
-        k = int(gate["k"])
+        found, valid = self.neighbours(queries, int(gate["k"]), own)
+        return mixed_nll(
+            queries, self.keys[found], self.tokens[found], valid, record["log_p"], record["target"], gate
+        )
+
+    def neighbours(
+        self, queries: torch.Tensor, k: int, own: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ids ``(N, k)`` of the ``k`` nearest entries of ``queries (N, Dk)``, nearest first, and which
+        are real ``(N, k)``; given each query's document ``own (N,)``, of other documents only."""
         wanted = k + 512 if own is not None else k  # room for the entries of the query's own document
         host = F.normalize(queries.detach(), dim=1).numpy()
         found = self.searcher.search_batched(
@@ -153,16 +173,7 @@ class PackSearch:
             found, valid = others_first(found, self.documents, own, k)
         else:
             valid = np.ones(found.shape, dtype=bool)
-        found_t = torch.from_numpy(found)
-        return mixed_nll(
-            queries,
-            self.keys[found_t],
-            self.tokens[found_t],
-            torch.from_numpy(valid),
-            record["log_p"],
-            record["target"],
-            gate,
-        )
+        return torch.from_numpy(found), torch.from_numpy(valid)
 
 
 def as_torch(record: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

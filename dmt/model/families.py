@@ -20,6 +20,7 @@ class DecoderFamily:
     blocks: Callable[[PreTrainedModel], nn.ModuleList]
     ffn_weights: Callable[[nn.Module, str], FFNWeights]  # (MLP, its activation's weighting)
     mlp_form: Callable[[PretrainedConfig], MLPForm]
+    final_norm: Callable[[PreTrainedModel], nn.Module]  # the norm between the last block and the head
     mlp_attr: str = "mlp"
 
 
@@ -75,11 +76,19 @@ def _gated_form(config: PretrainedConfig) -> MLPForm:
 
 
 _LLAMA_LIKE = DecoderFamily(
-    "llama", blocks=lambda m: m.model.layers, ffn_weights=_gated_ffn, mlp_form=_gated_form
+    "llama",
+    blocks=lambda m: m.model.layers,
+    ffn_weights=_gated_ffn,
+    mlp_form=_gated_form,
+    final_norm=lambda m: m.model.norm,
 )
 FAMILIES: dict[str, DecoderFamily] = {
     "gpt2": DecoderFamily(
-        "gpt2", blocks=lambda m: m.transformer.h, ffn_weights=_gpt2_ffn, mlp_form=_gpt2_form
+        "gpt2",
+        blocks=lambda m: m.transformer.h,
+        ffn_weights=_gpt2_ffn,
+        mlp_form=_gpt2_form,
+        final_norm=lambda m: m.transformer.ln_f,
     ),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
@@ -109,6 +118,11 @@ def mlp_weights(model: PreTrainedModel, index: int) -> FFNWeights:
 
 def num_blocks(model: PreTrainedModel) -> int:
     return len(family_of(model.config).blocks(model))
+
+
+def final_norm(model: PreTrainedModel) -> nn.Module:
+    """The norm the last block's output passes through before the output head."""
+    return family_of(model.config).final_norm(model)
 
 
 def get_mlp(model: PreTrainedModel, index: int) -> nn.Module:

@@ -19,7 +19,7 @@ from dmt.layers import (
     matched_rank,
 )
 from dmt.layers.resolve import resolve
-from dmt.model.families import get_mlp, mlp_form
+from dmt.model.families import final_norm, get_mlp, mlp_form
 from dmt.model.surgery import (
     build_student,
     count_parameters,
@@ -193,6 +193,19 @@ def test_block_selection(tiny_gpt2):
         resolve_layer_configs({"blocks": [0], "per_block": {2: {"topk": 2}}}, model_config)
     with pytest.raises(ValueError, match="unknown layer setting"):
         resolve_layer_configs({"blocks": [0], "topkk": 2}, model_config)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
+def test_the_final_norm_is_what_stands_between_the_last_block_and_the_head(fixture, request):
+    model = request.getfixturevalue(fixture).eval()
+    norm = final_norm(model)
+    inputs = []
+    hook = norm.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    with torch.no_grad():
+        logits = model(TOKENS).logits  # (B, T, V)
+        hook.remove()
+        (last,) = inputs  # the last block's output, (B, T, C)
+        assert_close(model.get_output_embeddings()(norm(last)), logits)
 
 
 def test_unsupported_family_is_named(tiny_gpt2):
