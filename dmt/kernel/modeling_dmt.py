@@ -173,6 +173,8 @@ def reading_error(key: str, value: Any) -> str | None:
         return f"must be a number > 0, got {value!r}"
     if key in ("null_distance", "max_distance") and not (value is None or number):
         return f"must be a number or None, got {value!r}"
+    if key == "residual_distance_scale" and not (value is None or (number and value > 0)):
+        return f"must be a number > 0 or None, got {value!r}"
     return None
 
 

@@ -165,6 +165,18 @@ def within(valid: torch.Tensor, distances: torch.Tensor, max_distance: float | N
     return valid if max_distance is None else valid & (distances.detach() <= max_distance)
 
 
+def fall_with_distance(
+    weights: torch.Tensor, distances: torch.Tensor, valid: torch.Tensor, scale: float | None
+) -> torch.Tensor:
+    """``weights (N, K)`` times ``exp(-d / scale)``, ``d`` each query's nearest ``valid (N, K)`` neighbour's
+    distance (None: as they are): a query far from every entry, as text of another domain is from a pack,
+    reads little, one near them reads as the weights say."""
+    if scale is None:
+        return weights
+    nearest = distances.detach().masked_fill(~valid, float("inf")).amin(dim=1, keepdim=True)  # (N, 1)
+    return weights * torch.exp(-nearest / scale)
+
+
 def null_score(null_distance: float | None, metric: str, temperature: float) -> float | None:
     """The softmax score of a null entry at ``null_distance`` from every query (None: no null entry)."""
     return None if null_distance is None else float(similarity_scores(null_distance, metric, temperature))
@@ -205,6 +217,7 @@ def read_values(
     gate_queries: torch.Tensor | None = None,
     null_distance: float | None = None,
     max_distance: float | None = None,
+    distance_scale: float | None = None,
     searched: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """What ``queries (N, Dk)`` read from their neighbours ``keys (U, Dk)[rows (N, K)]``: ``(N, Dv)``.
@@ -212,14 +225,16 @@ def read_values(
     ``entries (U, Dv + G)`` hold each neighbour's value, then (gated entries) its gate key, dotted with
     ``gate_queries (N, G)``; ``valid (N, K)`` marks real neighbours; ``null_distance``: the softmax's null
     entry (:func:`neighbour_weights`), as a distance from every query; ``max_distance``: neighbours farther
-    are not read (:func:`within`); ``searched (N, K)``: the distances the search reported, 0 where no
+    are not read (:func:`within`); ``distance_scale``: the weights fall with the nearest neighbour's distance
+    (:func:`fall_with_distance`); ``searched (N, K)``: the distances the search reported, 0 where no
     neighbour (:func:`search_distances`). Differentiable in the queries, the gate queries and the entries
     (the keys are the store's constants).
     """
     distances = search_distances(queries, keys, rows, metric, searched)  # (N, K)
-    valid = within(valid, distances, max_distance)
+    read = within(valid, distances, max_distance)
     scores = similarity_scores(distances, metric, temperature)
     gate = None if gate_queries is None else neighbour_dots(gate_queries, entries[:, value_dim:], rows)
     null = null_score(null_distance, metric, temperature)
-    weights = neighbour_weights(scores, valid, weighting, gate, null)  # (N, K)
+    weights = neighbour_weights(scores, read, weighting, gate, null)  # (N, K)
+    weights = fall_with_distance(weights, distances, valid, distance_scale)
     return mix_values(weights, rows, entries[:, :value_dim])  # (N, Dv)

@@ -32,6 +32,7 @@ READING_SETTINGS = frozenset(
         "temperature",
         "null_distance",
         "max_distance",
+        "residual_distance_scale",
         "next_token_weight",
         "next_token_topk",
         "next_token_temperature",

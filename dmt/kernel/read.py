@@ -51,6 +51,7 @@ class MemoryRead(nn.Module):
         self.weighting, self.by_magnitude = settings["weighting"], settings["ranking"] == "magnitude"
         # A student saved before null entries existed has none.
         self.null_distance, self.max_distance = settings.get("null_distance"), settings.get("max_distance")
+        self.residual_distance_scale = settings.get("residual_distance_scale")
         # Only featural layers can drop their dense weights.
         dense = settings.get("dense_weights", True)
         self.query_proj, self.out_proj, self.gate_query_proj = read_projections(
@@ -114,6 +115,7 @@ class MemoryRead(nn.Module):
             gate_queries=gate_queries,
             null_distance=self.null_distance,
             max_distance=self.max_distance,
+            distance_scale=self.residual_distance_scale,
             searched=distances.masked_fill(ids < 0, 0.0),
         )  # (N, Dv)
         output = self.out_proj(mixed.reshape(*batch_shape, self.heads * self.value_dim))  # (B, T, C)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmt.kernel.ops import neighbour_dots, neighbour_weights, null_score, within
+from dmt.kernel.ops import fall_with_distance, neighbour_dots, neighbour_weights, null_score, within
 from dmt.layers.base import MemoryLayer, Retrieved
 from dmt.layers.config import AssociativeConfig
 from dmt.layers.next_tokens import NextTokenRead, neighbour_distribution
@@ -171,6 +171,7 @@ class AssociativeMemory(MemoryLayer):
         null = null_score(self.cfg.null_distance, self.cfg.metric, self.cfg.temperature)
         valid = within(found.valid, distances, self.cfg.max_distance)  # (N, K)
         weights = neighbour_weights(scores, valid, self.cfg.weighting, gate, null)
+        weights = fall_with_distance(weights, distances, found.valid, self.cfg.residual_distance_scale)
         attended = mix_values_straight_through(
             weights, found.rows, entries[:, : self.value_dim], values
         )  # (N, Dv)

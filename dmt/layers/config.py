@@ -277,7 +277,9 @@ class AssociativeConfig(MemoryConfig):
     of one domain stays quiet on text of another. ``null``: no null entry, the weights sum to 1.
     ``max_distance``: neighbours farther than this are not read (a radius search's bound); a query with
     none within it reads nothing; below 0 no neighbour is read (the ``next_token_weight`` mix alone reads the
-    memory, as kNN-LM's does). ``null``: all k are read.
+    memory, as kNN-LM's does). ``null``: all k are read. ``residual_distance_scale`` (s > 0): the read's
+    weights fall as ``exp(-d / s)`` with the distance ``d`` of the query's nearest neighbour, a soft radius:
+    text far from every entry reads little. ``null``: they do not.
 
     ``next_token_weight`` (λ, in [0, 1)): in evaluation, the tokens that followed the
     ``next_token_topk`` nearest entries (their provenance; ``null``: ``topk``), weighted by a softmax of
@@ -286,7 +288,7 @@ class AssociativeConfig(MemoryConfig):
     neighbours' next tokens (:mod:`dmt.layers.next_tokens`). 0: off. ``next_token_distance_scale`` (s > 0):
     a query's λ falls as ``λ exp(-d / s)`` with the distance ``d`` of its nearest neighbour of known next
     token, so text far from every entry (another domain) mixes little; ``null``: a fixed λ. The mix reads
-    its neighbours whatever ``max_distance``, which bounds the residual read alone. These four are reading
+    its neighbours whatever ``max_distance``, which bounds the residual read alone. These are reading
     settings: any pack of the student reads under them.
     """
 
@@ -300,6 +302,7 @@ class AssociativeConfig(MemoryConfig):
     gate_dim: int | None = setting("read", 0)
     null_distance: float | None = setting("read", None)
     max_distance: float | None = setting("read", None)
+    residual_distance_scale: float | None = setting("read", None)
     next_token_weight: float = setting("read", 0.0)
     next_token_topk: int | None = setting("read", None)
     next_token_temperature: float | None = setting("read", None)
@@ -316,6 +319,8 @@ class AssociativeConfig(MemoryConfig):
             raise bad(
                 "next_token_distance_scale", f"must be > 0 or null, got {self.next_token_distance_scale}"
             )
+        if self.residual_distance_scale is not None and self.residual_distance_scale <= 0:
+            raise bad("residual_distance_scale", f"must be > 0 or null, got {self.residual_distance_scale}")
         if self.next_token_weight > 0 and self.ranking == "magnitude":
             raise bad("next_token_weight", "the next tokens of the nearest entries need ranking=score")
         if self.null_distance is not None and self.weighting != "softmax":

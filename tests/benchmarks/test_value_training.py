@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_teacher_cfg
@@ -18,9 +19,13 @@ PLAN |= {"metric": "cosine", "novelty_threshold": 0.0, "temperature": 0.1, "keep
 PLAN |= {"inserted_values": "next_token", "output_gain": 4.0}
 
 
-def test_the_training_loss_is_the_nll_of_the_students_own_read():
+@pytest.mark.parametrize(
+    "reading", [{}, {"max_distance": 0.9}, {"residual_distance_scale": 0.3}], ids=["plain", "radius", "scale"]
+)
+def test_the_training_loss_is_the_nll_of_the_students_own_read(reading):
     """The residual read of learned values and the gated next-token mix, as read_nll computes them from
-    recorded features, give the NLL the student's forward gives with those entries in its store."""
+    recorded features, give the NLL the student's forward gives with those entries in its store, under the
+    residual read's reading settings."""
     teacher = load_teacher(tiny_teacher_cfg("llama"))
     model = build_student(teacher, resolve_layer_configs(PLAN, teacher.config)).eval()
     layer = memory_layers(model)[3]
@@ -53,12 +58,16 @@ def test_the_training_loss_is_the_nll_of_the_students_own_read():
             "next_token_topk": GATE["k"],
             "next_token_temperature": GATE["temperature"],
             "next_token_distance_scale": GATE["scale"],
+            **reading,
         },
     )
     with torch.no_grad():
         built = -model(ids).logits.reshape(12, -1).gather(1, target[:, None])[:, 0]
         queries = layer.query_proj(h)
         found = torch.argsort(F.normalize(queries, dim=1) @ keys.T, dim=1, descending=True)  # (N, 12)
+        nearest = 1.0 - torch.einsum("nd,nkd->nk", F.normalize(queries, dim=1), keys[found[:, :4]])
+        if "max_distance" in reading:  # the radius leaves some of the topk unread, and some read
+            assert (nearest > 0.9).any() and (nearest <= 0.9).any()
         ours = read_nll(
             layer,
             final_norm(model),

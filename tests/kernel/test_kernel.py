@@ -72,8 +72,15 @@ def test_an_export_carries_every_kernel_file_byte_identical(tiny_gpt2, tmp_path,
         ("tiny_llama", {"blocks": [0, 3], "init": "ffn", "topk": 8}),
         ("tiny_llama", {"blocks": [1], "type": "lowrank", "init": "ffn", "rank": 16}),
         ("tiny_llama", {"blocks": [2], "type": "associative", "null_distance": 0.5, "max_distance": 1.0}),
+        ("tiny_llama", {"blocks": [2], "type": "associative", "residual_distance_scale": 0.5}),
     ],
-    ids=["gpt2-featural-associative", "llama-seeded", "llama-lowrank", "llama-associative-null-radius"],
+    ids=[
+        "gpt2-featural-associative",
+        "llama-seeded",
+        "llama-lowrank",
+        "llama-associative-null-radius",
+        "llama-associative-distance-scale",
+    ],
 )
 def test_the_exported_read_computes_what_the_layer_computes(fixture, settings, request):
     """With an exact index, a layer read back from its saved settings and entries gives the same output

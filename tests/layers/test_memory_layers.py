@@ -292,10 +292,27 @@ def test_neighbours_beyond_the_largest_distance_are_not_read():
     assert not torch.equal(half, every) and not torch.equal(half, nothing)
 
 
+def test_a_residual_distance_scale_weighs_each_read_down_by_its_nearest_distance():
+    """With a residual distance scale s, each query reads exp(-d / s) of its plain read, d its nearest
+    neighbour's distance: a far query little, a near one almost all (the output projection is affine)."""
+    x = torch.randn(2, 6, 16)
+    plain = filled_cache(x)
+    queries = plain.split_heads(plain.query_proj(-x), 8)
+    nearest = torch.from_numpy(plain.search(queries).nearest).float().reshape(2, 6, 2)  # (B, T, heads)
+    bias = plain.out_proj.bias
+    with torch.no_grad():
+        mixed = plain.out_proj.weight.pinverse() @ (plain(-x) - bias)[..., None]  # (B, T, H·Dv, 1)
+        scaled = reading_as(plain, residual_distance_scale=0.1)(-x)
+    fall = torch.exp(-nearest / 0.1).repeat_interleave(8, dim=-1)[..., None]  # (B, T, H·Dv, 1)
+    assert_close(scaled, (plain.out_proj.weight @ (fall * mixed))[..., 0] + bias, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(scaled, plain(-x))
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         ({"null_distance": 0.5, "weighting": "relu"}, r"swap\.read\.null_distance: a null entry .* relu"),
+        ({"residual_distance_scale": 0.0}, r"swap\.read\.residual_distance_scale: must be > 0"),
     ],
 )
 def test_null_entry_settings_are_checked(overrides, message):

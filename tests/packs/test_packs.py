@@ -319,7 +319,9 @@ def test_a_full_disk_leaves_the_pack_as_it_was(export, tmp_path, monkeypatch):
     load_pretrained(export, memory=tmp_path / "pack")  # still loads
 
 
-@pytest.mark.parametrize("reading", [{"topk": 1, "temperature": 0.5}, {"max_distance": -1e9}])
+@pytest.mark.parametrize(
+    "reading", [{"topk": 1, "temperature": 0.5}, {"max_distance": -1e9}, {"residual_distance_scale": 1e-3}]
+)
 def test_plain_transformers_reads_under_other_reading_settings_as_dmt_does(export, tmp_path, reading):
     """``from_pretrained(..., dmt_memory_read=...)`` is dmt's ``memory_read``: the same logits with a pack,
     and a save keeps the settings; a setting that is not a reading one is refused, naming it."""
