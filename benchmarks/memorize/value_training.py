@@ -65,6 +65,7 @@ from dmt.model.families import final_norm
 from dmt.model.persistence import load_student
 from dmt.packs.files import is_pack, read_pack, write_manifest, write_shard
 from dmt.packs.reading import inserting_layers
+from dmt.progress import progress_bar
 
 
 def read_nll(
@@ -232,12 +233,14 @@ def main() -> None:
     optimiser = torch.optim.SparseAdam(values.parameters(), lr=args.lr)
     losses, started = [], time.perf_counter()
     order = np.random.default_rng(0).permutation(len(own))
-    for batch in np.array_split(order, max(1, len(own) // args.batch)):
-        loss = nll(as_torch({name: array[batch] for name, array in positions.items()}), own[batch]).mean()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(float(loss.detach()))
+    with progress_bar(len(own), "training values", unit="pos") as bar:
+        for batch in np.array_split(order, max(1, len(own) // args.batch)):
+            loss = nll(as_torch({n: array[batch] for n, array in positions.items()}), own[batch]).mean()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            losses.append(float(loss.detach()))
+            bar.update(len(batch))
     seconds = time.perf_counter() - started
     after = validate()
     print(f"one pass: train NLL {np.mean(losses):.4f}, {after} ({seconds:.0f} s)", flush=True)
