@@ -165,16 +165,23 @@ def within(valid: torch.Tensor, distances: torch.Tensor, max_distance: float | N
     return valid if max_distance is None else valid & (distances.detach() <= max_distance)
 
 
+def nearest_distance(distances: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` the distance of each query's nearest ``valid (N, K)`` neighbour of ``distances (N, K)``,
+    +inf where none is valid."""
+    return distances.masked_fill(~valid, float("inf")).amin(dim=1)
+
+
 def fall_with_distance(
     weights: torch.Tensor, distances: torch.Tensor, valid: torch.Tensor, scale: float | None
 ) -> torch.Tensor:
-    """``weights (N, K)`` times ``exp(-d / scale)``, ``d`` each query's nearest ``valid (N, K)`` neighbour's
-    distance (None: as they are): a query far from every entry, as text of another domain is from a pack,
-    reads little, one near them reads as the weights say."""
+    """``weights (N, K)`` times ``exp(-d / scale)``, ``d`` each query's :func:`nearest_distance` (None: as
+    they are): a query far from every entry, as text of another domain is from a pack, reads little, one
+    near them reads as the weights say."""
     if scale is None:
         return weights
-    nearest = distances.detach().masked_fill(~valid, float("inf")).amin(dim=1, keepdim=True)  # (N, 1)
-    return weights * torch.exp(-nearest / scale)
+    # A cosine distance may round below 0: clamped, so that the factor never exceeds 1.
+    nearest = nearest_distance(distances.detach(), valid).clamp_min(0.0)  # (N,)
+    return weights * torch.exp(-nearest / scale)[:, None]
 
 
 def null_score(null_distance: float | None, metric: str, temperature: float) -> float | None:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dmt.kernel.ops import nearest_distance
+
 
 @dataclass(frozen=True)
 class NextTokenRead:
@@ -52,7 +54,7 @@ def neighbour_distribution(
     known = (tokens >= 0) & torch.isfinite(distances)  # (N, K)
     scores = (-distances.float() / temperature).masked_fill(~known, float("-inf"))
     weights = torch.softmax(scores, dim=1).nan_to_num(0.0)  # a row with none known: all 0, not NaN
-    nearest = distances.float().masked_fill(~known, float("inf")).amin(dim=1)  # (N,) +inf: none known
+    nearest = nearest_distance(distances.float(), known)  # (N,) +inf: none known
     if distance_scale is None:
         lam = torch.isfinite(nearest).float() * weight  # (N,)
     else:
