@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from dmt.model.checkpoint import checkpoint_entry
 from dmt.model.loading import load_teacher, load_tokenizer, package_path
+from dmt.packs.files import PackDocument, PackManifest, write_manifest, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,6 +137,25 @@ def clustered_keys(n: int, dim: int, seed: int, centres: int = 32) -> np.ndarray
     rng = np.random.default_rng(seed)
     middle = rng.standard_normal((centres, dim)).astype(np.float32)
     return middle[rng.integers(0, centres, n)] + 0.3 * rng.standard_normal((n, dim)).astype(np.float32)
+
+
+def write_key_pack(path: Path, sizes: list[int], seed: int, dim: int = 16) -> np.ndarray:
+    """A pack of one layer (block 3) whose documents hold ``sizes`` clustered ``dim``-d keys; returns the
+    keys in document order. The same ``seed`` gives the same centres: text of the same kind."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((24, dim)).astype(np.float32)
+    documents, every = [], []
+    path.mkdir()
+    for i, size in enumerate(sizes):
+        keys = centres[rng.integers(0, 24, size)] + 0.3 * rng.standard_normal((size, dim)).astype(np.float32)
+        arrays = {"keys": keys, "values": np.zeros((size, 4), np.float32), "offsets": np.arange(size)}
+        arrays["tokens"] = np.arange(size)
+        write_shard(path, f"{i:06d}", {"3": arrays})
+        documents.append(PackDocument(f"docs/{i}", size + 1, f"{i:064d}", f"{i:06d}", {"3": size}))
+        every.append(keys)
+    manifest = PackManifest({"fingerprint": "0" * 64, "name": "tiny"}, {"3": {}}, {"window": 8, "stride": 4})
+    write_manifest(path, PackManifest(**{**manifest.__dict__, "documents": documents}))
+    return np.concatenate(every)
 
 
 @pytest.fixture

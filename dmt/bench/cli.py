@@ -23,8 +23,8 @@ from dmt.bench.measure import (
     layer_benchmarks,
     memory_footprint,
 )
-from dmt.bench.real_keys import LAYER_ROWS, real_key_benchmark
-from dmt.bench.stores import LAYER_KINDS
+from dmt.bench.real_keys import EXACT_ROWS, LAYER_ROWS, real_key_benchmark
+from dmt.bench.stores import LAYER_KINDS, ON_REQUEST
 from dmt.cli import command_name, user_errors
 from dmt.conf import cache_dir
 from dmt.files import refuse_existing_file, write_json
@@ -42,7 +42,17 @@ TARGETS = {
     "store_resident_max_bytes": 2 * GIB,
 }
 # The real-key layer rows' targets (time against the MLP they replace, inserts and evictions included).
-LAYER_ROW_MAX_RATIOS = {"featural": 1.5, "associative": 2.0, "read_only": 1.0, "read_only_scann": 1.0}
+LAYER_ROW_MAX_RATIOS = {
+    "featural": 1.5,
+    "associative": 2.0,
+    "read_only": 1.0,
+    "read_only_scann": 1.0,
+    "featural_scann": 1.5,
+    "associative_scann": 2.0,
+    "featural_exact": 1.5,
+    "associative_exact": 2.0,
+    "read_only_exact": 1.0,
+}
 
 
 def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
@@ -61,10 +71,9 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
         "--layers",
         nargs="+",
         choices=list(LAYER_KINDS),
-        # The scann layer serves read-only packs: timed by default on real keys (--key-layers), not here.
-        default=[kind for kind in LAYER_KINDS if kind != "associative_scann"],
+        default=[kind for kind in LAYER_KINDS if kind not in ON_REQUEST],
         help="layers to time: conf/swap options, featural/associative on the faiss index, associative on "
-        "scann's (default: all but the scann one)",
+        "scann's, featural/associative on exact search (default: all but the scann and exact ones)",
     )
     parser.add_argument("--repeats", type=int, help="timed repeats per measurement (default 5)")
     parser.add_argument("--warmup", type=int, help="untimed warm-up iterations (default 2)")
@@ -111,9 +120,15 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
         "--key-layers",
         nargs="*",
         choices=list(LAYER_ROWS),
-        default=list(LAYER_ROWS),
-        help="with --keys: the memory layers timed on the keys, against the GPT-2 MLP (default: all; "
-        "none: the key indexes only)",
+        default=[row for row in LAYER_ROWS if row not in EXACT_ROWS],
+        help="with --keys: the memory layers timed on the keys, against the GPT-2 MLP (default: all but "
+        "the exact ones; none: the key indexes only)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="with --keys: where the layers, their stores and the MLP run (e.g. cuda; default cpu); "
+        "the key indexes' rows stay on the host",
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
@@ -127,6 +142,18 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
             setattr(args, key, value)
     if (args.keys is None) != (args.held_out is None):
         parser.error("--keys and --held-out go together: the stored keys and the held-out queries")
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device: not a torch device: {args.device!r}")
+    if args.device.type not in ("cpu", "cuda"):
+        parser.error(f"--device: cpu or cuda[:N], got {str(args.device)!r}")
+    if args.device.type != "cpu" and args.keys is None:
+        parser.error(
+            "--device applies to the real-key layer rows (--keys); the other benchmarks run on the CPU"
+        )
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this torch sees no CUDA device")
     return args
 
 
@@ -281,19 +308,19 @@ def real_keys_table(report: dict[str, Any]) -> str:
     layer_rows = [r for section in report["real_keys"] for r in section.get("layer_rows", [])]
     if layer_rows:
         lines.append(
-            f"memory layers on the faiss index (read_only_scann: scann), {settings['batch']} held-out keys a "
-            "step, beside the GPT-2 MLP on the same hidden states (fwd+bwd with inserts; read_only: forward "
-            "without inserts)"
+            f"memory layers on the faiss index (*_scann: scann, *_exact: exact search) on "
+            f"{settings['device']}, {settings['batch']} held-out keys a step, beside the GPT-2 MLP on the "
+            "same hidden states (fwd+bwd with inserts; read_only: forward without inserts)"
         )
         lines.append(
-            f"{'keys':<10}{'layer':<16}{'size':>9}{'ms':>8}{'MLP ms':>8}{'x MLP':>7}{'recall':>8}"
+            f"{'keys':<10}{'layer':<18}{'size':>9}{'ms':>8}{'MLP ms':>8}{'x MLP':>7}{'recall':>8}"
             f"{'ins/step':>9}  target"
         )
     for r in layer_rows:
         limit = LAYER_ROW_MAX_RATIOS[r["layer"]]
         ok = r["ratio_vs_mlp"] <= limit and r["recall_held_out"] >= TARGETS["recall_at_k_min"]
         lines.append(
-            f"{r['keys']:<10}{r['layer']:<16}{r['size']:>9}{r['median_s'] * 1e3:>8.1f}"
+            f"{r['keys']:<10}{r['layer']:<18}{r['size']:>9}{r['median_s'] * 1e3:>8.1f}"
             f"{r['mlp_median_s'] * 1e3:>8.1f}{r['ratio_vs_mlp']:>7.2f}{r['recall_held_out']:>8.3f}"
             f"{r['inserts_per_step']:>9.0f}  <= {limit}x, recall >= 0.95: {mark(ok)}"
         )
@@ -310,6 +337,7 @@ def run_real_keys(args: argparse.Namespace, argv: list[str] | None) -> int:
             "backends": args.backends,
             "key_sets": args.key_sets,
             "layers": args.key_layers,
+            "device": str(args.device),
             "batch": args.batch * args.seq,
             "churn": args.churn,
             "k": REAL_KEYS_K,
@@ -333,6 +361,7 @@ def run_real_keys(args: argparse.Namespace, argv: list[str] | None) -> int:
                 args.key_layers,
                 (args.batch, args.seq),
                 args.key_sets,
+                args.device,
             )
         )
         write_report(report, args.out)

@@ -17,10 +17,15 @@ Layer rows (:func:`layer_row`) time whole memory layers of GPT-2 width on the fa
 keys, against the GPT-2 MLP they replace, on batches of held-out keys in document order (one new batch per
 step): ``featural`` and ``associative`` train (forward and backward, inserting the novel
 queries and evicting, as in training), ``read_only`` is an associative layer that never inserts (a
-memorised pack) timed forward only, against the MLP's forward; ``read_only_scann`` the same layer on the
-ScaNN index. The layer's query (and key) projection is
+memorised pack) timed forward only, against the MLP's forward; the ``*_scann`` rows the three on the
+ScaNN index, and the ``*_exact`` rows on exact search, for a GPU: with ``device`` the layers,
+their stores and the MLP run there (exact search on the device; faiss and ScaNN stay on the host), and each
+timed step waits for the device. The layer's query (and key) projection is
 aimed at the keys (:func:`aim_at_keys`): its search is exactly the held-out keys' search, at the
 projection's usual cost.
+
+Keys come from a pack, or from a ``.npy`` file of keys ``(N, D)`` (:func:`load_keys`): a sample of a
+pack's keys small enough to travel where the pack cannot (``benchmarks/device_check.py``).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from dmt.bench.measure import (
 )
 from dmt.bench.profile import profile_step
 from dmt.bench.stores import FILL_BATCH, PeakRSS, StoreSpec, layer_config
+from dmt.errors import InputFileError
 from dmt.kernel.pack_files import SHARDS, array_file
 from dmt.layers import MemoryLayer
 from dmt.memory import KNNStore
@@ -51,6 +57,7 @@ from dmt.packs.files import PackError, read_pack
 # Values stored per entry: the width of a GPT-2 block's output, in float16 (what a read copies).
 VALUE_DIM = 768
 VALUE_DTYPE = "float16"
+CPU = torch.device("cpu")
 # The layers timed on real keys, by row: the dmt.bench layer (on the faiss index, or scann's), the ``swap``
 # overrides beyond the keys' width, and whether it trains (forward and backward, inserting) or only reads.
 # The associative rows take the Shakespeare cache's shape (one head, top-32), the read-only ones its float16
@@ -66,7 +73,14 @@ LAYER_ROWS: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "associative": ("associative_faiss", ("swap.read.heads=1", "swap.read.topk=32"), True),
     "read_only": ("associative_faiss", READ_ONLY, False),
     "read_only_scann": ("associative_scann", READ_ONLY, False),
+    "featural_scann": ("featural_scann", (), True),
+    "associative_scann": ("associative_scann", ("swap.read.heads=1", "swap.read.topk=32"), True),
+    "featural_exact": ("featural_exact", (), True),
+    "associative_exact": ("associative_exact", ("swap.read.heads=1", "swap.read.topk=32"), True),
+    "read_only_exact": ("associative_exact", READ_ONLY, False),
 }
+# Rows timed only when named (--key-layers): exact search of a million keys belongs on a GPU.
+EXACT_ROWS = ("featural_exact", "associative_exact", "read_only_exact")
 
 
 def pack_keys(pack: str | Path, count: int | None = None) -> np.ndarray:
@@ -103,6 +117,28 @@ def pack_keys(pack: str | Path, count: int | None = None) -> np.ndarray:
     return np.concatenate(chunks)
 
 
+def load_keys(path: str | Path, count: int | None = None) -> np.ndarray:
+    """The first ``count`` (None: all) keys ``(count, key_dim)`` float32 of ``path``: a memory pack
+    (:func:`pack_keys`), or a ``.npy`` file of keys ``(N, key_dim)`` (any float dtype).
+
+    Raises:
+        PackError: the pack is not one, or too small.
+        InputFileError: the ``.npy`` file is not a 2-D float array, or holds fewer than ``count`` keys.
+    """
+    path = Path(path)
+    if path.suffix != ".npy":
+        return pack_keys(path, count)
+    try:
+        keys = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise InputFileError(f"{path}: not a readable .npy key file ({error})") from error
+    if keys.ndim != 2 or keys.dtype.kind != "f":
+        raise InputFileError(f"{path}: keys must be a 2-D float array, got {keys.dtype} {keys.shape}")
+    if count is not None and len(keys) < count:
+        raise InputFileError(f"{path}: {len(keys)} keys, fewer than the {count} asked for")
+    return np.asarray(keys[:count], dtype=np.float32)
+
+
 def key_sets(
     keys_pack: Path, queries_pack: Path, size: int, churn: int, queries: int, stream: int = 0
 ) -> dict[str, dict]:
@@ -111,8 +147,8 @@ def key_sets(
     Gaussian one drawn to the same shapes. An index that tunes itself on its first queries (faiss) sees
     ``calibration`` first; recall and time are measured on the other, disjoint, ``queries``. ``stream``:
     the first held-out keys in document order, what a layer reading the held-out text searches with."""
-    stored = pack_keys(keys_pack, size + churn)
-    held_out = pack_keys(queries_pack)
+    stored = load_keys(keys_pack, size + churn)
+    held_out = load_keys(queries_pack)
     if len(held_out) < max(2 * queries, stream):
         raise PackError(
             f"{queries_pack}: {len(held_out)} held-out keys, fewer than 2 x {queries} queries or a stream "
@@ -223,10 +259,11 @@ def aim_at_keys(layer: MemoryLayer, dim: int) -> None:
 
 
 def key_inputs(
-    stream: np.ndarray, count: int, batch: int, seq: int, grad: bool
+    stream: np.ndarray, count: int, batch: int, seq: int, grad: bool, device: torch.device = CPU
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``count`` batches of hidden states ``(batch, seq, 768)`` beginning with the next keys of ``stream``
-    (the other features N(0, 1)), with upstream gradients; the hidden states require grad when ``grad``."""
+    """``count`` batches of hidden states ``(batch, seq, 768)`` on ``device`` beginning with the next keys
+    of ``stream`` (the other features N(0, 1)), with upstream gradients; the hidden states require grad
+    when ``grad``."""
     tokens = batch * seq
     generator = torch.Generator().manual_seed(0)
     inputs = []
@@ -235,7 +272,7 @@ def key_inputs(
         keys = torch.from_numpy(np.ascontiguousarray(stream[begin : begin + tokens]))  # (B·T, D)
         hidden[..., : stream.shape[1]] = keys.reshape(batch, seq, -1)
         upstream = torch.randn(batch, seq, GPT2_WIDTH, generator=generator)
-        inputs.append((hidden.requires_grad_(grad), upstream))
+        inputs.append((hidden.to(device).requires_grad_(grad), upstream.to(device)))
     return inputs
 
 
@@ -251,36 +288,55 @@ def reading(module: torch.nn.Module, inputs: list[tuple[torch.Tensor, torch.Tens
     return step
 
 
+def synchronized(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """``step``, returning only once ``device`` has finished its work (a CUDA step is queued, not done,
+    when its Python call returns); ``step`` itself on the CPU."""
+    if device.type != "cuda":
+        return step
+
+    def waited() -> None:
+        step()
+        torch.cuda.synchronize(device)
+
+    return waited
+
+
 def layer_row(
-    name: str, keys: dict[str, np.ndarray], batch: int, seq: int, warmup: int, repeats: int
+    name: str,
+    keys: dict[str, np.ndarray],
+    batch: int,
+    seq: int,
+    warmup: int,
+    repeats: int,
+    device: torch.device = CPU,
 ) -> dict[str, Any]:
     """One :data:`LAYER_ROWS` layer over a store filled with ``keys["keys"]``, stepped on ``(batch,
-    seq)`` batches of ``keys["stream"]`` beside the GPT-2 MLP on the same hidden states: median seconds,
-    their ratio, the inserts and evictions per step, recall@k of the next (unseen) batch's queries, and a
-    profile."""
+    seq)`` batches of ``keys["stream"]`` beside the GPT-2 MLP on the same hidden states, both on
+    ``device``: median seconds, their ratio, the inserts and evictions per step, recall@k of the next
+    (unseen) batch's queries, and a profile."""
     kind, overrides, trains = LAYER_ROWS[name]
     size, dim = keys["keys"].shape
     cfg = layer_config(kind, size, GPT2_WIDTH, (f"swap.read.key_dim={dim}", *overrides))
     store = StoreSpec.for_layer(cfg).empty_store()
     build = fill(store, keys["keys"])
-    layer = memory_layer(cfg, store)
+    layer = memory_layer(cfg, store).to(device)  # the store follows at the first search
     aim_at_keys(layer, dim)
     torch.manual_seed(0)
-    mlp = gpt2_mlp()
+    mlp = gpt2_mlp().to(device)
     # The timed steps, then an unseen batch for recall, then the profile's warm-up and profiled steps.
-    inputs = key_inputs(keys["stream"], warmup + repeats + 2, batch, seq, trains)
-    step = feeding(layer, inputs) if trains else reading(layer, inputs)
+    inputs = key_inputs(keys["stream"], warmup + repeats + 2, batch, seq, trains, device)
+    step = synchronized(feeding(layer, inputs) if trains else reading(layer, inputs), device)
+    mlp_step = synchronized(feeding(mlp, inputs) if trains else reading(mlp, inputs), device)
     before = store.stats
     inserts, evictions = before.inserts, before.evictions
-    seconds = paired_median_seconds(
-        {"layer": step, "mlp": feeding(mlp, inputs) if trains else reading(mlp, inputs)}, warmup, repeats
-    )
-    unseen = inputs[warmup + repeats][0][..., :dim].reshape(-1, dim).detach().numpy()
+    seconds = paired_median_seconds({"layer": step, "mlp": mlp_step}, warmup, repeats)
+    unseen = inputs[warmup + repeats][0][..., :dim].reshape(-1, dim).detach().cpu().numpy()
     recall = store.recall(unseen, cfg.topk)
     steps = warmup + repeats
     return {
         "layer": name,
         "trains": trains,
+        "device": str(device),
         "size": size,
         "settings": cfg.to_dict(),
         "build": build,
@@ -308,11 +364,12 @@ def real_key_benchmark(
     layers: list[str],
     layer_shape: tuple[int, int],
     key_set_names: list[str] | None = None,
+    device: torch.device = CPU,
 ) -> dict[str, Any]:
     """Every backend on the real and the Gaussian key sets of ``size`` entries (cosine, the pack's key
-    width): one :func:`index_row` each, then one :func:`layer_row` per ``layers`` name on batches of
-    ``layer_shape`` (sequences, tokens), built and measured one store at a time; ``key_set_names``: the
-    key sets measured (None: both)."""
+    width): one :func:`index_row` each (on the host), then one :func:`layer_row` per ``layers`` name on
+    batches of ``layer_shape`` (sequences, tokens) on ``device``, built and measured one store at a time;
+    ``key_set_names``: the key sets measured (None: both)."""
     stream = (warmup + repeats + 2) * layer_shape[0] * layer_shape[1] if layers else 0
     sets = key_sets(keys_pack, queries_pack, size, (warmup + repeats) * churn, batch, stream)
     sets = {name: keys for name, keys in sets.items() if key_set_names is None or name in key_set_names}
@@ -322,7 +379,7 @@ def real_key_benchmark(
         for backend in backends
     ]
     layer_rows = [
-        {"keys": name, **layer_row(layer, keys, *layer_shape, warmup, repeats)}
+        {"keys": name, **layer_row(layer, keys, *layer_shape, warmup, repeats, device)}
         for name, keys in sets.items()
         for layer in layers
     ]

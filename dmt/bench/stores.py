@@ -39,7 +39,13 @@ LAYER_KINDS: dict[str, tuple[str, str | None]] = {
     "featural_faiss": ("featural", "faiss"),
     "associative_faiss": ("associative", "faiss"),
     "associative_scann": ("associative", "scann"),
+    "featural_scann": ("featural", "scann"),
+    "featural_exact": ("featural", "exact"),
+    "associative_exact": ("associative", "exact"),
 }
+# Kinds timed only when named: scann's are timed on real keys (``--keys``), exact search of a large store
+# belongs on a GPU (``dmt.bench --device cuda``).
+ON_REQUEST = ("associative_scann", "featural_scann", "featural_exact", "associative_exact")
 
 
 def layer_config(kind: str, capacity: int, d_model: int, overrides: tuple[str, ...] = ()) -> MemoryConfig:

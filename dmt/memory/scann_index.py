@@ -11,11 +11,14 @@ real queries, never saved), plus:
 - **Slots kept across renumbering.** ScaNN numbers its points ``0 .. size - 1`` and fills a deleted one
   with its last; :attr:`ScannIndex._label_at` and :attr:`ScannIndex._position` mirror that, so an
   eviction deletes exactly the evicted slots.
-- **Retraining on growth only.** The tree is retrained from the live keys when the store has grown
-  :data:`~dmt.memory.trained.GROWTH` times past the size it was trained at (``leaves`` follows
-  ``2 · sqrt(size)``). Keys inserted since are filed in the partitions trained before and no drift is
-  tracked, so the backend suits stores that are read far more than they change (a memorised pack), and
-  ``auto`` never chooses it.
+- **Retraining on growth and turnover.** The tree is retrained from the live keys when the store has
+  grown :data:`~dmt.memory.trained.GROWTH` times past the size it was trained at (``leaves`` follows
+  ``2 · sqrt(size)``), or, at the next insert, once keys numbering :data:`TURNOVER` of that size were
+  removed since (a full store that evicts as it inserts never grows). Keys inserted in between are filed
+  in the partitions trained before; ScaNN exposes no quantisation error to track drift by, as faiss's
+  lists do, and inserts at a third of faiss's rate, so ``auto`` never chooses it: it suits stores read far
+  more than they change (a memorised pack, a full training store whose steps insert a few keys per
+  thousand queries).
 
 cosine and ip keys are scored by dot product with anisotropic codes (cosine ones normalised, where the
 quantisation threshold :data:`ANISOTROPIC_THRESHOLD` is ScaNN's recommended 0.2); l2 keys by squared
@@ -37,6 +40,8 @@ ANISOTROPIC_THRESHOLD = 0.2
 # Candidates re-ranked exactly per query: this many times k, at least MIN_REORDER.
 REORDER_PER_K = 4
 MIN_REORDER = 128
+# Retrain once keys numbering this fraction of the trained size were removed since the last training.
+TURNOVER = 0.5
 # Queries a search thread takes at a time (a search of more is spread over threads).
 QUERY_BATCH = 256
 
@@ -95,6 +100,7 @@ class ScannIndex(TrainedIndex):
         self._label_at = np.full(capacity, -1, dtype=np.int64)  # (capacity,) ScaNN point -> label
         self._position = np.full(capacity, -1, dtype=np.int64)  # (capacity,) label -> point, -1: none
         self._filed = 0  # ScaNN's points: 0 .. filed - 1
+        self.removed_since = 0  # keys removed since the last training
 
     @staticmethod
     def check_settings(leaves: int | None, leaves_to_search: int | None) -> None:
@@ -136,7 +142,7 @@ class ScannIndex(TrainedIndex):
         positions = self._searcher.upsert([None] * len(labels), self._vectors(labels), 1)  # appended
         self._label_at[positions], self._position[labels] = labels, positions
         self._filed += len(labels)
-        if len(self) >= GROWTH * self.trained_on:
+        if len(self) >= GROWTH * self.trained_on or self.removed_since >= TURNOVER * self.trained_on:
             self.train()
 
     def _unfile(self, labels: np.ndarray) -> None:
@@ -151,6 +157,7 @@ class ScannIndex(TrainedIndex):
             self._filed = last
             positions.append(position)
         self._searcher.delete(positions)
+        self.removed_since += len(positions)
 
     def train(self) -> None:
         """(Re)train the tree and codes on the live keys and file every live key; the breadth is
@@ -163,7 +170,7 @@ class ScannIndex(TrainedIndex):
         self._label_at[:] = self._position[:] = -1
         self._label_at[: len(live)], self._position[live] = live, np.arange(len(live))
         self._filed = len(live)
-        self._leaves, self.trained_on = leaves, len(live)
+        self._leaves, self.trained_on, self.removed_since = leaves, len(live), 0
         self._trained(time.perf_counter() - started)
 
     def _approximate(self, queries: np.ndarray, k: int, breadth: int) -> tuple[np.ndarray, np.ndarray]:

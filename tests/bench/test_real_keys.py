@@ -8,39 +8,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_key_pack
 
 from dmt.bench.cli import main
-from dmt.bench.real_keys import key_sets, pack_keys
+from dmt.bench.real_keys import key_sets, load_keys, pack_keys
+from dmt.errors import InputFileError
 from dmt.memory import trained
 from dmt.packs import PackError
-from dmt.packs.files import PackDocument, PackManifest, write_manifest, write_shard
 
 DIM = 16
-
-
-def write_pack(path: Path, sizes: list[int], seed: int) -> np.ndarray:
-    """A pack of one layer (block 3) whose documents hold ``sizes`` clustered keys; returns the keys."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((24, DIM)).astype(np.float32)
-    documents, every = [], []
-    path.mkdir()
-    for i, size in enumerate(sizes):
-        keys = centres[rng.integers(0, 24, size)] + 0.3 * rng.standard_normal((size, DIM)).astype(np.float32)
-        arrays = {"keys": keys, "values": np.zeros((size, 4), np.float32), "offsets": np.arange(size)}
-        arrays["tokens"] = np.arange(size)
-        write_shard(path, f"{i:06d}", {"3": arrays})
-        documents.append(PackDocument(f"docs/{i}", size + 1, f"{i:064d}", f"{i:06d}", {"3": size}))
-        every.append(keys)
-    manifest = PackManifest({"fingerprint": "0" * 64, "name": "tiny"}, {"3": {}}, {"window": 8, "stride": 4})
-    write_manifest(path, PackManifest(**{**manifest.__dict__, "documents": documents}))
-    return np.concatenate(every)
 
 
 @pytest.fixture(scope="module")
 def packs(tmp_path_factory) -> tuple[Path, Path, np.ndarray]:
     tmp = tmp_path_factory.mktemp("packs")
-    keys = write_pack(tmp / "stored", [1500, 2500, 1200], seed=0)
-    write_pack(tmp / "held_out", [300], seed=0)  # the same centres: text of the same kind
+    keys = write_key_pack(tmp / "stored", [1500, 2500, 1200], seed=0)
+    write_key_pack(tmp / "held_out", [300], seed=0)  # the same centres: text of the same kind
     return tmp / "stored", tmp / "held_out", keys
 
 
@@ -99,10 +82,17 @@ def test_every_layer_is_timed_on_both_key_sets_searching_with_the_held_out_keys(
     assert [(r["keys"], r["layer"]) for r in rows] == [
         (keys, layer)
         for keys in ("real", "gaussian")
-        for layer in ("featural", "associative", "read_only", "read_only_scann")
+        for layer in (
+            "featural",
+            "associative",
+            "read_only",
+            "read_only_scann",
+            "featural_scann",
+            "associative_scann",
+        )
     ]
     for r in rows:
-        backend = "scann" if r["layer"] == "read_only_scann" else "faiss"
+        backend = "scann" if r["layer"].endswith("_scann") else "faiss"
         assert r["settings"]["key_dim"] == DIM and r["settings"]["index"]["backend"] == backend
         assert r["median_s"] > 0 and r["mlp_median_s"] > 0
         assert r["ratio_vs_mlp"] == pytest.approx(r["median_s"] / r["mlp_median_s"])
@@ -112,7 +102,7 @@ def test_every_layer_is_timed_on_both_key_sets_searching_with_the_held_out_keys(
         assert by_name["real", layer]["inserts_per_step"] == 0
     # Gaussian queries lie far from the stored keys: each training layer inserts, and the full store evicts
     # as many as it inserts.
-    for layer in ("featural", "associative"):
+    for layer in ("featural", "associative", "featural_scann", "associative_scann"):
         row = by_name["gaussian", layer]
         assert 0 < row["inserts_per_step"] <= 32  # --quick: 1 x 32 tokens a step
         assert row["evictions_per_step"] == row["inserts_per_step"]
@@ -150,3 +140,69 @@ def test_keys_without_queries_is_a_usage_error(packs, capsys):
         main(["--quick", "--keys", str(packs[0])])
     assert exit_info.value.code == 2
     assert "--keys and --held-out go together" in capsys.readouterr().err
+
+
+def test_keys_come_from_a_npy_file_as_from_the_pack_they_were_taken_from(packs, tmp_path):
+    stored, _, keys = packs
+    np.save(tmp_path / "keys.npy", keys.astype(np.float16))
+    sample = load_keys(tmp_path / "keys.npy", 2000)
+    assert sample.dtype == np.float32
+    np.testing.assert_array_equal(sample, load_keys(stored, 2000).astype(np.float16).astype(np.float32))
+    with pytest.raises(InputFileError, match="5200 keys, fewer than the 6000 asked for"):
+        load_keys(tmp_path / "keys.npy", 6000)
+    np.save(tmp_path / "flat.npy", keys[:, 0])
+    with pytest.raises(
+        InputFileError, match=r"flat.npy: keys must be a 2-D float array, got float32 \(5200,\)"
+    ):
+        load_keys(tmp_path / "flat.npy")
+    (tmp_path / "broken.npy").write_bytes(b"not numpy")
+    with pytest.raises(InputFileError, match="broken.npy: not a readable .npy key file"):
+        load_keys(tmp_path / "broken.npy")
+
+
+@pytest.mark.parametrize(
+    ("device", "with_keys", "message"),
+    [
+        ("tpu", True, "--device: not a torch device: 'tpu'"),
+        ("meta", True, "--device: cpu or cuda[:N], got 'meta'"),
+        ("cuda", False, "--device applies to the real-key layer rows (--keys)"),
+    ],
+)
+def test_a_device_the_bench_cannot_use_is_named(packs, tmp_path, capsys, device, with_keys, message):
+    stored, held_out, _ = packs
+    keys = ["--keys", str(stored), "--held-out", str(held_out)] if with_keys else []
+    with pytest.raises(SystemExit) as stop:
+        main(["--quick", "--device", device, *keys, "--out", str(tmp_path / "bench.json")])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_is_refused_where_torch_sees_none(packs, tmp_path, capsys):
+    stored, held_out, _ = packs
+    argv = ["--quick", "--device", "cuda", "--keys", str(stored), "--held-out", str(held_out)]
+    with pytest.raises(SystemExit):
+        main([*argv, "--out", str(tmp_path / "bench.json")])
+    assert "--device cuda: this torch sees no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_layer_rows_run_on_a_cuda_device_searching_there(packs, tmp_path):
+    stored, held_out, _ = packs
+    out = tmp_path / "bench.json"
+    argv = [
+        "--quick",
+        "--device",
+        "cuda",
+        "--keys",
+        str(stored),
+        "--held-out",
+        str(held_out),
+        "--churn",
+        "64",
+    ]
+    layers = ["--key-layers", "featural_exact", "read_only_exact", "read_only"]
+    assert main([*argv, "--backends", "exact", "--key-sets", "real", *layers, "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["real_keys"][0]["layer_rows"]
+    assert [(r["layer"], r["device"]) for r in rows] == [(layer, "cuda") for layer in layers[1:]]
+    assert all(r["recall_held_out"] == 1.0 for r in rows if r["layer"].endswith("_exact"))

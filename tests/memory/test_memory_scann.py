@@ -100,6 +100,20 @@ def test_the_tree_is_retrained_when_the_store_grows(small_training):
     assert index.train_seconds > 0
 
 
+def test_a_full_store_is_retrained_once_half_its_keys_were_replaced(small_training):
+    index = ScannIndex(8, "l2", 400)
+    index.add(np.arange(400), clustered_keys(400, 8, 0))
+    replaced = clustered_keys(200, 8, 1)
+    index.remove(np.arange(199))
+    index.add(np.arange(199), replaced[:199])
+    assert (index.trainings, index.removed_since) == (1, 199)  # a store that never grows
+    index.remove(np.arange(199, 200))
+    index.add(np.arange(199, 200), replaced[199:])
+    assert (index.trainings, index.trained_on, index.removed_since) == (2, 400, 0)
+    found, _ = index.search(replaced[:50], 1)
+    np.testing.assert_array_equal(found[:, 0], np.arange(50))  # the replaced keys are found where they are
+
+
 def test_a_scann_store_evicts_exactly_and_restores_without_an_index_file(tmp_path: Path, small_training):
     index = {"backend": "scann", "leaves": 8, "leaves_to_search": 8}
     store = KNNStore(8, 3, capacity=600, metric="cosine", index=index)
