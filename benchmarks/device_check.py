@@ -99,14 +99,15 @@ def commands(out: Path, device: str, size: int, quick: bool) -> list[tuple[str, 
 
 
 def run(out: Path, device: str, size: int, quick: bool) -> int:
-    """Install the carried wheels (if any), then each of :func:`commands`, its output in ``out/<name>.log``;
-    the exit status is the first failure's, 0 if none failed."""
+    """Install the carried wheels (if any), then each of :func:`commands`, its output shown as it comes
+    and kept in ``out/<name>.log``; the exit status is the first failure's, 0 if none failed."""
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     wheels = sorted((DEVICE_DIR / "wheels").glob("*"))
     if wheels:
         site = "/tmp/site"
-        install = [
+        # No index there; the antlr4 source archive is built with the image's own setuptools.
+        pip = [
             sys.executable,
             "-m",
             "pip",
@@ -114,16 +115,24 @@ def run(out: Path, device: str, size: int, quick: bool) -> int:
             "--quiet",
             "--no-index",
             "--no-deps",
-            "--target",
-            site,
+            "--no-build-isolation",
         ]
-        subprocess.run([*install, *map(str, wheels)], check=True)
+        subprocess.run([*pip, "--target", site, *map(str, wheels)], check=True)
         env["PYTHONPATH"] = os.pathsep.join([site, os.getcwd(), env.get("PYTHONPATH", "")])
     status = 0
     for name, argv in commands(out, device, size, quick):
+        print(f"{name}: {' '.join(argv)}", flush=True)
         with open(out / f"{name}.log", "w") as log:
-            code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-        print(f"{name}: {'passed' if code == 0 else f'failed ({code})'}, log {out / f'{name}.log'}")
+            process = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+            )
+            for line in process.stdout:  # type: ignore[union-attr]
+                sys.stdout.write(line)
+                log.write(line)
+            code = process.wait()
+        print(
+            f"{name}: {'passed' if code == 0 else f'failed ({code})'}, log {out / f'{name}.log'}", flush=True
+        )
         status = status or code
     return status
 
