@@ -44,9 +44,15 @@ CUDA_TESTS = (
     "tests/memory/test_memory_device.py",
     "tests/bench/test_real_keys.py::test_layer_rows_run_on_a_cuda_device_searching_there",
 )
-# The layer rows of the benchmark: on exact search (on the GPU) and on faiss (on the host).
-EXACT_ROWS = ("featural_exact", "associative_exact", "read_only_exact")
-LAYER_ROWS = (*EXACT_ROWS, "featural", "associative", "read_only")
+# The benchmark's layer rows: on exact search (on the GPU) and on faiss (on the host).
+BENCH_ROWS = (
+    "featural_exact",
+    "associative_exact",
+    "read_only_exact",
+    "featural",
+    "associative",
+    "read_only",
+)
 
 
 def wheel_pins() -> list[str]:
@@ -88,7 +94,7 @@ def commands(out: Path, device: str, size: int, quick: bool) -> list[tuple[str, 
     bench = [
         "-m", "dmt.bench", "--device", device, "--keys", str(DEVICE_DIR / "keys.npy"),
         "--held-out", str(DEVICE_DIR / "held_out.npy"), "--sizes", str(size), "--backends", "exact", "faiss",
-        "--key-layers", *LAYER_ROWS, "--out", str(out / "real_keys_device.json"), "--force",
+        "--key-layers", *BENCH_ROWS, "--out", str(out / "real_keys_device.json"), "--force",
     ]  # fmt: skip
     checks = [("real_keys_device", [sys.executable, *bench, *(["--quick"] if quick else [])])]
     if device.startswith("cuda"):
@@ -138,8 +144,11 @@ def run(out: Path, device: str, size: int, quick: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.device_check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.device_check",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     steps = parser.add_subparsers(dest="step", required=True)
     ready = steps.add_parser("prepare", help="here: the key sample and the wheels into .device/")
     ready.add_argument("--keys", type=Path, required=True, help="the pack whose keys fill the stores")

@@ -11,7 +11,7 @@ import numpy as np
 from conftest import REPO, write_key_pack
 
 from benchmarks import device_check
-from dmt.bench.real_keys import pack_keys
+from dmt.bench.real_keys import EXACT_ROWS, pack_keys
 
 
 def test_prepared_keys_travel_as_float16_and_the_run_measures_every_layer_row_on_them(
@@ -32,9 +32,9 @@ def test_prepared_keys_travel_as_float16_and_the_run_measures_every_layer_row_on
     report = json.loads((tmp_path / "out" / "real_keys_device.json").read_text())
     rows = report["real_keys"][0]["layer_rows"]
     assert [(r["keys"], r["layer"], r["device"]) for r in rows] == [
-        (keys, layer, "cpu") for keys in ("real", "gaussian") for layer in device_check.LAYER_ROWS
+        (keys, layer, "cpu") for keys in ("real", "gaussian") for layer in device_check.BENCH_ROWS
     ]
-    assert all(r["recall_held_out"] == 1.0 for r in rows if r["layer"] in device_check.EXACT_ROWS)
+    assert all(r["recall_held_out"] == 1.0 for r in rows if r["layer"] in EXACT_ROWS)
     assert "real_keys_device: passed" in capsys.readouterr().out
 
 
